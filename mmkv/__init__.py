@@ -1,0 +1,33 @@
+"""mmkv: an embedded, memory-mapped, persistent key-value store shared live between processes.
+
+    import mmkv
+    with mmkv.open("data.mmkv") as db:
+        db[b"key"] = b"value"
+        db.incr("hits")
+"""
+from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
+                     InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
+                     ReadOnlyError, TruncatedError, VersionError)
+from .store import Store
+from .tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open", "Store", "Error", "CorruptionError", "NotMmkvFileError", "VersionError", "ChecksumError",
+    "TruncatedError", "LockTimeoutError", "DiskFullError", "ClosedError", "ForkedHandleError",
+    "ReadOnlyError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
+]
+
+
+def open(path, flag: str = "c", sync: str = "none", mode: int = 0o600, **options) -> Store:
+    """Open (and with flag "c" or "n", create) the store at path.
+
+    flag: "r" read-only, "w" read-write (must exist), "c" read-write, created if missing,
+    "n" always a new empty store.  sync: "none" (survives any process crash) or "full"
+    (every write is on disk when the call returns).  options: lock_timeout (seconds,
+    None for no limit), open_timeout (seconds).
+    :raises CorruptionError: not an mmkv file, other version, bad checksum, truncated.
+    :raises FileNotFoundError: flag "r" or "w" and no file.
+    """
+    return Store(path, flag=flag, sync=sync, mode=mode, **options)

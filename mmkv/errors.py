@@ -1,0 +1,68 @@
+"""The one exception hierarchy: every error mmkv raises on purpose derives from Error.
+
+Where a standard exception says it better, the class derives from that too, so
+``except KeyError`` / ``except ValueError`` / ``except OSError`` keep working.
+"""
+
+
+class Error(Exception):
+    """Base of every error mmkv raises on purpose."""
+
+
+class CorruptionError(Error):
+    """The file is damaged or is not an mmkv file.
+
+    Run ``mmkv check PATH`` for a full report; restore from a copy if it fails.
+    """
+
+
+class NotMmkvFileError(CorruptionError):
+    """The file does not start with mmkv's magic bytes: it is some other file."""
+
+
+class VersionError(CorruptionError):
+    """The file was written by an mmkv with another format version; use that version."""
+
+
+class ChecksumError(CorruptionError):
+    """A checksum in the file does not match its contents (torn write or damage)."""
+
+
+class TruncatedError(CorruptionError):
+    """The file is shorter than its header says: it was cut short after it was written."""
+
+
+class LockTimeoutError(Error, TimeoutError):
+    """The store's lock was not acquired in time: another process holds it.
+
+    Raise ``lock_timeout`` in ``mmkv.open`` or find the process that holds it
+    (``db.stats()["lock_pid"]``).
+    """
+
+
+class DiskFullError(Error, OSError):
+    """The file could not grow: the disk (or quota) is full. The store is unchanged."""
+
+
+class ClosedError(Error, ValueError):
+    """The handle was closed; open the store again."""
+
+
+class ForkedHandleError(Error):
+    """The handle was opened in a parent process; call ``mmkv.open`` again in the child."""
+
+
+class ReadOnlyError(Error, PermissionError):
+    """The handle was opened with flag "r"; open with "w" or "c" to write."""
+
+
+class LimitError(Error, ValueError):
+    """A key or value is larger than mmkv allows (see mmkv.MAX_KEY_SIZE, mmkv.MAX_VALUE_SIZE)."""
+
+
+class NotACounterError(Error, TypeError):
+    """incr() on a key whose value is not an 8-byte signed integer."""
+
+
+class InUseError(Error):
+    """The operation needs the file to be open in this process only."""

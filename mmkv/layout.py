@@ -1,0 +1,173 @@
+"""The bytes of the format: every offset, size and struct of the file, in one place.
+
+All numbers come from the compiled shim, whose structs are declared once in
+``native/mmkv_layout.h``; no other module holds an offset or a struct format.
+Also here: building and validating the identity sector and the two meta copies.
+"""
+from dataclasses import dataclass
+
+from ._shim import ffi, lib
+from .errors import ChecksumError, CorruptionError, NotMmkvFileError, TruncatedError, VersionError
+
+MAGIC = lib.MMKV_MAGIC                   #: first 8 bytes of every mmkv file, as a little-endian u64
+VERSION = lib.MMKV_VERSION               #: format version this package reads and writes
+HEADER_SIZE = lib.MMKV_HEADER_SIZE       #: size of page 0; the heap starts after it
+OFF_IDENTITY = lib.MMKV_OFF_IDENTITY     #: identity sector, written once
+OFF_META = (lib.MMKV_OFF_META0, lib.MMKV_OFF_META1)  #: the two meta copies
+OFF_STATE = lib.MMKV_OFF_STATE           #: mutable state (a cache)
+OFF_LOCKS = lib.MMKV_OFF_LOCKS           #: lock area
+OFF_MUTEX = OFF_LOCKS + ffi.offsetof("struct mmkv_locks", "mutex")
+OFF_SEMS = OFF_LOCKS + ffi.offsetof("struct mmkv_locks", "sems")
+NSEMS = lib.MMKV_NSEMS
+SEM_BYTES = lib.MMKV_SEM_BYTES
+NCLASSES = lib.MMKV_NCLASSES
+
+BLOCK_ALLOC = lib.MMKV_BLOCK_ALLOC
+BLOCK_PREV_ALLOC = lib.MMKV_BLOCK_PREV_ALLOC
+BLOCK_FLAGS = lib.MMKV_BLOCK_FLAGS
+BLOCK_ALIGN = lib.MMKV_BLOCK_ALIGN
+BLOCK_MIN = lib.MMKV_BLOCK_MIN
+#: First block header; blocks start 8 bytes below a 16-byte boundary so that payloads are 16-aligned.
+HEAP_START = HEADER_SIZE + 8
+#: The epilogue word sits in the last 8 bytes of the file.
+EPILOGUE_BYTES = 8
+
+SLOT_OFF_BITS = lib.MMKV_SLOT_OFF_BITS
+SLOT_OFF_MASK = lib.MMKV_SLOT_OFF_MASK
+REC_COUNTER = lib.MMKV_REC_COUNTER
+RECORD_HEADER = ffi.sizeof("struct mmkv_record")
+REC_KEY_LEN_AT = ffi.offsetof("struct mmkv_record", "key_len")
+
+_ID_SUM_AT = ffi.offsetof("struct mmkv_identity", "checksum")
+_META_SUM_AT = ffi.offsetof("struct mmkv_meta", "checksum")
+META_SIZE = ffi.sizeof("struct mmkv_meta")
+IDENTITY_SIZE = ffi.sizeof("struct mmkv_identity")
+
+#: Word offsets (byte offset // 8) of the state fields the engine touches on every call.
+STATE_WORD = {
+    name: (OFF_STATE + ffi.offsetof("struct mmkv_state", name)) // 8
+    for name in ("generation", "dirty", "count", "live_bytes", "used_bytes", "free_bytes",
+                 "free_bitmap", "lock_pid", "lock_since_ns", "recoveries", "free_heads")
+}
+STATE_FIELDS = tuple(STATE_WORD)
+
+
+def pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def record_size(key_len: int, val_len: int) -> int:
+    """Bytes a record with these lengths occupies (header, key, padding, value)."""
+    return RECORD_HEADER + pad8(key_len) + val_len
+
+
+def siphash(k0: int, k1: int, data) -> int:
+    out = ffi.new("uint64_t *")
+    buf = ffi.from_buffer(data)
+    rc = lib.mmkv_siphash(k0, k1, buf, len(buf), out)
+    if rc:
+        raise ValueError(f"siphash failed: errno {rc}")
+    return out[0]
+
+
+@dataclass(frozen=True)
+class Identity:
+    page_size: int
+    seed0: int
+    seed1: int
+    created_ns: int
+
+
+@dataclass(frozen=True)
+class Meta:
+    seq: int
+    file_size: int
+    index_off: int
+    index_slots: int
+    journal_off: int = 0
+    journal_size: int = 0
+
+
+def build_identity(ident: Identity) -> bytes:
+    """The identity sector's bytes for a new file, checksum included."""
+    p = ffi.new("struct mmkv_identity *")
+    p.magic, p.version, p.page_size = MAGIC, VERSION, ident.page_size
+    p.seed0, p.seed1, p.created_ns = ident.seed0, ident.seed1, ident.created_ns
+    raw = ffi.buffer(p)
+    p.checksum = siphash(0, 0, raw[:_ID_SUM_AT])
+    return bytes(raw)
+
+
+def parse_identity(page: bytes, file_size: int) -> Identity:
+    """Validate the identity sector of a file's first page.
+
+    :raises TruncatedError: the file is shorter than one header page.
+    :raises NotMmkvFileError: bad magic.  :raises VersionError: other format version.
+    :raises ChecksumError: the identity sector is damaged.
+    """
+    if file_size < HEADER_SIZE or len(page) < HEADER_SIZE:
+        if file_size >= 8 and int.from_bytes(page[:8], "little") != MAGIC:
+            raise NotMmkvFileError(f"not an mmkv file: bad magic {page[:8]!r}")
+        raise TruncatedError(f"file is {file_size} bytes, shorter than the {HEADER_SIZE}-byte header")
+    p = ffi.cast("struct mmkv_identity *", ffi.from_buffer(page))
+    if p.magic != MAGIC:
+        raise NotMmkvFileError(f"not an mmkv file: bad magic {bytes(page[:8])!r}")
+    if p.version != VERSION:
+        raise VersionError(f"file has format version {p.version}; this mmkv reads version {VERSION}")
+    if p.checksum != siphash(0, 0, page[:_ID_SUM_AT]):
+        raise ChecksumError("header checksum mismatch: the identity sector is damaged")
+    return Identity(p.page_size, p.seed0, p.seed1, p.created_ns)
+
+
+def build_meta(meta: Meta, ident: Identity) -> bytes:
+    p = ffi.new("struct mmkv_meta *")
+    p.seq, p.file_size, p.index_off, p.index_slots = meta.seq, meta.file_size, meta.index_off, meta.index_slots
+    p.journal_off, p.journal_size = meta.journal_off, meta.journal_size
+    raw = ffi.buffer(p)
+    p.checksum = siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT])
+    return bytes(raw)
+
+
+def _meta_copy(page, at: int, ident: Identity):
+    raw = bytes(page[at:at + META_SIZE])
+    p = ffi.cast("struct mmkv_meta *", ffi.from_buffer(raw))
+    if p.checksum != siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT]):
+        return None
+    return Meta(p.seq, p.file_size, p.index_off, p.index_slots, p.journal_off, p.journal_size)
+
+
+def parse_meta(page, ident: Identity, real_size: int) -> tuple:
+    """The meta copy in force and its slot (0 or 1): the valid copy with the higher seq.
+
+    :raises ChecksumError: neither copy verifies.
+    :raises TruncatedError: the file is shorter than the meta says.
+    :raises CorruptionError: the roots point outside the file.
+    """
+    copies = [(m, i) for i in (0, 1) if (m := _meta_copy(page, OFF_META[i], ident)) is not None]
+    if not copies:
+        raise ChecksumError("both meta copies fail their checksum: the header is damaged")
+    meta, which = max(copies, key=lambda c: c[0].seq)
+    validate_meta(meta, ident, real_size)
+    return meta, which
+
+
+def validate_meta(meta: Meta, ident: Identity, real_size: int) -> None:
+    if meta.file_size > real_size:
+        raise TruncatedError(f"file is {real_size} bytes but its header says {meta.file_size}: it was cut short")
+    if meta.file_size < HEADER_SIZE + ident.page_size or meta.file_size % ident.page_size:
+        raise CorruptionError(f"header file size {meta.file_size} is not a page multiple past the header")
+    n = meta.index_slots
+    if n == 0 or n & (n - 1) or meta.index_off % 8 or meta.index_off < HEAP_START + 8 \
+            or meta.index_off + 8 * n > meta.file_size - EPILOGUE_BYTES:
+        raise CorruptionError(f"index root out of bounds: offset {meta.index_off}, {n} slots")
+    if meta.journal_off and not (HEAP_START < meta.journal_off < meta.file_size):
+        raise CorruptionError(f"journal root out of bounds: offset {meta.journal_off}")
+
+
+def layout_table() -> dict:
+    """{'struct.field' or 'struct': value} as the C compiler laid the structs out."""
+    name, value, out, i = ffi.new("char **"), ffi.new("uint64_t *"), {}, 0
+    while lib.mmkv_layout_entry(i, name, value) == 0:
+        out[ffi.string(name[0]).decode()] = value[0]
+        i += 1
+    return out

@@ -1,0 +1,88 @@
+"""The file and its shared mapping: map, remap after growth, grow, msync.
+
+A FileMap owns one ``MAP_SHARED`` mapping of the whole file and the three ways
+the engine reaches it: ``mm`` (the mmap object), ``words`` (a bounds-checked
+memoryview of little-endian u64 words, word i at byte 8*i) and ``base`` (a C
+pointer for the shim).  Not thread-safe by itself; the Store serialises use.
+"""
+import errno
+import mmap
+import os
+
+from ._shim import ffi, lib
+from .errors import DiskFullError, Error
+from .tunables import GROW_STEP_MAX
+
+
+class FileMap:
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.mm = None
+        self._map(size)
+
+    def _map(self, size: int) -> None:
+        mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mm.madvise(mmap.MADV_RANDOM)  # readahead makes a cold open of a big file crawl
+        except (AttributeError, OSError):  # pragma: no cover - platform without madvise
+            pass
+        self.mm = mm
+        self.size = size
+        self._cbuf = ffi.from_buffer("uint8_t[]", mm)
+        self.base = ffi.cast("uint8_t *", self._cbuf)
+        self.words = memoryview(mm).cast("Q")
+
+    def _unmap(self) -> None:
+        if self.mm is None:
+            return
+        self.words.release()
+        ffi.release(self._cbuf)
+        self.mm.close()
+        self.mm = self.words = self._cbuf = self.base = None
+
+    def remap(self, size: int) -> None:
+        """Map ``size`` bytes afresh (the file has grown)."""
+        self._unmap()
+        self._map(size)
+
+    def close(self) -> None:
+        self._unmap()
+
+    def file_size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def sync(self, off: int = 0, length: int | None = None) -> None:
+        """msync(MS_SYNC) the byte range (default: all of it)."""
+        if length is None:
+            length = self.size - off
+        rc = lib.mmkv_msync(self.base, self.size, off, length, lib.MMKV_SYNC_SYNC)
+        if rc:
+            raise Error(f"msync failed: {os.strerror(rc)} (errno {rc})")
+
+
+def grow_file(fd: int, new_size: int) -> None:
+    """Extend the file to new_size with real blocks (posix_fallocate), never sparse.
+
+    A sparse file would turn a full disk into SIGBUS on first touch of a page.
+    :raises DiskFullError: no space; the file keeps its old size.
+    """
+    old = os.fstat(fd).st_size
+    if new_size <= old:
+        return
+    rc = lib.mmkv_fallocate(fd, old, new_size - old)
+    if rc:
+        try:
+            os.ftruncate(fd, old)  # drop whatever part fallocate managed
+        except OSError:
+            pass
+        if rc in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DiskFullError(rc, f"cannot grow the store to {new_size} bytes: {os.strerror(rc)}; "
+                                    "free disk space and retry (the store is unchanged)")
+        raise Error(f"posix_fallocate failed: {os.strerror(rc)} (errno {rc})")
+
+
+def next_size(current: int, needed: int, page: int) -> int:
+    """Geometric growth: at least needed bytes, doubling up to GROW_STEP_MAX per step."""
+    step = min(current, GROW_STEP_MAX)
+    size = max(current + step, needed)
+    return (size + page - 1) // page * page

@@ -1,0 +1,746 @@
+"""Store: the dict-like handle on one mmkv file.
+
+Concurrency: every operation takes the file's robust, process-shared mutex for
+its whole duration, so each call is atomic with respect to every other process
+and thread; a write is visible to all other handles as soon as the call
+returns.  A handle may be used from several threads (calls are serialised); it
+must not be used after ``fork`` (ForkedHandleError: open the store again in
+the child).  Two handles on the same file in one thread must not be nested
+inside ``db.lock()``: the second would wait for the first.
+"""
+import errno
+import os
+import threading
+import weakref
+from collections.abc import ItemsView, MutableMapping, ValuesView
+from contextlib import contextmanager
+from dataclasses import replace
+
+from . import checker, recovery
+from ._shim import ESTALE, ffi, lib, raise_for
+from errno import ENOBUFS
+from .allocator import Allocator
+from .errors import (ClosedError, CorruptionError, Error, ForkedHandleError, LimitError, LockTimeoutError,
+                     NotACounterError, ReadOnlyError)
+from .layout import (EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
+                     REC_KEY_LEN_AT, SLOT_OFF_BITS, SLOT_OFF_MASK, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
+from .mapping import FileMap, grow_file, next_size
+from . import opening
+from .tunables import (GET_BUFFER, INITIAL_FILE_SIZE, INITIAL_INDEX_SLOTS, LOCK_TIMEOUT, MAX_KEY_SIZE,
+                       MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
+
+SYNC_MODES = ("none", "full")
+FLAGS = ("r", "w", "c", "n")
+
+_GEN = STATE_WORD["generation"]
+_COUNT = STATE_WORD["count"]
+_LIVE = STATE_WORD["live_bytes"]
+_DIRTY = STATE_WORD["dirty"]
+_RECOVERIES = STATE_WORD["recoveries"]
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+_open_stores = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for store in list(_open_stores):
+        store._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _as_bytes(obj, what: str) -> bytes:
+    if type(obj) is bytes:
+        return obj
+    if isinstance(obj, str):
+        return obj.encode("utf-8")
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    raise TypeError(f"mmkv {what}s must be bytes or str, not {type(obj).__name__}")
+
+
+class Store(MutableMapping):
+    """A persistent, process-shared mapping of bytes to bytes; see ``mmkv.open``."""
+
+    # a handle compares and hashes by identity (comparing contents would read the whole file)
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self, path, flag: str = "c", sync: str = "none", mode: int = 0o600,
+                 lock_timeout: float | None = LOCK_TIMEOUT, open_timeout: float = OPEN_TIMEOUT):
+        if flag not in FLAGS:
+            raise ValueError(f"flag must be one of {FLAGS}, not {flag!r}")
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
+        self.path = os.fspath(path)
+        self.flag = flag
+        self.sync_mode = sync
+        self._full = sync == "full"
+        self._readonly = flag == "r"
+        self._view = None
+        self._fm = None
+        self._forked = False
+        self._depth = 0          # db.lock() nesting in the owning thread
+        self._owner = None
+        self._tlock = threading.Lock()
+        self._open(flag, mode, lock_timeout, open_timeout)
+        _open_stores.add(self)
+
+    # ================================================================ open / close
+    def _open(self, flag, mode, lock_timeout, open_timeout):
+        self._open_timeout = open_timeout
+        side = opening.sidecar_lock(self.path, open_timeout)
+        opening.acquire_sidecar(side, self.path)
+        try:
+            if flag in ("c", "n") and (not os.path.exists(self.path) or
+                                       (flag == "n" and self._nobody_else_has_it())):
+                self._create_file(mode)
+            fd = opening.open_fd(self.path, flag, mode)
+            try:
+                first = opening.try_exclusive(fd)
+                if os.fstat(fd).st_size == 0 and flag in ("c", "n") and first:
+                    os.close(fd)
+                    self._create_file(mode)
+                    fd = opening.open_fd(self.path, flag, mode)
+                    first = opening.try_exclusive(fd)
+                self._fd = fd
+                self._attach(lock_timeout, first)
+                opening.hold_shared(fd)
+            except BaseException:
+                self._detach()
+                os.close(fd)
+                raise
+        finally:
+            side.release()
+        if flag == "n" and not first:
+            self.clear()
+
+    def _nobody_else_has_it(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            return opening.try_exclusive(fd)
+        finally:
+            os.close(fd)
+
+    def _create_file(self, mode):
+        """Build a new, empty store next to path and rename it into place (atomic)."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        tmp = f"{self.path}.new-{os.getpid()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            size = max(INITIAL_FILE_SIZE, HEADER_SIZE + page)
+            grow_file(fd, size)
+            ident = opening.new_identity(page)
+            opening.write_new_header(fd, ident, Meta(0, size, 0, 0))
+            fm = FileMap(fd, size)
+            try:
+                alloc = Allocator(fm, page, size - EPILOGUE_BYTES)
+                alloc.format(size - EPILOGUE_BYTES)
+                table = alloc.alloc(8 * INITIAL_INDEX_SLOTS)
+                fm.mm[table + 8:table + 8 + 8 * INITIAL_INDEX_SLOTS] = bytes(8 * INITIAL_INDEX_SLOTS)
+                raw = build_meta(Meta(1, size, table + 8, INITIAL_INDEX_SLOTS), ident)
+                fm.mm[OFF_META[0]:OFF_META[0] + len(raw)] = raw
+                opening.init_locks(fm.base)
+                fm.sync()
+            finally:
+                fm.close()
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.path)
+        opening.fsync_dir(self.path)
+
+    def _attach(self, lock_timeout, first):
+        """Validate the header, map the file and, as first opener, reset locks and recover."""
+        fd = self._fd
+        real = os.fstat(fd).st_size
+        page0 = os.pread(fd, HEADER_SIZE, 0)
+        self._ident = parse_identity(page0, real)
+        meta, which = parse_meta(page0, self._ident, real)
+        self._fm = FileMap(fd, meta.file_size)
+        self._alloc = Allocator(self._fm, self._ident.page_size, meta.file_size - EPILOGUE_BYTES)
+        v = self._view = ffi.new("struct mmkv_view *")
+        v.seed0, v.seed1 = self._ident.seed0, self._ident.seed1
+        v.pid = os.getpid()
+        v.lock_timeout_ns = -1 if lock_timeout is None else int(lock_timeout * 1e9)
+        self._lock_timeout = lock_timeout
+        self._set_meta(meta, which)
+        self._bufcap = GET_BUFFER
+        self._buf = ffi.new("uint8_t[]", self._bufcap)
+        self._cbuf = ffi.cast("char *", self._buf)     # ffi.unpack of a char * gives bytes
+        if first:
+            opening.init_locks(self._fm.base)
+            if self._fm.words[_DIRTY]:
+                self._acquire()
+                try:
+                    recovery.recover(self, "the file was not closed cleanly")
+                finally:
+                    self._release()
+            self._fm.words[_DIRTY] = 1
+            self._fm.sync(0, HEADER_SIZE)
+
+    def _set_meta(self, meta: Meta, which: int):
+        """Adopt meta as current: remap if the file size changed, point the view at the index."""
+        fm, v = self._fm, self._view
+        if meta.file_size != fm.size:
+            fm.remap(meta.file_size)
+        self._meta, self._meta_slot = meta, which
+        self._alloc.end = meta.file_size - EPILOGUE_BYTES
+        self._words = fm.words
+        v.base, v.size = fm.base, fm.size
+        v.index_off, v.index_slots = meta.index_off, meta.index_slots
+        v.generation = fm.words[_GEN]
+
+    def _reload(self):
+        """Another process changed the meta (growth, new index): load it (under the lock)."""
+        page0 = self._fm.mm[:HEADER_SIZE]
+        meta, which = parse_meta(page0, self._ident, os.fstat(self._fd).st_size)
+        self._set_meta(meta, which)
+
+    def _detach(self):
+        if self._fm is not None:
+            self._fm.close()
+        self._fm = self._view = self._words = None
+
+    def close(self) -> None:
+        """Close the handle; the last handle on the file syncs it and marks it clean.
+
+        Safe to call twice.  In a forked child it only drops the child's copy.
+        """
+        if self._view is None:
+            return
+        if self._forked:
+            self._detach()
+            os.close(self._fd)
+            return
+        side = opening.sidecar_lock(self.path, self._open_timeout)
+        opening.acquire_sidecar(side, self.path)
+        try:
+            if opening.try_exclusive(self._fd):     # last one out: everything durable, then clean
+                self._fm.sync()
+                os.fsync(self._fd)
+                self._fm.words[_DIRTY] = 0
+                self._fm.sync(0, HEADER_SIZE)
+            self._detach()
+            os.close(self._fd)
+        finally:
+            side.release()
+        _open_stores.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if self._view is not None and not self._forked:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        state = "closed" if self._view is None else f"flag={self.flag!r} sync={self.sync_mode!r}"
+        return f"<mmkv.Store {self.path!r} {state}>"
+
+    # ================================================================ locking
+    def _dead(self):
+        if self._forked:
+            return ForkedHandleError(f"this mmkv handle on {self.path!r} was opened before fork(); "
+                                     "call mmkv.open again in the child process")
+        return ClosedError(f"the mmkv handle on {self.path!r} is closed")
+
+    def _acquire(self):
+        """Take the store mutex; reload if another process changed the meta; recover after a death."""
+        if self._forked or self._view is None:
+            raise self._dead()
+        if self._depth and self._owner == threading.get_ident():
+            self._depth += 1
+            return
+        v = self._view
+        rc = lib.mmkv_lock(v)
+        if rc:
+            if rc == errno.EOWNERDEAD:
+                self._owner_died()
+            else:
+                raise self._lock_error(rc)
+        if self._words[_GEN] != v.generation:
+            try:
+                self._reload()
+            except BaseException:
+                lib.mmkv_unlock(v)
+                raise
+        self._depth, self._owner = 1, threading.get_ident()
+
+    def _release(self):
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            lib.mmkv_unlock(self._view)
+
+    def _owner_died(self):
+        """We hold the lock its previous owner died with: repair, then mark it consistent."""
+        v = self._view
+        try:
+            self._reload()
+            recovery.recover(self, "a process died holding the lock")
+        except BaseException:
+            lib.mmkv_unlock(v)   # not consistent: every locker now gets ENOTRECOVERABLE until reopened
+            raise
+        rc = lib.mmkv_mutex_consistent(self._fm.base + OFF_MUTEX)
+        if rc:
+            lib.mmkv_unlock(v)
+            raise Error(f"cannot mark the store mutex consistent: {os.strerror(rc)}")
+
+    def _lock_error(self, rc):
+        if rc == errno.ETIMEDOUT:
+            pid = self._words[STATE_WORD["lock_pid"]]
+            return LockTimeoutError(f"timed out after {self._lock_timeout}s waiting for the lock of "
+                                    f"{self.path!r}, held by pid {pid}; raise lock_timeout or stop that process")
+        if rc == errno.ENOTRECOVERABLE:
+            return CorruptionError(f"the lock of {self.path!r} is unrecoverable (recovery failed earlier); "
+                                   "close every handle and reopen: the first opener repairs the store")
+        return Error(f"cannot lock {self.path!r}: {os.strerror(rc)} (errno {rc})")
+
+    @contextmanager
+    def lock(self):
+        """Hold the store lock for a block of calls on this handle (a read-modify-write, say).
+
+        Other processes and threads wait (up to their lock_timeout) until the block ends;
+        calls on this handle inside the block do not wait.  Nothing is rolled back on
+        an exception: use ``transaction()`` for all-or-nothing.
+        """
+        self._acquire()
+        try:
+            yield self
+        finally:
+            self._release()
+
+    def _writable(self):
+        if self._readonly:
+            raise ReadOnlyError(f"{self.path!r} was opened with flag 'r'; open it with 'w' or 'c' to write")
+
+    # ================================================================ reads
+    def __getitem__(self, key):
+        """The value of key, as bytes.
+
+        :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str.
+        :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
+        """
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        if self._depth or self._view is None or self._forked:
+            return self._get_locked(k, key)
+        with self._tlock:
+            v = self._view
+            rc = lib.mmkv_get(v, k, len(k), self._buf, self._bufcap)
+            if rc == 0:
+                return ffi.unpack(self._cbuf, v.val_len)
+            if rc == errno.EOWNERDEAD:      # we hold the lock a dead process left: repair first
+                self._owner_died()
+                lib.mmkv_unlock(v)
+        if rc == errno.ENOENT:
+            raise KeyError(key)
+        if rc in (ESTALE, ENOBUFS, errno.EOWNERDEAD):   # remap, a big value, or after repair
+            return self._get_locked(k, key)
+        if rc == errno.EBADMSG:
+            raise_for(rc, "lookup")
+        raise self._lock_error(rc)
+
+    def _get_locked(self, k, key):
+        """The general read path: take the lock in Python (remap, recovery, big values)."""
+        self._acquire()
+        try:
+            value = self._lookup(k)
+        finally:
+            self._release()
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def _lookup(self, k):
+        """Value of k or None; caller holds the lock."""
+        v = self._view
+        rc = lib.mmkv_find(v, k, len(k))
+        if rc == errno.ENOENT:
+            return None
+        raise_for(rc, "lookup")
+        return self._fm.mm[v.val_off:v.val_off + v.val_len]
+
+    def get(self, key, default=None):
+        """The value of key, or default when it is absent (never KeyError)."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key):
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        self._acquire()
+        try:
+            rc = lib.mmkv_find(self._view, k, len(k))
+        finally:
+            self._release()
+        if rc == errno.ENOENT:
+            return False
+        raise_for(rc, "lookup")
+        return True
+
+    def __len__(self):
+        """Number of keys (O(1), read under the lock)."""
+        self._acquire()
+        try:
+            return self._words[_COUNT]
+        finally:
+            self._release()
+
+    def _entries(self):
+        """Yield (slot, record offset) for every slot in use; caller holds the lock."""
+        v = self._view
+        slot, word = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        i = 0
+        while True:
+            rc = lib.mmkv_slot_next(v, i, slot, word)
+            if rc == errno.ENOENT:
+                return
+            raise_for(rc, "index scan")
+            yield slot[0], word[0] & SLOT_OFF_MASK
+            i = slot[0] + 1
+
+    def _record_key(self, rec):
+        """Key bytes of the record at rec (already verified); caller holds the lock."""
+        klen = self._words[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
+        return self._fm.mm[rec + RECORD_HEADER:rec + RECORD_HEADER + klen]
+
+    def _snapshot(self, with_values: bool):
+        """All keys (or (key, value) pairs) as of one moment, read under one lock hold."""
+        self._acquire()
+        try:
+            mm, v, out = self._fm.mm, self._view, []
+            for _, rec in self._entries():
+                raise_for(lib.mmkv_record_verify(v, rec), f"record at {rec}")
+                key = self._record_key(rec)
+                out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
+            return out
+        finally:
+            self._release()
+
+    def __iter__(self):
+        """Keys as bytes, from a snapshot taken under the lock when iteration starts."""
+        return iter(self._snapshot(False))
+
+    def items(self):
+        return _ItemsView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    # ================================================================ writes
+    def __setitem__(self, key, value):
+        """Store value under key; visible to every process when the call returns.
+
+        In sync="full" mode the record is on disk before the slot that makes it live,
+        and both before the call returns.
+        :raises TypeError: key or value is not bytes or str.  :raises LimitError: too large.
+        :raises DiskFullError: the file cannot grow; the store is unchanged.
+        """
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        val = value if type(value) is bytes else _as_bytes(value, "value")
+        self._writable()
+        self._check_sizes(k, val)
+        self._acquire()
+        try:
+            self._put(k, val, 0)
+        finally:
+            self._release()
+
+    @staticmethod
+    def _check_sizes(k, val):
+        if len(k) > MAX_KEY_SIZE:
+            raise LimitError(f"key of {len(k)} bytes is longer than the {MAX_KEY_SIZE}-byte limit")
+        if len(val) > MAX_VALUE_SIZE:
+            raise LimitError(f"value of {len(val)} bytes is longer than the {MAX_VALUE_SIZE}-byte limit")
+
+    def _put(self, k, val, flags):
+        """Write a new record, switch the slot to it, free the old one.  Caller holds the lock."""
+        v, w = self._view, self._words
+        rc = lib.mmkv_find(v, k, len(k))
+        if rc == errno.ENOENT:
+            if (w[_COUNT] + 1) > v.index_slots * MAX_LOAD:
+                self._grow_index(v.index_slots * 2)
+                rc = lib.mmkv_find(v, k, len(k))
+        elif rc:
+            raise_for(rc, "lookup")
+        found = rc == 0
+        slot, h, old_rec, old_vlen = v.slot, v.hash, v.rec_off, v.val_len
+        need = RECORD_HEADER + pad8(len(k)) + len(val)
+        b = self._allocate(need)
+        w = self._words
+        rec = b + 8
+        cap = (w[b >> 3] & ~15) - 8
+        raise_for(lib.mmkv_record_write(v, rec, cap, h, k, len(k), val, len(val), flags), "record write")
+        if self._full:
+            self._durable(b, need + 8)
+        raise_for(lib.mmkv_slot_set(v, slot, (h >> SLOT_OFF_BITS) << SLOT_OFF_BITS | rec), "slot write")
+        if self._full:
+            self._durable(v.index_off + 8 * slot, 8)
+        if found:
+            self._alloc.free(old_rec - 8)
+            w[_LIVE] -= len(k) + old_vlen
+        else:
+            w[_COUNT] += 1
+        w[_LIVE] += len(k) + len(val)
+
+    def _allocate(self, payload):
+        b = self._alloc.alloc(payload)
+        if not b:
+            self._grow_file(payload)
+            b = self._alloc.alloc(payload)
+            if not b:
+                raise Error(f"allocator found no block for {payload} bytes after growing the file")
+        return b
+
+    def _grow_file(self, payload):
+        """Grow the file so a block of payload bytes fits, and tell the other processes."""
+        fm = self._fm
+        page = self._ident.page_size
+        need = fm.size + payload + 2 * page + 64
+        new_size = next_size(fm.size, need, page)
+        old_end = self._alloc.end
+        grow_file(self._fd, new_size)
+        os.fdatasync(self._fd)                  # the new size is durable before the meta names it
+        self._write_meta(file_size=new_size)    # remaps; other processes remap on their next call
+        self._alloc.end = old_end
+        self._alloc.extend(new_size - EPILOGUE_BYTES)
+
+    def _grow_index(self, slots):
+        """Build a table of ``slots`` slots, make it durable, switch the meta to it, free the old."""
+        v = self._view
+        old_table = v.index_off - 8
+        b = self._allocate(8 * slots)
+        new_off = b + 8
+        raise_for(lib.mmkv_index_copy(v, new_off, slots), "index copy")
+        self._fm.sync(b, 8 * slots + 8)         # the new table is on disk before the meta names it
+        self._write_meta(index_off=new_off, index_slots=slots)
+        self._alloc.free(old_table)
+
+    def _write_meta(self, **changes):
+        """Write the meta copy not in force (seq + 1), sync it, and bump the generation."""
+        new = replace(self._meta, seq=self._meta.seq + 1, **changes)
+        which = 1 - self._meta_slot
+        raw = build_meta(new, self._ident)
+        self._fm.mm[OFF_META[which]:OFF_META[which] + len(raw)] = raw
+        self._fm.sync(0, HEADER_SIZE)
+        self._words[_GEN] += 1
+        self._set_meta(new, which)
+
+    def _durable(self, off, length):
+        self._fm.sync(off, length)
+
+    def __delitem__(self, key):
+        """Remove key. :raises KeyError: key is absent."""
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        self._writable()
+        self._acquire()
+        try:
+            if not self._delete(k):
+                raise KeyError(key)
+        finally:
+            self._release()
+
+    def _delete(self, k):
+        v, w = self._view, self._words
+        rc = lib.mmkv_find(v, k, len(k))
+        if rc == errno.ENOENT:
+            return False
+        raise_for(rc, "lookup")
+        rec, vlen, slot = v.rec_off, v.val_len, v.slot
+        raise_for(lib.mmkv_slot_delete(v, slot), "slot delete")
+        if self._full:   # slots [slot, v.slot] changed, wrapping round the end of the table
+            last = v.slot
+            if last >= slot:
+                self._durable(v.index_off + 8 * slot, 8 * (last - slot + 1))
+            else:
+                self._durable(v.index_off + 8 * slot, 8 * (v.index_slots - slot))
+                self._durable(v.index_off, 8 * (last + 1))
+        self._alloc.free(rec - 8)
+        w[_COUNT] -= 1
+        w[_LIVE] -= len(k) + vlen
+        return True
+
+    def pop(self, key, *default):
+        """Remove key and return its value (or default). :raises KeyError: absent and no default."""
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        self._writable()
+        self._acquire()
+        try:
+            value = self._lookup(k)
+            if value is not None:
+                self._delete(k)
+        finally:
+            self._release()
+        if value is None:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        return value
+
+    def setdefault(self, key, default=b""):
+        """The value of key; if absent, store default first (atomically) and return it."""
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        d = _as_bytes(default, "value")
+        self._acquire()
+        try:
+            value = self._lookup(k)
+            if value is None:
+                self._writable()
+                self._check_sizes(k, d)
+                self._put(k, d, 0)
+                value = d
+        finally:
+            self._release()
+        return value
+
+    def update(self, other=(), /, **kw):
+        """Store every pair of other (a mapping or pairs) and kw, under one lock hold."""
+        pairs = other.items() if hasattr(other, "items") else other
+        self._writable()
+        self._acquire()
+        try:
+            for key, value in list(pairs) + list(kw.items()):
+                k, val = _as_bytes(key, "key"), _as_bytes(value, "value")
+                self._check_sizes(k, val)
+                self._put(k, val, 0)
+        finally:
+            self._release()
+
+    def clear(self):
+        """Remove every key, atomically: a new empty index replaces the old one in one meta switch."""
+        self._writable()
+        self._acquire()
+        try:
+            v = self._view
+            slots = INITIAL_INDEX_SLOTS
+            b = self._allocate(8 * slots)
+            self._fm.mm[b + 8:b + 8 + 8 * slots] = bytes(8 * slots)
+            self._fm.sync(b, 8 * slots + 8)
+            self._write_meta(index_off=b + 8, index_slots=slots)
+            self._alloc.rebuild([(b, self._alloc.block_size(b))])   # the old table and every record: free
+            w = self._words
+            w[_COUNT] = w[_LIVE] = 0
+        finally:
+            self._release()
+
+    def incr(self, key, delta: int = 1) -> int:
+        """Add delta to the 8-byte signed counter at key and return the new value.
+
+        Atomic across processes; a missing key counts from 0.  The value is stored
+        as 8 little-endian bytes, so ``db[key]`` reads it back as such.
+        :raises NotACounterError: the existing value is not 8 bytes.
+        :raises OverflowError: the result does not fit in a signed 64-bit integer.
+        """
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        if not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        self._writable()
+        if len(k) > MAX_KEY_SIZE:
+            raise LimitError(f"key of {len(k)} bytes is longer than the {MAX_KEY_SIZE}-byte limit")
+        self._acquire()
+        try:
+            return self._incr(k, delta)
+        finally:
+            self._release()
+
+    def _incr(self, k, delta):
+        v = self._view
+        rc = lib.mmkv_find(v, k, len(k))
+        if rc == errno.ENOENT:
+            old = 0
+        else:
+            raise_for(rc, "lookup")
+            if v.val_len != 8:
+                raise NotACounterError(f"value of {k!r} is {v.val_len} bytes, not an 8-byte counter")
+            old = int.from_bytes(self._fm.mm[v.val_off:v.val_off + 8], "little", signed=True)
+        new = old + delta
+        if not _INT64_MIN <= new <= _INT64_MAX:
+            raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
+        if rc == 0 and v.rec_flags & REC_COUNTER:
+            raise_for(lib.mmkv_atomic_store(v.base, v.size, v.val_off, new & 0xFFFFFFFFFFFFFFFF), "counter store")
+            if self._full:
+                self._durable(v.val_off, 8)
+        else:
+            self._put(k, new.to_bytes(8, "little", signed=True), REC_COUNTER)
+        return new
+
+    # ================================================================ durability, audit
+    def sync(self):
+        """Make every write so far durable (msync MS_SYNC of the whole file, then fsync)."""
+        self._acquire()
+        try:
+            self._fm.sync()
+            os.fsync(self._fd)
+        finally:
+            self._release()
+
+    def check(self):
+        """Audit every structure in the file; returns a checker.Report.
+
+        Holds the lock for the whole audit (O(file size): about a second per million
+        keys).  :raises CorruptionError: the audit found a problem (``exc.report`` lists all).
+        """
+        self._acquire()
+        try:
+            report = checker.audit(self)
+        finally:
+            self._release()
+        if not report.ok:
+            err = CorruptionError(f"{self.path}: {len(report.problems)} problem(s): " + "; ".join(report.problems[:5]))
+            err.report = report
+            raise err
+        return report
+
+    def recover(self):
+        """Run recovery now (verify every record, rebuild free lists); returns what it found."""
+        self._writable()
+        self._acquire()
+        try:
+            return recovery.recover(self, "requested")
+        finally:
+            self._release()
+
+    def stats(self) -> dict:
+        """Counters and space figures, read under the lock (O(1) except largest_free_block)."""
+        self._acquire()
+        try:
+            w = self._words
+            largest = max((s for _, s, used in self._alloc.blocks() if not used), default=0)
+            st = {name: w[STATE_WORD[name]] for name in ("count", "live_bytes", "used_bytes", "free_bytes",
+                                                         "generation", "recoveries", "lock_pid")}
+            st["keys"] = st.pop("count")
+            st["file_size"] = self._fm.size
+            st["index_slots"] = self._view.index_slots
+            st["load_factor"] = st["keys"] / self._view.index_slots
+            st["largest_free_block"] = largest
+            st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
+            st["sync"] = self.sync_mode
+            return st
+        finally:
+            self._release()
+
+
+class _ItemsView(ItemsView):
+    def __iter__(self):
+        return iter(self._mapping._snapshot(True))
+
+
+class _ValuesView(ValuesView):
+    def __iter__(self):
+        return (value for _, value in self._mapping._snapshot(True))

@@ -1,0 +1,22 @@
+"""Every tunable of the engine, with its unit, in one place."""
+
+#: Bytes of a new file (header page included); it grows geometrically from here.
+INITIAL_FILE_SIZE = 64 * 1024
+#: Slots of a new file's index table (a power of two).
+INITIAL_INDEX_SLOTS = 1024
+#: The index doubles when an insert would take its load (keys / slots) above this.
+MAX_LOAD = 0.75
+#: Longest key, in bytes.
+MAX_KEY_SIZE = 64 * 1024
+#: Longest value, in bytes.
+MAX_VALUE_SIZE = (1 << 32) - 1
+#: Seconds to wait for the store lock before LockTimeoutError (None: wait forever).
+LOCK_TIMEOUT = 10.0
+#: Seconds to wait for the open/close protocol's sidecar lock.
+OPEN_TIMEOUT = 30.0
+#: Bytes of the per-handle buffer that get() copies values into; larger values take a bigger one.
+GET_BUFFER = 64 * 1024
+#: The file grows by doubling up to this many bytes per step, then by this much.
+GROW_STEP_MAX = 1 << 30
+#: Allocations of at least this many bytes are page-aligned and sized in whole pages.
+LARGE_BLOCK = 64 * 1024

@@ -1,0 +1,31 @@
+"""cffi builder for mmkv's native shim (API mode).
+
+The cdef is the two headers themselves, so the structs the C compiler lays out
+and the ones Python sees come from one text.  Built by setup.py's cffi_modules.
+"""
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADERS = ("mmkv_layout.h", "mmkv_shim.h")
+
+
+def _read(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+ffibuilder = FFI()
+ffibuilder.cdef("\n".join(_read(h) for h in HEADERS))
+ffibuilder.set_source(
+    "mmkv._native",
+    "".join(f'#include "{h}"\n' for h in HEADERS),
+    sources=[os.path.relpath(os.path.join(HERE, "mmkv_shim.c"))],
+    include_dirs=[os.path.relpath(HERE)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,619 @@
+/*
+ * mmkv native shim: see mmkv_shim.h.  Mechanisms only; the Python engine
+ * decides what to lock, when to sync and where to allocate.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mmkv_layout.h"
+#include "mmkv_shim.h"
+
+_Static_assert(sizeof(pthread_mutex_t) <= MMKV_MUTEX_BYTES, "mutex does not fit its area");
+_Static_assert(sizeof(sem_t) <= MMKV_SEM_BYTES, "sem_t does not fit its area");
+_Static_assert(sizeof(struct mmkv_locks) == MMKV_MUTEX_BYTES + MMKV_NSEMS * MMKV_SEM_BYTES, "lock area");
+_Static_assert(sizeof(struct mmkv_identity) <= MMKV_OFF_META0 - MMKV_OFF_IDENTITY, "identity sector");
+_Static_assert(sizeof(struct mmkv_meta) <= MMKV_OFF_META1 - MMKV_OFF_META0, "meta sector");
+_Static_assert(sizeof(struct mmkv_state) <= MMKV_OFF_LOCKS - MMKV_OFF_STATE, "state sectors");
+_Static_assert(MMKV_OFF_LOCKS + sizeof(struct mmkv_locks) <= MMKV_HEADER_SIZE, "header page");
+_Static_assert(sizeof(((struct mmkv_state *)0)->free_heads) == 8 * MMKV_NCLASSES, "classes");
+_Static_assert(sizeof(struct mmkv_record) == 32, "record header");
+_Static_assert(MMKV_OFF_STATE % 64 == 0 && MMKV_OFF_LOCKS % 64 == 0, "alignment");
+
+#define REC_HDR ((uint64_t)sizeof(struct mmkv_record))
+#define PAD8(n) (((n) + 7) & ~(uint64_t)7)
+/* Keys for the record checksum, distinct from the key-hash keys. */
+#define SUM_K0 0x6d6d6b762d726563ULL /* "mmkv-rec" */
+#define SUM_K1 0x636865636b73756dULL /* "checksum" */
+
+/* ---------------------------------------------------------------- time */
+
+static int64_t now_ns(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static struct timespec deadline(clockid_t clock, int64_t timeout_ns)
+{
+    int64_t t = now_ns(clock) + timeout_ns;
+    struct timespec ts = {.tv_sec = t / 1000000000, .tv_nsec = t % 1000000000};
+    return ts;
+}
+
+/* ---------------------------------------------------------------- mutex */
+
+int mmkv_mutex_init(void *mutex)
+{
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc)
+        return rc;
+    rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (!rc)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (!rc) {
+        memset(mutex, 0, MMKV_MUTEX_BYTES);
+        rc = pthread_mutex_init((pthread_mutex_t *)mutex, &attr);
+    }
+    pthread_mutexattr_destroy(&attr);
+    return rc;
+}
+
+int mmkv_mutex_lock(void *mutex, int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        return pthread_mutex_lock((pthread_mutex_t *)mutex);
+    struct timespec ts = deadline(CLOCK_MONOTONIC, timeout_ns);
+    return pthread_mutex_clocklock((pthread_mutex_t *)mutex, CLOCK_MONOTONIC, &ts);
+}
+
+int mmkv_mutex_trylock(void *mutex) { return pthread_mutex_trylock((pthread_mutex_t *)mutex); }
+int mmkv_mutex_unlock(void *mutex) { return pthread_mutex_unlock((pthread_mutex_t *)mutex); }
+int mmkv_mutex_consistent(void *mutex) { return pthread_mutex_consistent((pthread_mutex_t *)mutex); }
+
+/* ---------------------------------------------------------------- semaphores */
+
+int mmkv_sem_init(void *sem, uint32_t value)
+{
+    memset(sem, 0, MMKV_SEM_BYTES);
+    return sem_init((sem_t *)sem, 1, value) ? errno : 0;
+}
+
+int mmkv_sem_wait(void *sem) { return sem_wait((sem_t *)sem) ? errno : 0; }
+
+int mmkv_sem_timedwait(void *sem, int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        timeout_ns = 0;
+    struct timespec ts = deadline(CLOCK_MONOTONIC, timeout_ns);
+    return sem_clockwait((sem_t *)sem, CLOCK_MONOTONIC, &ts) ? errno : 0;
+}
+
+int mmkv_sem_trywait(void *sem) { return sem_trywait((sem_t *)sem) ? errno : 0; }
+int mmkv_sem_post(void *sem) { return sem_post((sem_t *)sem) ? errno : 0; }
+
+int mmkv_sem_value(void *sem, int32_t *value)
+{
+    int v = 0;
+    if (sem_getvalue((sem_t *)sem, &v))
+        return errno;
+    *value = v;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- memory and file */
+
+static int range_ok(uint64_t size, uint64_t off, uint64_t len)
+{
+    return off <= size && len <= size - off;
+}
+
+static int page_range(uint64_t size, uint64_t *off, uint64_t *len)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    if (!range_ok(size, *off, *len))
+        return EINVAL;
+    uint64_t start = *off & ~(page - 1);
+    *len += *off - start;
+    *off = start;
+    return 0;
+}
+
+int mmkv_msync(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int flags)
+{
+    int how = flags == MMKV_SYNC_ASYNC ? MS_ASYNC : MS_SYNC;
+    int rc = page_range(size, &off, &len);
+    if (rc)
+        return rc;
+    return msync(base + off, len, how) ? errno : 0;
+}
+
+int mmkv_madvise(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int advice)
+{
+    static const int table[] = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED,
+                                MADV_DONTNEED};
+    if (advice < 0 || advice >= (int)(sizeof table / sizeof table[0]))
+        return EINVAL;
+    int rc = page_range(size, &off, &len);
+    if (rc)
+        return rc;
+    return madvise(base + off, len, table[advice]) ? errno : 0;
+}
+
+int mmkv_fallocate(int fd, int64_t off, int64_t len)
+{
+    int rc;
+    do
+        rc = posix_fallocate(fd, off, len);
+    while (rc == EINTR);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- atomics */
+
+static uint64_t *word_at(uint8_t *base, uint64_t size, uint64_t off)
+{
+    if (off % 8 || !range_ok(size, off, 8))
+        return NULL;
+    return (uint64_t *)(base + off);
+}
+
+int mmkv_atomic_load(uint8_t *base, uint64_t size, uint64_t off, uint64_t *value)
+{
+    uint64_t *p = word_at(base, size, off);
+    if (!p)
+        return EINVAL;
+    *value = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+int mmkv_atomic_store(uint8_t *base, uint64_t size, uint64_t off, uint64_t value)
+{
+    uint64_t *p = word_at(base, size, off);
+    if (!p)
+        return EINVAL;
+    __atomic_store_n(p, value, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int mmkv_atomic_fetch_add(uint8_t *base, uint64_t size, uint64_t off, int64_t delta, int64_t *old)
+{
+    uint64_t *p = word_at(base, size, off);
+    if (!p)
+        return EINVAL;
+    *old = (int64_t)__atomic_fetch_add(p, (uint64_t)delta, __ATOMIC_ACQ_REL);
+    return 0;
+}
+
+int mmkv_atomic_cas(uint8_t *base, uint64_t size, uint64_t off, uint64_t *expected, uint64_t desired)
+{
+    uint64_t *p = word_at(base, size, off);
+    if (!p)
+        return EINVAL;
+    return __atomic_compare_exchange_n(p, expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+               ? 0
+               : EAGAIN;
+}
+
+/* ---------------------------------------------------------------- SipHash-2-4 */
+
+#define ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                  \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                     \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                     \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                  \
+    } while (0)
+
+static uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t x;
+    memcpy(&x, p, 8); /* little-endian host, checked at import by the Python side */
+    return x;
+}
+
+static uint64_t siphash24(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len)
+{
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL;
+    uint64_t v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL;
+    uint64_t v3 = k1 ^ 0x7465646279746573ULL;
+    const uint8_t *end = data + (len & ~(uint64_t)7);
+    for (; data != end; data += 8) {
+        uint64_t m = load_le64(data);
+        v3 ^= m;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= m;
+    }
+    uint64_t b = len << 56;
+    switch (len & 7) {
+    case 7: b |= (uint64_t)data[6] << 48; /* fall through */
+    case 6: b |= (uint64_t)data[5] << 40; /* fall through */
+    case 5: b |= (uint64_t)data[4] << 32; /* fall through */
+    case 4: b |= (uint64_t)data[3] << 24; /* fall through */
+    case 3: b |= (uint64_t)data[2] << 16; /* fall through */
+    case 2: b |= (uint64_t)data[1] << 8;  /* fall through */
+    case 1: b |= (uint64_t)data[0]; break;
+    default: break;
+    }
+    v3 ^= b;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, uint64_t *out)
+{
+    if (!data && len)
+        return EINVAL;
+    *out = siphash24(k0, k1, data, len);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- records */
+
+/* The record at off, if its header and body lie inside the mapping. */
+static const struct mmkv_record *record_at(const struct mmkv_view *v, uint64_t off)
+{
+    if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, REC_HDR))
+        return NULL;
+    const struct mmkv_record *r = (const struct mmkv_record *)(v->base + off);
+    uint64_t body = PAD8((uint64_t)r->key_len);
+    if (!range_ok(v->size, off + REC_HDR, body) || !range_ok(v->size, off + REC_HDR + body, r->val_len))
+        return NULL;
+    return r;
+}
+
+static uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r)
+{
+    uint64_t len = REC_HDR - 8 + PAD8((uint64_t)r->key_len);
+    if (!(r->flags & MMKV_REC_COUNTER))
+        len += r->val_len;
+    return siphash24(v->seed0 ^ SUM_K0, v->seed1 ^ SUM_K1, (const uint8_t *)r + 8, len);
+}
+
+static void fill_result(struct mmkv_view *v, uint64_t off, const struct mmkv_record *r)
+{
+    v->rec_off = off;
+    v->hash = r->key_hash;
+    v->val_off = off + REC_HDR + PAD8((uint64_t)r->key_len);
+    v->val_len = r->val_len;
+    v->rec_flags = r->flags;
+}
+
+int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash, const uint8_t *key,
+                      uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags)
+{
+    uint64_t kpad = PAD8(klen);
+    if (klen > UINT32_MAX || off % 8 || off < MMKV_HEADER_SIZE || (flags & MMKV_REC_COUNTER && vlen != 8))
+        return EINVAL;
+    if (kpad < klen || vlen > UINT64_MAX - REC_HDR - kpad || REC_HDR + kpad + vlen > cap ||
+        !range_ok(v->size, off, cap))
+        return EINVAL;
+    struct mmkv_record *r = (struct mmkv_record *)(v->base + off);
+    uint8_t *body = v->base + off + REC_HDR;
+    r->key_hash = hash;
+    r->key_len = (uint32_t)klen;
+    r->flags = flags;
+    r->val_len = vlen;
+    if (klen)
+        memcpy(body, key, klen);
+    memset(body + klen, 0, kpad - klen);
+    if (vlen)
+        memcpy(body + kpad, val, vlen);
+    r->checksum = record_sum(v, r);
+    fill_result(v, off, r);
+    return 0;
+}
+
+int mmkv_record_checksum(struct mmkv_view *v, uint64_t off, uint64_t *sum)
+{
+    const struct mmkv_record *r = record_at(v, off);
+    if (!r)
+        return EBADMSG;
+    *sum = record_sum(v, r);
+    return 0;
+}
+
+int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
+{
+    if (off < MMKV_HEADER_SIZE + 8 || off % 8 || !range_ok(v->size, off - 8, 8))
+        return EBADMSG;
+    uint64_t head = *(const uint64_t *)(v->base + off - 8);
+    uint64_t bsize = head & ~(uint64_t)MMKV_BLOCK_FLAGS;
+    if (!(head & MMKV_BLOCK_ALLOC) || bsize < MMKV_BLOCK_MIN || !range_ok(v->size, off - 8, bsize))
+        return EBADMSG;
+    const struct mmkv_record *r = record_at(v, off);
+    if (!r)
+        return EBADMSG;
+    uint64_t need = REC_HDR + PAD8((uint64_t)r->key_len) + r->val_len;
+    if (need > bsize - 8 || (r->flags & ~(uint32_t)MMKV_REC_COUNTER) ||
+        (r->flags & MMKV_REC_COUNTER && r->val_len != 8))
+        return EBADMSG;
+    if (r->checksum != record_sum(v, r))
+        return EBADMSG;
+    uint64_t h = siphash24(v->seed0, v->seed1, (const uint8_t *)r + REC_HDR, r->key_len);
+    if (h != r->key_hash)
+        return EBADMSG;
+    fill_result(v, off, r);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- index */
+
+static uint64_t *index_table(const struct mmkv_view *v)
+{
+    uint64_t n = v->index_slots;
+    if (n == 0 || (n & (n - 1)) || v->index_off % 8 || v->index_off < MMKV_HEADER_SIZE ||
+        n > (v->size - v->index_off) / 8 || !range_ok(v->size, v->index_off, 8))
+        return NULL;
+    return (uint64_t *)(v->base + v->index_off);
+}
+
+static uint64_t slot_word(uint64_t hash, uint64_t off)
+{
+    return (hash >> MMKV_SLOT_OFF_BITS) << MMKV_SLOT_OFF_BITS | off;
+}
+
+int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
+{
+    uint64_t *slots = index_table(v);
+    if (!slots)
+        return EBADMSG;
+    uint64_t h = siphash24(v->seed0, v->seed1, key, klen);
+    uint64_t mask = v->index_slots - 1, tag = h >> MMKV_SLOT_OFF_BITS;
+    uint64_t i = h & mask;
+    v->hash = h;
+    v->probes = 0;
+    for (uint64_t n = 0; n < v->index_slots; n++, i = (i + 1) & mask) {
+        uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
+        v->probes++;
+        if (w == 0) {
+            v->slot = i;
+            v->rec_off = 0;
+            return ENOENT;
+        }
+        if (w >> MMKV_SLOT_OFF_BITS != tag)
+            continue;
+        uint64_t off = w & MMKV_SLOT_OFF_MASK;
+        const struct mmkv_record *r = record_at(v, off);
+        if (!r)
+            return EBADMSG;
+        if (r->key_hash == h && r->key_len == klen && memcmp((const uint8_t *)r + REC_HDR, key, klen) == 0) {
+            v->slot = i;
+            fill_result(v, off, r);
+            return 0;
+        }
+    }
+    return EBADMSG; /* a full table never happens: the engine keeps the load below 1 */
+}
+
+int mmkv_slot_set(struct mmkv_view *v, uint64_t slot, uint64_t word)
+{
+    uint64_t *slots = index_table(v);
+    if (!slots || slot >= v->index_slots || (word & MMKV_SLOT_OFF_MASK) % 8)
+        return EINVAL;
+    __atomic_store_n(&slots[slot], word, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Home slot of the entry w, from the hash stored in its record. */
+static int home_of(const struct mmkv_view *v, uint64_t w, uint64_t *home)
+{
+    const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
+    if (!r)
+        return EBADMSG;
+    *home = r->key_hash & (v->index_slots - 1);
+    return 0;
+}
+
+/*
+ * Backward-shift deletion.  Every store is one aligned 8-byte write and no
+ * slot becomes empty before the last one, so a process killed half way
+ * leaves each live entry reachable, some of them twice (recovery dedups).
+ */
+int mmkv_slot_delete(struct mmkv_view *v, uint64_t slot)
+{
+    uint64_t *slots = index_table(v);
+    if (!slots || slot >= v->index_slots)
+        return EINVAL;
+    uint64_t mask = v->index_slots - 1, hole = slot, j = slot;
+    for (uint64_t n = 1; n < v->index_slots; n++) {
+        j = (j + 1) & mask;
+        uint64_t w = __atomic_load_n(&slots[j], __ATOMIC_ACQUIRE);
+        if (w == 0)
+            break;
+        uint64_t home;
+        if (home_of(v, w, &home))
+            return EBADMSG;
+        /* the entry at j may fill the hole unless its home lies cyclically in (hole, j] */
+        int stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+        if (stays)
+            continue;
+        __atomic_store_n(&slots[hole], w, __ATOMIC_RELEASE);
+        hole = j;
+    }
+    __atomic_store_n(&slots[hole], 0, __ATOMIC_RELEASE);
+    v->slot = hole; /* the last slot changed, so the caller can sync [slot, hole] */
+    return 0;
+}
+
+int mmkv_slot_next(struct mmkv_view *v, uint64_t start, uint64_t *slot, uint64_t *word)
+{
+    uint64_t *slots = index_table(v);
+    if (!slots)
+        return EBADMSG;
+    for (uint64_t i = start; i < v->index_slots; i++) {
+        uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
+        if (w) {
+            *slot = i;
+            *word = w;
+            return 0;
+        }
+    }
+    return ENOENT;
+}
+
+int mmkv_index_copy(struct mmkv_view *v, uint64_t new_off, uint64_t new_slots)
+{
+    uint64_t *old = index_table(v);
+    if (!old || new_slots == 0 || (new_slots & (new_slots - 1)) || new_off % 8 ||
+        new_off < MMKV_HEADER_SIZE || new_slots > (v->size - new_off) / 8)
+        return EINVAL;
+    uint64_t *dst = (uint64_t *)(v->base + new_off);
+    uint64_t mask = new_slots - 1, placed = 0;
+    memset(dst, 0, new_slots * 8);
+    for (uint64_t i = 0; i < v->index_slots; i++) {
+        uint64_t w = old[i];
+        if (!w)
+            continue;
+        const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
+        if (!r)
+            return EBADMSG;
+        if (++placed >= new_slots)
+            return ENOSPC;
+        uint64_t j = r->key_hash & mask;
+        while (dst[j])
+            j = (j + 1) & mask;
+        dst[j] = w;
+    }
+    return 0;
+}
+
+int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_slot)
+{
+    uint64_t *slots = index_table(v);
+    if (!slots)
+        return EBADMSG;
+    uint64_t n = v->index_slots, mask = n - 1, start = n;
+    for (uint64_t i = 0; i < n; i++)
+        if (!slots[i]) {
+            start = i;
+            break;
+        }
+    *bad_slot = 0;
+    if (start == n)
+        return EBADMSG; /* no empty slot: probing would never end */
+    /* walk once round from an empty slot; run_start is where the current run began */
+    uint64_t run_start = 1;
+    for (uint64_t k = 1; k <= n; k++) {
+        uint64_t i = (start + k) & mask;
+        uint64_t w = slots[i];
+        if (!w) {
+            run_start = k + 1;
+            continue;
+        }
+        *bad_slot = i;
+        const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
+        if (!r || (r->key_hash >> MMKV_SLOT_OFF_BITS) != (w >> MMKV_SLOT_OFF_BITS))
+            return EBADMSG;
+        /* distance from the home slot must not reach back past the start of the run */
+        uint64_t dist = (i - (r->key_hash & mask)) & mask;
+        if (dist > k - run_start)
+            return EBADMSG;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- lock + get */
+
+static struct mmkv_state *state_of(const struct mmkv_view *v)
+{
+    return (struct mmkv_state *)(v->base + MMKV_OFF_STATE);
+}
+
+int mmkv_lock(struct mmkv_view *v)
+{
+    if (v->size < MMKV_HEADER_SIZE)
+        return EINVAL;
+    int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
+    if (rc == 0 || rc == EOWNERDEAD) {
+        struct mmkv_state *s = state_of(v);
+        __atomic_store_n(&s->lock_pid, (uint64_t)v->pid, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->lock_since_ns, (uint64_t)now_ns(CLOCK_MONOTONIC), __ATOMIC_RELAXED);
+    }
+    return rc;
+}
+
+int mmkv_unlock(struct mmkv_view *v)
+{
+    if (v->size < MMKV_HEADER_SIZE)
+        return EINVAL;
+    __atomic_store_n(&state_of(v)->lock_pid, 0, __ATOMIC_RELAXED);
+    return mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
+}
+
+int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, uint8_t *buf, uint64_t cap)
+{
+    int rc = mmkv_lock(v);
+    if (rc)
+        return rc; /* EOWNERDEAD: still held, the caller recovers */
+    if (__atomic_load_n(&state_of(v)->generation, __ATOMIC_ACQUIRE) != v->generation) {
+        mmkv_unlock(v);
+        return MMKV_ESTALE;
+    }
+    rc = mmkv_find(v, key, klen);
+    if (rc == 0) {
+        if (v->val_len <= cap)
+            memcpy(buf, v->base + v->val_off, v->val_len);
+        else
+            rc = ENOBUFS;
+    }
+    mmkv_unlock(v);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- layout table */
+
+#define SZ(s) {#s, sizeof(struct s)},
+#define OF(s, f) {#s "." #f, offsetof(struct s, f)},
+static const struct {
+    const char *name;
+    uint64_t value;
+} layout_table[] = {
+    SZ(mmkv_identity) OF(mmkv_identity, magic) OF(mmkv_identity, version) OF(mmkv_identity, page_size)
+    OF(mmkv_identity, seed0) OF(mmkv_identity, seed1) OF(mmkv_identity, created_ns)
+    OF(mmkv_identity, reserved) OF(mmkv_identity, checksum)
+    SZ(mmkv_meta) OF(mmkv_meta, seq) OF(mmkv_meta, file_size) OF(mmkv_meta, index_off)
+    OF(mmkv_meta, index_slots) OF(mmkv_meta, journal_off) OF(mmkv_meta, journal_size)
+    OF(mmkv_meta, reserved) OF(mmkv_meta, checksum)
+    SZ(mmkv_state) OF(mmkv_state, generation) OF(mmkv_state, dirty) OF(mmkv_state, count)
+    OF(mmkv_state, live_bytes) OF(mmkv_state, used_bytes) OF(mmkv_state, free_bytes)
+    OF(mmkv_state, free_bitmap) OF(mmkv_state, lock_pid) OF(mmkv_state, lock_since_ns)
+    OF(mmkv_state, recoveries) OF(mmkv_state, reserved) OF(mmkv_state, free_heads)
+    SZ(mmkv_locks) OF(mmkv_locks, mutex) OF(mmkv_locks, sems)
+    SZ(mmkv_record) OF(mmkv_record, checksum) OF(mmkv_record, key_hash) OF(mmkv_record, key_len)
+    OF(mmkv_record, flags) OF(mmkv_record, val_len)
+    SZ(mmkv_view) OF(mmkv_view, base) OF(mmkv_view, size) OF(mmkv_view, index_off)
+    OF(mmkv_view, index_slots) OF(mmkv_view, seed0) OF(mmkv_view, seed1) OF(mmkv_view, generation)
+    OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, hash) OF(mmkv_view, slot)
+    OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)
+    OF(mmkv_view, probes)
+};
+
+int mmkv_layout_entry(int which, const char **name, uint64_t *value)
+{
+    if (which < 0 || which >= (int)(sizeof layout_table / sizeof layout_table[0]))
+        return ENOENT;
+    *name = layout_table[which].name;
+    *value = layout_table[which].value;
+    return 0;
+}

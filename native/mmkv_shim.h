@@ -1,0 +1,68 @@
+/*
+ * mmkv native shim: mechanisms on raw mapped memory, no policy.
+ *
+ * Every function returns 0 or an errno value (results go through out
+ * parameters); none prints, aborts or allocates.  Offsets that come from the
+ * file are bounds-checked against the mapping size; a bad one gives EBADMSG.
+ * Like mmkv_layout.h, this header is also parsed by cffi's cdef.
+ */
+
+/* Error codes the Python side needs by name (values from <errno.h>). */
+#define MMKV_ESTALE 116        /* the mapping is older than the header says: remap */
+#define MMKV_SYNC_ASYNC 1      /* mmkv_msync: schedule write-back */
+#define MMKV_SYNC_SYNC 4       /* mmkv_msync: wait for write-back */
+
+/* Advice values for mmkv_madvise. */
+#define MMKV_ADV_NORMAL 0
+#define MMKV_ADV_RANDOM 1
+#define MMKV_ADV_SEQUENTIAL 2
+#define MMKV_ADV_WILLNEED 3
+#define MMKV_ADV_DONTNEED 4
+
+/* Robust, process-shared mutex placed in shared memory (MMKV_MUTEX_BYTES). */
+int mmkv_mutex_init(void *mutex);
+int mmkv_mutex_lock(void *mutex, int64_t timeout_ns);   /* < 0: wait forever; EOWNERDEAD, ETIMEDOUT, ENOTRECOVERABLE */
+int mmkv_mutex_trylock(void *mutex);                    /* EBUSY when held */
+int mmkv_mutex_unlock(void *mutex);
+int mmkv_mutex_consistent(void *mutex);
+
+/* Process-shared POSIX semaphore placed in shared memory (MMKV_SEM_BYTES). */
+int mmkv_sem_init(void *sem, uint32_t value);
+int mmkv_sem_wait(void *sem);                           /* EINTR on a signal */
+int mmkv_sem_timedwait(void *sem, int64_t timeout_ns);  /* ETIMEDOUT, EINTR */
+int mmkv_sem_trywait(void *sem);                        /* EAGAIN when zero */
+int mmkv_sem_post(void *sem);
+int mmkv_sem_value(void *sem, int32_t *value);
+
+/* Memory and file. */
+int mmkv_msync(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int flags);
+int mmkv_madvise(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int advice);
+int mmkv_fallocate(int fd, int64_t off, int64_t len);
+
+/* 64-bit atomics on an 8-aligned offset inside [base, base + size). */
+int mmkv_atomic_load(uint8_t *base, uint64_t size, uint64_t off, uint64_t *value);
+int mmkv_atomic_store(uint8_t *base, uint64_t size, uint64_t off, uint64_t value);
+int mmkv_atomic_fetch_add(uint8_t *base, uint64_t size, uint64_t off, int64_t delta, int64_t *old);
+int mmkv_atomic_cas(uint8_t *base, uint64_t size, uint64_t off, uint64_t *expected, uint64_t desired);  /* EAGAIN on mismatch */
+
+/* SipHash-2-4 of data keyed with (k0, k1). */
+int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, uint64_t *out);
+
+/* Index and records: the hot loops, all bounds-checked against view->size. */
+int mmkv_lock(struct mmkv_view *v);     /* robust lock + holder bookkeeping; 0, EOWNERDEAD, ETIMEDOUT, ... */
+int mmkv_unlock(struct mmkv_view *v);
+int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent */
+int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, uint8_t *buf, uint64_t cap);
+                                        /* lock, find, copy, unlock: 0, ENOENT, ENOBUFS (val_len set),
+                                           MMKV_ESTALE (remap), or a lock error; on EOWNERDEAD the lock is held */
+int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
+                      const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
+int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */
+int mmkv_record_checksum(struct mmkv_view *v, uint64_t off, uint64_t *sum);
+int mmkv_slot_set(struct mmkv_view *v, uint64_t slot, uint64_t word);
+int mmkv_slot_delete(struct mmkv_view *v, uint64_t slot);  /* backward-shift deletion; v->slot = last slot changed */
+int mmkv_slot_next(struct mmkv_view *v, uint64_t start, uint64_t *slot, uint64_t *word);  /* ENOENT past the end */
+int mmkv_index_copy(struct mmkv_view *v, uint64_t new_off, uint64_t new_slots);  /* rehash all into a zeroed table */
+int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_slot);  /* probe invariant of every entry; EBADMSG */
+int mmkv_layout_entry(int which, const char **name, uint64_t *value);  /* the C compiler's sizeof/offsetof
+                                        table, "struct.field" or "struct", for the layout test; ENOENT past the end */
