@@ -368,11 +368,6 @@ static uint64_t *index_table(const struct mmkv_view *v)
     return (uint64_t *)(v->base + v->index_off);
 }
 
-static uint64_t slot_word(uint64_t hash, uint64_t off)
-{
-    return (hash >> MMKV_SLOT_OFF_BITS) << MMKV_SLOT_OFF_BITS | off;
-}
-
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
 {
     uint64_t *slots = index_table(v);
