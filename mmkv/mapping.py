@@ -3,7 +3,13 @@
 A FileMap owns one ``MAP_SHARED`` mapping of the whole file and the three ways
 the engine reaches it: ``mm`` (the mmap object), ``words`` (a bounds-checked
 memoryview of little-endian u64 words, word i at byte 8*i) and ``base`` (a C
-pointer for the shim).  Not thread-safe by itself; the Store serialises use.
+pointer for the shim).  The Store serialises its use under the store lock.
+
+A mapping replaced by ``remap`` stays mapped until ``close``: a reader thread
+that read the old base just before another thread remapped must still find
+the mutex there (it is the same shared page), never an unmapped address.
+Growth is geometric, so the retired mappings add up to less than the current one
+(address space only: the pages are the file's, shared).
 """
 import errno
 import mmap
@@ -18,6 +24,7 @@ class FileMap:
     def __init__(self, fd: int, size: int):
         self.fd = fd
         self.mm = None
+        self._retired = []
         self._map(size)
 
     def _map(self, size: int) -> None:
@@ -32,21 +39,24 @@ class FileMap:
         self.base = ffi.cast("uint8_t *", self._cbuf)
         self.words = memoryview(mm).cast("Q")
 
-    def _unmap(self) -> None:
-        if self.mm is None:
-            return
-        self.words.release()
-        ffi.release(self._cbuf)
-        self.mm.close()
-        self.mm = self.words = self._cbuf = self.base = None
+    @staticmethod
+    def _unmap(mm, words, cbuf) -> None:
+        words.release()
+        ffi.release(cbuf)
+        mm.close()
 
     def remap(self, size: int) -> None:
-        """Map ``size`` bytes afresh (the file has grown)."""
-        self._unmap()
+        """Map ``size`` bytes afresh (the file has grown); the old mapping is retired."""
+        self._retired.append((self.mm, self.words, self._cbuf))
         self._map(size)
 
     def close(self) -> None:
-        self._unmap()
+        if self.mm is None:
+            return
+        for old in self._retired + [(self.mm, self.words, self._cbuf)]:
+            self._unmap(*old)
+        self._retired = []
+        self.mm = self.words = self._cbuf = self.base = None
 
     def file_size(self) -> int:
         return os.fstat(self.fd).st_size

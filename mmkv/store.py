@@ -45,6 +45,17 @@ _open_stores = weakref.WeakSet()
 def _after_fork_in_child():
     for store in list(_open_stores):
         store._forked = True
+        store._view = None      # every call now raises ForkedHandleError
+
+
+class _PerThread(threading.local):
+    """Each thread's own output buffer for the lock-free-in-Python read path."""
+
+    def __init__(self):
+        self.mem = ffi.new("uint8_t[]", GET_BUFFER)
+        self.cbuf = ffi.cast("char *", self.mem)      # ffi.unpack of a char * gives bytes
+        self.out = ffi.new("struct mmkv_getbuf *")
+        self.out.buf, self.out.cap = self.mem, GET_BUFFER
 
 
 if hasattr(os, "register_at_fork"):
@@ -84,7 +95,7 @@ class Store(MutableMapping):
         self._forked = False
         self._depth = 0          # db.lock() nesting in the owning thread
         self._owner = None
-        self._tlock = threading.Lock()
+        self._local = _PerThread()
         self._open(flag, mode, lock_timeout, open_timeout)
         _open_stores.add(self)
 
@@ -173,9 +184,6 @@ class Store(MutableMapping):
         v.lock_timeout_ns = -1 if lock_timeout is None else int(lock_timeout * 1e9)
         self._lock_timeout = lock_timeout
         self._set_meta(meta, which)
-        self._bufcap = GET_BUFFER
-        self._buf = ffi.new("uint8_t[]", self._bufcap)
-        self._cbuf = ffi.cast("char *", self._buf)     # ffi.unpack of a char * gives bytes
         if first:
             opening.init_locks(self._fm.base)
             if self._fm.words[_DIRTY]:
@@ -337,23 +345,25 @@ class Store(MutableMapping):
         :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
         """
         k = key if type(key) is bytes else _as_bytes(key, "key")
-        if self._depth or self._view is None or self._forked:
+        if self._depth:
             return self._get_locked(k, key)
-        with self._tlock:
-            v = self._view
-            rc = lib.mmkv_get(v, k, len(k), self._buf, self._bufcap)
-            if rc == 0:
-                return ffi.unpack(self._cbuf, v.val_len)
-            if rc == errno.EOWNERDEAD:      # we hold the lock a dead process left: repair first
-                self._owner_died()
-                lib.mmkv_unlock(v)
+        out = self._local.out
+        try:
+            rc = lib.mmkv_get(self._view, k, len(k), out)
+        except TypeError:   # the view is None: closed or forked
+            raise self._dead() from None
+        if rc == 0:
+            return ffi.unpack(self._local.cbuf, out.val_len)
         if rc == errno.ENOENT:
             raise KeyError(key)
-        if rc in (ESTALE, ENOBUFS, errno.EOWNERDEAD):   # remap, a big value, or after repair
-            return self._get_locked(k, key)
-        if rc == errno.EBADMSG:
+        if rc == errno.EOWNERDEAD:      # we hold the lock a dead process left: repair first
+            self._owner_died()
+            lib.mmkv_unlock(self._view)
+        elif rc == errno.EBADMSG:
             raise_for(rc, "lookup")
-        raise self._lock_error(rc)
+        elif rc not in (ESTALE, ENOBUFS):
+            raise self._lock_error(rc)
+        return self._get_locked(k, key)   # remap, a value bigger than the buffer, or after repair
 
     def _get_locked(self, k, key):
         """The general read path: take the lock in Python (remap, recovery, big values)."""

@@ -145,3 +145,10 @@ struct mmkv_view {
     uint32_t rec_flags;
     uint32_t probes;         /* slots examined */
 };
+
+/* Per-thread output of mmkv_get: the value is copied into buf when it fits. */
+struct mmkv_getbuf {
+    uint8_t *buf;
+    uint64_t cap;
+    uint64_t val_len;        /* length of the value found (also when it did not fit) */
+};

@@ -368,7 +368,13 @@ static uint64_t *index_table(const struct mmkv_view *v)
     return (uint64_t *)(v->base + v->index_off);
 }
 
-int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
+/* Result of a lookup, kept off the shared view so that concurrent readers do not race. */
+struct lookup {
+    uint64_t hash, slot, rec_off, probes;
+    const struct mmkv_record *rec;
+};
+
+static int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out)
 {
     uint64_t *slots = index_table(v);
     if (!slots)
@@ -376,14 +382,13 @@ int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
     uint64_t h = siphash24(v->seed0, v->seed1, key, klen);
     uint64_t mask = v->index_slots - 1, tag = h >> MMKV_SLOT_OFF_BITS;
     uint64_t i = h & mask;
-    v->hash = h;
-    v->probes = 0;
-    for (uint64_t n = 0; n < v->index_slots; n++, i = (i + 1) & mask) {
+    out->hash = h;
+    out->rec_off = 0;
+    out->rec = NULL;
+    for (out->probes = 1; out->probes <= v->index_slots; out->probes++, i = (i + 1) & mask) {
         uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
-        v->probes++;
         if (w == 0) {
-            v->slot = i;
-            v->rec_off = 0;
+            out->slot = i;
             return ENOENT;
         }
         if (w >> MMKV_SLOT_OFF_BITS != tag)
@@ -393,12 +398,29 @@ int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
         if (!r)
             return EBADMSG;
         if (r->key_hash == h && r->key_len == klen && memcmp((const uint8_t *)r + REC_HDR, key, klen) == 0) {
-            v->slot = i;
-            fill_result(v, off, r);
+            out->slot = i;
+            out->rec_off = off;
+            out->rec = r;
             return 0;
         }
     }
     return EBADMSG; /* a full table never happens: the engine keeps the load below 1 */
+}
+
+int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
+{
+    struct lookup l;
+    int rc = lookup(v, key, klen, &l);
+    v->hash = l.hash;
+    v->probes = (uint32_t)l.probes;
+    if (rc == ENOENT) {
+        v->slot = l.slot;
+        v->rec_off = 0;
+    } else if (rc == 0) {
+        v->slot = l.slot;
+        fill_result(v, l.rec_off, l.rec);
+    }
+    return rc;
 }
 
 int mmkv_slot_set(struct mmkv_view *v, uint64_t slot, uint64_t word)
@@ -556,23 +578,28 @@ int mmkv_unlock(struct mmkv_view *v)
     return mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
 }
 
-int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, uint8_t *buf, uint64_t cap)
+int mmkv_get(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
 {
-    int rc = mmkv_lock(v);
+    /* no holder bookkeeping here: a reader holds the lock for a lookup and a copy only */
+    if (v->size < MMKV_HEADER_SIZE)
+        return EINVAL;
+    int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
     if (rc)
         return rc; /* EOWNERDEAD: still held, the caller recovers */
     if (__atomic_load_n(&state_of(v)->generation, __ATOMIC_ACQUIRE) != v->generation) {
-        mmkv_unlock(v);
+        mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
         return MMKV_ESTALE;
     }
-    rc = mmkv_find(v, key, klen);
+    struct lookup l;
+    rc = lookup(v, key, klen, &l);
     if (rc == 0) {
-        if (v->val_len <= cap)
-            memcpy(buf, v->base + v->val_off, v->val_len);
+        g->val_len = l.rec->val_len;
+        if (l.rec->val_len <= g->cap)
+            memcpy(g->buf, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), l.rec->val_len);
         else
             rc = ENOBUFS;
     }
-    mmkv_unlock(v);
+    mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
     return rc;
 }
 
@@ -602,6 +629,7 @@ static const struct {
     OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, hash) OF(mmkv_view, slot)
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)
     OF(mmkv_view, probes)
+    SZ(mmkv_getbuf) OF(mmkv_getbuf, buf) OF(mmkv_getbuf, cap) OF(mmkv_getbuf, val_len)
 };
 
 int mmkv_layout_entry(int which, const char **name, uint64_t *value)

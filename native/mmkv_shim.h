@@ -52,9 +52,10 @@ int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, ui
 int mmkv_lock(struct mmkv_view *v);     /* robust lock + holder bookkeeping; 0, EOWNERDEAD, ETIMEDOUT, ... */
 int mmkv_unlock(struct mmkv_view *v);
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent */
-int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, uint8_t *buf, uint64_t cap);
-                                        /* lock, find, copy, unlock: 0, ENOENT, ENOBUFS (val_len set),
-                                           MMKV_ESTALE (remap), or a lock error; on EOWNERDEAD the lock is held */
+int mmkv_get(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
+                                        /* lock, find, copy, unlock, writing only *g (so threads sharing v
+                                           are safe): 0, ENOENT, ENOBUFS (g->val_len set), MMKV_ESTALE
+                                           (remap), or a lock error; on EOWNERDEAD the lock is held */
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */
