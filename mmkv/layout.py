@@ -10,6 +10,7 @@ from ._shim import ffi, lib
 from .errors import ChecksumError, CorruptionError, NotMmkvFileError, TruncatedError, VersionError
 
 MAGIC = lib.MMKV_MAGIC                   #: first 8 bytes of every mmkv file, as a little-endian u64
+MAGIC_BYTES = MAGIC.to_bytes(8, "little")
 VERSION = lib.MMKV_VERSION               #: format version this package reads and writes
 HEADER_SIZE = lib.MMKV_HEADER_SIZE       #: size of page 0; the heap starts after it
 OFF_IDENTITY = lib.MMKV_OFF_IDENTITY     #: identity sector, written once
@@ -106,8 +107,9 @@ def parse_identity(page: bytes, file_size: int) -> Identity:
     :raises ChecksumError: the identity sector is damaged.
     """
     if file_size < HEADER_SIZE or len(page) < HEADER_SIZE:
-        if file_size >= 8 and int.from_bytes(page[:8], "little") != MAGIC:
-            raise NotMmkvFileError(f"not an mmkv file: bad magic {page[:8]!r}")
+        head = bytes(page[:8])
+        if head != MAGIC_BYTES[:len(head)]:
+            raise NotMmkvFileError(f"not an mmkv file: bad magic {head!r}")
         raise TruncatedError(f"file is {file_size} bytes, shorter than the {HEADER_SIZE}-byte header")
     p = ffi.cast("struct mmkv_identity *", ffi.from_buffer(page))
     if p.magic != MAGIC:

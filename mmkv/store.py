@@ -20,14 +20,14 @@ from . import checker, recovery
 from ._shim import ESTALE, ffi, lib, raise_for
 from errno import ENOBUFS
 from .allocator import Allocator
-from .errors import (ClosedError, CorruptionError, Error, ForkedHandleError, LimitError, LockTimeoutError,
-                     NotACounterError, ReadOnlyError)
+from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
+                     LockTimeoutError, NotACounterError, ReadOnlyError)
 from .layout import (EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
                      REC_KEY_LEN_AT, SLOT_OFF_BITS, SLOT_OFF_MASK, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
-from .tunables import (GET_BUFFER, INITIAL_FILE_SIZE, INITIAL_INDEX_SLOTS, LOCK_TIMEOUT, MAX_KEY_SIZE,
-                       MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
+from .tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, INITIAL_INDEX_SLOTS, LARGE_BLOCK, LOCK_TIMEOUT,
+                       MAX_KEY_SIZE, MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
 
 SYNC_MODES = ("none", "full")
 FLAGS = ("r", "w", "c", "n")
@@ -38,6 +38,8 @@ _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
 _RECOVERIES = STATE_WORD["recoveries"]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+#: Errors a write raises before it changes anything (so no repair is needed).
+_CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
 
 _open_stores = weakref.WeakSet()
 
@@ -56,10 +58,25 @@ class _PerThread(threading.local):
         self.cbuf = ffi.cast("char *", self.mem)      # ffi.unpack of a char * gives bytes
         self.out = ffi.new("struct mmkv_getbuf *")
         self.out.buf, self.out.cap = self.mem, GET_BUFFER
+        self.i64 = ffi.new("int64_t *")
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def new_view(fm, ident, sync_full: bool, lock_timeout):
+    """A process-local view of a mapping for the shim (index fields are set from the meta)."""
+    v = ffi.new("struct mmkv_view *")
+    v.base, v.size = fm.base, fm.size
+    v.seed0, v.seed1 = ident.seed0, ident.seed1
+    v.pid = os.getpid()
+    v.lock_timeout_ns = -1 if lock_timeout is None else int(lock_timeout * 1e9)
+    v.page_size = ident.page_size
+    v.large_block = LARGE_BLOCK
+    v.fit_scan = FIT_SCAN
+    v.sync_full = int(sync_full)
+    return v
 
 
 def _as_bytes(obj, what: str) -> bytes:
@@ -92,6 +109,7 @@ class Store(MutableMapping):
         self._readonly = flag == "r"
         self._view = None
         self._fm = None
+        self._fd = None
         self._forked = False
         self._depth = 0          # db.lock() nesting in the owning thread
         self._owner = None
@@ -150,7 +168,7 @@ class Store(MutableMapping):
             opening.write_new_header(fd, ident, Meta(0, size, 0, 0))
             fm = FileMap(fd, size)
             try:
-                alloc = Allocator(fm, page, size - EPILOGUE_BYTES)
+                alloc = Allocator(fm, new_view(fm, ident, False, None))
                 alloc.format(size - EPILOGUE_BYTES)
                 table = alloc.alloc(8 * INITIAL_INDEX_SLOTS)
                 fm.mm[table + 8:table + 8 + 8 * INITIAL_INDEX_SLOTS] = bytes(8 * INITIAL_INDEX_SLOTS)
@@ -177,11 +195,8 @@ class Store(MutableMapping):
         self._ident = parse_identity(page0, real)
         meta, which = parse_meta(page0, self._ident, real)
         self._fm = FileMap(fd, meta.file_size)
-        self._alloc = Allocator(self._fm, self._ident.page_size, meta.file_size - EPILOGUE_BYTES)
-        v = self._view = ffi.new("struct mmkv_view *")
-        v.seed0, v.seed1 = self._ident.seed0, self._ident.seed1
-        v.pid = os.getpid()
-        v.lock_timeout_ns = -1 if lock_timeout is None else int(lock_timeout * 1e9)
+        self._view = new_view(self._fm, self._ident, self._full, lock_timeout)
+        self._alloc = Allocator(self._fm, self._view)
         self._lock_timeout = lock_timeout
         self._set_meta(meta, which)
         if first:
@@ -205,6 +220,7 @@ class Store(MutableMapping):
         self._words = fm.words
         v.base, v.size = fm.base, fm.size
         v.index_off, v.index_slots = meta.index_off, meta.index_slots
+        v.max_count = int(meta.index_slots * MAX_LOAD)
         v.generation = fm.words[_GEN]
 
     def _reload(self):
@@ -223,11 +239,12 @@ class Store(MutableMapping):
 
         Safe to call twice.  In a forked child it only drops the child's copy.
         """
-        if self._view is None:
+        if self._forked:          # the child's copy: drop it, touch nothing shared
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             return
-        if self._forked:
-            self._detach()
-            os.close(self._fd)
+        if self._view is None:
             return
         side = opening.sidecar_lock(self.path, self._open_timeout)
         opening.acquire_sidecar(side, self.path)
@@ -464,13 +481,58 @@ class Store(MutableMapping):
         """
         k = key if type(key) is bytes else _as_bytes(key, "key")
         val = value if type(value) is bytes else _as_bytes(value, "value")
-        self._writable()
-        self._check_sizes(k, val)
-        self._acquire()
+        if self._readonly:
+            self._writable()
+        if len(k) > MAX_KEY_SIZE or len(val) > MAX_VALUE_SIZE:
+            self._check_sizes(k, val)
+        if not self._depth:
+            try:
+                rc = lib.mmkv_put(self._view, k, len(k), val, len(val), 0, 1)
+            except TypeError:   # the view is None: closed or forked
+                raise self._dead() from None
+            if rc == 0:
+                return
+            self._fused_failed(rc)
+        self._write_locked(self._put, k, val, 0)
+
+    def _fused_failed(self, rc):
+        """A fused write (take_lock=1) returned rc != 0.  Return when the general path should
+        run (nothing changed, lock released); raise otherwise."""
+        if rc in (ESTALE, errno.ENOSPC, errno.EAGAIN, errno.ENOENT):
+            return
+        if rc == errno.EOWNERDEAD:           # we hold the lock a dead process left: repair first
+            self._owner_died()
+            lib.mmkv_unlock(self._view)
+            return
+        if rc in (errno.ETIMEDOUT, errno.ENOTRECOVERABLE, errno.EINVAL, errno.EDEADLK):
+            raise self._lock_error(rc)
+        # the lock is still held and the write may have stopped half way: repair, then report
+        self._depth, self._owner = 1, threading.get_ident()
         try:
-            self._put(k, val, 0)
+            recovery.recover(self, f"a write failed ({errno.errorcode.get(rc, rc)})")
         finally:
             self._release()
+        raise_for(rc, "write")
+
+    def _write_locked(self, fn, *args):
+        """Run fn(*args) under the lock as a write; see _abort_write for errors."""
+        self._writable()
+        self._acquire()
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            self._abort_write(exc)
+            raise
+        finally:
+            self._release()
+
+    def _abort_write(self, exc):
+        """A write raised with the lock held.  The errors in _CLEAN_ERRORS are raised before
+        anything changes; anything else (KeyboardInterrupt, say) may have stopped the
+        allocator half way, so recovery runs before the lock goes to another process."""
+        if isinstance(exc, _CLEAN_ERRORS):
+            return
+        recovery.recover(self, f"a write was interrupted by {type(exc).__name__}")
 
     @staticmethod
     def _check_sizes(k, val):
@@ -480,42 +542,25 @@ class Store(MutableMapping):
             raise LimitError(f"value of {len(val)} bytes is longer than the {MAX_VALUE_SIZE}-byte limit")
 
     def _put(self, k, val, flags):
-        """Write a new record, switch the slot to it, free the old one.  Caller holds the lock."""
-        v, w = self._view, self._words
-        rc = lib.mmkv_find(v, k, len(k))
-        if rc == errno.ENOENT:
-            if (w[_COUNT] + 1) > v.index_slots * MAX_LOAD:
-                self._grow_index(v.index_slots * 2)
-                rc = lib.mmkv_find(v, k, len(k))
-        elif rc:
-            raise_for(rc, "lookup")
-        found = rc == 0
-        slot, h, old_rec, old_vlen = v.slot, v.hash, v.rec_off, v.val_len
-        need = RECORD_HEADER + pad8(len(k)) + len(val)
-        b = self._allocate(need)
-        w = self._words
-        rec = b + 8
-        cap = (w[b >> 3] & ~15) - 8
-        raise_for(lib.mmkv_record_write(v, rec, cap, h, k, len(k), val, len(val), flags), "record write")
-        if self._full:
-            self._durable(b, need + 8)
-        raise_for(lib.mmkv_slot_set(v, slot, (h >> SLOT_OFF_BITS) << SLOT_OFF_BITS | rec), "slot write")
-        if self._full:
-            self._durable(v.index_off + 8 * slot, 8)
-        if found:
-            self._alloc.free(old_rec - 8)
-            w[_LIVE] -= len(k) + old_vlen
-        else:
-            w[_COUNT] += 1
-        w[_LIVE] += len(k) + len(val)
+        """Write a new record, switch the slot to it, free the old one (the shim's mmkv_put),
+        growing the index or the file first when it asks.  Caller holds the lock."""
+        while True:
+            rc = lib.mmkv_put(self._view, k, len(k), val, len(val), flags, 0)
+            if rc == 0:
+                return
+            if rc == errno.ENOSPC:
+                self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
+            elif rc == errno.EAGAIN:
+                self._grow_index(self._view.index_slots * 2)
+            else:
+                raise_for(rc, "put")
 
     def _allocate(self, payload):
+        """A block for payload bytes, growing the file until one fits.  Caller holds the lock."""
         b = self._alloc.alloc(payload)
-        if not b:
+        while not b:
             self._grow_file(payload)
             b = self._alloc.alloc(payload)
-            if not b:
-                raise Error(f"allocator found no block for {payload} bytes after growing the file")
         return b
 
     def _grow_file(self, payload):
@@ -558,96 +603,86 @@ class Store(MutableMapping):
     def __delitem__(self, key):
         """Remove key. :raises KeyError: key is absent."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
-        self._writable()
-        self._acquire()
-        try:
-            if not self._delete(k):
+        if self._readonly:
+            self._writable()
+        if not self._depth:
+            try:
+                rc = lib.mmkv_delete(self._view, k, len(k), 1)
+            except TypeError:
+                raise self._dead() from None
+            if rc == 0:
+                return
+            if rc == errno.ENOENT:
                 raise KeyError(key)
-        finally:
-            self._release()
+            self._fused_failed(rc)
+        if not self._write_locked(self._delete, k):
+            raise KeyError(key)
 
     def _delete(self, k):
-        v, w = self._view, self._words
-        rc = lib.mmkv_find(v, k, len(k))
+        """Remove k (the shim's mmkv_delete); False when absent.  Caller holds the lock."""
+        rc = lib.mmkv_delete(self._view, k, len(k), 0)
         if rc == errno.ENOENT:
             return False
-        raise_for(rc, "lookup")
-        rec, vlen, slot = v.rec_off, v.val_len, v.slot
-        raise_for(lib.mmkv_slot_delete(v, slot), "slot delete")
-        if self._full:   # slots [slot, v.slot] changed, wrapping round the end of the table
-            last = v.slot
-            if last >= slot:
-                self._durable(v.index_off + 8 * slot, 8 * (last - slot + 1))
-            else:
-                self._durable(v.index_off + 8 * slot, 8 * (v.index_slots - slot))
-                self._durable(v.index_off, 8 * (last + 1))
-        self._alloc.free(rec - 8)
-        w[_COUNT] -= 1
-        w[_LIVE] -= len(k) + vlen
+        raise_for(rc, "delete")
         return True
 
     def pop(self, key, *default):
         """Remove key and return its value (or default). :raises KeyError: absent and no default."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
-        self._writable()
-        self._acquire()
-        try:
-            value = self._lookup(k)
-            if value is not None:
-                self._delete(k)
-        finally:
-            self._release()
+        value = self._write_locked(self._pop, k)
         if value is None:
             if default:
                 return default[0]
             raise KeyError(key)
         return value
 
+    def _pop(self, k):
+        value = self._lookup(k)
+        if value is not None:
+            self._delete(k)
+        return value
+
     def setdefault(self, key, default=b""):
         """The value of key; if absent, store default first (atomically) and return it."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
         d = _as_bytes(default, "value")
-        self._acquire()
-        try:
-            value = self._lookup(k)
-            if value is None:
-                self._writable()
-                self._check_sizes(k, d)
-                self._put(k, d, 0)
-                value = d
-        finally:
-            self._release()
+        self._check_sizes(k, d)
+        return self._write_locked(self._setdefault, k, d)
+
+    def _setdefault(self, k, d):
+        value = self._lookup(k)
+        if value is None:
+            self._put(k, d, 0)
+            value = d
         return value
 
     def update(self, other=(), /, **kw):
         """Store every pair of other (a mapping or pairs) and kw, under one lock hold."""
         pairs = other.items() if hasattr(other, "items") else other
-        self._writable()
-        self._acquire()
-        try:
-            for key, value in list(pairs) + list(kw.items()):
-                k, val = _as_bytes(key, "key"), _as_bytes(value, "value")
-                self._check_sizes(k, val)
-                self._put(k, val, 0)
-        finally:
-            self._release()
+        items = []
+        for key, value in list(pairs) + list(kw.items()):
+            k, val = _as_bytes(key, "key"), _as_bytes(value, "value")
+            self._check_sizes(k, val)
+            items.append((k, val))
+        self._write_locked(self._update, items)
+
+    def _update(self, items):
+        for k, val in items:
+            self._put(k, val, 0)
 
     def clear(self):
         """Remove every key, atomically: a new empty index replaces the old one in one meta switch."""
-        self._writable()
-        self._acquire()
-        try:
-            v = self._view
-            slots = INITIAL_INDEX_SLOTS
-            b = self._allocate(8 * slots)
-            self._fm.mm[b + 8:b + 8 + 8 * slots] = bytes(8 * slots)
-            self._fm.sync(b, 8 * slots + 8)
-            self._write_meta(index_off=b + 8, index_slots=slots)
-            self._alloc.rebuild([(b, self._alloc.block_size(b))])   # the old table and every record: free
-            w = self._words
-            w[_COUNT] = w[_LIVE] = 0
-        finally:
-            self._release()
+        self._write_locked(self._clear)
+
+    def _clear(self):
+        slots = INITIAL_INDEX_SLOTS
+        b = self._allocate(8 * slots)
+        self._fm.mm[b + 8:b + 8 + 8 * slots] = bytes(8 * slots)
+        self._fm.sync(b, 8 * slots + 8)
+        self._write_meta(index_off=b + 8, index_slots=slots)
+        self._alloc.rebuild([(b, self._alloc.block_size(b))])   # the old table and every record: free
+        w = self._words
+        w[_COUNT] = w[_LIVE] = 0
 
     def incr(self, key, delta: int = 1) -> int:
         """Add delta to the 8-byte signed counter at key and return the new value.
@@ -660,34 +695,40 @@ class Store(MutableMapping):
         k = key if type(key) is bytes else _as_bytes(key, "key")
         if not isinstance(delta, int):
             raise TypeError(f"delta must be an int, not {type(delta).__name__}")
-        self._writable()
-        if len(k) > MAX_KEY_SIZE:
-            raise LimitError(f"key of {len(k)} bytes is longer than the {MAX_KEY_SIZE}-byte limit")
-        self._acquire()
-        try:
-            return self._incr(k, delta)
-        finally:
-            self._release()
+        self._check_sizes(k, b"")
+        if self._readonly:
+            self._writable()
+        if not self._depth and _INT64_MIN <= delta <= _INT64_MAX:
+            out = self._local.i64
+            try:
+                rc = lib.mmkv_incr(self._view, k, len(k), delta, out, 1)
+            except TypeError:
+                raise self._dead() from None
+            if rc == 0:
+                return out[0]
+            if rc == errno.ERANGE:
+                raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
+            self._fused_failed(rc)
+        return self._write_locked(self._incr, k, delta)
 
     def _incr(self, k, delta):
-        v = self._view
-        rc = lib.mmkv_find(v, k, len(k))
-        if rc == errno.ENOENT:
-            old = 0
-        else:
-            raise_for(rc, "lookup")
-            if v.val_len != 8:
-                raise NotACounterError(f"value of {k!r} is {v.val_len} bytes, not an 8-byte counter")
-            old = int.from_bytes(self._fm.mm[v.val_off:v.val_off + 8], "little", signed=True)
-        new = old + delta
+        """The general increment: a counter record in place, else a new counter record."""
+        if _INT64_MIN <= delta <= _INT64_MAX:
+            out = self._local.i64
+            rc = lib.mmkv_incr(self._view, k, len(k), delta, out, 0)
+            if rc == 0:
+                return out[0]
+            if rc == errno.ERANGE:
+                raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
+            if rc != errno.ENOENT:
+                raise_for(rc, "incr")
+        old = self._lookup(k)            # absent, a plain 8-byte value, or something else
+        if old is not None and len(old) != 8:
+            raise NotACounterError(f"value of {k!r} is {len(old)} bytes, not an 8-byte counter")
+        new = (int.from_bytes(old, "little", signed=True) if old is not None else 0) + delta
         if not _INT64_MIN <= new <= _INT64_MAX:
             raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
-        if rc == 0 and v.rec_flags & REC_COUNTER:
-            raise_for(lib.mmkv_atomic_store(v.base, v.size, v.val_off, new & 0xFFFFFFFFFFFFFFFF), "counter store")
-            if self._full:
-                self._durable(v.val_off, 8)
-        else:
-            self._put(k, new.to_bytes(8, "little", signed=True), REC_COUNTER)
+        self._put(k, new.to_bytes(8, "little", signed=True), REC_COUNTER)
         return new
 
     # ================================================================ durability, audit

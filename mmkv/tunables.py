@@ -20,3 +20,5 @@ GET_BUFFER = 64 * 1024
 GROW_STEP_MAX = 1 << 30
 #: Allocations of at least this many bytes are page-aligned and sized in whole pages.
 LARGE_BLOCK = 64 * 1024
+#: Blocks a first-fit scan of one free list may inspect before taking a larger class.
+FIT_SCAN = 32

@@ -35,6 +35,8 @@
 #define MMKV_BLOCK_FLAGS 15                /* low bits that are not part of the size */
 #define MMKV_BLOCK_ALIGN 16                /* every block size is a multiple of this */
 #define MMKV_BLOCK_MIN 32                  /* header + two links + footer */
+#define MMKV_EXACT_CLASSES 31              /* classes 0..30 hold blocks of exactly 32, 48, ..., 512 bytes */
+#define MMKV_EXACT_MAX 512                 /* classes from 31 on hold one power of two each: (2^(c-22), 2^(c-21)] */
 
 /* Index slot word: record offset in the low 48 bits, hash tag in the high 16. */
 #define MMKV_SLOT_OFF_BITS 48
@@ -136,6 +138,13 @@ struct mmkv_view {
     uint64_t generation;     /* state.generation when this view was loaded */
     int64_t lock_timeout_ns; /* < 0: wait forever */
     int64_t pid;             /* this process, recorded as lock holder */
+    uint64_t heap_end;       /* offset of the epilogue word: blocks lie in [MMKV_HEAP_START, heap_end) */
+    uint64_t page_size;
+    uint64_t large_block;    /* allocations of at least this many bytes are page-aligned */
+    uint64_t fit_scan;       /* blocks a first-fit scan of one free list may inspect */
+    uint64_t max_count;      /* an insert that would take count above this returns EAGAIN (grow the index) */
+    uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
+    uint32_t reserved;
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
     uint64_t slot;           /* slot holding the key, or the first empty slot */
@@ -145,6 +154,8 @@ struct mmkv_view {
     uint32_t rec_flags;
     uint32_t probes;         /* slots examined */
 };
+
+#define MMKV_HEAP_START 4104              /* first block header: MMKV_HEADER_SIZE + 8, so payloads are 16-aligned */
 
 /* Per-thread output of mmkv_get: the value is copied into buf when it fits. */
 struct mmkv_getbuf {

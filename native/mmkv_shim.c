@@ -26,6 +26,8 @@ _Static_assert(sizeof(struct mmkv_state) <= MMKV_OFF_LOCKS - MMKV_OFF_STATE, "st
 _Static_assert(MMKV_OFF_LOCKS + sizeof(struct mmkv_locks) <= MMKV_HEADER_SIZE, "header page");
 _Static_assert(sizeof(((struct mmkv_state *)0)->free_heads) == 8 * MMKV_NCLASSES, "classes");
 _Static_assert(sizeof(struct mmkv_record) == 32, "record header");
+_Static_assert(MMKV_HEAP_START == MMKV_HEADER_SIZE + 8, "heap start");
+_Static_assert(MMKV_EXACT_CLASSES == (MMKV_EXACT_MAX - MMKV_BLOCK_MIN) / 16 + 1, "exact classes");
 _Static_assert(MMKV_OFF_STATE % 64 == 0 && MMKV_OFF_LOCKS % 64 == 0, "alignment");
 
 #define REC_HDR ((uint64_t)sizeof(struct mmkv_record))
@@ -43,9 +45,12 @@ static int64_t now_ns(clockid_t clock)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Timeouts longer than this (about 146 years) mean "wait forever". */
+#define FOREVER_NS ((int64_t)1 << 62)
+
 static struct timespec deadline(clockid_t clock, int64_t timeout_ns)
 {
-    int64_t t = now_ns(clock) + timeout_ns;
+    int64_t t = now_ns(clock) + timeout_ns; /* no overflow: callers cap timeout_ns at FOREVER_NS */
     struct timespec ts = {.tv_sec = t / 1000000000, .tv_nsec = t % 1000000000};
     return ts;
 }
@@ -71,7 +76,7 @@ int mmkv_mutex_init(void *mutex)
 
 int mmkv_mutex_lock(void *mutex, int64_t timeout_ns)
 {
-    if (timeout_ns < 0)
+    if (timeout_ns < 0 || timeout_ns >= FOREVER_NS)
         return pthread_mutex_lock((pthread_mutex_t *)mutex);
     struct timespec ts = deadline(CLOCK_MONOTONIC, timeout_ns);
     return pthread_mutex_clocklock((pthread_mutex_t *)mutex, CLOCK_MONOTONIC, &ts);
@@ -95,6 +100,8 @@ int mmkv_sem_timedwait(void *sem, int64_t timeout_ns)
 {
     if (timeout_ns < 0)
         timeout_ns = 0;
+    if (timeout_ns >= FOREVER_NS)
+        return mmkv_sem_wait(sem);
     struct timespec ts = deadline(CLOCK_MONOTONIC, timeout_ns);
     return sem_clockwait((sem_t *)sem, CLOCK_MONOTONIC, &ts) ? errno : 0;
 }
@@ -603,6 +610,386 @@ int mmkv_get(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struc
     return rc;
 }
 
+/* ---------------------------------------------------------------- allocator */
+/*
+ * The free-list allocator's hot paths (mmkv/allocator.py documents the design
+ * and keeps the rare paths: formatting, growth, rebuild and audit).  Every
+ * offset and size read from the file is checked; a bad one gives EBADMSG and
+ * the Python side runs recovery.
+ */
+#define SIZE_MASK (~(uint64_t)MMKV_BLOCK_FLAGS)
+
+static uint64_t *word(const struct mmkv_view *v, uint64_t off) { return (uint64_t *)(v->base + off); }
+
+static unsigned size_class(uint64_t size)
+{
+    if (size <= MMKV_EXACT_MAX)
+        return (unsigned)((size - MMKV_BLOCK_MIN) >> 4);
+    unsigned c = MMKV_EXACT_CLASSES + (unsigned)(64 - __builtin_clzll(size - 1)) - 10;
+    return c < MMKV_NCLASSES ? c : MMKV_NCLASSES - 1;
+}
+
+int mmkv_size_class(uint64_t size, uint32_t *cls)
+{
+    if (size < MMKV_BLOCK_MIN || size & 15)
+        return EINVAL;
+    *cls = size_class(size);
+    return 0;
+}
+
+static int heap_ok(const struct mmkv_view *v)
+{
+    return v->size >= MMKV_HEADER_SIZE && v->heap_end >= MMKV_HEAP_START && v->heap_end <= v->size - 8 &&
+           ((v->heap_end - MMKV_HEAP_START) & 15) == 0;
+}
+
+static int block_ok(const struct mmkv_view *v, uint64_t b)
+{
+    return b >= MMKV_HEAP_START && b < v->heap_end && ((b - MMKV_HEAP_START) & 15) == 0;
+}
+
+static int size_ok(const struct mmkv_view *v, uint64_t b, uint64_t size)
+{
+    return size >= MMKV_BLOCK_MIN && !(size & 15) && size <= v->heap_end - b;
+}
+
+static int push_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size)
+{
+    unsigned c = size_class(size);
+    uint64_t head = st->free_heads[c];
+    if (head && !block_ok(v, head))
+        return EBADMSG;
+    *word(v, b + 8) = head;
+    *word(v, b + 16) = 0;
+    if (head)
+        *word(v, head + 16) = b;
+    st->free_heads[c] = b;
+    st->free_bitmap |= 1ULL << c;
+    return 0;
+}
+
+static int unlink_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size)
+{
+    unsigned c = size_class(size);
+    uint64_t nxt = *word(v, b + 8), prv = *word(v, b + 16);
+    if ((nxt && !block_ok(v, nxt)) || (prv && !block_ok(v, prv)))
+        return EBADMSG;
+    if (prv)
+        *word(v, prv + 8) = nxt;
+    else if (st->free_heads[c] == b)
+        st->free_heads[c] = nxt;
+    else
+        return EBADMSG;
+    if (nxt)
+        *word(v, nxt + 16) = prv;
+    if (!st->free_heads[c])
+        st->free_bitmap &= ~(1ULL << c);
+    return 0;
+}
+
+static int make_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size, uint64_t prev_alloc)
+{
+    *word(v, b) = size | prev_alloc;
+    *word(v, b + size - 8) = size;
+    return push_free(v, st, b, size);
+}
+
+/* Mark [b, b + size) in use out of the unlinked free block [b, b + bsize). */
+static int carve(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t bsize, uint64_t size,
+                 uint64_t prev_alloc)
+{
+    int rc = 0;
+    if (bsize - size >= MMKV_BLOCK_MIN) {
+        *word(v, b) = size | MMKV_BLOCK_ALLOC | prev_alloc;
+        rc = make_free(v, st, b + size, bsize - size, MMKV_BLOCK_PREV_ALLOC);
+    } else {
+        size = bsize;
+        *word(v, b) = size | MMKV_BLOCK_ALLOC | prev_alloc;
+        *word(v, b + size) |= MMKV_BLOCK_PREV_ALLOC;
+    }
+    st->used_bytes += size;
+    st->free_bytes -= size;
+    return rc;
+}
+
+/* A free block from a list, checked. */
+static int free_block_at(const struct mmkv_view *v, uint64_t b, uint64_t *head, uint64_t *bsize)
+{
+    if (!block_ok(v, b))
+        return EBADMSG;
+    *head = *word(v, b);
+    *bsize = *head & SIZE_MASK;
+    if (*head & MMKV_BLOCK_ALLOC || !size_ok(v, b, *bsize))
+        return EBADMSG;
+    return 0;
+}
+
+/* Carve a page-aligned block of size bytes out of free block b if it fits: 0, or ENOSPC. */
+static int take_aligned(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size, uint64_t *out)
+{
+    uint64_t page = v->page_size, head, bsize;
+    int rc = free_block_at(v, b, &head, &bsize);
+    if (rc)
+        return rc;
+    uint64_t start = ((b + 8 + page - 1) & ~(page - 1)) - 8; /* payload on a page boundary */
+    if (start > b && start - b < MMKV_BLOCK_MIN)
+        start += page;
+    if (start - b > bsize || size > bsize - (start - b))
+        return ENOSPC;
+    uint64_t lead = start - b, prev_alloc = head & MMKV_BLOCK_PREV_ALLOC;
+    if ((rc = unlink_free(v, st, b, bsize)))
+        return rc;
+    if (lead) {
+        if ((rc = make_free(v, st, b, lead, prev_alloc)))
+            return rc;
+        prev_alloc = 0;
+    }
+    *out = start;
+    return carve(v, st, start, bsize - lead, size, prev_alloc);
+}
+
+static int alloc_large(const struct mmkv_view *v, struct mmkv_state *st, uint64_t size, uint64_t *out)
+{
+    uint64_t page = v->page_size;
+    if (!page || (page & (page - 1)) || page % 16)
+        return EINVAL;
+    size = (size + page - 1) & ~(page - 1);
+    /* any block of a class above that of size + page + MIN fits whatever its alignment: O(1) */
+    unsigned sure = size_class(size + page + MMKV_BLOCK_MIN) + 1, c;
+    for (c = sure; c < MMKV_NCLASSES; c++)
+        if (st->free_bitmap >> c & 1)
+            return take_aligned(v, st, st->free_heads[c], size, out);
+    /* below that, first fit over a bounded number of blocks; ENOSPC makes the caller grow the
+       file, and the new space lands at the head of its list or in a class above */
+    uint64_t scanned = 0;
+    for (c = size_class(size); c < sure && c < MMKV_NCLASSES; c++) {
+        if (!(st->free_bitmap >> c & 1))
+            continue;
+        for (uint64_t b = st->free_heads[c]; b && scanned < 4 * v->fit_scan; scanned++) {
+            int rc = take_aligned(v, st, b, size, out);
+            if (rc != ENOSPC)
+                return rc;
+            b = *word(v, b + 8);
+        }
+    }
+    return ENOSPC;
+}
+
+int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out)
+{
+    if (!heap_ok(v) || payload > (1ULL << 48))
+        return EINVAL;
+    struct mmkv_state *st = state_of(v);
+    uint64_t size = (payload + 8 + 15) & ~(uint64_t)15, head, bsize, b = 0;
+    if (size < MMKV_BLOCK_MIN)
+        size = MMKV_BLOCK_MIN;
+    if (size >= v->large_block)
+        return alloc_large(v, st, size, out);
+    unsigned c = size_class(size);
+    uint64_t bitmap = st->free_bitmap;
+    if (bitmap >> c & 1) {
+        b = st->free_heads[c];
+        if (c >= MMKV_EXACT_CLASSES) { /* a range class: first fit within the list */
+            for (uint64_t scanned = 0; b && scanned < v->fit_scan; scanned++) {
+                if (!block_ok(v, b))
+                    return EBADMSG;
+                if ((*word(v, b) & SIZE_MASK) >= size)
+                    break;
+                b = *word(v, b + 8);
+            }
+            if (b && (!block_ok(v, b) || (*word(v, b) & SIZE_MASK) < size))
+                b = 0;
+        }
+    }
+    if (!b) {
+        uint64_t higher = c + 1 < MMKV_NCLASSES ? bitmap >> (c + 1) : 0;
+        if (!higher)
+            return ENOSPC;
+        c += 1 + (unsigned)__builtin_ctzll(higher);
+        b = st->free_heads[c];
+    }
+    int rc = free_block_at(v, b, &head, &bsize);
+    if (rc || bsize < size)
+        return EBADMSG;
+    if ((rc = unlink_free(v, st, b, bsize)))
+        return rc;
+    *out = b;
+    return carve(v, st, b, bsize, size, head & MMKV_BLOCK_PREV_ALLOC);
+}
+
+int mmkv_free(struct mmkv_view *v, uint64_t b)
+{
+    if (!heap_ok(v))
+        return EINVAL;
+    struct mmkv_state *st = state_of(v);
+    if (!block_ok(v, b))
+        return EBADMSG;
+    uint64_t head = *word(v, b), size = head & SIZE_MASK;
+    if (!(head & MMKV_BLOCK_ALLOC) || !size_ok(v, b, size))
+        return EBADMSG; /* a double free or a damaged header */
+    /* check both neighbours before changing anything, so a detected error leaves the heap as it was */
+    uint64_t nxt = b + size, nhead = *word(v, nxt), nsize = 0;
+    if (!(nhead & MMKV_BLOCK_ALLOC)) {
+        nsize = nhead & SIZE_MASK;
+        if (!size_ok(v, nxt, nsize))
+            return EBADMSG;
+    }
+    uint64_t prev_alloc = head & MMKV_BLOCK_PREV_ALLOC, p = 0, psize = 0, phead = 0;
+    if (!prev_alloc) {
+        psize = *word(v, b - 8);
+        if (psize > b - MMKV_HEAP_START || !block_ok(v, b - psize))
+            return EBADMSG;
+        p = b - psize;
+        phead = *word(v, p);
+        if (phead & MMKV_BLOCK_ALLOC || (phead & SIZE_MASK) != psize)
+            return EBADMSG;
+    }
+    int rc;
+    uint64_t freed = size;
+    if (nsize) {
+        if ((rc = unlink_free(v, st, nxt, nsize)))
+            return rc;
+        size += nsize;
+    }
+    if (!prev_alloc) {
+        if ((rc = unlink_free(v, st, p, psize)))
+            return rc;
+        b = p;
+        size += psize;
+        prev_alloc = phead & MMKV_BLOCK_PREV_ALLOC;
+    }
+    if ((rc = make_free(v, st, b, size, prev_alloc)))
+        return rc;
+    *word(v, b + size) &= ~(uint64_t)MMKV_BLOCK_PREV_ALLOC;
+    st->used_bytes -= freed;
+    st->free_bytes += freed;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- fused writes */
+
+/* Take the lock and check the view is current; MMKV_ESTALE (unlocked) when it is not. */
+static int lock_current(struct mmkv_view *v)
+{
+    int rc = mmkv_lock(v);
+    if (rc)
+        return rc;
+    if (__atomic_load_n(&state_of(v)->generation, __ATOMIC_ACQUIRE) != v->generation) {
+        mmkv_unlock(v);
+        return MMKV_ESTALE;
+    }
+    return 0;
+}
+
+/* Results after which a fused call has changed nothing and released the lock. */
+static int clean_result(int rc)
+{
+    return rc == 0 || rc == ENOENT || rc == EAGAIN || rc == ENOSPC || rc == ERANGE;
+}
+
+static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
+{
+    return v->sync_full ? mmkv_msync(v->base, v->size, off, len, MMKV_SYNC_SYNC) : 0;
+}
+
+static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+                      uint32_t flags)
+{
+    struct lookup l;
+    struct mmkv_state *st = state_of(v);
+    if (klen > UINT32_MAX || vlen > (1ULL << 47))
+        return EINVAL;
+    int rc = lookup(v, key, klen, &l);
+    if (rc && rc != ENOENT)
+        return rc;
+    if (rc == ENOENT && st->count + 1 > v->max_count)
+        return EAGAIN; /* grow the index first */
+    uint64_t need = REC_HDR + PAD8(klen) + vlen, b;
+    if ((rc = mmkv_alloc(v, need, &b)))
+        return rc;  /* ENOSPC: nothing changed, grow the file */
+    uint64_t rec = b + 8, cap = (*word(v, b) & SIZE_MASK) - 8;
+    uint64_t old_vlen = l.rec ? l.rec->val_len : 0, *slots = (uint64_t *)(v->base + v->index_off);
+    if ((rc = mmkv_record_write(v, rec, cap, l.hash, key, klen, val, vlen, flags)) ||
+        (rc = sync_range(v, b, need + 8)))       /* 1. the record is durable ... */
+        return mmkv_free(v, b) ? EBADMSG : rc;
+    __atomic_store_n(&slots[l.slot], (l.hash >> MMKV_SLOT_OFF_BITS) << MMKV_SLOT_OFF_BITS | rec, __ATOMIC_RELEASE);
+    if ((rc = sync_range(v, v->index_off + 8 * l.slot, 8)))  /* 2. ... before the slot that makes it live */
+        return rc;
+    if (l.rec) {                                  /* 3. the old record's block is free */
+        if ((rc = mmkv_free(v, l.rec_off - 8)))
+            return rc;
+        st->live_bytes -= klen + old_vlen;
+    } else {
+        st->count++;
+    }
+    st->live_bytes += klen + vlen;
+    return 0;
+}
+
+int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+             uint32_t flags, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v)))
+        return rc;
+    rc = put_locked(v, key, klen, val, vlen, flags);
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
+int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v)))
+        return rc;
+    struct lookup l;
+    struct mmkv_state *st = state_of(v);
+    rc = lookup(v, key, klen, &l);
+    if (rc == 0) {
+        uint64_t first = l.slot, vlen = l.rec->val_len;
+        rc = mmkv_slot_delete(v, l.slot);
+        if (!rc && v->sync_full) {                /* slots [first, v->slot] changed, maybe wrapping */
+            if (v->slot >= first)
+                rc = sync_range(v, v->index_off + 8 * first, 8 * (v->slot - first + 1));
+            else if (!(rc = sync_range(v, v->index_off + 8 * first, 8 * (v->index_slots - first))))
+                rc = sync_range(v, v->index_off, 8 * (v->slot + 1));
+        }
+        if (!rc && !(rc = mmkv_free(v, l.rec_off - 8))) {
+            st->count--;
+            st->live_bytes -= klen + vlen;
+        }
+    }
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
+int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v)))
+        return rc;
+    struct lookup l;
+    rc = lookup(v, key, klen, &l);
+    if (rc == 0 && !(l.rec->flags & MMKV_REC_COUNTER))
+        rc = ENOENT; /* a plain 8-byte value or another type: the general path decides */
+    if (rc == 0) {
+        uint64_t off = l.rec_off + REC_HDR + PAD8((uint64_t)l.rec->key_len);
+        int64_t *p = (int64_t *)(v->base + off), now;
+        if (__builtin_add_overflow(__atomic_load_n(p, __ATOMIC_ACQUIRE), delta, &now)) {
+            rc = ERANGE;
+        } else {
+            __atomic_store_n(p, now, __ATOMIC_RELEASE); /* one aligned 8-byte store: never torn */
+            *result = now;
+            rc = sync_range(v, off, 8);
+        }
+    }
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- layout table */
 
 #define SZ(s) {#s, sizeof(struct s)},
@@ -626,7 +1013,9 @@ static const struct {
     OF(mmkv_record, flags) OF(mmkv_record, val_len)
     SZ(mmkv_view) OF(mmkv_view, base) OF(mmkv_view, size) OF(mmkv_view, index_off)
     OF(mmkv_view, index_slots) OF(mmkv_view, seed0) OF(mmkv_view, seed1) OF(mmkv_view, generation)
-    OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, hash) OF(mmkv_view, slot)
+    OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, heap_end) OF(mmkv_view, page_size)
+    OF(mmkv_view, large_block) OF(mmkv_view, fit_scan) OF(mmkv_view, max_count) OF(mmkv_view, sync_full)
+    OF(mmkv_view, hash) OF(mmkv_view, slot)
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)
     OF(mmkv_view, probes)
     SZ(mmkv_getbuf) OF(mmkv_getbuf, buf) OF(mmkv_getbuf, cap) OF(mmkv_getbuf, val_len)

@@ -65,5 +65,25 @@ int mmkv_slot_delete(struct mmkv_view *v, uint64_t slot);  /* backward-shift del
 int mmkv_slot_next(struct mmkv_view *v, uint64_t start, uint64_t *slot, uint64_t *word);  /* ENOENT past the end */
 int mmkv_index_copy(struct mmkv_view *v, uint64_t new_off, uint64_t new_slots);  /* rehash all into a zeroed table */
 int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_slot);  /* probe invariant of every entry; EBADMSG */
+
+/* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap. */
+int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out);   /* ENOSPC: nothing fits, grow */
+int mmkv_free(struct mmkv_view *v, uint64_t off);
+int mmkv_size_class(uint64_t size, uint32_t *cls);   /* the free list a block of this size belongs on */
+
+/*
+ * Fused writes: lookup, allocate, write, switch the slot, free, count; with
+ * take_lock they also lock (checking the view is current) and unlock.  After
+ * 0, ENOENT, EAGAIN (grow the index first), ENOSPC (grow the file first),
+ * ERANGE (counter overflow), MMKV_ESTALE (remap) or a lock error, nothing
+ * changed and the lock is released.  After EOWNERDEAD or any other error the
+ * lock is still held: the caller repairs (recovery) and unlocks.
+ */
+int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+             uint32_t flags, int take_lock);
+int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock);   /* ENOENT: absent */
+int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result,
+              int take_lock);   /* ENOENT: absent or not a counter record (take the general path) */
+
 int mmkv_layout_entry(int which, const char **name, uint64_t *value);  /* the C compiler's sizeof/offsetof
                                         table, "struct.field" or "struct", for the layout test; ENOENT past the end */
