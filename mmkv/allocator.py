@@ -97,6 +97,22 @@ class Allocator:
             raise self._bad(f"block offset {b} outside the heap or misaligned")
         return self.fm.words[b >> 3] & _SIZE_MASK
 
+    def largest_free(self) -> int:
+        """Size of the largest free block: the biggest in the highest non-empty class.
+
+        Walks that one list only (blocks in a higher class are always larger).
+        """
+        w = self.fm.words
+        bitmap = w[_BITMAP]
+        if not bitmap:
+            return 0
+        b, best, seen = w[_HEADS + bitmap.bit_length() - 1], 0, 0
+        while b and seen < 1 << 20:
+            self.block_size(b)                      # bounds check of the link
+            best = max(best, w[b >> 3] & _SIZE_MASK)
+            b, seen = w[(b + 8) >> 3], seen + 1
+        return best
+
     # ------------------------------------------------------------ growth
     def extend(self, new_end: int) -> None:
         """Add [end, new_end) to the heap (the file already grew) and move the epilogue."""

@@ -768,11 +768,11 @@ class Store(MutableMapping):
             self._release()
 
     def stats(self) -> dict:
-        """Counters and space figures, read under the lock (O(1) except largest_free_block)."""
+        """Counters and space figures, read under the lock (O(1) but for one free-list walk)."""
         self._acquire()
         try:
             w = self._words
-            largest = max((s for _, s, used in self._alloc.blocks() if not used), default=0)
+            largest = self._alloc.largest_free()
             st = {name: w[STATE_WORD[name]] for name in ("count", "live_bytes", "used_bytes", "free_bytes",
                                                          "generation", "recoveries", "lock_pid")}
             st["keys"] = st.pop("count")
