@@ -201,6 +201,8 @@ class Store(MutableMapping):
         self._set_meta(meta, which)
         if first:
             opening.init_locks(self._fm.base)
+            w = self._fm.words      # no lock holder now: the sequence word must be even
+            w[STATE_WORD["seq"]] = (w[STATE_WORD["seq"]] + 2) & ~1
             if self._fm.words[_DIRTY]:
                 self._acquire()
                 try:

@@ -97,7 +97,8 @@ struct mmkv_state {
     uint64_t lock_pid;       /* pid of the current lock holder, 0 if none */
     uint64_t lock_since_ns;  /* CLOCK_MONOTONIC time the holder took the lock */
     uint64_t recoveries;     /* times recovery has run on this file */
-    uint64_t reserved[6];
+    uint64_t seq;            /* odd while a process holds the lock: lock-free readers retry */
+    uint64_t reserved[5];
     uint64_t free_heads[64]; /* MMKV_NCLASSES heads of doubly linked free lists */
 };
 

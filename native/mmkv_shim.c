@@ -564,6 +564,26 @@ static struct mmkv_state *state_of(const struct mmkv_view *v)
     return (struct mmkv_state *)(v->base + MMKV_OFF_STATE);
 }
 
+/*
+ * The sequence word makes a lock-free read path safe: whoever holds the lock
+ * keeps state->seq odd (set on lock, even again on unlock), so a reader that
+ * saw the same even value before and after its read saw no change at all.
+ * After a holder died the word is still odd; the next locker keeps it odd
+ * (and different) until its repair is done.
+ */
+static void seq_enter(struct mmkv_state *s)
+{
+    uint64_t q = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->seq, (q + 1) | 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the odd value is visible before any change */
+}
+
+static void seq_leave(struct mmkv_state *s)
+{
+    uint64_t q = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->seq, (q + 1) & ~(uint64_t)1, __ATOMIC_RELEASE); /* after every change */
+}
+
 int mmkv_lock(struct mmkv_view *v)
 {
     if (v->size < MMKV_HEADER_SIZE)
@@ -571,6 +591,7 @@ int mmkv_lock(struct mmkv_view *v)
     int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
     if (rc == 0 || rc == EOWNERDEAD) {
         struct mmkv_state *s = state_of(v);
+        seq_enter(s);
         __atomic_store_n(&s->lock_pid, (uint64_t)v->pid, __ATOMIC_RELAXED);
         __atomic_store_n(&s->lock_since_ns, (uint64_t)now_ns(CLOCK_MONOTONIC), __ATOMIC_RELAXED);
     }
@@ -581,31 +602,51 @@ int mmkv_unlock(struct mmkv_view *v)
 {
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
-    __atomic_store_n(&state_of(v)->lock_pid, 0, __ATOMIC_RELAXED);
+    struct mmkv_state *s = state_of(v);
+    __atomic_store_n(&s->lock_pid, 0, __ATOMIC_RELAXED);
+    seq_leave(s);
     return mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
+}
+
+/* Look key up and copy its value into g; the caller makes sure nothing changes meanwhile. */
+static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+{
+    struct lookup l;
+    int rc = lookup(v, key, klen, &l);
+    if (rc == 0) {
+        uint64_t n = l.rec->val_len;
+        g->val_len = n;
+        if (n <= g->cap)
+            memcpy(g->buf, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), n);
+        else
+            rc = ENOBUFS;
+    }
+    return rc;
 }
 
 int mmkv_get(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
 {
-    /* no holder bookkeeping here: a reader holds the lock for a lookup and a copy only */
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
+    struct mmkv_state *st = state_of(v);
+    /* lock-free first: valid when no lock holder was active before, during or after the read.
+       Every offset is bounds-checked, so a read racing a writer can only be wrong, never unsafe,
+       and a wrong one is thrown away by the sequence check. */
+    uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
+    if (!(s1 & 1) && __atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) == v->generation) {
+        int rc = get_into(v, key, klen, g);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && rc != EBADMSG)
+            return rc;
+    }
+    /* a writer was active: take the lock (no holder bookkeeping: a reader holds it briefly) */
     int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
     if (rc)
         return rc; /* EOWNERDEAD: still held, the caller recovers */
-    if (__atomic_load_n(&state_of(v)->generation, __ATOMIC_ACQUIRE) != v->generation) {
-        mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
-        return MMKV_ESTALE;
-    }
-    struct lookup l;
-    rc = lookup(v, key, klen, &l);
-    if (rc == 0) {
-        g->val_len = l.rec->val_len;
-        if (l.rec->val_len <= g->cap)
-            memcpy(g->buf, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), l.rec->val_len);
-        else
-            rc = ENOBUFS;
-    }
+    if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
+        rc = MMKV_ESTALE;
+    else
+        rc = get_into(v, key, klen, g);
     mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
     return rc;
 }
@@ -1007,7 +1048,7 @@ static const struct {
     SZ(mmkv_state) OF(mmkv_state, generation) OF(mmkv_state, dirty) OF(mmkv_state, count)
     OF(mmkv_state, live_bytes) OF(mmkv_state, used_bytes) OF(mmkv_state, free_bytes)
     OF(mmkv_state, free_bitmap) OF(mmkv_state, lock_pid) OF(mmkv_state, lock_since_ns)
-    OF(mmkv_state, recoveries) OF(mmkv_state, reserved) OF(mmkv_state, free_heads)
+    OF(mmkv_state, recoveries) OF(mmkv_state, seq) OF(mmkv_state, reserved) OF(mmkv_state, free_heads)
     SZ(mmkv_locks) OF(mmkv_locks, mutex) OF(mmkv_locks, sems)
     SZ(mmkv_record) OF(mmkv_record, checksum) OF(mmkv_record, key_hash) OF(mmkv_record, key_len)
     OF(mmkv_record, flags) OF(mmkv_record, val_len)
