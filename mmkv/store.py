@@ -65,13 +65,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def timeout_ns(seconds) -> int:
+    """Nanoseconds for the shim: -1 (wait forever) for None or inf.
+
+    :raises ValueError: negative or NaN.  :raises TypeError: not a number.
+    """
+    if seconds is None:
+        return -1
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise TypeError(f"lock_timeout must be a number of seconds or None, not {type(seconds).__name__}")
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"lock_timeout must be >= 0 seconds or None, not {seconds}")
+    return -1 if seconds >= 1 << 32 else int(seconds * 1e9)   # 136 years: forever
+
+
 def new_view(fm, ident, sync_full: bool, lock_timeout):
     """A process-local view of a mapping for the shim (index fields are set from the meta)."""
     v = ffi.new("struct mmkv_view *")
     v.base, v.size = fm.base, fm.size
     v.seed0, v.seed1 = ident.seed0, ident.seed1
     v.pid = os.getpid()
-    v.lock_timeout_ns = -1 if lock_timeout is None else int(lock_timeout * 1e9)
+    v.lock_timeout_ns = timeout_ns(lock_timeout)
     v.page_size = ident.page_size
     v.large_block = LARGE_BLOCK
     v.fit_scan = FIT_SCAN
@@ -120,6 +134,10 @@ class Store(MutableMapping):
     # ================================================================ open / close
     def _open(self, flag, mode, lock_timeout, open_timeout):
         self._open_timeout = open_timeout
+        timeout_ns(lock_timeout)    # reject a bad timeout before touching anything
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):   # filelock would create it; dbm raises instead
+            raise FileNotFoundError(errno.ENOENT, f"no such directory: {folder}", self.path)
         side = opening.sidecar_lock(self.path, open_timeout)
         opening.acquire_sidecar(side, self.path)
         try:
@@ -649,6 +667,10 @@ class Store(MutableMapping):
         k = key if type(key) is bytes else _as_bytes(key, "key")
         d = _as_bytes(default, "value")
         self._check_sizes(k, d)
+        if self._readonly:          # only a read, unless the key is missing
+            value = self._get_locked(k, key) if k in self else None
+            if value is not None:
+                return value
         return self._write_locked(self._setdefault, k, d)
 
     def _setdefault(self, k, d):

@@ -68,14 +68,7 @@ def test_every_c_entry_matches_cffi(table):
     assert not mismatches, f"C vs cffi disagree (name, C, cffi): {mismatches}"
 
 
-_VIEW_RESERVED_MISSING = pytest.mark.xfail(
-    reason="BUG: native/mmkv_shim.c layout_table[] has no OF(mmkv_view, reserved) entry for the "
-           "uint32_t reserved field added to struct mmkv_view (native/mmkv_layout.h), so that field's "
-           "offset is never compared between C and cffi", strict=True)
-
-
-@pytest.mark.parametrize("struct_name", [
-    pytest.param(s, marks=_VIEW_RESERVED_MISSING) if s == "mmkv_view" else s for s in ALL_STRUCTS])
+@pytest.mark.parametrize("struct_name", ALL_STRUCTS)
 def test_table_covers_every_cffi_field(table, struct_name):
     """No field may escape the comparison: the C table lists every field cffi knows."""
     names = [n for n, _ in _fields(struct_name)]

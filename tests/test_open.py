@@ -143,11 +143,6 @@ def test_flag_r_reads_but_refuses_writes(path):
         assert len(db) == 3 and db[b"a"] == b"1"
 
 
-@pytest.mark.xfail(reason="BUG: mmkv/store.py Store.setdefault() runs _setdefault through _write_locked(), "
-                          "which calls _writable() before looking the key up, so on a flag 'r' handle "
-                          "setdefault(existing_key) raises ReadOnlyError instead of returning the stored "
-                          "value (nothing would be written; dbm and MutableMapping return it)",
-                   strict=True)
 def test_flag_r_setdefault_of_existing_key_is_a_read(path):
     with mmkv.open(path) as db:
         db[b"a"] = b"1"
@@ -244,13 +239,6 @@ def test_flag_n_while_another_handle_is_open(path):
 
 
 @pytest.mark.parametrize("flag", ["r", "w", "c", "n"])
-@pytest.mark.xfail(reason="BUG: mmkv/opening.py acquire_sidecar() takes filelock's FileLock(PATH + '.lock') "
-                          "before the data file is opened, and filelock creates every missing parent "
-                          "directory of the lock file; so mmkv.open('DIR/missing/sub/x.mmkv', 'r' or 'w') "
-                          "raises FileNotFoundError but leaves DIR/missing/sub/x.mmkv.lock (and the "
-                          "directories) behind, and flags 'c'/'n' silently create the directories "
-                          "where dbm raises FileNotFoundError",
-                   strict=True)
 def test_missing_parent_directory(tmp_path, flag):
     p = str(tmp_path / "missing" / "sub" / "x.mmkv")
     with pytest.raises(FileNotFoundError):
@@ -645,3 +633,17 @@ def test_fork_with_handle_open_leaves_file_consistent(path):
         assert dict(db.items()) == {b"a": b"1", b"b": b"2"}
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e10, 0, 0.5])
+def test_lock_timeout_accepts_any_non_negative_number(path, timeout):
+    with mmkv.open(path, lock_timeout=timeout) as db:
+        db[b"a"] = b"1"
+        assert db[b"a"] == b"1"
+
+
+@pytest.mark.parametrize("timeout, exc", [(-1, ValueError), (float("nan"), ValueError), ("5", TypeError)])
+def test_bad_lock_timeout_is_refused_before_anything_is_created(path, timeout, exc):
+    with pytest.raises(exc, match="lock_timeout"):
+        mmkv.open(path, lock_timeout=timeout)
+    assert not os.path.exists(path)
