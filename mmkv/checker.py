@@ -10,10 +10,10 @@ index and one over the heap, about a second per million keys.
 import os
 from dataclasses import dataclass, field
 
-from ._shim import ffi, lib
 from .errors import CorruptionError
 from .layout import EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, STATE_WORD, parse_identity, parse_meta
-from .recovery import live_records, table_block
+from . import index
+from .recovery import live_records
 
 
 @dataclass
@@ -41,37 +41,43 @@ class Report:
 
 def audit(store) -> Report:
     v, w, fm, alloc = store._view, store._words, store._fm, store._alloc
-    report = Report(store.path, file_size=fm.size, index_slots=v.index_slots)
+    report = Report(store.path, file_size=fm.size)
     # header
     try:
         page0 = fm.mm[:HEADER_SIZE]
         parse_identity(page0, fm.size)
         meta, _ = parse_meta(page0, store._ident, os.fstat(store._fd).st_size)
-        if meta.file_size != fm.size or meta.index_off != v.index_off:
+        if meta.file_size != fm.size or meta.dir_off != v.dir_off or meta.dir_bits != v.dir_bits:
             report.problem("meta in force differs from the mapping in use")
     except CorruptionError as exc:
         report.problem(f"header: {exc}")
         return report
     # index
-    bad = ffi.new("uint64_t *")
-    if lib.mmkv_index_audit(v, bad):
-        report.problem(f"index: slot {bad[0]} breaks the probe invariant or has a bad record")
-    keep, drop = live_records(store)
-    for slot in drop:
-        report.problem(f"index: slot {slot} points at a bad, duplicate or out-of-heap record")
+    fault = index.audit(v)
+    if fault is not None:
+        report.problem(f"index: directory entry {fault[0]}, slot {fault[1]}: a segment breaks its "
+                       "invariants (prefix, count, tag or probe order) or holds a bad record")
+    try:
+        structure = index.blocks(store)
+        report.index_slots = index.shape(store)["index_slots"]
+        keep, drop = live_records(store)
+    except CorruptionError as exc:
+        report.problem(f"index: {exc}")
+        return report
+    for seg, slot in drop:
+        report.problem(f"index: segment {seg} slot {slot} points at a bad, duplicate or out-of-heap record")
     report.keys = len(keep)
     # heap
     for p in alloc.audit():
         report.problem(f"heap: {p}")
     if report.ok:
         in_use = {b: s for b, s, used in alloc.blocks() if used}
-        tb, _ = table_block(store)
-        referenced = {b for b, _, _, _ in keep} | {tb}
+        referenced = {b for b, *_ in keep} | {b for b, _ in structure}
         for b in sorted(set(in_use) - referenced)[:10]:
             report.problem(f"heap: block {b} ({in_use[b]} bytes) is in use but nothing refers to it (leak)")
         for b in sorted(referenced - set(in_use))[:10]:
             report.problem(f"heap: block {b} is referenced but is not a block in use")
-        for b, s, _, _ in keep:
+        for b, s, *_ in keep:
             if b in in_use and in_use[b] != s:
                 report.problem(f"heap: record block {b} size disagrees with the heap walk")
     # accounting
@@ -79,7 +85,7 @@ def audit(store) -> Report:
     report.used_bytes, report.free_bytes = used, free
     if w[STATE_WORD["count"]] != len(keep):
         report.problem(f"count says {w[STATE_WORD['count']]} keys, the index holds {len(keep)}")
-    live = sum(n for _, _, _, n in keep)
+    live = sum(item[3] for item in keep)
     if w[STATE_WORD["live_bytes"]] != live:
         report.problem(f"live_bytes says {w[STATE_WORD['live_bytes']]}, the records hold {live}")
     if used + free + HEAP_START + EPILOGUE_BYTES != fm.size:

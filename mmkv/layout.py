@@ -35,6 +35,11 @@ EPILOGUE_BYTES = 8
 
 SLOT_OFF_BITS = lib.MMKV_SLOT_OFF_BITS
 SLOT_OFF_MASK = lib.MMKV_SLOT_OFF_MASK
+SEGMENT_SLOTS = lib.MMKV_SEGMENT_SLOTS            #: slots per index segment
+SEGMENT_HEADER = ffi.sizeof("struct mmkv_segment")
+SEGMENT_BYTES = SEGMENT_HEADER + 8 * SEGMENT_SLOTS   #: a segment's payload
+TAG_SHIFT = lib.MMKV_TAG_SHIFT
+DIR_MAX_BITS = lib.MMKV_DIR_MAX_BITS
 REC_COUNTER = lib.MMKV_REC_COUNTER
 RECORD_HEADER = ffi.sizeof("struct mmkv_record")
 REC_KEY_LEN_AT = ffi.offsetof("struct mmkv_record", "key_len")
@@ -83,8 +88,8 @@ class Identity:
 class Meta:
     seq: int
     file_size: int
-    index_off: int
-    index_slots: int
+    dir_off: int
+    dir_bits: int
     journal_off: int = 0
     journal_size: int = 0
 
@@ -123,7 +128,7 @@ def parse_identity(page: bytes, file_size: int) -> Identity:
 
 def build_meta(meta: Meta, ident: Identity) -> bytes:
     p = ffi.new("struct mmkv_meta *")
-    p.seq, p.file_size, p.index_off, p.index_slots = meta.seq, meta.file_size, meta.index_off, meta.index_slots
+    p.seq, p.file_size, p.dir_off, p.dir_bits = meta.seq, meta.file_size, meta.dir_off, meta.dir_bits
     p.journal_off, p.journal_size = meta.journal_off, meta.journal_size
     raw = ffi.buffer(p)
     p.checksum = siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT])
@@ -135,7 +140,7 @@ def _meta_copy(page, at: int, ident: Identity):
     p = ffi.cast("struct mmkv_meta *", ffi.from_buffer(raw))
     if p.checksum != siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT]):
         return None
-    return Meta(p.seq, p.file_size, p.index_off, p.index_slots, p.journal_off, p.journal_size)
+    return Meta(p.seq, p.file_size, p.dir_off, p.dir_bits, p.journal_off, p.journal_size)
 
 
 def parse_meta(page, ident: Identity, real_size: int) -> tuple:
@@ -158,10 +163,9 @@ def validate_meta(meta: Meta, ident: Identity, real_size: int) -> None:
         raise TruncatedError(f"file is {real_size} bytes but its header says {meta.file_size}: it was cut short")
     if meta.file_size < HEADER_SIZE + ident.page_size or meta.file_size % ident.page_size:
         raise CorruptionError(f"header file size {meta.file_size} is not a page multiple past the header")
-    n = meta.index_slots
-    if n == 0 or n & (n - 1) or meta.index_off % 8 or meta.index_off < HEAP_START + 8 \
-            or meta.index_off + 8 * n > meta.file_size - EPILOGUE_BYTES:
-        raise CorruptionError(f"index root out of bounds: offset {meta.index_off}, {n} slots")
+    if meta.dir_bits > DIR_MAX_BITS or meta.dir_off % 8 or meta.dir_off < HEAP_START + 8 \
+            or meta.dir_off + (8 << meta.dir_bits) > meta.file_size - EPILOGUE_BYTES:
+        raise CorruptionError(f"index root out of bounds: directory at {meta.dir_off}, {meta.dir_bits} bits")
     if meta.journal_off and not (HEAP_START < meta.journal_off < meta.file_size):
         raise CorruptionError(f"journal root out of bounds: offset {meta.journal_off}")
 

@@ -8,17 +8,18 @@ Steps, each safe to repeat if recovery itself is killed:
 1. verify every slot's record (block in the heap and in use, lengths fit,
    checksum, key hash, tag); drop what fails, duplicates and overlaps;
 2. rebuild the allocator's headers and free lists from the gaps between the
-   live blocks (records, the index table): leaked space comes back;
-3. if any slot was dropped or the probe invariant is broken, copy the good
-   entries into a new table, make it durable, switch the meta to it;
+   live blocks (records, the index directory and segments): leaked space comes back;
+3. if any slot was dropped or the index fails its audit, build a new index of
+   the good entries, make it durable, switch the meta to it;
 4. recompute the counters in the state sector.
 """
-import errno
 from dataclasses import dataclass
 
-from ._shim import ffi, lib
+from . import index
+from ._shim import lib
 from .errors import CorruptionError
-from .layout import BLOCK_ALLOC, BLOCK_FLAGS, HEAP_START, REC_KEY_LEN_AT, SLOT_OFF_BITS, STATE_WORD
+from .layout import (BLOCK_FLAGS, HEAP_START, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
+                     TAG_SHIFT)
 
 
 @dataclass
@@ -32,49 +33,37 @@ class RecoveryResult:
     leaked_bytes: int = 0       # allocated bytes no live structure referenced, now free
 
 
-def table_block(store):
-    """(offset, size) of the block holding the index table, validated against the meta."""
-    v, w = store._view, store._words
-    b = v.index_off - 8
-    need = 8 * v.index_slots + 8
-    head = w[b >> 3]
-    size = head & ~BLOCK_FLAGS
-    if not head & BLOCK_ALLOC or size < need or b + size > store._alloc.end or size & 15:
-        size = (need + 15) & ~15   # a torn header: the table needs at least this much
-    return b, size
+def slot_word(key_hash: int, rec: int) -> int:
+    return ((key_hash >> TAG_SHIFT) & 0xFFFF) << SLOT_OFF_BITS | rec
 
 
 def live_records(store, result=None):
-    """[(block, size, slot, key_len + val_len)] for every slot whose record verifies, plus
-    the slots to drop; duplicates (same record or same key twice) are dropped too."""
+    """([(block, size, (segment, slot), key_len + val_len, slot word)], [(segment, slot) to drop])
+    for every slot whose record verifies; duplicates (same record or same key twice) are dropped."""
     v, w, end = store._view, store._words, store._alloc.end
     keep, drop, by_rec, by_hash = [], [], set(), {}
-    for slot, rec in store._entries():
-        word = w[(v.index_off >> 3) + slot]
+    for seg, slot, rec in index.entries(v):
+        word = w[((seg + SEGMENT_HEADER) >> 3) + slot]
         rc = lib.mmkv_record_verify(v, rec)
         b = rec - 8
-        if rc or (word >> SLOT_OFF_BITS) != (v.hash >> SLOT_OFF_BITS) or b < HEAP_START or \
-                (b - HEAP_START) & 15:
-            drop.append(slot)
-            if result:
-                result.dropped += 1
-            continue
-        size = w[b >> 3] & ~BLOCK_FLAGS
-        if b + size > end:
-            drop.append(slot)
+        bad = rc or (word >> SLOT_OFF_BITS) != ((v.hash >> TAG_SHIFT) & 0xFFFF) or b < HEAP_START \
+            or (b - HEAP_START) & 15 or b + (w[b >> 3] & ~BLOCK_FLAGS) > end
+        if bad:
+            drop.append((seg, slot))
             if result:
                 result.dropped += 1
             continue
         key = store._record_key(rec)
         same = by_hash.setdefault(v.hash, [])
         if rec in by_rec or any(store._record_key(r) == key for r in same):
-            drop.append(slot)
+            drop.append((seg, slot))
             if result:
                 result.duplicates += 1
             continue
         by_rec.add(rec)
         same.append(rec)
-        keep.append((b, size, slot, (w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF) + v.val_len))
+        n = (w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF) + v.val_len
+        keep.append((b, w[b >> 3] & ~BLOCK_FLAGS, (seg, slot), n, slot_word(v.hash, rec)))
     return keep, drop
 
 
@@ -83,41 +72,39 @@ def recover(store, reason: str) -> RecoveryResult:
     result = RecoveryResult(reason)
     v, alloc = store._view, store._alloc
     keep, drop = live_records(store, result)
-    tb, tsize = table_block(store)
     # overlaps: sort every live block by offset; a record overlapping its predecessor goes
-    blocks = sorted([(b, s, slot, n) for b, s, slot, n in keep] + [(tb, tsize, None, 0)])
+    structure = [(b, s, None, 0, 0) for b, s in index.blocks(store)]
     live, records, live_bytes, prev_end = [], 0, 0, HEAP_START
-    for b, s, slot, n in blocks:
+    for item in sorted(keep + structure):
+        b, s, where, n, _ = item
         if b < prev_end:
-            if slot is None:   # the table overlaps a record: drop the record before it instead
-                pb, ps, pslot, pn = live.pop()
-                drop.append(pslot)
+            result.overlaps += 1
+            if where is not None:
+                drop.append(where)
+                continue
+            while live and live[-1][0] + live[-1][1] > b:   # index block over records: the records go
+                pb, ps, pwhere, pn, _ = live.pop()
+                if pwhere is None:
+                    raise CorruptionError(f"recovery: index blocks overlap at {b}; the index is lost")
+                drop.append(pwhere)
                 records -= 1
                 live_bytes -= pn
-                result.overlaps += 1
-            else:
-                drop.append(slot)
-                result.overlaps += 1
-                continue
-        live.append((b, s, slot, n))
+        live.append(item)
         prev_end = b + s
-        if slot is not None:
+        if where is not None:
             records += 1
             live_bytes += n
-    for slot in drop:
-        lib.mmkv_slot_set(v, slot, 0)
+    for seg, slot in drop:
+        lib.mmkv_slot_set(v, seg, slot, 0)
     used_before = store._words[STATE_WORD["used_bytes"]]
-    alloc.rebuild([(b, s) for b, s, _, _ in live])
+    alloc.rebuild([(b, s) for b, s, _, _, _ in live])
     result.leaked_bytes = max(0, used_before - store._words[STATE_WORD["used_bytes"]])
-    bad = ffi.new("uint64_t *")
-    if drop or lib.mmkv_index_audit(v, bad) == errno.EBADMSG:
-        slots = v.index_slots
-        while records + 1 > slots * 0.75:
-            slots *= 2
-        store._grow_index(slots)
+    if drop or index.audit(v) is not None:
+        index.rebuild(store, [word for _, _, where, _, word in live if where is not None])
         result.index_rebuilt = True
-        if lib.mmkv_index_audit(v, bad):
-            raise CorruptionError(f"recovery: the rebuilt index fails its audit at slot {bad[0]}")
+        fault = index.audit(v)
+        if fault is not None:
+            raise CorruptionError(f"recovery: the rebuilt index fails its audit at {fault}")
     w = store._words
     w[STATE_WORD["count"]] = records
     w[STATE_WORD["live_bytes"]] = live_bytes

@@ -16,18 +16,18 @@ from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import replace
 
-from . import checker, recovery
+from . import checker, index, recovery
 from ._shim import ESTALE, ffi, lib, raise_for
 from errno import ENOBUFS
 from .allocator import Allocator
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
 from .layout import (EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
-                     REC_KEY_LEN_AT, SLOT_OFF_BITS, SLOT_OFF_MASK, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
+                     REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
-from .tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, INITIAL_INDEX_SLOTS, LARGE_BLOCK, LOCK_TIMEOUT,
-                       MAX_KEY_SIZE, MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
+from .tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, LARGE_BLOCK, LOCK_TIMEOUT, MAX_KEY_SIZE,
+                       MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
 
 SYNC_MODES = ("none", "full")
 FLAGS = ("r", "w", "c", "n")
@@ -89,6 +89,7 @@ def new_view(fm, ident, sync_full: bool, lock_timeout):
     v.page_size = ident.page_size
     v.large_block = LARGE_BLOCK
     v.fit_scan = FIT_SCAN
+    v.max_count = int(SEGMENT_SLOTS * MAX_LOAD)
     v.sync_full = int(sync_full)
     return v
 
@@ -186,11 +187,11 @@ class Store(MutableMapping):
             opening.write_new_header(fd, ident, Meta(0, size, 0, 0))
             fm = FileMap(fd, size)
             try:
-                alloc = Allocator(fm, new_view(fm, ident, False, None))
+                view = new_view(fm, ident, False, None)
+                alloc = Allocator(fm, view)
                 alloc.format(size - EPILOGUE_BYTES)
-                table = alloc.alloc(8 * INITIAL_INDEX_SLOTS)
-                fm.mm[table + 8:table + 8 + 8 * INITIAL_INDEX_SLOTS] = bytes(8 * INITIAL_INDEX_SLOTS)
-                raw = build_meta(Meta(1, size, table + 8, INITIAL_INDEX_SLOTS), ident)
+                dir_off, dir_bits = index.create(alloc.alloc, lambda: view, lambda: fm.words)
+                raw = build_meta(Meta(1, size, dir_off, dir_bits), ident)
                 fm.mm[OFF_META[0]:OFF_META[0] + len(raw)] = raw
                 opening.init_locks(fm.base)
                 fm.sync()
@@ -239,8 +240,7 @@ class Store(MutableMapping):
         self._alloc.end = meta.file_size - EPILOGUE_BYTES
         self._words = fm.words
         v.base, v.size = fm.base, fm.size
-        v.index_off, v.index_slots = meta.index_off, meta.index_slots
-        v.max_count = int(meta.index_slots * MAX_LOAD)
+        v.dir_off, v.dir_bits = meta.dir_off, meta.dir_bits
         v.generation = fm.words[_GEN]
 
     def _reload(self):
@@ -450,17 +450,8 @@ class Store(MutableMapping):
             self._release()
 
     def _entries(self):
-        """Yield (slot, record offset) for every slot in use; caller holds the lock."""
-        v = self._view
-        slot, word = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        i = 0
-        while True:
-            rc = lib.mmkv_slot_next(v, i, slot, word)
-            if rc == errno.ENOENT:
-                return
-            raise_for(rc, "index scan")
-            yield slot[0], word[0] & SLOT_OFF_MASK
-            i = slot[0] + 1
+        """Yield (segment, slot, record offset) for every key; caller holds the lock."""
+        return index.entries(self._view)
 
     def _record_key(self, rec):
         """Key bytes of the record at rec (already verified); caller holds the lock."""
@@ -472,7 +463,7 @@ class Store(MutableMapping):
         self._acquire()
         try:
             mm, v, out = self._fm.mm, self._view, []
-            for _, rec in self._entries():
+            for _, _, rec in self._entries():
                 raise_for(lib.mmkv_record_verify(v, rec), f"record at {rec}")
                 key = self._record_key(rec)
                 out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
@@ -571,7 +562,7 @@ class Store(MutableMapping):
             if rc == errno.ENOSPC:
                 self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
             elif rc == errno.EAGAIN:
-                self._grow_index(self._view.index_slots * 2)
+                index.split(self, self._view, self._view.seg)
             else:
                 raise_for(rc, "put")
 
@@ -597,17 +588,6 @@ class Store(MutableMapping):
         self._write_meta(file_size=new_size)    # remaps; other processes remap on their next call
         self._alloc.end = old_end
         self._alloc.extend(new_size - EPILOGUE_BYTES)
-
-    def _grow_index(self, slots):
-        """Build a table of ``slots`` slots, make it durable, switch the meta to it, free the old."""
-        v = self._view
-        old_table = v.index_off - 8
-        b = self._allocate(8 * slots)
-        new_off = b + 8
-        raise_for(lib.mmkv_index_copy(v, new_off, slots), "index copy")
-        self._fm.sync(b, 8 * slots + 8)         # the new table is on disk before the meta names it
-        self._write_meta(index_off=new_off, index_slots=slots)
-        self._alloc.free(old_table)
 
     def _write_meta(self, **changes):
         """Write the meta copy not in force (seq + 1), sync it, and bump the generation."""
@@ -701,12 +681,8 @@ class Store(MutableMapping):
         self._write_locked(self._clear)
 
     def _clear(self):
-        slots = INITIAL_INDEX_SLOTS
-        b = self._allocate(8 * slots)
-        self._fm.mm[b + 8:b + 8 + 8 * slots] = bytes(8 * slots)
-        self._fm.sync(b, 8 * slots + 8)
-        self._write_meta(index_off=b + 8, index_slots=slots)
-        self._alloc.rebuild([(b, self._alloc.block_size(b))])   # the old table and every record: free
+        index.rebuild(self, [])                              # a new empty index, switched in atomically
+        self._alloc.rebuild(index.blocks(self))              # every record and the old index: free
         w = self._words
         w[_COUNT] = w[_LIVE] = 0
 
@@ -803,8 +779,8 @@ class Store(MutableMapping):
                                                          "generation", "recoveries", "lock_pid")}
             st["keys"] = st.pop("count")
             st["file_size"] = self._fm.size
-            st["index_slots"] = self._view.index_slots
-            st["load_factor"] = st["keys"] / self._view.index_slots
+            st.update(index.shape(self))
+            st["load_factor"] = st["keys"] / st["index_slots"]
             st["largest_free_block"] = largest
             st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
             st["sync"] = self.sync_mode

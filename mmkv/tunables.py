@@ -1,10 +1,8 @@
 """Every tunable of the engine, with its unit, in one place."""
 
 #: Bytes of a new file (header page included); it grows geometrically from here.
-INITIAL_FILE_SIZE = 64 * 1024
-#: Slots of a new file's index table (a power of two).
-INITIAL_INDEX_SLOTS = 1024
-#: The index doubles when an insert would take its load (keys / slots) above this.
+INITIAL_FILE_SIZE = 256 * 1024
+#: An index segment splits when an insert would take its load (keys / slots) above this.
 MAX_LOAD = 0.75
 #: Longest key, in bytes.
 MAX_KEY_SIZE = 64 * 1024

@@ -38,9 +38,20 @@
 #define MMKV_EXACT_CLASSES 31              /* classes 0..30 hold blocks of exactly 32, 48, ..., 512 bytes */
 #define MMKV_EXACT_MAX 512                 /* classes from 31 on hold one power of two each: (2^(c-22), 2^(c-21)] */
 
-/* Index slot word: record offset in the low 48 bits, hash tag in the high 16. */
+/*
+ * The index: extendible hashing.  A directory of 2^dir_bits segment offsets;
+ * the top dir_bits bits of a key's hash pick the entry.  A segment holds
+ * MMKV_SEGMENT_SLOTS slots, linear probing from hash bits 0..13 (wrapping
+ * inside the segment).  A full segment is split into two new ones and a new
+ * directory is switched in by one meta write; the rest of the index is untouched.
+ * Slot word: record offset in the low 48 bits, hash bits 16..31 (the tag) in
+ * the high 16; 0 is an empty slot.
+ */
 #define MMKV_SLOT_OFF_BITS 48
 #define MMKV_SLOT_OFF_MASK 0xffffffffffff
+#define MMKV_SEGMENT_SLOTS 16384
+#define MMKV_TAG_SHIFT 16
+#define MMKV_DIR_MAX_BITS 32
 
 /* Record flags. */
 #define MMKV_REC_COUNTER 1                 /* value is an 8-byte signed counter, updated in place;
@@ -68,14 +79,13 @@ struct mmkv_identity {
  * copy not in force with seq + 1, so a torn write leaves the other intact.
  * Invariants: checksum == siphash of the bytes before it (file seed),
  * file_size is a multiple of page_size and <= the real file size,
- * index_off and index_off + 8 * index_slots lie inside the heap,
- * index_slots is a power of two, journal_off is 0 or inside the heap.
+ * the directory lies inside the heap, journal_off is 0 or inside the heap.
  */
 struct mmkv_meta {
     uint64_t seq;
     uint64_t file_size;
-    uint64_t index_off;      /* offset of slot 0 of the index table */
-    uint64_t index_slots;    /* number of 8-byte slots */
+    uint64_t dir_off;        /* offset of the index directory: 2^dir_bits segment offsets */
+    uint64_t dir_bits;       /* the directory's depth, at most MMKV_DIR_MAX_BITS */
     uint64_t journal_off;    /* offset of the transaction journal, 0 if none */
     uint64_t journal_size;
     uint64_t reserved[2];
@@ -100,6 +110,20 @@ struct mmkv_state {
     uint64_t seq;            /* odd while a process holds the lock: lock-free readers retry */
     uint64_t reserved[5];
     uint64_t free_heads[64]; /* MMKV_NCLASSES heads of doubly linked free lists */
+};
+
+/*
+ * Index segment header, followed by MMKV_SEGMENT_SLOTS 8-byte slots.
+ * Invariants: the segment holds exactly the keys whose top `depth` hash bits
+ * equal `prefix`; the directory entries [prefix << (dir_bits - depth),
+ * (prefix + 1) << (dir_bits - depth)) and no others point at it; `count` is
+ * the number of slots in use; every entry is reachable by probing from its home.
+ */
+struct mmkv_segment {
+    uint64_t depth;
+    uint64_t prefix;
+    uint64_t count;
+    uint64_t reserved;
 };
 
 /* Lock area: reinitialised by the first process to open the file. */
@@ -132,8 +156,8 @@ struct mmkv_record {
 struct mmkv_view {
     uint8_t *base;           /* start of the mapping */
     uint64_t size;           /* bytes mapped */
-    uint64_t index_off;
-    uint64_t index_slots;
+    uint64_t dir_off;        /* the index directory ... */
+    uint64_t dir_bits;       /* ... of 2^dir_bits entries */
     uint64_t seed0;
     uint64_t seed1;
     uint64_t generation;     /* state.generation when this view was loaded */
@@ -143,12 +167,13 @@ struct mmkv_view {
     uint64_t page_size;
     uint64_t large_block;    /* allocations of at least this many bytes are page-aligned */
     uint64_t fit_scan;       /* blocks a first-fit scan of one free list may inspect */
-    uint64_t max_count;      /* an insert that would take count above this returns EAGAIN (grow the index) */
+    uint64_t max_count;      /* an insert that would take a segment's count above this returns EAGAIN (split it) */
     uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
     uint32_t reserved;
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
-    uint64_t slot;           /* slot holding the key, or the first empty slot */
+    uint64_t seg;            /* offset of the key's segment */
+    uint64_t slot;           /* slot (in the segment) holding the key, or the first empty slot */
     uint64_t rec_off;        /* record offset, 0 when absent */
     uint64_t val_off;        /* value offset inside the mapping */
     uint64_t val_len;

@@ -27,6 +27,9 @@ _Static_assert(MMKV_OFF_LOCKS + sizeof(struct mmkv_locks) <= MMKV_HEADER_SIZE, "
 _Static_assert(sizeof(((struct mmkv_state *)0)->free_heads) == 8 * MMKV_NCLASSES, "classes");
 _Static_assert(sizeof(struct mmkv_record) == 32, "record header");
 _Static_assert(MMKV_HEAP_START == MMKV_HEADER_SIZE + 8, "heap start");
+_Static_assert((MMKV_SEGMENT_SLOTS & (MMKV_SEGMENT_SLOTS - 1)) == 0 && MMKV_SEGMENT_SLOTS <= 65536, "segment size");
+_Static_assert(MMKV_TAG_SHIFT + 16 <= 64 - MMKV_DIR_MAX_BITS, "tag bits overlap directory bits");
+_Static_assert((1 << MMKV_TAG_SHIFT) >= MMKV_SEGMENT_SLOTS, "tag bits overlap slot bits");
 _Static_assert(MMKV_EXACT_CLASSES == (MMKV_EXACT_MAX - MMKV_BLOCK_MIN) / 16 + 1, "exact classes");
 _Static_assert(MMKV_OFF_STATE % 64 == 0 && MMKV_OFF_LOCKS % 64 == 0, "alignment");
 
@@ -366,33 +369,61 @@ int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
 
 /* ---------------------------------------------------------------- index */
 
-static uint64_t *index_table(const struct mmkv_view *v)
+#define SEG_HDR ((uint64_t)sizeof(struct mmkv_segment))
+#define SEG_MASK ((uint64_t)MMKV_SEGMENT_SLOTS - 1)
+#define SEG_BYTES (SEG_HDR + 8 * (uint64_t)MMKV_SEGMENT_SLOTS)
+
+static uint64_t tag_of(uint64_t hash) { return (hash >> MMKV_TAG_SHIFT) & 0xffff; }
+static uint64_t slot_word(uint64_t hash, uint64_t off) { return tag_of(hash) << MMKV_SLOT_OFF_BITS | off; }
+static uint64_t *seg_slots(struct mmkv_segment *s) { return (uint64_t *)(s + 1); }
+
+/* The directory, if its root lies inside the mapping. */
+static const uint64_t *directory(const struct mmkv_view *v)
 {
-    uint64_t n = v->index_slots;
-    if (n == 0 || (n & (n - 1)) || v->index_off % 8 || v->index_off < MMKV_HEADER_SIZE ||
-        n > (v->size - v->index_off) / 8 || !range_ok(v->size, v->index_off, 8))
+    if (v->dir_bits > MMKV_DIR_MAX_BITS || v->dir_off % 8 || v->dir_off < MMKV_HEADER_SIZE ||
+        v->dir_off > v->size || (1ULL << v->dir_bits) > (v->size - v->dir_off) / 8)
         return NULL;
-    return (uint64_t *)(v->base + v->index_off);
+    return (const uint64_t *)(v->base + v->dir_off);
+}
+
+static uint64_t dir_index(const struct mmkv_view *v, uint64_t hash)
+{
+    return v->dir_bits ? hash >> (64 - v->dir_bits) : 0;
+}
+
+/* The segment at off, if it lies inside the mapping and its header is plausible. */
+static struct mmkv_segment *segment_at(const struct mmkv_view *v, uint64_t off)
+{
+    if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, SEG_BYTES))
+        return NULL;
+    struct mmkv_segment *s = (struct mmkv_segment *)(v->base + off);
+    if (s->depth > v->dir_bits || s->count > MMKV_SEGMENT_SLOTS)
+        return NULL;
+    return s;
 }
 
 /* Result of a lookup, kept off the shared view so that concurrent readers do not race. */
 struct lookup {
-    uint64_t hash, slot, rec_off, probes;
+    uint64_t hash, seg, slot, rec_off, probes;
+    struct mmkv_segment *segment;
     const struct mmkv_record *rec;
 };
 
 static int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out)
 {
-    uint64_t *slots = index_table(v);
-    if (!slots)
+    const uint64_t *dir = directory(v);
+    if (!dir)
         return EBADMSG;
     uint64_t h = siphash24(v->seed0, v->seed1, key, klen);
-    uint64_t mask = v->index_slots - 1, tag = h >> MMKV_SLOT_OFF_BITS;
-    uint64_t i = h & mask;
     out->hash = h;
     out->rec_off = 0;
     out->rec = NULL;
-    for (out->probes = 1; out->probes <= v->index_slots; out->probes++, i = (i + 1) & mask) {
+    out->seg = dir[dir_index(v, h)];
+    struct mmkv_segment *seg = out->segment = segment_at(v, out->seg);
+    if (!seg)
+        return EBADMSG;
+    uint64_t *slots = seg_slots(seg), tag = tag_of(h), i = h & SEG_MASK;
+    for (out->probes = 1; out->probes <= MMKV_SEGMENT_SLOTS; out->probes++, i = (i + 1) & SEG_MASK) {
         uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
         if (w == 0) {
             out->slot = i;
@@ -411,7 +442,7 @@ static int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, 
             return 0;
         }
     }
-    return EBADMSG; /* a full table never happens: the engine keeps the load below 1 */
+    return EBADMSG; /* a full segment never happens: the engine splits it first */
 }
 
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
@@ -420,22 +451,22 @@ int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
     int rc = lookup(v, key, klen, &l);
     v->hash = l.hash;
     v->probes = (uint32_t)l.probes;
-    if (rc == ENOENT) {
+    if (rc == ENOENT || rc == 0) {
+        v->seg = l.seg;
         v->slot = l.slot;
         v->rec_off = 0;
-    } else if (rc == 0) {
-        v->slot = l.slot;
-        fill_result(v, l.rec_off, l.rec);
+        if (rc == 0)
+            fill_result(v, l.rec_off, l.rec);
     }
     return rc;
 }
 
-int mmkv_slot_set(struct mmkv_view *v, uint64_t slot, uint64_t word)
+int mmkv_slot_set(struct mmkv_view *v, uint64_t seg_off, uint64_t slot, uint64_t word)
 {
-    uint64_t *slots = index_table(v);
-    if (!slots || slot >= v->index_slots || (word & MMKV_SLOT_OFF_MASK) % 8)
+    struct mmkv_segment *seg = segment_at(v, seg_off);
+    if (!seg || slot >= MMKV_SEGMENT_SLOTS || (word & MMKV_SLOT_OFF_MASK) % 8)
         return EINVAL;
-    __atomic_store_n(&slots[slot], word, __ATOMIC_RELEASE);
+    __atomic_store_n(&seg_slots(seg)[slot], word, __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -445,23 +476,24 @@ static int home_of(const struct mmkv_view *v, uint64_t w, uint64_t *home)
     const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
     if (!r)
         return EBADMSG;
-    *home = r->key_hash & (v->index_slots - 1);
+    *home = r->key_hash & SEG_MASK;
     return 0;
 }
 
 /*
- * Backward-shift deletion.  Every store is one aligned 8-byte write and no
- * slot becomes empty before the last one, so a process killed half way
- * leaves each live entry reachable, some of them twice (recovery dedups).
+ * Backward-shift deletion inside one segment.  Every store is one aligned
+ * 8-byte write and no slot becomes empty before the last one, so a process
+ * killed half way leaves each live entry reachable, some of them twice
+ * (recovery dedups).  v->slot is left at the last slot changed.
  */
-int mmkv_slot_delete(struct mmkv_view *v, uint64_t slot)
+int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg_off, uint64_t slot)
 {
-    uint64_t *slots = index_table(v);
-    if (!slots || slot >= v->index_slots)
+    struct mmkv_segment *seg = segment_at(v, seg_off);
+    if (!seg || slot >= MMKV_SEGMENT_SLOTS)
         return EINVAL;
-    uint64_t mask = v->index_slots - 1, hole = slot, j = slot;
-    for (uint64_t n = 1; n < v->index_slots; n++) {
-        j = (j + 1) & mask;
+    uint64_t *slots = seg_slots(seg), hole = slot, j = slot;
+    for (uint64_t n = 1; n < MMKV_SEGMENT_SLOTS; n++) {
+        j = (j + 1) & SEG_MASK;
         uint64_t w = __atomic_load_n(&slots[j], __ATOMIC_ACQUIRE);
         if (w == 0)
             break;
@@ -476,83 +508,182 @@ int mmkv_slot_delete(struct mmkv_view *v, uint64_t slot)
         hole = j;
     }
     __atomic_store_n(&slots[hole], 0, __ATOMIC_RELEASE);
-    v->slot = hole; /* the last slot changed, so the caller can sync [slot, hole] */
+    if (seg->count)
+        seg->count--;
+    v->slot = hole;
     return 0;
 }
 
-int mmkv_slot_next(struct mmkv_view *v, uint64_t start, uint64_t *slot, uint64_t *word)
+/*
+ * Next slot in use at or after the cursor (directory entry * MMKV_SEGMENT_SLOTS
+ * + slot), visiting each segment once (its directory entries are contiguous).
+ */
+int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64_t *seg_off, uint64_t *word)
 {
-    uint64_t *slots = index_table(v);
-    if (!slots)
+    const uint64_t *dir = directory(v);
+    if (!dir)
         return EBADMSG;
-    for (uint64_t i = start; i < v->index_slots; i++) {
-        uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
-        if (w) {
-            *slot = i;
-            *word = w;
-            return 0;
+    uint64_t entries = 1ULL << v->dir_bits;
+    for (uint64_t d = cursor / MMKV_SEGMENT_SLOTS; d < entries; d++, cursor = d * MMKV_SEGMENT_SLOTS) {
+        if (d > 0 && dir[d - 1] == dir[d])
+            continue;
+        struct mmkv_segment *seg = segment_at(v, dir[d]);
+        if (!seg)
+            return EBADMSG;
+        for (uint64_t i = cursor % MMKV_SEGMENT_SLOTS; i < MMKV_SEGMENT_SLOTS; i++) {
+            uint64_t w = __atomic_load_n(&seg_slots(seg)[i], __ATOMIC_ACQUIRE);
+            if (w) {
+                *found = d * MMKV_SEGMENT_SLOTS + i;
+                *seg_off = dir[d];
+                *word = w;
+                return 0;
+            }
         }
     }
     return ENOENT;
 }
 
-int mmkv_index_copy(struct mmkv_view *v, uint64_t new_off, uint64_t new_slots)
+/* Put the entry w (whose record has hash h) into seg by linear probing. */
+static int seg_insert(struct mmkv_segment *seg, uint64_t h, uint64_t w)
 {
-    uint64_t *old = index_table(v);
-    if (!old || new_slots == 0 || (new_slots & (new_slots - 1)) || new_off % 8 ||
-        new_off < MMKV_HEADER_SIZE || new_slots > (v->size - new_off) / 8)
+    uint64_t *slots = seg_slots(seg), i = h & SEG_MASK;
+    for (uint64_t n = 0; n < MMKV_SEGMENT_SLOTS; n++, i = (i + 1) & SEG_MASK)
+        if (!slots[i]) {
+            slots[i] = w;
+            seg->count++;
+            return 0;
+        }
+    return ENOSPC;
+}
+
+int mmkv_segment_init(struct mmkv_view *v, uint64_t off, uint64_t depth, uint64_t prefix)
+{
+    if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, SEG_BYTES) || depth > MMKV_DIR_MAX_BITS ||
+        (depth < 64 && prefix >> depth))
         return EINVAL;
-    uint64_t *dst = (uint64_t *)(v->base + new_off);
-    uint64_t mask = new_slots - 1, placed = 0;
-    memset(dst, 0, new_slots * 8);
-    for (uint64_t i = 0; i < v->index_slots; i++) {
-        uint64_t w = old[i];
+    memset(v->base + off, 0, SEG_BYTES);
+    struct mmkv_segment *s = (struct mmkv_segment *)(v->base + off);
+    s->depth = depth;
+    s->prefix = prefix;
+    return 0;
+}
+
+int mmkv_segment_split(struct mmkv_view *v, uint64_t old_off, uint64_t a_off, uint64_t b_off)
+{
+    struct mmkv_segment *old = segment_at(v, old_off);
+    if (!old || old->depth >= MMKV_DIR_MAX_BITS)
+        return old ? E2BIG : EBADMSG;
+    uint64_t d = old->depth;
+    int rc = mmkv_segment_init(v, a_off, d + 1, old->prefix << 1);
+    if (!rc)
+        rc = mmkv_segment_init(v, b_off, d + 1, old->prefix << 1 | 1);
+    if (rc)
+        return rc;
+    struct mmkv_segment *half[2] = {(struct mmkv_segment *)(v->base + a_off),
+                                    (struct mmkv_segment *)(v->base + b_off)};
+    for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++) {
+        uint64_t w = seg_slots(old)[i];
         if (!w)
             continue;
         const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
         if (!r)
             return EBADMSG;
-        if (++placed >= new_slots)
-            return ENOSPC;
-        uint64_t j = r->key_hash & mask;
-        while (dst[j])
-            j = (j + 1) & mask;
-        dst[j] = w;
+        if ((rc = seg_insert(half[(r->key_hash >> (63 - d)) & 1], r->key_hash, w)))
+            return rc;
     }
     return 0;
 }
 
-int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_slot)
+int mmkv_dir_build(struct mmkv_view *v, uint64_t new_off, uint64_t new_bits, uint64_t old_seg, uint64_t a_off,
+                   uint64_t b_off)
 {
-    uint64_t *slots = index_table(v);
-    if (!slots)
+    const uint64_t *dir = directory(v);
+    struct mmkv_segment *old = segment_at(v, old_seg);
+    if (!dir || !old || new_bits > MMKV_DIR_MAX_BITS || (new_bits != v->dir_bits && new_bits != v->dir_bits + 1) ||
+        old->depth >= new_bits || new_off % 8 || new_off < MMKV_HEADER_SIZE || new_off > v->size ||
+        (1ULL << new_bits) > (v->size - new_off) / 8)
+        return EINVAL;
+    uint64_t *out = (uint64_t *)(v->base + new_off), shift = new_bits - 1 - old->depth;
+    for (uint64_t i = 0; i < (1ULL << new_bits); i++) {
+        uint64_t e = dir[new_bits == v->dir_bits ? i : i >> 1];
+        out[i] = e == old_seg ? ((i >> shift) & 1 ? b_off : a_off) : e;
+    }
+    return 0;
+}
+
+int mmkv_index_insert(struct mmkv_view *v, uint64_t word)
+{
+    const uint64_t *dir = directory(v);
+    const struct mmkv_record *r = record_at(v, word & MMKV_SLOT_OFF_MASK);
+    if (!dir || !r)
         return EBADMSG;
-    uint64_t n = v->index_slots, mask = n - 1, start = n;
-    for (uint64_t i = 0; i < n; i++)
+    v->seg = dir[dir_index(v, r->key_hash)];
+    struct mmkv_segment *seg = segment_at(v, v->seg);
+    if (!seg)
+        return EBADMSG;
+    if (seg->count + 1 > v->max_count)
+        return EAGAIN;
+    return seg_insert(seg, r->key_hash, word);
+}
+
+/* Check one segment: header, counts, tags, prefixes and the probe invariant. */
+static int audit_segment(const struct mmkv_view *v, struct mmkv_segment *seg, uint64_t *bad_slot)
+{
+    uint64_t *slots = seg_slots(seg), start = MMKV_SEGMENT_SLOTS, used = 0;
+    for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++)
         if (!slots[i]) {
             start = i;
             break;
         }
     *bad_slot = 0;
-    if (start == n)
+    if (start == MMKV_SEGMENT_SLOTS)
         return EBADMSG; /* no empty slot: probing would never end */
-    /* walk once round from an empty slot; run_start is where the current run began */
     uint64_t run_start = 1;
-    for (uint64_t k = 1; k <= n; k++) {
-        uint64_t i = (start + k) & mask;
-        uint64_t w = slots[i];
+    for (uint64_t k = 1; k <= MMKV_SEGMENT_SLOTS; k++) {
+        uint64_t i = (start + k) & SEG_MASK, w = slots[i];
         if (!w) {
             run_start = k + 1;
             continue;
         }
+        used++;
         *bad_slot = i;
         const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
-        if (!r || (r->key_hash >> MMKV_SLOT_OFF_BITS) != (w >> MMKV_SLOT_OFF_BITS))
+        if (!r || tag_of(r->key_hash) != w >> MMKV_SLOT_OFF_BITS)
             return EBADMSG;
-        /* distance from the home slot must not reach back past the start of the run */
-        uint64_t dist = (i - (r->key_hash & mask)) & mask;
+        if (seg->depth && r->key_hash >> (64 - seg->depth) != seg->prefix)
+            return EBADMSG; /* the key belongs to another segment */
+        uint64_t dist = (i - (r->key_hash & SEG_MASK)) & SEG_MASK;
         if (dist > k - run_start)
+            return EBADMSG; /* unreachable: an empty slot lies between its home and it */
+    }
+    *bad_slot = MMKV_SEGMENT_SLOTS;
+    return used == seg->count ? 0 : EBADMSG;
+}
+
+int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slot)
+{
+    const uint64_t *dir = directory(v);
+    *bad_entry = *bad_slot = 0;
+    if (!dir)
+        return EBADMSG;
+    uint64_t entries = 1ULL << v->dir_bits;
+    for (uint64_t d = 0; d < entries;) {
+        *bad_entry = d;
+        struct mmkv_segment *seg = segment_at(v, dir[d]);
+        if (!seg)
             return EBADMSG;
+        uint64_t span = 1ULL << (v->dir_bits - seg->depth); /* entries that must point here */
+        if (d != seg->prefix * span)
+            return EBADMSG;
+        for (uint64_t k = 1; k < span; k++)
+            if (dir[d + k] != dir[d])
+                return EBADMSG;
+        if (d + span < entries && dir[d + span] == dir[d])
+            return EBADMSG;
+        int rc = audit_segment(v, seg, bad_slot);
+        if (rc)
+            return rc;
+        d += span;
     }
     return 0;
 }
@@ -943,24 +1074,27 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
     int rc = lookup(v, key, klen, &l);
     if (rc && rc != ENOENT)
         return rc;
-    if (rc == ENOENT && st->count + 1 > v->max_count)
-        return EAGAIN; /* grow the index first */
+    if (rc == ENOENT && l.segment->count + 1 > v->max_count) {
+        v->seg = l.seg;
+        return EAGAIN; /* split the segment first */
+    }
     uint64_t need = REC_HDR + PAD8(klen) + vlen, b;
     if ((rc = mmkv_alloc(v, need, &b)))
         return rc;  /* ENOSPC: nothing changed, grow the file */
     uint64_t rec = b + 8, cap = (*word(v, b) & SIZE_MASK) - 8;
-    uint64_t old_vlen = l.rec ? l.rec->val_len : 0, *slots = (uint64_t *)(v->base + v->index_off);
+    uint64_t old_vlen = l.rec ? l.rec->val_len : 0, *slots = seg_slots(l.segment);
     if ((rc = mmkv_record_write(v, rec, cap, l.hash, key, klen, val, vlen, flags)) ||
         (rc = sync_range(v, b, need + 8)))       /* 1. the record is durable ... */
         return mmkv_free(v, b) ? EBADMSG : rc;
-    __atomic_store_n(&slots[l.slot], (l.hash >> MMKV_SLOT_OFF_BITS) << MMKV_SLOT_OFF_BITS | rec, __ATOMIC_RELEASE);
-    if ((rc = sync_range(v, v->index_off + 8 * l.slot, 8)))  /* 2. ... before the slot that makes it live */
+    __atomic_store_n(&slots[l.slot], slot_word(l.hash, rec), __ATOMIC_RELEASE);
+    if ((rc = sync_range(v, l.seg + SEG_HDR + 8 * l.slot, 8)))  /* 2. ... before the slot that makes it live */
         return rc;
     if (l.rec) {                                  /* 3. the old record's block is free */
         if ((rc = mmkv_free(v, l.rec_off - 8)))
             return rc;
         st->live_bytes -= klen + old_vlen;
     } else {
+        l.segment->count++;
         st->count++;
     }
     st->live_bytes += klen + vlen;
@@ -988,13 +1122,13 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
     struct mmkv_state *st = state_of(v);
     rc = lookup(v, key, klen, &l);
     if (rc == 0) {
-        uint64_t first = l.slot, vlen = l.rec->val_len;
-        rc = mmkv_slot_delete(v, l.slot);
+        uint64_t first = l.slot, vlen = l.rec->val_len, slots = l.seg + SEG_HDR;
+        rc = mmkv_slot_delete(v, l.seg, l.slot);
         if (!rc && v->sync_full) {                /* slots [first, v->slot] changed, maybe wrapping */
             if (v->slot >= first)
-                rc = sync_range(v, v->index_off + 8 * first, 8 * (v->slot - first + 1));
-            else if (!(rc = sync_range(v, v->index_off + 8 * first, 8 * (v->index_slots - first))))
-                rc = sync_range(v, v->index_off, 8 * (v->slot + 1));
+                rc = sync_range(v, slots + 8 * first, 8 * (v->slot - first + 1));
+            else if (!(rc = sync_range(v, slots + 8 * first, 8 * (MMKV_SEGMENT_SLOTS - first))))
+                rc = sync_range(v, slots, 8 * (v->slot + 1));
         }
         if (!rc && !(rc = mmkv_free(v, l.rec_off - 8))) {
             st->count--;
@@ -1042,8 +1176,8 @@ static const struct {
     SZ(mmkv_identity) OF(mmkv_identity, magic) OF(mmkv_identity, version) OF(mmkv_identity, page_size)
     OF(mmkv_identity, seed0) OF(mmkv_identity, seed1) OF(mmkv_identity, created_ns)
     OF(mmkv_identity, reserved) OF(mmkv_identity, checksum)
-    SZ(mmkv_meta) OF(mmkv_meta, seq) OF(mmkv_meta, file_size) OF(mmkv_meta, index_off)
-    OF(mmkv_meta, index_slots) OF(mmkv_meta, journal_off) OF(mmkv_meta, journal_size)
+    SZ(mmkv_meta) OF(mmkv_meta, seq) OF(mmkv_meta, file_size) OF(mmkv_meta, dir_off)
+    OF(mmkv_meta, dir_bits) OF(mmkv_meta, journal_off) OF(mmkv_meta, journal_size)
     OF(mmkv_meta, reserved) OF(mmkv_meta, checksum)
     SZ(mmkv_state) OF(mmkv_state, generation) OF(mmkv_state, dirty) OF(mmkv_state, count)
     OF(mmkv_state, live_bytes) OF(mmkv_state, used_bytes) OF(mmkv_state, free_bytes)
@@ -1052,12 +1186,14 @@ static const struct {
     SZ(mmkv_locks) OF(mmkv_locks, mutex) OF(mmkv_locks, sems)
     SZ(mmkv_record) OF(mmkv_record, checksum) OF(mmkv_record, key_hash) OF(mmkv_record, key_len)
     OF(mmkv_record, flags) OF(mmkv_record, val_len)
-    SZ(mmkv_view) OF(mmkv_view, base) OF(mmkv_view, size) OF(mmkv_view, index_off)
-    OF(mmkv_view, index_slots) OF(mmkv_view, seed0) OF(mmkv_view, seed1) OF(mmkv_view, generation)
+    SZ(mmkv_segment) OF(mmkv_segment, depth) OF(mmkv_segment, prefix) OF(mmkv_segment, count)
+    OF(mmkv_segment, reserved)
+    SZ(mmkv_view) OF(mmkv_view, base) OF(mmkv_view, size) OF(mmkv_view, dir_off)
+    OF(mmkv_view, dir_bits) OF(mmkv_view, seed0) OF(mmkv_view, seed1) OF(mmkv_view, generation)
     OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, heap_end) OF(mmkv_view, page_size)
     OF(mmkv_view, large_block) OF(mmkv_view, fit_scan) OF(mmkv_view, max_count) OF(mmkv_view, sync_full)
     OF(mmkv_view, reserved)
-    OF(mmkv_view, hash) OF(mmkv_view, slot)
+    OF(mmkv_view, hash) OF(mmkv_view, seg) OF(mmkv_view, slot)
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)
     OF(mmkv_view, probes)
     SZ(mmkv_getbuf) OF(mmkv_getbuf, buf) OF(mmkv_getbuf, cap) OF(mmkv_getbuf, val_len)

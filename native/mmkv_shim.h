@@ -60,11 +60,18 @@ int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t 
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */
 int mmkv_record_checksum(struct mmkv_view *v, uint64_t off, uint64_t *sum);
-int mmkv_slot_set(struct mmkv_view *v, uint64_t slot, uint64_t word);
-int mmkv_slot_delete(struct mmkv_view *v, uint64_t slot);  /* backward-shift deletion; v->slot = last slot changed */
-int mmkv_slot_next(struct mmkv_view *v, uint64_t start, uint64_t *slot, uint64_t *word);  /* ENOENT past the end */
-int mmkv_index_copy(struct mmkv_view *v, uint64_t new_off, uint64_t new_slots);  /* rehash all into a zeroed table */
-int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_slot);  /* probe invariant of every entry; EBADMSG */
+int mmkv_slot_set(struct mmkv_view *v, uint64_t seg, uint64_t slot, uint64_t word);
+int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg, uint64_t slot);  /* backward shift; v->slot = last changed */
+int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64_t *seg, uint64_t *word);
+                                        /* next slot in use at or after cursor (dir entry * slots + slot),
+                                           each segment once; ENOENT past the end */
+int mmkv_segment_init(struct mmkv_view *v, uint64_t off, uint64_t depth, uint64_t prefix);  /* empty segment */
+int mmkv_segment_split(struct mmkv_view *v, uint64_t old_seg, uint64_t a, uint64_t b);
+                                        /* fill new segments a (next hash bit 0) and b (bit 1) from old_seg */
+int mmkv_dir_build(struct mmkv_view *v, uint64_t new_off, uint64_t new_bits, uint64_t old_seg, uint64_t a,
+                   uint64_t b);        /* the current directory, doubled if new_bits says so, old_seg -> a|b */
+int mmkv_index_insert(struct mmkv_view *v, uint64_t word);  /* rebuild: EAGAIN when v->seg must split first */
+int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slot);  /* EBADMSG at the first fault */
 
 /* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap. */
 int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out);   /* ENOSPC: nothing fits, grow */

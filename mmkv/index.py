@@ -1,0 +1,157 @@
+"""The hash index: extendible hashing over fixed-size segments (layout in native/mmkv_layout.h).
+
+The shim probes, inserts, deletes and splits inside segments; this module
+decides when and does the structural steps, each crash-safe the same way:
+build the new pieces in free space, make them durable, switch the meta (one
+checksummed header write), then free the old pieces.  A crash before the
+switch leaves the old index in force (the new blocks are leaked until the next
+recovery frees them); a crash after it leaves the new one.
+
+A split touches one segment (at most MMKV_SEGMENT_SLOTS entries) and the
+directory (8 bytes per entry, 2^dir_bits entries), so the index grows without
+the pause of rehashing everything: a put never waits for more than one split.
+Callers hold the store lock.
+"""
+import errno
+
+from ._shim import ffi, lib, raise_for
+from .errors import CorruptionError, LimitError
+from .layout import BLOCK_ALLOC, BLOCK_FLAGS, SEGMENT_BYTES, SEGMENT_SLOTS, SLOT_OFF_MASK
+
+
+def create(allocate, view, words) -> tuple:
+    """A new empty index (a one-entry directory and one segment): (dir_off, dir_bits).
+
+    ``allocate(payload)`` returns a block offset; ``view`` and ``words`` must
+    describe the mapping after the allocations (allocate may grow the file).
+    """
+    seg, d = allocate(SEGMENT_BYTES), allocate(8)
+    if not seg or not d:
+        raise CorruptionError("no room for a new index in a fresh heap")
+    seg, d = seg + 8, d + 8
+    raise_for(lib.mmkv_segment_init(view(), seg, 0, 0), "segment init")
+    words()[d >> 3] = seg
+    return d, 0
+
+
+def segment_depth(words, seg: int) -> int:
+    return words[seg >> 3]
+
+
+def split(store, view, seg: int, publish: bool = True) -> None:
+    """Split the full segment seg of the index that view describes.
+
+    With publish the new directory goes through a durable meta switch (the live
+    index); without, view is a private index under construction (recovery).
+    :raises LimitError: the segment holds keys whose hashes agree on 32 bits.
+    """
+    live = store._view
+    a = store._allocate(SEGMENT_BYTES) + 8      # may grow and remap the file...
+    b = store._allocate(SEGMENT_BYTES) + 8
+    view.base, view.size, view.heap_end = live.base, live.size, live.heap_end   # ...so follow it
+    rc = lib.mmkv_segment_split(view, seg, a, b)
+    if rc == errno.E2BIG:
+        store._alloc.free(a - 8)
+        store._alloc.free(b - 8)
+        raise LimitError("an index segment cannot split further: more than "
+                         f"{view.max_count} keys share 32 hash bits")
+    raise_for(rc, "segment split")
+    bits = view.dir_bits + 1 if segment_depth(store._words, seg) == view.dir_bits else view.dir_bits
+    d = store._allocate(8 << bits) + 8
+    view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+    raise_for(lib.mmkv_dir_build(view, d, bits, seg, a, b), "directory build")
+    old_dir = view.dir_off
+    if publish:
+        fm = store._fm
+        for block, size in ((a - 8, SEGMENT_BYTES + 8), (b - 8, SEGMENT_BYTES + 8), (d - 8, (8 << bits) + 8)):
+            fm.sync(block, size)                # the new pieces are durable before the meta names them
+        store._write_meta(dir_off=d, dir_bits=bits)
+    else:
+        view.dir_off, view.dir_bits = d, bits
+    store._alloc.free(seg - 8)
+    store._alloc.free(old_dir - 8)
+
+
+def blocks(store, view=None) -> list:
+    """[(block offset, block size)] of the directory and every segment, each once.
+
+    Sizes come from the block headers when they are plausible, else from what the
+    structure needs (a torn header must not shrink what recovery keeps).
+    :raises CorruptionError: the directory points outside the heap.
+    """
+    v = view or store._view
+    w, end = store._words, store._alloc.end
+
+    def block(payload_off, need):
+        b = payload_off - 8
+        if payload_off % 8 or b < 0 or payload_off + need > end:
+            raise CorruptionError(f"index block at {payload_off} lies outside the heap")
+        head = w[b >> 3]
+        size = head & ~BLOCK_FLAGS
+        if not head & BLOCK_ALLOC or size < need + 8 or b + size > end or size & 15:
+            size = (need + 8 + 15) & ~15
+        return b, size
+
+    out = [block(v.dir_off, 8 << v.dir_bits)]
+    prev = None
+    for i in range(1 << v.dir_bits):
+        seg = w[(v.dir_off >> 3) + i]
+        if seg != prev:
+            out.append(block(seg, SEGMENT_BYTES))
+            prev = seg
+    return out
+
+
+def entries(view):
+    """Yield (segment, slot, record offset) for every slot in use, each segment once."""
+    found, seg, word = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    cursor = 0
+    while True:
+        rc = lib.mmkv_slot_next(view, cursor, found, seg, word)
+        if rc == errno.ENOENT:
+            return
+        raise_for(rc, "index scan")
+        yield seg[0], found[0] % SEGMENT_SLOTS, word[0] & SLOT_OFF_MASK
+        cursor = found[0] + 1
+
+
+def shape(store) -> dict:
+    """Directory depth, segment count and total slots of the live index."""
+    v = store._view
+    segments = len(blocks(store)) - 1
+    return {"index_depth": v.dir_bits, "index_segments": segments, "index_slots": segments * SEGMENT_SLOTS}
+
+
+def rebuild(store, words: list) -> None:
+    """Replace the live index with a new one holding exactly ``words`` (slot words).
+
+    Built privately, made durable, then switched in by one meta write; the old
+    index's blocks are freed after the switch.
+    """
+    live = store._view
+    old = blocks(store)
+    view = ffi.new("struct mmkv_view *")
+    view[0] = live[0]
+    view.dir_off, view.dir_bits = create(store._allocate, lambda: live, lambda: store._words)
+    for word in words:
+        while True:
+            view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+            rc = lib.mmkv_index_insert(view, word)
+            if rc != errno.EAGAIN:
+                break
+            split(store, view, view.seg, publish=False)
+        raise_for(rc, "index insert")
+    view.base, view.size = live.base, live.size
+    for block, size in blocks(store, view):
+        store._fm.sync(block, size)
+    store._write_meta(dir_off=view.dir_off, dir_bits=view.dir_bits)
+    for block, _ in old:
+        store._alloc.free(block)
+
+
+def audit(view) -> tuple:
+    """(directory entry, slot) of the first fault, or None when the index is sound."""
+    entry, slot = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    if lib.mmkv_index_audit(view, entry, slot):
+        return entry[0], slot[0]
+    return None
