@@ -1,0 +1,1597 @@
+#!/usr/bin/env python3
+"""Benchmark mmkv against the stores a user would otherwise pick, on the same workloads, in one run.
+
+Usage (from the repository root, in an environment where mmkv is installed)::
+
+    pip install -r bench/requirements.txt     # the peers; any that is missing is skipped with a note
+    python bench/run.py                       # every workload at full size (about 10-15 min on 2 cores)
+    python bench/run.py --quick               # every workload at small sizes (well under a minute)
+    python bench/run.py --only get,put        # some workloads (names below), comma separated
+    python bench/run.py --out DIR             # where results go (default: bench/results)
+    python bench/run.py --repeats 5           # timed repeats per system (the median is reported; >= 3)
+    python bench/run.py --workdir DIR         # where the stores are built (default: the system temp dir)
+
+Outputs, written to --out (a --quick run writes ``*-quick.*`` so it never overwrites a full run):
+
+- ``results.md``   a markdown table of every figure, each peer's cell followed by the mmkv/peer ratio
+                   (always oriented so that a ratio above 1 means mmkv is better); also printed to stdout;
+- ``results.json`` every raw figure (each repeat), the settings, the machine (CPU, cores, memory,
+                   Python, filesystem, versions), skipped peers and failures;
+- ``ratios.png``   a chart of the ratios (needs matplotlib; skipped with a note otherwise).
+
+Workloads (``--only`` names):
+
+==============  ==============================================================================
+get             get of present keys through each system's per-call API (100-byte values)
+get_absent      get of absent keys
+put             put of new keys, each call its own commit, no sync; 100-byte and 1000-byte values
+batch_put       put of N keys in one transaction / batch
+delete          delete of every key, each call its own commit
+durable_put     put, each call durable when it returns (fewer ops)
+counter         4 processes increment one shared counter; the final count is checked
+open            a fresh process opens a big store and reads one key (1M keys; mmkv also at 10M)
+space           file size / live logical bytes, after loading and after 5 rounds of churn
+scale           mmkv alone at 10M keys: insert and get rate, file size, peak RSS, put latencies
+==============  ==============================================================================
+
+Peers: py-lmdb, sqlite3 (stdlib, WAL mode), diskcache, a plain dict (the in-memory floor),
+multiprocessing.Value (counter only) and Redis (a ``redis-server`` on PATH, started by the bench on a
+free loopback port with persistence off, stopped at the end).  Settings, as used everywhere unless a
+workload says otherwise:
+
+- mmkv: ``mmkv.open(path, "n", sync="none")``; ``sync="full"`` for durable_put.
+- lmdb: ``lmdb.open(dir, map_size=16 GiB, sync=False, metasync=False)`` (no fsync at commit: the OS
+  writes the pages back later); ``sync=True, metasync=True`` for durable_put.  Reads are measured
+  twice: a read transaction per call (``lmdb``) and one reused read transaction (``lmdb-reused-txn``).
+- sqlite: ``journal_mode=WAL``, ``synchronous=OFF`` (``FULL`` for durable_put), autocommit, table
+  ``kv(k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID``, one statement per call.
+- diskcache: ``diskcache.Cache(dir)`` with its defaults (SQLite in WAL mode, synchronous=NORMAL, so no
+  fsync per commit).
+- dict: a plain ``dict`` (nothing is persisted or shared; the floor of what a Python call costs).
+- redis: redis-py client on 127.0.0.1, one round trip per call; MSET for batch_put; INCR for counter.
+
+Method: keys are ``b"key%08d"``, values ``os.urandom``; access order is random (a fresh shuffle per
+repeat; the 10M-key scale run uses a pseudo-random permutation i -> (a*i + b) mod N to keep the
+harness's own memory out of the RSS figure).  Within a workload the systems run in turn, interleaved
+repeat by repeat, in one process; each timed loop runs with the garbage collector off; the figure is
+the median of the repeats.  Stores live in one temporary folder on one filesystem (recorded in the
+JSON), and the open workload reads files that were just written (warm page cache).  Ratios:
+throughput mmkv/peer, times and sizes peer/mmkv, so a ratio above 1 always means mmkv is better.
+"""
+import argparse
+import gc
+import heapq
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+SIZES = {
+    "full": dict(n=50_000, durable=300, counter_per_proc=25_000, procs=4,
+                 open_small=1_000_000, open_big=10_000_000, space_n=50_000, space_rounds=5,
+                 scale_n=10_000_000),
+    "quick": dict(n=2_000, durable=30, counter_per_proc=500, procs=4,
+                  open_small=10_000, open_big=100_000, space_n=2_000, space_rounds=5,
+                  scale_n=100_000),
+}
+
+LMDB_MAP_SIZE = 16 << 30
+VALUE_SIZE = 100          # bytes, unless a workload says otherwise
+CHUNK = 100_000           # keys per chunk when building big stores
+
+# Every system, in table order.  "module" must import for the system to run.
+SYSTEMS = {
+    "mmkv": dict(module="mmkv", label="mmkv"),
+    "lmdb": dict(module="lmdb", label="lmdb"),
+    "lmdb-reused-txn": dict(module="lmdb", label="lmdb (reused txn)"),
+    "sqlite": dict(module="sqlite3", label="sqlite"),
+    "diskcache": dict(module="diskcache", label="diskcache"),
+    "dict": dict(module=None, label="dict"),
+    "mp.Value": dict(module="multiprocessing", label="mp.Value"),
+    "redis": dict(module="redis", label="redis"),
+}
+
+# Which systems take part in each workload (those available on the machine run).
+PARTICIPANTS = {
+    "get": ["mmkv", "lmdb", "lmdb-reused-txn", "sqlite", "diskcache", "dict", "redis"],
+    "get_absent": ["mmkv", "lmdb", "lmdb-reused-txn", "sqlite", "diskcache", "dict", "redis"],
+    "put": ["mmkv", "lmdb", "sqlite", "diskcache", "dict", "redis"],
+    "batch_put": ["mmkv", "lmdb", "sqlite", "diskcache", "dict", "redis"],
+    "delete": ["mmkv", "lmdb", "sqlite", "diskcache", "dict", "redis"],
+    "durable_put": ["mmkv", "lmdb", "sqlite"],
+    "counter": ["mmkv", "lmdb", "sqlite", "diskcache", "mp.Value", "redis"],
+    "open": ["mmkv", "lmdb", "sqlite"],
+    "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
+    "scale": ["mmkv"],
+}
+TABLE_ORDER = ["get", "get_absent", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
+               "scale"]
+# scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
+RUN_ORDER = ["get", "get_absent", "put", "batch_put", "delete", "durable_put", "counter", "space", "scale",
+             "open"]
+
+TITLES = {
+    "get": "get, present keys (per call)",
+    "get_absent": "get, absent keys (per call)",
+    "put": "put, each call its own commit, no sync",
+    "batch_put": "put of N keys in one transaction / batch",
+    "delete": "delete, each call its own commit",
+    "durable_put": "durable put (each call on disk when it returns)",
+    "counter": "shared counter, 4 processes",
+    "open": "fresh process: open a big store and read one key",
+    "space": "space: bytes on disk / live logical bytes",
+    "scale": "scale: mmkv alone",
+}
+
+
+def key(i: int) -> bytes:
+    return b"key%08d" % i
+
+
+def log(msg: str) -> None:
+    try:
+        print(msg, flush=True)
+    except OSError:         # stdout on a full disk: keep measuring
+        pass
+
+
+# ===================================================================== availability
+def availability():
+    """{system: None if it can run here, else the reason it is skipped}."""
+    out = {}
+    for name, spec in SYSTEMS.items():
+        mod = spec["module"]
+        if mod is None:
+            out[name] = None
+            continue
+        try:
+            importlib.import_module(mod)
+            out[name] = None
+        except Exception as exc:      # not installed, or broken
+            out[name] = f"module {mod!r} is not importable ({type(exc).__name__}: {exc})"
+    if out["redis"] is None and shutil.which("redis-server") is None:
+        out["redis"] = "no redis-server on PATH"
+    return out
+
+
+# ===================================================================== redis server
+class RedisServer:
+    """A throw-away redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.proc = None
+        self.port = None
+        self.version = None
+
+    def start(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.folder, "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("redis-server did not come up")
+                time.sleep(0.05)
+        self.version = client.info("server").get("redis_version")
+        client.close()
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+REDIS_PORT = None      # set while the server runs
+
+
+# ===================================================================== adapters
+# Each adapter owns one store in its own folder.  The *_loop methods are the timed bodies: the
+# idiomatic per-call API of the system, with attribute look-ups hoisted out of the loop.
+class MmkvStore:
+    def __init__(self, folder, sync="none"):
+        import mmkv
+        self.folder = folder
+        self.path = os.path.join(folder, "store.mmkv")
+        self.db = mmkv.open(self.path, "n", sync=sync)
+
+    def get_loop(self, keys):
+        db = self.db
+        for k in keys:
+            db[k]
+
+    def absent_loop(self, keys):
+        get = self.db.get
+        for k in keys:
+            get(k)
+
+    def put_loop(self, items):
+        db = self.db
+        for k, v in items:
+            db[k] = v
+
+    def batch(self, mapping):
+        self.db.update(mapping)
+
+    def delete_loop(self, keys):
+        db = self.db
+        for k in keys:
+            del db[k]
+
+    def fetch(self, k):
+        return self.db.get(k)
+
+    def count(self):
+        return len(self.db)
+
+    def close(self):
+        self.db.close()
+
+
+class LmdbStore:
+    def __init__(self, folder, sync="none"):
+        import lmdb
+        self.folder = folder
+        durable = sync == "full"
+        self.env = lmdb.open(os.path.join(folder, "lmdb"), map_size=LMDB_MAP_SIZE, sync=durable,
+                             metasync=durable)
+
+    def get_loop(self, keys):
+        begin = self.env.begin
+        for k in keys:
+            with begin() as txn:
+                txn.get(k)
+
+    absent_loop = get_loop      # txn.get returns None for an absent key
+
+    def put_loop(self, items):
+        begin = self.env.begin
+        for k, v in items:
+            with begin(write=True) as txn:
+                txn.put(k, v)
+
+    def batch(self, mapping):
+        with self.env.begin(write=True) as txn:
+            txn.cursor().putmulti(mapping.items())
+
+    def delete_loop(self, keys):
+        begin = self.env.begin
+        for k in keys:
+            with begin(write=True) as txn:
+                txn.delete(k)
+
+    def fetch(self, k):
+        with self.env.begin() as txn:
+            return txn.get(k)
+
+    def count(self):
+        return self.env.stat()["entries"]
+
+    def close(self):
+        self.env.close()
+
+
+class LmdbReusedTxnStore(LmdbStore):
+    def get_loop(self, keys):
+        with self.env.begin() as txn:
+            get = txn.get
+            for k in keys:
+                get(k)
+
+    absent_loop = get_loop
+
+
+SQL_GET = "SELECT v FROM kv WHERE k = ?"
+SQL_PUT = "INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)"
+SQL_DEL = "DELETE FROM kv WHERE k = ?"
+
+
+class SqliteStore:
+    def __init__(self, folder, sync="none"):
+        self.folder = folder
+        self.path = os.path.join(folder, "store.sqlite")
+        self.con = sqlite3.connect(self.path, isolation_level=None)      # autocommit: a statement = a txn
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=" + ("FULL" if sync == "full" else "OFF"))
+        self.con.execute("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
+
+    def get_loop(self, keys):
+        ex = self.con.execute
+        for k in keys:
+            ex(SQL_GET, (k,)).fetchone()
+
+    absent_loop = get_loop
+
+    def put_loop(self, items):
+        ex = self.con.execute
+        for kv in items:
+            ex(SQL_PUT, kv)
+
+    def batch(self, mapping):
+        self.con.execute("BEGIN")
+        self.con.executemany(SQL_PUT, mapping.items())
+        self.con.execute("COMMIT")
+
+    def delete_loop(self, keys):
+        ex = self.con.execute
+        for k in keys:
+            ex(SQL_DEL, (k,))
+
+    def fetch(self, k):
+        row = self.con.execute(SQL_GET, (k,)).fetchone()
+        return row[0] if row else None
+
+    def count(self):
+        return self.con.execute("SELECT count(*) FROM kv").fetchone()[0]
+
+    def close(self):
+        self.con.close()
+
+
+class DiskCacheStore:
+    def __init__(self, folder, sync="none"):
+        import diskcache
+        self.folder = folder
+        self.cache = diskcache.Cache(os.path.join(folder, "diskcache"))
+
+    def get_loop(self, keys):
+        c = self.cache
+        for k in keys:
+            c[k]
+
+    def absent_loop(self, keys):
+        get = self.cache.get
+        for k in keys:
+            get(k)
+
+    def put_loop(self, items):
+        c = self.cache
+        for k, v in items:
+            c[k] = v
+
+    def batch(self, mapping):
+        c = self.cache
+        with c.transact():
+            for k, v in mapping.items():
+                c[k] = v
+
+    def delete_loop(self, keys):
+        c = self.cache
+        for k in keys:
+            del c[k]
+
+    def fetch(self, k):
+        return self.cache.get(k)
+
+    def count(self):
+        return len(self.cache)
+
+    def close(self):
+        self.cache.close()
+
+
+class DictStore:
+    def __init__(self, folder, sync="none"):
+        self.folder = folder
+        self.d = {}
+
+    def get_loop(self, keys):
+        d = self.d
+        for k in keys:
+            d[k]
+
+    def absent_loop(self, keys):
+        get = self.d.get
+        for k in keys:
+            get(k)
+
+    def put_loop(self, items):
+        d = self.d
+        for k, v in items:
+            d[k] = v
+
+    def batch(self, mapping):
+        self.d.update(mapping)
+
+    def delete_loop(self, keys):
+        d = self.d
+        for k in keys:
+            del d[k]
+
+    def fetch(self, k):
+        return self.d.get(k)
+
+    def count(self):
+        return len(self.d)
+
+    def close(self):
+        self.d = None
+
+
+class RedisStore:
+    def __init__(self, folder, sync="none"):
+        import redis
+        self.folder = folder
+        self.r = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
+        self.r.flushall()
+
+    def get_loop(self, keys):
+        get = self.r.get
+        for k in keys:
+            get(k)
+
+    absent_loop = get_loop
+
+    def put_loop(self, items):
+        put = self.r.set
+        for k, v in items:
+            put(k, v)
+
+    def batch(self, mapping):
+        self.r.mset(mapping)
+
+    def delete_loop(self, keys):
+        delete = self.r.delete
+        for k in keys:
+            delete(k)
+
+    def fetch(self, k):
+        return self.r.get(k)
+
+    def count(self):
+        return self.r.dbsize()
+
+    def close(self):
+        self.r.flushall()
+        self.r.close()
+
+
+ADAPTERS = {"mmkv": MmkvStore, "lmdb": LmdbStore, "lmdb-reused-txn": LmdbReusedTxnStore, "sqlite": SqliteStore,
+            "diskcache": DiskCacheStore, "dict": DictStore, "redis": RedisStore}
+
+
+# ===================================================================== run context and results
+class Run:
+    def __init__(self, args, size, avail, workdir):
+        self.args = args
+        self.size = size
+        self.avail = avail
+        self.workdir = workdir
+        self.repeats = args.repeats
+        self.results = {}        # workload -> {"title", "metrics": [...], "notes": [...]}
+        self.failures = []       # {"workload", "system", "message"}
+        self.prebuilt = {}       # (system, n) -> path of a store with keys key(0..n-1), 100-byte values
+        self.seq = 0
+        self.load = {"start": [round(x, 2) for x in os.getloadavg()]}   # 1/5/15-min load averages
+
+    def systems(self, workload):
+        return [s for s in PARTICIPANTS[workload] if self.avail.get(s) is None]
+
+    def folder(self, tag):
+        self.seq += 1
+        path = os.path.join(self.workdir, f"{self.seq:04d}-{tag}")
+        os.makedirs(path)
+        return path
+
+    def fail(self, workload, system, message):
+        log(f"  !! {workload} / {system}: {message}")
+        self.failures.append(dict(workload=workload, system=system, message=message))
+
+    def metric(self, workload, mid, label, unit, better, values, extra_note=None):
+        """Record one metric: values = {system: {"median": x, "runs": [...], ...}}."""
+        wl = self.results.setdefault(workload, dict(title=TITLES[workload], metrics=[], notes=[]))
+        m = dict(id=mid, label=label, unit=unit, better=better, values=values)
+        base = values.get("mmkv", {}).get("median")
+        ratios = {}
+        for system, v in values.items():
+            if system == "mmkv" or v.get("median") is None or not base:
+                continue
+            x = v["median"]
+            if x <= 0:
+                continue
+            ratios[system] = base / x if better == "higher" else x / base
+        m["ratios"] = ratios
+        wl["metrics"].append(m)
+        shown = ", ".join(f"{s}={fmt(v.get('median'), unit)}" for s, v in values.items())
+        log(f"  {label}: {shown}")
+        return m
+
+    def note(self, workload, text):
+        self.results.setdefault(workload, dict(title=TITLES[workload], metrics=[], notes=[]))["notes"].append(text)
+
+
+def timed(fn, *args):
+    """Seconds fn(*args) takes, with the garbage collector off."""
+    gc.collect()
+    gc.disable()
+    try:
+        t = time.perf_counter()
+        fn(*args)
+        return time.perf_counter() - t
+    finally:
+        gc.enable()
+
+
+def summarize(runs, **extra):
+    d = dict(median=statistics.median(runs) if runs else None, runs=runs)
+    d.update(extra)
+    return d
+
+
+def remove(path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def rate_runs(run, workload, systems, n, make, body, check, label_fmt):
+    """Generic 'fresh store per repeat' loop: make(system) -> (adapter, arg); time body(adapter, arg).
+
+    Returns {system: summary of ops/s}.  Systems that fail are recorded and dropped.
+    """
+    runs = {s: [] for s in systems}
+    alive = list(systems)
+    for r in range(run.repeats):
+        for s in list(alive):
+            ad = None
+            try:
+                ad, arg = make(s)
+                dt = timed(body, ad, arg)
+                problem = check(ad)
+                if problem:
+                    run.fail(workload, s, f"{label_fmt}: {problem}")
+                    alive.remove(s)
+                else:
+                    runs[s].append(n / dt)
+            except Exception as exc:
+                run.fail(workload, s, f"{label_fmt}: {type(exc).__name__}: {exc}")
+                log(traceback.format_exc())
+                alive.remove(s)
+            finally:
+                if ad is not None:
+                    try:
+                        ad.close()
+                    except Exception:
+                        pass
+                    remove(ad.folder)
+    return {s: summarize(runs[s]) for s in systems if runs[s]}
+
+
+def shuffled(seq, rng):
+    out = list(seq)
+    rng.shuffle(out)
+    return out
+
+
+# ===================================================================== workloads 1, 2: get
+def wl_get(run, workload):
+    absent = workload == "get_absent"
+    n = run.size["n"]
+    rng = random.Random(1)
+    systems = run.systems(workload)
+    mapping = {key(i): os.urandom(VALUE_SIZE) for i in shuffled(range(n), rng)}
+    probe = [key(i) for i in range(n, 2 * n)] if absent else list(mapping)
+    stores = {}
+    for s in systems:
+        try:
+            ad = ADAPTERS[s](run.folder(f"{workload}-{s}"))
+            stores[s] = ad
+            ad.batch(mapping)
+            if ad.count() != n:
+                raise AssertionError(f"{ad.count()} keys after loading {n}")
+            sample = rng.sample(list(mapping), min(n, 200))
+            bad = [k for k in sample if ad.fetch(k) != mapping[k]]
+            if bad:
+                raise AssertionError(f"wrong value for {bad[0]!r} after loading")
+        except Exception as exc:
+            run.fail(workload, s, f"load: {type(exc).__name__}: {exc}")
+            stores.pop(s, None)
+    runs = {s: [] for s in stores}
+    for r in range(run.repeats):
+        order = shuffled(probe, rng)
+        for s, ad in list(stores.items()):
+            try:
+                dt = timed(ad.absent_loop if absent else ad.get_loop, order)
+                runs[s].append(n / dt)
+            except Exception as exc:
+                run.fail(workload, s, f"{type(exc).__name__}: {exc}")
+                stores.pop(s)
+    for ad in list(stores.values()):
+        ad.close()
+        remove(ad.folder)
+    values = {s: summarize(v) for s, v in runs.items() if v}
+    what = "absent" if absent else "present"
+    run.metric(workload, workload, f"get {what} key, {n:,} keys, {VALUE_SIZE} B values", "ops/s", "higher", values)
+
+
+# ===================================================================== workload 3: put
+def wl_put(run, workload):
+    n = run.size["n"]
+    rng = random.Random(3)
+    systems = run.systems(workload)
+    for size in (100, 1000):
+        items = [(key(i), os.urandom(size)) for i in range(n)]
+        def make(s, items=items, size=size):
+            return ADAPTERS[s](run.folder(f"put{size}-{s}")), shuffled(items, rng)
+
+        def check(ad, items=items):
+            c = ad.count()
+            if c != n:
+                return f"{c} keys after {n} puts"
+            k, v = items[n // 2]
+            if ad.fetch(k) != v:
+                return f"wrong value read back for {k!r}"
+            return None
+
+        values = rate_runs(run, workload, systems, n, make, lambda ad, order: ad.put_loop(order), check,
+                           f"{size} B")
+        run.metric(workload, f"put_{size}", f"put new key, {size} B values, {n:,} keys", "ops/s", "higher", values)
+
+
+# ===================================================================== workload 4: batch put
+def wl_batch_put(run, workload):
+    n = run.size["n"]
+    rng = random.Random(4)
+    systems = run.systems(workload)
+    items = [(key(i), os.urandom(VALUE_SIZE)) for i in range(n)]
+
+    def make(s):
+        return ADAPTERS[s](run.folder(f"batch-{s}")), dict(shuffled(items, rng))
+
+    def check(ad):
+        c = ad.count()
+        if c != n:
+            return f"{c} keys after a batch of {n}"
+        k, v = items[n // 3]
+        if ad.fetch(k) != v:
+            return f"wrong value read back for {k!r}"
+        return None
+
+    values = rate_runs(run, workload, systems, n, make, lambda ad, mapping: ad.batch(mapping), check, "batch")
+    run.metric(workload, workload, f"batch of {n:,} keys in one txn, {VALUE_SIZE} B values (keys/s)", "ops/s",
+               "higher", values)
+    run.note(workload, "mmkv db.update(dict); lmdb one write txn with cursor.putmulti; sqlite executemany in "
+                       "BEGIN..COMMIT; diskcache cache.transact(); dict.update; redis MSET.")
+
+
+# ===================================================================== workload 5: delete
+def wl_delete(run, workload):
+    n = run.size["n"]
+    rng = random.Random(5)
+    systems = run.systems(workload)
+    mapping = {key(i): os.urandom(VALUE_SIZE) for i in range(n)}
+
+    def make(s):
+        ad = ADAPTERS[s](run.folder(f"delete-{s}"))
+        ad.batch(mapping)
+        if ad.count() != n:
+            raise AssertionError(f"{ad.count()} keys after loading {n}")
+        return ad, shuffled(mapping, rng)
+
+    def check(ad):
+        c = ad.count()
+        return f"{c} keys left after deleting all {n}" if c else None
+
+    values = rate_runs(run, workload, systems, n, make, lambda ad, keys: ad.delete_loop(keys), check, "delete")
+    run.metric(workload, workload, f"delete, {n:,} keys of {VALUE_SIZE} B", "ops/s", "higher", values)
+
+
+# ===================================================================== workload 6: durable put
+def wl_durable_put(run, workload):
+    n = run.size["durable"]
+    rng = random.Random(6)
+    systems = run.systems(workload)
+    items = [(key(i), os.urandom(VALUE_SIZE)) for i in range(n)]
+
+    def make(s):
+        return ADAPTERS[s](run.folder(f"durable-{s}"), sync="full"), shuffled(items, rng)
+
+    def check(ad):
+        c = ad.count()
+        return f"{c} keys after {n} puts" if c != n else None
+
+    values = rate_runs(run, workload, systems, n, make, lambda ad, order: ad.put_loop(order), check, "durable")
+    run.metric(workload, workload, f"durable put, {VALUE_SIZE} B values, {n} keys", "ops/s", "higher", values)
+    run.note(workload, "mmkv sync=\"full\" (msync MS_SYNC of record, then of slot); lmdb sync=True, "
+                       "metasync=True; sqlite WAL with synchronous=FULL.")
+
+
+# ===================================================================== workload 7: counter
+COUNTER_KEY = b"counter"
+
+
+def counter_child(system, target, port, n, barrier, queue):
+    """Body of one incrementing process: open own handle, wait for the others, increment n times."""
+    try:
+        if system == "mmkv":
+            import mmkv
+            db = mmkv.open(target, "w")
+            incr = db.incr
+
+            def step():
+                incr(COUNTER_KEY)
+            close = db.close
+        elif system == "lmdb":
+            import lmdb
+            env = lmdb.open(target, map_size=LMDB_MAP_SIZE, sync=False, metasync=False)
+            begin = env.begin
+
+            def step():
+                with begin(write=True) as txn:
+                    txn.put(COUNTER_KEY, b"%d" % (int(txn.get(COUNTER_KEY)) + 1))
+            close = env.close
+        elif system == "sqlite":
+            con = sqlite3.connect(target, isolation_level=None, timeout=120)
+            con.execute("PRAGMA synchronous=OFF")
+            ex = con.execute
+
+            def step():
+                ex("UPDATE counters SET v = v + 1 WHERE k = ?", (COUNTER_KEY,))
+            close = con.close
+        elif system == "diskcache":
+            import diskcache
+            cache = diskcache.Cache(target, timeout=120)
+            incr = cache.incr
+
+            def step():
+                incr(COUNTER_KEY)
+            close = cache.close
+        elif system == "redis":
+            import redis
+            r = redis.Redis(host="127.0.0.1", port=port)
+            incr = r.incr
+
+            def step():
+                incr(COUNTER_KEY)
+            close = r.close
+        elif system == "mp.Value":
+            value = target
+            lock = value.get_lock()
+
+            def step():
+                with lock:
+                    value.value += 1
+
+            def close():
+                pass
+        else:
+            raise ValueError(system)
+        barrier.wait(120)
+        gc.disable()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        t1 = time.perf_counter()
+        close()
+        queue.put((t0, t1, None))
+    except BaseException as exc:
+        queue.put((None, None, f"{type(exc).__name__}: {exc}"))
+
+
+def counter_setup(run, system):
+    """Create the shared counter at 0; returns (target for the children, folder, read_final())."""
+    folder = run.folder(f"counter-{system}")
+    if system == "mmkv":
+        import mmkv
+        path = os.path.join(folder, "store.mmkv")
+        with mmkv.open(path, "n") as db:
+            db.incr(COUNTER_KEY, 0)
+
+        def final():
+            with mmkv.open(path, "w") as db:
+                return db.incr(COUNTER_KEY, 0)
+        return path, folder, final
+    if system == "lmdb":
+        import lmdb
+        path = os.path.join(folder, "lmdb")
+        env = lmdb.open(path, map_size=LMDB_MAP_SIZE, sync=False, metasync=False)
+        with env.begin(write=True) as txn:
+            txn.put(COUNTER_KEY, b"0")
+        env.close()
+
+        def final():
+            env = lmdb.open(path, map_size=LMDB_MAP_SIZE)
+            with env.begin() as txn:
+                v = int(txn.get(COUNTER_KEY))
+            env.close()
+            return v
+        return path, folder, final
+    if system == "sqlite":
+        path = os.path.join(folder, "store.sqlite")
+        con = sqlite3.connect(path, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE counters (k BLOB PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID")
+        con.execute("INSERT INTO counters VALUES (?, 0)", (COUNTER_KEY,))
+        con.close()
+
+        def final():
+            con = sqlite3.connect(path)
+            v = con.execute("SELECT v FROM counters WHERE k = ?", (COUNTER_KEY,)).fetchone()[0]
+            con.close()
+            return v
+        return path, folder, final
+    if system == "diskcache":
+        import diskcache
+        path = os.path.join(folder, "diskcache")
+        with diskcache.Cache(path) as c:
+            c.set(COUNTER_KEY, 0)
+
+        def final():
+            with diskcache.Cache(path) as c:
+                return c.get(COUNTER_KEY)
+        return path, folder, final
+    if system == "redis":
+        import redis
+        r = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
+        r.flushall()
+        r.set(COUNTER_KEY, 0)
+        r.close()
+
+        def final():
+            r = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
+            v = int(r.get(COUNTER_KEY))
+            r.flushall()
+            r.close()
+            return v
+        return None, folder, final
+    if system == "mp.Value":
+        import multiprocessing
+        value = multiprocessing.get_context("fork").Value("q", 0)
+        return value, folder, lambda: value.value
+    raise ValueError(system)
+
+
+def wl_counter(run, workload):
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    procs, per = run.size["procs"], run.size["counter_per_proc"]
+    total = procs * per
+    systems = run.systems(workload)
+    runs = {s: [] for s in systems}
+    finals = {s: [] for s in systems}
+    alive = list(systems)
+    for r in range(run.repeats):
+        for s in list(alive):
+            folder = None
+            try:
+                target, folder, final = counter_setup(run, s)
+                barrier, queue = ctx.Barrier(procs + 1), ctx.Queue()
+                children = [ctx.Process(target=counter_child, args=(s, target, REDIS_PORT, per, barrier, queue))
+                            for _ in range(procs)]
+                for c in children:
+                    c.start()
+                barrier.wait(120)
+                got = [queue.get(timeout=600) for _ in children]
+                for c in children:
+                    c.join(60)
+                errors = [e for _, _, e in got if e]
+                if errors:
+                    raise RuntimeError("child failed: " + errors[0])
+                if any(c.exitcode != 0 for c in children):
+                    raise RuntimeError(f"child exit codes {[c.exitcode for c in children]}")
+                elapsed = max(t1 for _, t1, _ in got) - min(t0 for t0, _, _ in got)
+                count = final()
+                finals[s].append(count)
+                if count != total:
+                    run.fail(workload, s, f"final count {count}, expected {total} ({procs} x {per} increments)")
+                    alive.remove(s)
+                    continue
+                runs[s].append(total / elapsed)
+            except Exception as exc:
+                run.fail(workload, s, f"{type(exc).__name__}: {exc}")
+                alive.remove(s)
+            finally:
+                if folder:
+                    remove(folder)
+    values = {}
+    for s in systems:
+        if runs[s] or finals[s]:
+            values[s] = summarize(runs[s], final_counts=finals[s], expected=total,
+                                  exact=all(f == total for f in finals[s]) and bool(finals[s]))
+            if not runs[s]:
+                values[s]["median"] = None
+    run.metric(workload, workload, f"{procs} processes x {per:,} increments of one counter (total incr/s)",
+               "ops/s", "higher", values)
+    run.note(workload, "Each process opens its own handle (mp.Value: inherits the shared value and uses its "
+                       "lock). mmkv db.incr; lmdb a write txn that reads, adds 1 and puts; sqlite UPDATE v=v+1 "
+                       "(WAL, synchronous=OFF, autocommit, busy timeout 120 s); diskcache cache.incr; redis INCR. "
+                       "Time from the first process starting to the last finishing; the final count is checked "
+                       "to be exact.")
+
+
+# ===================================================================== workload 8: open
+OPEN_CHILD = r"""
+import json, resource, sys, time
+system, path, k = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+t_start = time.perf_counter()
+if system == "mmkv":
+    import mmkv
+    t0 = time.perf_counter()
+    db = mmkv.open(path, "r")
+    v = db[k]
+    t1 = time.perf_counter()
+    db.close()
+elif system == "lmdb":
+    import lmdb
+    t0 = time.perf_counter()
+    env = lmdb.open(path, readonly=True)
+    with env.begin() as txn:
+        v = txn.get(k)
+    t1 = time.perf_counter()
+    env.close()
+elif system == "sqlite":
+    import sqlite3
+    t0 = time.perf_counter()
+    con = sqlite3.connect(path)
+    v = con.execute("SELECT v FROM kv WHERE k = ?", (k,)).fetchone()[0]
+    t1 = time.perf_counter()
+    con.close()
+print(json.dumps({"open_get_s": t1 - t0, "import_s": t0 - t_start, "value_len": len(v),
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def build_store(run, system, n, folder):
+    """A store of keys key(0..n-1) with random 100-byte values, built in chunks; returns its path."""
+    if system == "mmkv":
+        import mmkv
+        path = os.path.join(folder, "store.mmkv")
+        with mmkv.open(path, "n") as db:
+            for start in range(0, n, CHUNK):
+                db.update({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))})
+            if len(db) != n:
+                raise AssertionError(f"{len(db)} keys after building {n}")
+        return path
+    if system == "lmdb":
+        import lmdb
+        path = os.path.join(folder, "lmdb")
+        env = lmdb.open(path, map_size=LMDB_MAP_SIZE, sync=False, metasync=False)
+        for start in range(0, n, CHUNK):
+            with env.begin(write=True) as txn:
+                txn.cursor().putmulti([(key(i), os.urandom(VALUE_SIZE)) for i in range(start, min(n, start + CHUNK))])
+        env.sync(True)
+        env.close()
+        return path
+    if system == "sqlite":
+        st = SqliteStore(folder)
+        for start in range(0, n, CHUNK):
+            st.batch({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))})
+        st.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        st.close()
+        return st.path
+    raise ValueError(system)
+
+
+def wl_open(run, workload):
+    rng = random.Random(8)
+    small, big = run.size["open_small"], run.size["open_big"]
+    cases = [(small, s) for s in run.systems(workload)] + [(big, "mmkv")]
+    made = []
+    paths = {}
+    for n, s in cases:
+        try:
+            if (s, n) in run.prebuilt:
+                paths[(s, n)] = run.prebuilt[(s, n)]
+                log(f"  reusing the {n:,}-key {s} store left by an earlier workload")
+            else:
+                t = time.perf_counter()
+                folder = run.folder(f"open-{s}-{n}")
+                made.append(folder)
+                paths[(s, n)] = build_store(run, s, n, folder)
+                log(f"  built {n:,}-key {s} store in {time.perf_counter() - t:.1f} s")
+        except Exception as exc:
+            run.fail(workload, s, f"building {n:,} keys: {type(exc).__name__}: {exc}")
+    inner = {c: [] for c in paths}
+    wall = {c: [] for c in paths}
+    extra = {c: [] for c in paths}
+    for r in range(run.repeats):
+        for (s, n), path in list(paths.items()):
+            k = key(rng.randrange(n)).decode()
+            try:
+                t = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-c", OPEN_CHILD, s, path, k], capture_output=True,
+                                      text=True, timeout=300)
+                dt = time.perf_counter() - t
+                if proc.returncode:
+                    raise RuntimeError(f"child exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+                out = json.loads(proc.stdout.strip().splitlines()[-1])
+                if out["value_len"] != VALUE_SIZE:
+                    raise AssertionError(f"read {out['value_len']} bytes, expected {VALUE_SIZE}")
+                inner[(s, n)].append(out["open_get_s"] * 1e3)
+                wall[(s, n)].append(dt * 1e3)
+                extra[(s, n)].append(out)
+            except Exception as exc:
+                run.fail(workload, s, f"{n:,} keys: {type(exc).__name__}: {exc}")
+                paths.pop((s, n))
+    for n in (small, big):
+        for what, data, unit in (("open + first get, timed inside the child", inner, "ms"),
+                                 ("whole child process, wall", wall, "ms")):
+            values = {s: summarize(data[(s, nn)], file_bytes=store_bytes(paths[(s, nn)]),
+                                   import_ms=statistics.median(e["import_s"] * 1e3 for e in extra[(s, nn)]),
+                                   child_maxrss_kb=max(e["maxrss_kb"] for e in extra[(s, nn)]))
+                      for (s, nn) in paths if nn == n and data[(s, nn)]}
+            mid = ("open_" if "inside" in what else "open_wall_") + label_n(n)
+            run.metric(workload, mid, f"{what}, {n:,} keys", unit, "lower", values)
+    for folder in made:
+        remove(folder)
+    for (s, n), path in run.prebuilt.items():
+        remove(os.path.dirname(path))
+    run.note(workload, f"Stores of {small:,} keys (mmkv, lmdb, sqlite) and {big:,} keys (mmkv only, to show that "
+                       "opening does not grow with the key count), 100-byte values, files just written (warm page "
+                       "cache). mmkv opens with flag \"r\", lmdb readonly=True, sqlite a plain connect. "
+                       "The inside time runs from before open to after the first get (module already imported); "
+                       "the wall time is the whole child (interpreter start, import, open, get, exit).")
+
+
+def store_bytes(path):
+    """Bytes of a store: a file (and its -wal), or every file of a folder (lmdb)."""
+    if os.path.isdir(path):
+        return tree_bytes(path)[0]
+    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+
+
+def label_n(n):
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+# ===================================================================== workload 9: space
+def tree_bytes(folder):
+    """(apparent bytes, allocated bytes, {file: bytes}) of every file under folder."""
+    apparent = allocated = 0
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            p = os.path.join(root, name)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+            files[os.path.relpath(p, folder)] = st.st_size
+    return apparent, allocated, files
+
+
+def wl_space(run, workload):
+    n, rounds = run.size["space_n"], run.size["space_rounds"]
+    systems = run.systems(workload)
+    after_load, after_churn = {}, {}
+    folders = []
+    for s in systems:
+        rng = random.Random(9)        # the same sizes and deletions for every system
+        ad = None
+        try:
+            folders.append(run.folder(f"space-{s}"))
+            ad = ADAPTERS[s](folders[-1])
+            live = {}
+            items = []
+            for i in shuffled(range(n), rng):
+                v = os.urandom(rng.randint(10, 2000))
+                items.append((key(i), v))
+                live[key(i)] = len(v)
+            ad.put_loop(items)
+            logical = sum(len(k) + v for k, v in live.items())
+            app, alloc, files = tree_bytes(ad.folder)
+            after_load[s] = summarize([app / logical], bytes=app, allocated_bytes=alloc, logical_bytes=logical,
+                                      keys=len(live), files=files)
+            for _ in range(rounds):
+                items = []
+                for i in shuffled(range(n), rng):
+                    v = os.urandom(rng.randint(10, 2000))
+                    items.append((key(i), v))
+                    live[key(i)] = len(v)
+                ad.put_loop(items)
+                gone = rng.sample(sorted(live), len(live) // 2)
+                ad.delete_loop(gone)
+                for k in gone:
+                    del live[k]
+            if ad.count() != len(live):
+                raise AssertionError(f"{ad.count()} keys, expected {len(live)}")
+            logical = sum(len(k) + v for k, v in live.items())
+            app, alloc, files = tree_bytes(ad.folder)
+            after_churn[s] = summarize([app / logical], bytes=app, allocated_bytes=alloc, logical_bytes=logical,
+                                       keys=len(live), files=files)
+            if s == "mmkv":
+                after_churn[s]["stats"] = ad.db.stats()
+            ad.close()
+            after_churn[s]["bytes_after_close"] = tree_bytes(ad.folder)[0]
+            ad = None
+        except Exception as exc:
+            run.fail(workload, s, f"{type(exc).__name__}: {exc}")
+            log(traceback.format_exc())
+        finally:
+            if ad is not None:
+                try:
+                    ad.close()
+                except Exception:
+                    pass
+    run.metric(workload, "space_load", f"after loading {n:,} keys (10..2000 B values)", "x", "lower", after_load)
+    run.metric(workload, "space_churn", f"after {rounds} rounds of overwrite-all + delete-half", "x", "lower",
+               after_churn)
+    run.note(workload, "Bytes of every file the system keeps (main file, WAL, lock or sidecar files), measured "
+                       "while the store is open, divided by the live logical bytes (sum of len(key)+len(value) of "
+                       "what is stored). Each call its own commit; one run (a size, not a timing). A round "
+                       "overwrites every key (re-inserting the ones deleted in the previous round) with a random "
+                       "10..2000-byte value, then deletes a random half. The JSON also has allocated bytes, each "
+                       "file's size and the size after close.")
+    for folder in folders:
+        remove(folder)
+
+
+# ===================================================================== workload 10: scale
+def scale_child(path, n, out_path):
+    """Run in a fresh interpreter: insert n keys one call at a time, timing each call, then get them all."""
+    from array import array
+    import mmkv
+    rng = random.Random(10)
+
+    def permutation():
+        while True:
+            a = rng.randrange(n // 3, n) | 1
+            if math.gcd(a, n) == 1:
+                return a, rng.randrange(n)
+
+    a, b = permutation()
+    lat = array("q", bytes(8 * n))
+    pc = time.perf_counter_ns
+    urandom = os.urandom
+    db = mmkv.open(path, "n")
+    put_s = 0.0
+    j = 0
+    for start in range(0, n, CHUNK):
+        idx = range(start, min(n, start + CHUNK))
+        keys = [key((a * i + b) % n) for i in idx]
+        vals = [urandom(VALUE_SIZE) for _ in idx]
+        gc.collect()
+        gc.disable()
+        t = time.perf_counter()
+        for k, v in zip(keys, vals):
+            t0 = pc()
+            db[k] = v
+            lat[j] = pc() - t0
+            j += 1
+        put_s += time.perf_counter() - t
+        gc.enable()
+    st = db.stats()
+    a2, b2 = permutation()
+    get_s = 0.0
+    bad = 0
+    for start in range(0, n, CHUNK):
+        keys = [key((a2 * i + b2) % n) for i in range(start, min(n, start + CHUNK))]
+        gc.collect()
+        gc.disable()
+        t = time.perf_counter()
+        for k in keys:
+            db[k]
+        get_s += time.perf_counter() - t
+        gc.enable()
+        bad += sum(1 for k in keys[:100] if len(db[k]) != VALUE_SIZE)
+    status = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                status[name] = int(rest.split()[0]) * 1024
+    file_size = os.path.getsize(path)
+    db.close()
+    slowest = heapq.nlargest(10, range(n), key=lat.__getitem__)
+    s = sorted(lat)
+
+    def pct(q):
+        return s[min(n - 1, int(q * n))] / 1e3
+    out = dict(n=n, insert_rate=n / put_s, get_rate=n / get_s, file_bytes=file_size, keys=st["keys"],
+               stats=st, bad_values=bad, proc_status=status, peak_rss_bytes=status.get("VmHWM"),
+               p50_us=pct(0.50), p99_us=pct(0.99), p999_us=pct(0.999), max_us=s[-1] / 1e3,
+               mean_us=sum(s) / n / 1e3,
+               slowest=[dict(call=i, keys_before=i, us=lat[i] / 1e3) for i in sorted(slowest)])
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+def wl_scale(run, workload):
+    n = run.size["scale_n"]
+    folder = run.folder("scale-mmkv")
+    path = os.path.join(folder, "store.mmkv")
+    out_path = os.path.join(folder, "scale.json")
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-scale", path, str(n), out_path],
+                          capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        run.fail(workload, "mmkv", f"scale child exited {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+        remove(folder)
+        return
+    with open(out_path) as f:
+        out = json.load(f)
+    if out["keys"] != n:
+        run.fail(workload, "mmkv", f"{out['keys']} keys after inserting {n}")
+    if out["bad_values"]:
+        run.fail(workload, "mmkv", f"{out['bad_values']} values read back with the wrong length")
+    tag = label_n(n)
+    rows = [("scale_insert", f"insert rate, {tag} keys, per call", "ops/s", "higher", out["insert_rate"]),
+            ("scale_get", f"get rate, {tag} keys, random order", "ops/s", "higher", out["get_rate"]),
+            ("scale_file", f"file size at {tag} keys", "MB", "lower", out["file_bytes"] / 1e6),
+            ("scale_bytes_per_key", f"file bytes per key ({len(key(0))} B key + {VALUE_SIZE} B value)", "B",
+             "lower", out["file_bytes"] / n),
+            ("scale_rss", "peak RSS of the process (VmHWM)", "MB", "lower", (out["peak_rss_bytes"] or 0) / 1e6),
+            ("scale_p50", "put latency p50", "us", "lower", out["p50_us"]),
+            ("scale_p99", "put latency p99", "us", "lower", out["p99_us"]),
+            ("scale_p999", "put latency p99.9", "us", "lower", out["p999_us"]),
+            ("scale_max", "put latency max", "us", "lower", out["max_us"])]
+    for mid, label, unit, better, v in rows:
+        extra = dict(raw=out) if mid == "scale_insert" else {}
+        run.metric(workload, mid, label, unit, better, {"mmkv": summarize([v], **extra)})
+    slow = ", ".join(f"{x['us'] / 1e3:.1f} ms at key {x['call']:,}" for x in sorted(out["slowest"],
+                                                                                       key=lambda x: -x["us"])[:5])
+    st = out["proc_status"]
+    run.note(workload, f"One run in a fresh process ({wall:.0f} s wall including key and value generation). "
+                       f"Every put is timed on its own (perf_counter_ns around db[k] = v) while the file and the "
+                       f"index grow; the rates include that timer. Slowest puts: {slow}. The peak RSS counts the "
+                       f"mapped file's resident pages (RssFile {st.get('RssFile', 0) / 1e6:.0f} MB, RssAnon "
+                       f"{st.get('RssAnon', 0) / 1e6:.0f} MB at the end, of which {8 * n / 1e6:.0f} MB is the "
+                       f"harness's latency array).")
+    run.prebuilt[("mmkv", n)] = path
+
+
+WORKLOADS = {"get": wl_get, "get_absent": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
+             "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
+             "scale": wl_scale}
+
+
+# ===================================================================== machine info
+def filesystem_of(path):
+    path = os.path.realpath(path)
+    best = ("?", "?", "?")
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mnt, fstype = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[1]):
+                best = (dev, mnt, fstype)
+    return dict(device=best[0], mount=best[1], type=best[2])
+
+
+def machine_info(workdir, avail, redis_version):
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    for mod in ("mmkv", "lmdb", "diskcache", "redis", "matplotlib"):
+        try:
+            m = importlib.import_module(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except Exception:
+            pass
+    if redis_version:
+        versions["redis-server"] = redis_version
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except Exception:
+        commit = ""
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mmkv", "native"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except Exception:
+        dirty = []
+    return dict(cpu=cpu, cores=os.cpu_count(), memory_bytes=mem, platform=platform.platform(),
+                python=sys.version.split()[0], implementation=platform.python_implementation(),
+                workdir=workdir, filesystem=filesystem_of(workdir), repo_filesystem=filesystem_of(REPO),
+                versions=versions, git_commit=commit, mmkv_uncommitted_changes=dirty)
+
+
+# ===================================================================== output
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    if unit == "ops/s":
+        return f"{v:,.0f}"
+    if unit in ("ms", "us"):
+        return f"{v:,.3f}" if v < 1 else (f"{v:,.2f}" if v < 100 else f"{v:,.0f}")
+    if unit == "x":
+        return f"{v:.2f}"
+    if unit == "MB":
+        return f"{v:,.1f}"
+    if unit == "B":
+        return f"{v:,.1f}"
+    return f"{v:.4g}"
+
+
+def fmt_ratio(r):
+    if r >= 10:
+        return f"×{r:.1f}"
+    return f"×{r:.2f}" if r >= 0.1 else f"×{r:.2g}"
+
+
+def columns(results):
+    present = set()
+    for wl in results.values():
+        for m in wl["metrics"]:
+            present.update(m["values"])
+    return [s for s in SYSTEMS if s in present]
+
+
+def markdown(doc):
+    res = doc["workloads"]
+    cols = columns(res)
+    mach = doc["machine"]
+    lines = [f"# mmkv benchmark{' (quick)' if doc['config']['quick'] else ''}", ""]
+    lines.append(f"{mach['cpu']}, {mach['cores']} cores, "
+                 f"{(mach['memory_bytes'] or 0) / 2**30:.0f} GiB, {mach['platform']}, Python {mach['python']}, "
+                 f"stores on {mach['filesystem']['type']} ({mach['filesystem']['mount']}); mmkv commit "
+                 f"{mach['git_commit'] or '?'}; run took {doc['duration_s'] / 60:.1f} min; median of "
+                 f"{doc['config']['repeats']} repeats; 1-min load average {doc['load_averages']['start'][0]} "
+                 f"at the start, {doc['load_averages']['end'][0]} at the end.")
+    if mach.get("mmkv_uncommitted_changes"):
+        lines.append("")
+        lines.append("Measured with uncommitted changes in: " + ", ".join(mach["mmkv_uncommitted_changes"]) + ".")
+    lines.append("")
+    lines.append("Each peer's cell is its figure followed by the **mmkv/peer ratio: above 1 means mmkv is better** "
+                 "(throughput: mmkv ÷ peer; times and sizes: peer ÷ mmkv).")
+    lines.append("")
+    head = ["workload", "metric", "unit"] + [SYSTEMS[c]["label"] for c in cols]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * len(cols)) + "|")
+    for name in TABLE_ORDER:
+        if name not in res:
+            continue
+        for m in res[name]["metrics"]:
+            unit_label = {"x": "× logical", "us": "µs"}.get(m["unit"], m["unit"])
+            row = [name, m["label"], unit_label]
+            for c in cols:
+                v = m["values"].get(c)
+                if v is None:
+                    row.append("")
+                    continue
+                cell = fmt(v.get("median"), m["unit"])
+                if v.get("exact") is False:
+                    cell = f"FAIL (count {v['final_counts']}, expected {v['expected']})"
+                elif c in m["ratios"]:
+                    cell += f" ({fmt_ratio(m['ratios'][c])})"
+                row.append(cell)
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Units: ops/s = operations per second (higher is better); ms, µs = time (lower is better); "
+                 "× logical = bytes on disk per live logical byte (lower is better); MB = 10^6 bytes.")
+    lines.append("")
+    notes = [(name, n) for name in TABLE_ORDER if name in res for n in res[name]["notes"]]
+    if notes:
+        lines.append("## Notes")
+        lines.append("")
+        for name, n in notes:
+            lines.append(f"- **{name}**: {n}")
+        lines.append("")
+    lines.append("## Settings")
+    lines.append("")
+    for s in doc["settings"]:
+        lines.append(f"- {s}")
+    lines.append("")
+    if doc["skipped"]:
+        lines.append("## Skipped peers")
+        lines.append("")
+        for s, why in doc["skipped"].items():
+            lines.append(f"- {s}: {why}")
+        lines.append("")
+    lines.append("## Failures")
+    lines.append("")
+    if doc["failures"]:
+        for f in doc["failures"]:
+            lines.append(f"- {f['workload']} / {f['system']}: {f['message']}")
+    else:
+        lines.append("None: every read-back, count and final counter value checked out.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+SETTINGS = [
+    "mmkv: mmkv.open(path, \"n\", sync=\"none\") (sync=\"full\" for durable_put); gets use db[k], absent gets "
+    "db.get(k).",
+    "lmdb: lmdb.open(dir, map_size=16 GiB, sync=False, metasync=False): commits do not fsync "
+    "(sync=True, metasync=True for durable_put); a transaction per call, and for gets also one reused read "
+    "transaction.",
+    "sqlite: journal_mode=WAL, synchronous=OFF (FULL for durable_put), autocommit, "
+    "kv(k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID, one statement per call.",
+    "diskcache: Cache(dir) defaults (SQLite WAL, synchronous=NORMAL: no fsync per commit).",
+    "dict: a plain in-process dict (persists nothing; the floor of a Python call).",
+    "redis: redis-server on 127.0.0.1, persistence off (--save '' --appendonly no), redis-py client, one "
+    "round trip per call.",
+    "mp.Value: multiprocessing.Value('q') with its lock (counter only).",
+]
+
+
+def chart(doc, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+    except Exception as exc:
+        return f"chart skipped: matplotlib is not importable ({exc})"
+    res = doc["workloads"]
+    rows, labels = [], []
+    cols = [c for c in columns(res) if c != "mmkv"]
+    for name in TABLE_ORDER:
+        for m in res.get(name, {}).get("metrics", []):
+            if m["ratios"]:
+                rows.append([m["ratios"].get(c) for c in cols])
+                labels.append(f"{name}: {m['label']}")
+    if not rows or not cols:
+        return "chart skipped: no ratios"
+    used = [j for j in range(len(cols)) if any(r[j] is not None for r in rows)]
+    cols = [cols[j] for j in used]
+    rows = [[r[j] for j in used] for r in rows]
+    import math as _m
+    vals = [v for r in rows for v in r if v]
+    span = max(2.0, max(abs(_m.log10(v)) for v in vals))
+    data = [[v if v else float("nan") for v in r] for r in rows]
+    fig_h = 1.2 + 0.42 * len(rows)
+    fig, ax = plt.subplots(figsize=(3.2 + 1.25 * len(cols) + 3.5, fig_h))
+    im = ax.imshow(data, cmap="RdYlGn", norm=LogNorm(vmin=10 ** -span, vmax=10 ** span), aspect="auto")
+    ax.set_xticks(range(len(cols)), [SYSTEMS[c]["label"] for c in cols], rotation=20, ha="right")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            if v:
+                ax.text(j, i, fmt_ratio(v), ha="center", va="center", fontsize=8)
+    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cb.set_label("mmkv / peer (log scale)")
+    title = "mmkv vs peers: ratio > 1 (green) means mmkv is better"
+    if doc["config"]["quick"]:
+        title += " (quick run)"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# ===================================================================== main
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Benchmark mmkv against its peers (see the module docstring).")
+    p.add_argument("--quick", action="store_true", help="every workload at small sizes (well under a minute)")
+    p.add_argument("--only", default="", help="comma-separated workloads: " + ",".join(TABLE_ORDER))
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default bench/results)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per system (median reported; >= 3)")
+    p.add_argument("--workdir", default=None, help="folder for the temporary stores (default: system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary stores")
+    p.add_argument("--child-scale", nargs=3, metavar=("PATH", "N", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeats < 3:
+        p.error("--repeats must be at least 3")
+    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = [w for w in args.only if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; choose from {','.join(TABLE_ORDER)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child_scale:
+        path, n, out = args.child_scale
+        scale_child(path, int(n), out)
+        return 0
+    started = time.perf_counter()
+    mode = "quick" if args.quick else "full"
+    size = SIZES[mode]
+    selected = [w for w in RUN_ORDER if not args.only or w in args.only]
+    avail = availability()
+    for s, why in avail.items():
+        if why and any(s in PARTICIPANTS[w] for w in selected):
+            log(f"note: skipping {s}: {why}")
+    if avail["mmkv"]:
+        log("error: mmkv itself is not importable")
+        return 2
+    base = args.workdir or tempfile.gettempdir()
+    os.makedirs(base, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="mmkv-bench-", dir=base)
+    run = Run(args, size, avail, workdir)
+    server = None
+    global REDIS_PORT
+    try:
+        if avail["redis"] is None and any("redis" in PARTICIPANTS[w] for w in selected):
+            server = RedisServer(workdir)
+            try:
+                server.start()
+                REDIS_PORT = server.port
+                log(f"redis-server {server.version} on 127.0.0.1:{server.port}")
+            except Exception as exc:
+                avail["redis"] = f"redis-server failed to start: {exc}"
+                log(f"note: skipping redis: {avail['redis']}")
+                server = None
+        machine = machine_info(base, avail, server.version if server else None)   # the code as measured
+        log(f"{mode} run of {', '.join(selected)}; stores in {workdir}")
+        for w in selected:
+            t = time.perf_counter()
+            log(f"== {w}: {TITLES[w]}")
+            run.load[w] = [round(x, 2) for x in os.getloadavg()]
+            try:
+                WORKLOADS[w](run, w)
+            except Exception as exc:
+                run.fail(w, "harness", f"{type(exc).__name__}: {exc}")
+                log(traceback.format_exc())
+            log(f"   ({time.perf_counter() - t:.1f} s)")
+    finally:
+        if server:
+            server.stop()
+        REDIS_PORT = None
+        if not args.keep:
+            remove(workdir)
+    doc = dict(
+        config=dict(quick=args.quick, sizes=size, repeats=args.repeats, workloads=selected,
+                    argv=sys.argv[1:]),
+        machine=machine,
+        settings=SETTINGS,
+        skipped={s: why for s, why in avail.items() if why},
+        participants={w: run.systems(w) for w in selected},
+        workloads={w: run.results[w] for w in TABLE_ORDER if w in run.results},
+        failures=run.failures,
+        load_averages=dict(run.load, end=[round(x, 2) for x in os.getloadavg()]),
+        duration_s=time.perf_counter() - started,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    md = markdown(doc)
+    with open(os.path.join(args.out, f"results{suffix}.md"), "w") as f:
+        f.write(md)
+    png = os.path.join(args.out, f"ratios{suffix}.png")
+    why = chart(doc, png)
+    doc["chart"] = None if why else os.path.basename(png)
+    if why:
+        doc["chart_note"] = why
+        log(f"note: {why}")
+    with open(os.path.join(args.out, f"results{suffix}.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    print(md)
+    log(f"wrote {args.out}/results{suffix}.md, results{suffix}.json" + ("" if why else f", ratios{suffix}.png")
+        + f" in {doc['duration_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Scale: many small keys, and index growth seen live from another process.
+
+Measured on the 2-core test machine: 1,000,000 keys (insert, read back, check,
+reopen, delete, check) take 13-25 s, well under the ~60 s threshold for the
+slow mark, so both sizes run by default.
+"""
+import multiprocessing
+import os
+import queue
+import random
+import time
+import traceback
+
+import pytest
+
+import mmkv
+from mmkv.tunables import INITIAL_INDEX_SLOTS
+
+
+def _value(i):
+    return b"v%d" % i
+
+
+@pytest.mark.parametrize("n", [200_000, 1_000_000], ids=["200k", "1M"])
+def test_many_small_keys(path, n):
+    with mmkv.open(path) as db:
+        for i in range(n):
+            db[b"key%08d" % i] = _value(i)
+        assert len(db) == n
+        st_ = db.stats()
+        assert st_["keys"] == n and st_["load_factor"] <= 0.75
+        assert st_["index_slots"] >= n / 0.75
+        for i in range(n):
+            assert db[b"key%08d" % i] == _value(i)
+        assert b"key%08d" % n not in db
+        report = db.check()
+        assert report.ok and report.keys == n
+    with mmkv.open(path) as db:                 # everything survives a reopen
+        assert len(db) == n
+        rng = random.Random(n)
+        for i in rng.sample(range(n), 2000):
+            assert db[b"key%08d" % i] == _value(i)
+        for i in range(n):
+            del db[b"key%08d" % i]
+        assert len(db) == 0
+        report = db.check()
+        assert report.ok and report.keys == 0
+        st_ = db.stats()
+        assert st_["keys"] == 0 and st_["live_bytes"] == 0
+        # every record's space is free again: only the index table (a page-aligned large block) is in use
+        assert st_["used_bytes"] <= 8 * st_["index_slots"] + os.sysconf("SC_PAGE_SIZE") + 48
+        assert list(db) == []
+
+
+# ---------------------------------------------------------------- index growth under a live reader
+WRITER_KEYS = 300_000
+BATCH = 1_000
+PROGRESS = b"__progress"
+
+
+def _growth_key(i):
+    return b"g%07d" % i
+
+
+def _growth_value(i):
+    return b"value-%d-" % i + b"x" * (i % 23)
+
+
+def _writer(path, ready, results):
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("reader never became ready")
+        with mmkv.open(path) as db:
+            for start in range(0, WRITER_KEYS, BATCH):
+                db.update((_growth_key(i), _growth_value(i)) for i in range(start, start + BATCH))
+                db.incr(PROGRESS, BATCH)            # acknowledge the batch: it is now visible
+            results.put(("writer", "ok", db.stats()["index_slots"]))
+    except BaseException:
+        results.put(("writer", "error", traceback.format_exc()))
+
+
+def _reader(path, ready, results):
+    try:
+        with mmkv.open(path) as db:
+            first_slots = db.stats()["index_slots"]
+            ready.set()
+            rng = random.Random(os.getpid())
+            checked = 0           # keys [0, checked) have each been read at least once
+            progress_seen = set()
+            deadline = time.monotonic() + 120
+            while True:
+                raw = db.get(PROGRESS)
+                acked = 0 if raw is None else int.from_bytes(raw, "little", signed=True)
+                assert 0 <= acked <= WRITER_KEYS and acked % BATCH == 0, f"bad progress {acked}"
+                progress_seen.add(acked)
+                # every key acknowledged since the last round, then a random sample of older ones
+                for i in range(checked, acked):
+                    got = db[_growth_key(i)]         # KeyError here: an acknowledged key went missing
+                    assert got == _growth_value(i), f"key {i}: {got!r}"
+                checked = acked
+                for _ in range(200 if acked else 0):
+                    i = rng.randrange(acked)
+                    got = db.get(_growth_key(i))
+                    assert got == _growth_value(i), f"acknowledged key {i} read as {got!r}"
+                if acked == WRITER_KEYS:
+                    break
+                assert time.monotonic() < deadline, f"writer stalled at {acked}"
+            for i in range(WRITER_KEYS):                # a last full pass
+                assert db[_growth_key(i)] == _growth_value(i)
+            assert len(db) == WRITER_KEYS + 1
+            during = sorted(p for p in progress_seen if 0 < p < WRITER_KEYS)
+            results.put(("reader", "ok", (first_slots, db.stats()["index_slots"], during)))
+    except BaseException:
+        ready.set()
+        results.put(("reader", "error", traceback.format_exc()))
+
+
+def test_index_growth_is_invisible_to_a_reader_in_another_process(path):
+    with mmkv.open(path) as db:
+        assert db.stats()["index_slots"] == INITIAL_INDEX_SLOTS
+    ctx = multiprocessing.get_context("fork")
+    ready, results = ctx.Event(), ctx.Queue()
+    reader = ctx.Process(target=_reader, args=(path, ready, results), name="mmkv-reader")
+    writer = ctx.Process(target=_writer, args=(path, ready, results), name="mmkv-writer")
+    reader.start()
+    writer.start()
+    got = {}
+    deadline = time.monotonic() + 180
+    try:
+        while len(got) < 2 and time.monotonic() < deadline:
+            try:
+                who, status, detail = results.get(timeout=1)
+            except queue.Empty:
+                if not reader.is_alive() and not writer.is_alive() and results.empty():
+                    break                       # one of them died without a word
+                continue
+            got[who] = (status, detail)
+    finally:
+        for p in (writer, reader):
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    assert set(got) == {"reader", "writer"}, (got, reader.exitcode, writer.exitcode)
+    assert got["writer"][0] == "ok", got["writer"][1]
+    assert got["reader"][0] == "ok", got["reader"][1]
+    assert writer.exitcode == 0 and reader.exitcode == 0
+    final_slots = got["writer"][1]
+    assert final_slots >= WRITER_KEYS / 0.75       # the index doubled 9 times while the reader was attached
+    first_slots, last_slots, during = got["reader"][1]
+    assert first_slots == INITIAL_INDEX_SLOTS and last_slots == final_slots
+    assert len(during) >= 3, f"the reader only saw progress {during} while the writer ran"
+    with mmkv.open(path) as db:
+        assert len(db) == WRITER_KEYS + 1
+        assert db[PROGRESS] == WRITER_KEYS.to_bytes(8, "little", signed=True)
+        db.check()

@@ -1,0 +1,225 @@
+"""A hypothesis state machine driving two handles on one store and a dict side by side.
+
+Keys come mostly from a small pool (so overwrites and deletes hit existing keys),
+from the empty key up to several KiB; values from empty up to several KiB, with
+a rare large one (64 KiB and more takes the allocator's page-aligned path).
+Each step may go through either of two open handles on the same file, so every
+step also checks that a write through one handle is visible through the other,
+including after the file or the index grew.  Every step ends with check() and a
+full comparison of the contents with the model.
+"""
+import os
+import shutil
+import tempfile
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import mmkv
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+KEY_POOL = [b"", b"a", b"b", b"c", b"key", b"\x00", b"\xff" * 7, b"k" * 8, b"k" * 9, b"ctr", b"ctr2",
+            "ключ".encode("utf-8"), b"m" * 300, b"L" * 3000, b"\x01" * 5000]
+
+
+def _fill(n, byte):
+    return bytes([byte]) * n
+
+
+def _pool_key(i):
+    return KEY_POOL[i]
+
+
+pool_keys = st.integers(0, len(KEY_POOL) - 1).map(_pool_key)    # keeps reprs of long keys out of reports
+keys = st.one_of(pool_keys, pool_keys, st.binary(max_size=12))
+values = st.one_of(
+    st.binary(max_size=16),
+    st.binary(max_size=300),
+    st.builds(_fill, st.integers(0, 6000), st.integers(0, 255)),
+)
+large_values = st.builds(_fill, st.sampled_from([64 * 1024 - 100, 64 * 1024, 100 * 1024, 150 * 1024 + 3]),
+                         st.integers(0, 255))
+deltas = st.one_of(st.integers(-3, 3), st.integers(INT64_MIN, INT64_MAX), st.sampled_from([INT64_MIN, INT64_MAX]))
+which = st.integers(0, 1)
+
+
+def le64(n):
+    return n.to_bytes(8, "little", signed=True)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    SYNC = "none"
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="mmkv-state-")
+        self.path = os.path.join(self.dir, "state.mmkv")
+        self.dbs = [mmkv.open(self.path, "n", sync=self.SYNC), mmkv.open(self.path, "c", sync=self.SYNC)]
+        self.model = {}
+
+    def teardown(self):
+        try:
+            if all(db._view is not None for db in self.dbs):
+                assert self.dbs[0].check().ok
+        finally:
+            for db in self.dbs:
+                db.close()
+            try:
+                with mmkv.open(self.path, "w") as db:     # a clean reopen still holds the model
+                    db.check()
+                    assert dict(db.items()) == self.model
+            finally:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------ writes
+    @rule(i=which, key=keys, value=values)
+    def put(self, i, key, value):
+        self.dbs[i][key] = value
+        self.model[key] = value
+
+    @rule(i=which, key=keys, value=large_values)
+    def put_large(self, i, key, value):
+        self.dbs[i][key] = value
+        self.model[key] = value
+
+    @rule(i=which, tag=st.integers(0, 3), n=st.integers(1, 1500), size=st.integers(0, 40))
+    def bulk_put(self, i, tag, n, size):
+        """Many keys at once: grows the index (and the file) under the other handle's feet."""
+        pairs = [(b"bulk%d-%d" % (tag, j), b"%d" % j * (size // 4 + 1)) for j in range(n)]
+        self.dbs[i].update(pairs)
+        self.model.update(pairs)
+
+    @rule(i=which, key=st.text(max_size=20), value=st.text(max_size=50))
+    def put_str(self, i, key, value):
+        self.dbs[i][key] = value
+        self.model[key.encode("utf-8")] = value.encode("utf-8")
+
+    @rule(i=which, key=keys)
+    def delete(self, i, key):
+        if key in self.model:
+            del self.dbs[i][key]
+            del self.model[key]
+        else:
+            try:
+                del self.dbs[i][key]
+            except KeyError:
+                pass
+            else:
+                raise AssertionError(f"del of absent key {key!r} did not raise KeyError")
+
+    @precondition(lambda self: self.model)
+    @rule(i=which, data=st.data())
+    def delete_present(self, i, data):
+        key = data.draw(st.sampled_from(sorted(self.model)))
+        del self.dbs[i][key]
+        del self.model[key]
+
+    @rule(i=which, key=keys, default=st.sampled_from([None, b"dflt"]))
+    def pop(self, i, key, default):
+        got = self.dbs[i].pop(key, default)
+        assert got == self.model.pop(key, default)
+
+    @rule(i=which, key=keys, value=values)
+    def setdefault(self, i, key, value):
+        assert self.dbs[i].setdefault(key, value) == self.model.setdefault(key, value)
+
+    @rule(i=which, pairs=st.lists(st.tuples(keys, values), max_size=5))
+    def update(self, i, pairs):
+        self.dbs[i].update(pairs)
+        self.model.update(pairs)
+
+    @rule(i=which, key=keys, delta=deltas)
+    def incr(self, i, key, delta):
+        db = self.dbs[i]
+        old = self.model.get(key, le64(0))
+        if len(old) != 8:
+            try:
+                db.incr(key, delta)
+            except mmkv.NotACounterError:
+                return
+            raise AssertionError("incr on a non-counter value did not raise NotACounterError")
+        new = int.from_bytes(old, "little", signed=True) + delta
+        if not INT64_MIN <= new <= INT64_MAX:
+            try:
+                db.incr(key, delta)
+            except OverflowError:
+                return
+            raise AssertionError("incr past the int64 range did not raise OverflowError")
+        assert db.incr(key, delta) == new
+        self.model[key] = le64(new)
+
+    @rule(i=which)
+    def clear(self, i):
+        self.dbs[i].clear()
+        self.model.clear()
+
+    @rule(i=which, flag=st.sampled_from(["c", "w"]))
+    def reopen(self, i, flag):
+        self.dbs[i].close()
+        self.dbs[i] = mmkv.open(self.path, flag, sync=self.SYNC)
+
+    @rule(flag=st.sampled_from(["c", "w"]))
+    def reopen_both(self, flag):
+        """Close every handle (the last one marks the file clean), then open two again."""
+        for db in self.dbs:
+            db.close()
+        self.dbs = [mmkv.open(self.path, flag, sync=self.SYNC) for _ in range(2)]
+
+    # ------------------------------------------------------------ reads
+    @rule(i=which, key=keys)
+    def get(self, i, key):
+        db = self.dbs[i]
+        assert db.get(key) == self.model.get(key)
+        assert (key in db) == (key in self.model)
+        if key in self.model:
+            assert db[key] == self.model[key]
+        else:
+            try:
+                db[key]
+            except KeyError:
+                pass
+            else:
+                raise AssertionError(f"absent key {key!r} did not raise KeyError")
+
+    # ------------------------------------------------------------ invariants
+    @invariant()
+    def contents_match(self):
+        # plain reads first: after the other handle grew the file or the index (or cleared it),
+        # this handle's first call must notice, even on the lock-light read path
+        sample = sorted(self.model)[:20] + [b"never-written"]
+        for db in self.dbs:
+            for key in sample:
+                assert db.get(key) == self.model.get(key)
+        for db in self.dbs:
+            assert len(db) == len(self.model)
+        assert dict(self.dbs[0].items()) == self.model
+        assert sorted(self.dbs[1]) == sorted(self.model)
+
+    @invariant()
+    def store_is_sound(self):
+        report = self.dbs[1].check()
+        assert report.ok and report.keys == len(self.model)
+        st_ = self.dbs[0].stats()
+        assert st_["keys"] == len(self.model)
+        assert st_["live_bytes"] == sum(len(k) + len(v) for k, v in self.model.items())
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+TestStoreMachine = StoreMachine.TestCase
+
+
+class FullSyncMachine(StoreMachine):
+    """The same rules in sync="full" mode (every write msync'ed before it returns), fewer steps."""
+    SYNC = "full"
+
+
+FullSyncMachine.TestCase.settings = settings(
+    max_examples=12, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+TestFullSyncMachine = FullSyncMachine.TestCase
