@@ -4,7 +4,7 @@ All numbers come from the compiled shim, whose structs are declared once in
 ``native/mmkv_layout.h``; no other module holds an offset or a struct format.
 Also here: building and validating the identity sector and the two meta copies.
 """
-from dataclasses import dataclass
+from collections import namedtuple
 
 from ._shim import ffi, lib
 from .errors import ChecksumError, CorruptionError, NotMmkvFileError, TruncatedError, VersionError
@@ -76,22 +76,10 @@ def siphash(k0: int, k1: int, data) -> int:
     return out[0]
 
 
-@dataclass(frozen=True)
-class Identity:
-    page_size: int
-    seed0: int
-    seed1: int
-    created_ns: int
-
-
-@dataclass(frozen=True)
-class Meta:
-    seq: int
-    file_size: int
-    dir_off: int
-    dir_bits: int
-    journal_off: int = 0
-    journal_size: int = 0
+#: The identity sector's fields (struct mmkv_identity), as Python values.
+Identity = namedtuple("Identity", "page_size seed0 seed1 created_ns")
+#: A meta copy's fields (struct mmkv_meta); change one with meta._replace(...).
+Meta = namedtuple("Meta", "seq file_size dir_off dir_bits journal_off journal_size", defaults=(0, 0))
 
 
 def build_identity(ident: Identity) -> bytes:

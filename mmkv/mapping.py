@@ -46,9 +46,19 @@ class FileMap:
         mm.close()
 
     def remap(self, size: int) -> None:
-        """Map ``size`` bytes afresh (the file has grown); the old mapping is retired."""
-        self._retired.append((self.mm, self.words, self._cbuf))
+        """Map ``size`` bytes afresh (the file has grown); the old mapping is retired.
+
+        Its pages are dropped from this process (MADV_DONTNEED on a shared file
+        mapping only unmaps them: a late reader faults them back in from the page
+        cache), so the file is not counted twice in the process's RSS.
+        """
+        old = self.mm
+        self._retired.append((old, self.words, self._cbuf))
         self._map(size)
+        try:
+            old.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError):  # pragma: no cover - platform without madvise
+            pass
 
     def close(self) -> None:
         if self.mm is None:

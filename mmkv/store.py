@@ -12,11 +12,10 @@ import errno
 import os
 import threading
 import weakref
+from itertools import accumulate, chain
 from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
-from dataclasses import replace
-
-from . import checker, index, recovery
+from . import index, recovery
 from ._shim import ESTALE, ffi, lib, raise_for
 from errno import ENOBUFS
 from .allocator import Allocator
@@ -38,6 +37,8 @@ _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
 _RECOVERIES = STATE_WORD["recoveries"]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+#: Pairs per call of the shim's batch put in update().
+_BATCH = 4096
 #: Errors a write raises before it changes anything (so no repair is needed).
 _CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
 
@@ -137,10 +138,10 @@ class Store(MutableMapping):
         self._open_timeout = open_timeout
         timeout_ns(lock_timeout)    # reject a bad timeout before touching anything
         folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):   # filelock would create it; dbm raises instead
+        if not os.path.isdir(folder):   # the sidecar would need it; dbm raises instead
             raise FileNotFoundError(errno.ENOENT, f"no such directory: {folder}", self.path)
-        side = opening.sidecar_lock(self.path, open_timeout)
-        opening.acquire_sidecar(side, self.path)
+        side = opening.SidecarLock(self.path, open_timeout, mode)
+        side.acquire()
         try:
             if flag in ("c", "n") and (not os.path.exists(self.path) or
                                        (flag == "n" and self._nobody_else_has_it())):
@@ -266,8 +267,8 @@ class Store(MutableMapping):
             return
         if self._view is None:
             return
-        side = opening.sidecar_lock(self.path, self._open_timeout)
-        opening.acquire_sidecar(side, self.path)
+        side = opening.SidecarLock(self.path, self._open_timeout)
+        side.acquire()
         try:
             if opening.try_exclusive(self._fd):     # last one out: everything durable, then clean
                 self._fm.sync()
@@ -378,40 +379,58 @@ class Store(MutableMapping):
     def __getitem__(self, key):
         """The value of key, as bytes.
 
+        Lock-free when no writer is active (see mmkv_get), else under the lock.
         :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str.
         :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
         """
         k = key if type(key) is bytes else _as_bytes(key, "key")
-        if self._depth:
-            return self._get_locked(k, key)
-        out = self._local.out
-        try:
-            rc = lib.mmkv_get(self._view, k, len(k), out)
-        except TypeError:   # the view is None: closed or forked
-            raise self._dead() from None
-        if rc == 0:
-            return ffi.unpack(self._local.cbuf, out.val_len)
-        if rc == errno.ENOENT:
+        rc = None
+        if not self._depth:     # the hot path, repeated in get(): a call costs more than these lines
+            out = self._local.out
+            try:
+                rc = lib.mmkv_get(self._view, k, len(k), out)
+            except TypeError:   # the view is None: closed or forked
+                raise self._dead() from None
+            if rc == 0:
+                return ffi.unpack(self._local.cbuf, out.val_len)
+        value = self._read_slow(rc, k)
+        if value is None:
             raise KeyError(key)
+        return value
+
+    def get(self, key, default=None):
+        """The value of key, or default when it is absent (never KeyError)."""
+        k = key if type(key) is bytes else _as_bytes(key, "key")
+        rc = None
+        if not self._depth:
+            out = self._local.out
+            try:
+                rc = lib.mmkv_get(self._view, k, len(k), out)
+            except TypeError:
+                raise self._dead() from None
+            if rc == 0:
+                return ffi.unpack(self._local.cbuf, out.val_len)
+            if rc == errno.ENOENT:
+                return default
+        value = self._read_slow(rc, k)
+        return default if value is None else value
+
+    def _read_slow(self, rc, k):
+        """Finish a read the fast path could not (rc None: not tried); the value or None."""
+        if rc == errno.ENOENT:
+            return None
         if rc == errno.EOWNERDEAD:      # we hold the lock a dead process left: repair first
             self._owner_died()
             lib.mmkv_unlock(self._view)
         elif rc == errno.EBADMSG:
             raise_for(rc, "lookup")
-        elif rc not in (ESTALE, ENOBUFS):
+        elif rc not in (None, ESTALE, ENOBUFS):
             raise self._lock_error(rc)
-        return self._get_locked(k, key)   # remap, a value bigger than the buffer, or after repair
-
-    def _get_locked(self, k, key):
-        """The general read path: take the lock in Python (remap, recovery, big values)."""
-        self._acquire()
+        self._acquire()     # remap, a value bigger than the buffer, inside db.lock(), after repair
         try:
-            value = self._lookup(k)
+            return self._lookup(k)
         finally:
             self._release()
-        if value is None:
-            raise KeyError(key)
-        return value
 
     def _lookup(self, k):
         """Value of k or None; caller holds the lock."""
@@ -421,13 +440,6 @@ class Store(MutableMapping):
             return None
         raise_for(rc, "lookup")
         return self._fm.mm[v.val_off:v.val_off + v.val_len]
-
-    def get(self, key, default=None):
-        """The value of key, or default when it is absent (never KeyError)."""
-        try:
-            return self[key]
-        except KeyError:
-            return default
 
     def __contains__(self, key):
         k = key if type(key) is bytes else _as_bytes(key, "key")
@@ -591,7 +603,7 @@ class Store(MutableMapping):
 
     def _write_meta(self, **changes):
         """Write the meta copy not in force (seq + 1), sync it, and bump the generation."""
-        new = replace(self._meta, seq=self._meta.seq + 1, **changes)
+        new = self._meta._replace(seq=self._meta.seq + 1, **changes)
         which = 1 - self._meta_slot
         raw = build_meta(new, self._ident)
         self._fm.mm[OFF_META[which]:OFF_META[which] + len(raw)] = raw
@@ -650,7 +662,7 @@ class Store(MutableMapping):
         d = _as_bytes(default, "value")
         self._check_sizes(k, d)
         if self._readonly:          # only a read, unless the key is missing
-            value = self._get_locked(k, key) if k in self else None
+            value = self.get(k)
             if value is not None:
                 return value
         return self._write_locked(self._setdefault, k, d)
@@ -666,15 +678,34 @@ class Store(MutableMapping):
         """Store every pair of other (a mapping or pairs) and kw, under one lock hold."""
         pairs = other.items() if hasattr(other, "items") else other
         items = []
-        for key, value in list(pairs) + list(kw.items()):
-            k, val = _as_bytes(key, "key"), _as_bytes(value, "value")
-            self._check_sizes(k, val)
+        for key, value in chain(pairs, kw.items()):
+            k = key if type(key) is bytes else _as_bytes(key, "key")
+            val = value if type(value) is bytes else _as_bytes(value, "value")
+            if len(k) > MAX_KEY_SIZE or len(val) > MAX_VALUE_SIZE:
+                self._check_sizes(k, val)
             items.append((k, val))
         self._write_locked(self._update, items)
 
     def _update(self, items):
-        for k, val in items:
-            self._put(k, val, 0)
+        """Put every pair through the shim's batch loop, BATCH pairs per call."""
+        done = ffi.new("uint64_t *")
+        for start in range(0, len(items), _BATCH):
+            chunk = items[start:start + _BATCH]
+            keys, vals = b"".join(k for k, _ in chunk), b"".join(val for _, val in chunk)
+            key_ends = ffi.new("uint64_t[]", list(accumulate(len(k) for k, _ in chunk)))
+            val_ends = ffi.new("uint64_t[]", list(accumulate(len(val) for _, val in chunk)))
+            done[0] = 0
+            while True:
+                rc = lib.mmkv_put_many(self._view, keys, key_ends, vals, val_ends, len(chunk), done)
+                if rc == 0:
+                    break
+                k, val = chunk[done[0]]
+                if rc == errno.ENOSPC:
+                    self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
+                elif rc == errno.EAGAIN:
+                    index.split(self, self._view, self._view.seg)
+                else:
+                    raise_for(rc, "put")
 
     def clear(self):
         """Remove every key, atomically: a new empty index replaces the old one in one meta switch."""
@@ -749,6 +780,7 @@ class Store(MutableMapping):
         Holds the lock for the whole audit (O(file size): about a second per million
         keys).  :raises CorruptionError: the audit found a problem (``exc.report`` lists all).
         """
+        from . import checker      # imported on first use: the audit is not on any hot path
         self._acquire()
         try:
             report = checker.audit(self)

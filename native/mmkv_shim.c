@@ -1113,6 +1113,23 @@ int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
     return rc;
 }
 
+int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, const uint8_t *vals,
+                  const uint64_t *val_ends, uint64_t n, uint64_t *done)
+{
+    for (uint64_t i = *done; i < n; i++) {
+        uint64_t k0 = i ? key_ends[i - 1] : 0, v0 = i ? val_ends[i - 1] : 0;
+        if (key_ends[i] < k0 || val_ends[i] < v0)
+            return EINVAL;
+        int rc = put_locked(v, keys + k0, key_ends[i] - k0, vals + v0, val_ends[i] - v0, 0);
+        if (rc) {
+            *done = i;
+            return rc;
+        }
+    }
+    *done = n;
+    return 0;
+}
+
 int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
 {
     int rc;

@@ -88,6 +88,11 @@ int mmkv_size_class(uint64_t size, uint32_t *cls);   /* the free list a block of
  */
 int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
              uint32_t flags, int take_lock);
+int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, const uint8_t *vals,
+                  const uint64_t *val_ends, uint64_t n, uint64_t *done);
+                                        /* the caller holds the lock: put pairs *done..n-1 (key i is
+                                           keys[key_ends[i-1]:key_ends[i]]), stopping at the first
+                                           error (EAGAIN, ENOSPC: split or grow, then call again) */
 int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock);   /* ENOENT: absent */
 int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result,
               int take_lock);   /* ENOENT: absent or not a counter record (take the general path) */
