@@ -726,10 +726,10 @@ class Store(MutableMapping):
         :raises OverflowError: the result does not fit in a signed 64-bit integer.
         """
         k = key if type(key) is bytes else _as_bytes(key, "key")
-        if not isinstance(delta, int):
-            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
-        self._check_sizes(k, b"")
-        if self._readonly:
+        if type(delta) is not int or len(k) > MAX_KEY_SIZE or self._readonly:   # rare: say why
+            if not isinstance(delta, int):
+                raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+            self._check_sizes(k, b"")
             self._writable()
         if not self._depth and _INT64_MIN <= delta <= _INT64_MAX:
             out = self._local.i64
