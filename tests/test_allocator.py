@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmkv
+from mmkv import index
 from mmkv.allocator import block_size_for, size_class
 from mmkv._shim import ffi
 from mmkv.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES, HEAP_START,
-                         RECORD_HEADER, REC_KEY_LEN_AT, STATE_WORD, pad8)
-from mmkv.tunables import INITIAL_INDEX_SLOTS, LARGE_BLOCK, MAX_LOAD
+                         RECORD_HEADER, REC_KEY_LEN_AT, SEGMENT_BYTES, SEGMENT_SLOTS, STATE_WORD, pad8)
+from mmkv.tunables import LARGE_BLOCK, MAX_LOAD
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REC_VAL_LEN_AT = ffi.offsetof("struct mmkv_record", "val_len")
@@ -43,11 +44,37 @@ def heap_end(db):
         return db._alloc.end
 
 
-def table_block(db):
-    """(offset, size) of the block that holds the index table."""
+def index_blocks(db):
+    """[(offset, size)] of the index's blocks (the directory and every segment), sorted by offset.
+
+    Each size is checked against the heap's own header for that block."""
     with db.lock():
-        b = db._view.index_off - 8
+        out = sorted(index.blocks(db))
+        for b, size in out:
+            assert db._alloc.block_size(b) == size, f"index block {b}: blocks() and the heap disagree on its size"
+        return out
+
+
+def directory_block(db):
+    """(offset, size) of the block that holds the index directory."""
+    with db.lock():
+        b = db._view.dir_off - 8
         return b, db._alloc.block_size(b)
+
+
+def assert_index_blocks_hold_the_index(db, blocks):
+    """The directory block holds 2^dir_bits entries, each segment block a whole segment (page-aligned:
+    a segment is a large allocation), and there are stats()["index_segments"] of them."""
+    st_ = db.stats()
+    db_, dsize = directory_block(db)
+    assert (db_, dsize) in blocks
+    assert dsize == block_size_for(8 << st_["index_depth"])
+    segs = [(b, s) for b, s in blocks if b != db_]
+    assert len(segs) == st_["index_segments"] and st_["index_slots"] == len(segs) * SEGMENT_SLOTS
+    assert len(blocks) == len(segs) + 1
+    for b, s in segs:
+        assert (b + 8) % PAGE == 0, f"segment block {b} is not page-aligned"
+        assert s - 8 >= SEGMENT_BYTES and s - 8 - SEGMENT_BYTES < PAGE and (b + s + 8) % PAGE == 0
 
 
 def record_blocks(db):
@@ -55,7 +82,7 @@ def record_blocks(db):
     out = []
     with db.lock():
         w = db._words
-        for _, rec in db._entries():
+        for _, _, rec in db._entries():
             b = rec - 8
             klen = w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
             vlen = w[(rec + REC_VAL_LEN_AT) >> 3]
@@ -116,17 +143,32 @@ def random_value(rng, lo, hi):
 
 
 # ---------------------------------------------------------------- layout of a fresh heap
-def test_fresh_store_heap_is_table_then_one_free_block(db):
+def _fresh_layout(db):
+    """The heap of a new store: the one-entry directory at the start of the heap, the free rest of the
+    page below the (page-aligned) segment, the segment, and one free block to the end."""
+    (dir_b, dir_s), (seg_b, seg_s) = index_blocks(db)
+    end = heap_end(db)
+    return [(HEAP_START, dir_s, True), (HEAP_START + dir_s, seg_b - HEAP_START - dir_s, False),
+            (seg_b, seg_s, True), (seg_b + seg_s, end - seg_b - seg_s, False)]
+
+
+def test_fresh_store_heap_is_index_then_free_space(db):
     blocks = heap(db)
     assert_tiles(db, blocks)
-    tb, tsize = table_block(db)
-    assert tb == HEAP_START
-    assert tsize == block_size_for(8 * INITIAL_INDEX_SLOTS)
-    assert blocks == [(HEAP_START, tsize, True), (HEAP_START + tsize, heap_end(db) - HEAP_START - tsize, False)]
+    idx = index_blocks(db)
+    assert len(idx) == 2                                   # a one-entry directory and one segment
+    assert_index_blocks_hold_the_index(db, idx)
+    (dir_b, dir_s), (seg_b, seg_s) = idx
+    assert directory_block(db) == (dir_b, dir_s) == (HEAP_START, block_size_for(8))
+    assert seg_b + 8 == PAGE * ((HEAP_START + dir_s + 8 + PAGE - 1) // PAGE)   # the first page boundary past the directory
+    assert blocks == _fresh_layout(db)
     assert audit(db) == []
     assert_accounting(db)
     st_ = db.stats()
-    assert st_["largest_free_block"] == st_["free_bytes"] and st_["fragmentation"] == 0
+    assert st_["used_bytes"] == dir_s + seg_s
+    tail = blocks[-1][1]
+    assert st_["largest_free_block"] == tail and st_["free_bytes"] == tail + blocks[1][1]
+    assert st_["fragmentation"] == pytest.approx(1 - tail / st_["free_bytes"])
 
 
 def test_block_size_and_size_classes():
@@ -162,14 +204,16 @@ def test_live_blocks_never_overlap(db):
     in_use = {off: size for off, size, used in blocks if used}
     recs = record_blocks(db)
     assert len(recs) == len(model) == len(db)
-    tb, tsize = table_block(db)
-    # every record and the table are blocks in use, and nothing else is
-    assert {b for b, *_ in recs} | {tb} == set(in_use)
+    idx = index_blocks(db)
+    # every record and every index block (directory, segments) are blocks in use, and nothing else is
+    assert {b for b, *_ in recs} | {b for b, _ in idx} == set(in_use)
     for b, size, klen, vlen in recs:
         assert in_use[b] == size
         assert RECORD_HEADER + pad8(klen) + vlen <= size - 8, "record does not fit its block"
-    assert in_use[tb] == tsize and tsize >= 8 * db.stats()["index_slots"] + 8
-    assert_disjoint([(b, s) for b, s, *_ in recs] + [(tb, tsize)])
+    for b, size in idx:
+        assert in_use[b] == size
+    assert_index_blocks_hold_the_index(db, idx)
+    assert_disjoint([(b, s) for b, s, *_ in recs] + idx)
     assert audit(db) == []
     assert_accounting(db)
     assert dict(db.items()) == model
@@ -180,74 +224,91 @@ def _free_blocks(db):
     return [(off, size) for off, size, used in heap(db) if not used]
 
 
-def test_deleting_everything_without_index_growth_leaves_one_free_region(db):
-    # few enough keys that the index never grows: the table stays at the start of the heap
+def test_deleting_everything_without_index_growth_restores_the_fresh_layout(db):
+    # as many keys as one segment takes without splitting: the index stays where it was created
+    # (directory at the start of the heap, the segment on the first page boundary after it)
     rng = random.Random(5)
-    n = int(INITIAL_INDEX_SLOTS * MAX_LOAD) - 1
+    fresh_index = index_blocks(db)
+    n = int(SEGMENT_SLOTS * MAX_LOAD)
     keys = [b"key%d" % i for i in range(n)]
     for k in keys:
         db[k] = random_value(rng, 0, 2500)
     for k in keys[::3]:
         db[k] = random_value(rng, 0, 2500)     # overwrites move records around
-    assert db.stats()["index_slots"] == INITIAL_INDEX_SLOTS
+    st_ = db.stats()
+    assert st_["index_slots"] == SEGMENT_SLOTS and st_["index_segments"] == 1 and st_["index_depth"] == 0
+    assert index_blocks(db) == fresh_index
     rng.shuffle(keys)
     for k in keys:
         del db[k]
-    tb, tsize = table_block(db)
-    assert tb == HEAP_START
+    assert index_blocks(db) == fresh_index
     blocks = heap(db)
     end = heap_end(db)
-    assert blocks == [(HEAP_START, tsize, True), (HEAP_START + tsize, end - HEAP_START - tsize, False)]
+    # every record's block merged back: the free space below the segment and one free block after it
+    assert blocks == _fresh_layout(db)
+    (_, dsize), (_, ssize) = fresh_index
+    tail = blocks[-1][1]
     st_ = db.stats()
     assert st_["keys"] == 0 and st_["live_bytes"] == 0
-    assert st_["used_bytes"] == tsize
-    assert st_["largest_free_block"] == st_["free_bytes"] == end - HEAP_START - tsize
-    assert st_["fragmentation"] == 0
+    assert st_["used_bytes"] == dsize + ssize
+    assert st_["free_bytes"] == end - HEAP_START - dsize - ssize == blocks[1][1] + tail
+    assert st_["largest_free_block"] == tail
+    assert st_["fragmentation"] == pytest.approx(1 - tail / st_["free_bytes"])
     assert audit(db) == []
 
 
-def _assert_only_table_left(db):
-    """The index table is the only block in use; free space is the (at most two) blocks around it."""
-    tb, tsize = table_block(db)
+def _assert_only_index_left(db):
+    """The index's blocks (directory and segments) are the only blocks in use; free space is exactly
+    one block in each gap around them (before the first, between two, after the last)."""
+    idx = index_blocks(db)
+    assert_index_blocks_hold_the_index(db, idx)
     end = heap_end(db)
     blocks = heap(db)
-    assert [(o, s) for o, s, u in blocks if u] == [(tb, tsize)]
-    expected = []
-    if tb > HEAP_START:
-        expected.append((HEAP_START, tb - HEAP_START))
-    if tb + tsize < end:
-        expected.append((tb + tsize, end - tb - tsize))
+    assert [(o, s) for o, s, u in blocks if u] == idx
+    expected, pos = [], HEAP_START
+    for b, size in idx + [(end, 0)]:
+        if b > pos:
+            expected.append((pos, b - pos))
+        pos = b + size
     assert _free_blocks(db) == expected
-    assert len(expected) <= 2
+    assert len(expected) <= len(idx) + 1
+    used = sum(s for _, s in idx)
     st_ = db.stats()
-    assert st_["used_bytes"] == tsize
-    assert st_["free_bytes"] == end - HEAP_START - tsize
+    assert st_["used_bytes"] == used
+    assert st_["free_bytes"] == end - HEAP_START - used
     assert st_["largest_free_block"] == max(s for _, s in expected)
     if len(expected) == 1:
         assert st_["largest_free_block"] == st_["free_bytes"]
     assert audit(db) == []
 
 
-def test_deleting_everything_after_index_growth_leaves_only_the_table(db):
+def test_deleting_everything_after_index_growth_leaves_only_the_index(db):
     rng = random.Random(6)
-    keys = [b"key%d" % i for i in range(20000)]
+    keys = [b"key%d" % i for i in range(40000)]
     for k in keys:
         db[k] = random_value(rng, 1, 600)
-    assert db.stats()["index_slots"] > INITIAL_INDEX_SLOTS   # the table moved
+    st_ = db.stats()
+    assert st_["index_segments"] >= 3 and st_["index_depth"] >= 2    # several splits: the index moved
     rng.shuffle(keys)
     for k in keys:
         del db[k]
     assert len(db) == 0
-    _assert_only_table_left(db)
+    assert db.stats()["index_segments"] == st_["index_segments"]     # deletes never merge segments
+    _assert_only_index_left(db)
 
 
-def test_clear_leaves_only_a_fresh_table(db):
+def test_clear_leaves_only_a_fresh_index(db):
     rng = random.Random(7)
-    for i in range(5000):
+    for i in range(30000):
         db[b"k%d" % i] = random_value(rng, 0, 1500)
+    st_ = db.stats()
+    assert st_["index_segments"] > 1 and st_["index_depth"] > 0
     db.clear()
-    assert len(db) == 0 and db.stats()["index_slots"] == INITIAL_INDEX_SLOTS
-    _assert_only_table_left(db)
+    st_ = db.stats()
+    assert len(db) == 0
+    assert st_["index_slots"] == SEGMENT_SLOTS and st_["index_segments"] == 1 and st_["index_depth"] == 0
+    assert len(index_blocks(db)) == 2                  # one directory entry, one segment
+    _assert_only_index_left(db)
     db[b"again"] = b"1"
     assert dict(db.items()) == {b"again": b"1"}
 
@@ -316,19 +377,24 @@ def test_free_middle_block_merges_both_neighbours(db):
 
 def test_free_merges_left_only_and_right_only(db):
     with db.lock():
+        before = list(db._alloc.blocks())
         A, B, C, D, s = _three_adjacent(db)
         a = db._alloc
         a.free(A)
         a.free(B)          # merges with the free block on its left
         assert (A, 2 * s, False) in list(a.blocks()) and a.audit() == []
-        a.free(D)          # merges with the free tail on its right
+        # D was carved from the front of a free block; what is left of it lies right after D
+        nxt = min([o for o, _, u in a.blocks() if u and o > D] + [a.end])
+        assert (D + s, nxt - D - s, False) in list(a.blocks())
+        a.free(D)          # merges with the free block on its right (up to the next block in use)
         assert a.audit() == []
         blocks = list(a.blocks())
-        assert blocks[-1] == (D, heap_end(db) - D, False)
-        a.free(C)          # both sides free: everything after the table is one block again
+        assert (D, nxt - D, False) in blocks
+        assert not any(D < o < nxt for o, _, _ in blocks)
+        a.free(C)          # both sides free: the heap is as it was before the four allocations
         assert a.audit() == []
-    tb, tsize = table_block(db)
-    assert heap(db) == [(tb, tsize, True), (tb + tsize, heap_end(db) - tb - tsize, False)]
+        assert list(a.blocks()) == before
+    _assert_only_index_left(db)
 
 
 def test_double_free_of_a_lone_block_is_refused(db):
@@ -450,7 +516,7 @@ def test_random_alloc_free_keeps_heap_sound(ops):
                     a.free(b)
                 assert a.audit() == []
             db.check()
-            _assert_only_table_left(db)
+            _assert_only_index_left(db)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -458,7 +524,8 @@ def test_random_alloc_free_keeps_heap_sound(ops):
 # ---------------------------------------------------------------- space after churn
 #: Slack allowed on top of 2 x live bytes after the churn (5,000 keys): per-record overhead
 #: (block header 8 + record header 32 + key padding + 16-byte rounding, <= 93 bytes a record,
-#: doubled by the geometric growth), the index table and the live-size swing between rounds.
+#: doubled by the geometric growth), the index (directory and one 128 KiB segment) and the
+#: live-size swing between rounds.
 CHURN_SLACK = 1 << 20
 
 
@@ -482,8 +549,8 @@ def test_churn_keeps_file_within_twice_live_bytes(db):
         assert st_["live_bytes"] == live
         ratios.append(st_["file_size"] / live)
         assert st_["file_size"] <= 2 * live + CHURN_SLACK, (st_, live)
-        # nothing leaks: in-use bytes are the records (<= 93 bytes of overhead each) and the table
-        assert st_["used_bytes"] <= live + 93 * len(model) + 8 * st_["index_slots"] + PAGE + 48
+        # nothing leaks: in-use bytes are the records (<= 93 bytes of overhead each) and the index
+        assert st_["used_bytes"] <= live + 93 * len(model) + sum(s for _, s in index_blocks(db))
         assert audit(db) == []
     assert dict(db.items()) == model
     print("churn file/live ratios:", [round(r, 3) for r in ratios])

@@ -17,7 +17,7 @@ from mmkv import layout
 from mmkv._shim import ffi, lib
 
 #: Structs that live in the file (at a fixed offset of the header page, or in the heap).
-FILE_STRUCTS = ("mmkv_identity", "mmkv_meta", "mmkv_state", "mmkv_locks", "mmkv_record")
+FILE_STRUCTS = ("mmkv_identity", "mmkv_meta", "mmkv_state", "mmkv_locks", "mmkv_record", "mmkv_segment")
 #: Every struct the shim's headers declare, as cffi parsed them.
 ALL_STRUCTS = tuple(sorted(ffi.list_types()[1]))
 SECTOR = 512
@@ -213,6 +213,38 @@ def test_slot_and_block_constants():
     assert layout.HEAP_START == lib.MMKV_HEAP_START
 
 
+def test_segment_constants(table):
+    assert layout.SEGMENT_SLOTS == lib.MMKV_SEGMENT_SLOTS == 16384
+    assert layout.SEGMENT_SLOTS & (layout.SEGMENT_SLOTS - 1) == 0     # home slot = hash bits masked
+    assert layout.SEGMENT_HEADER == table["mmkv_segment"] == ffi.sizeof("struct mmkv_segment") == 32
+    assert [name for name, _ in _fields("mmkv_segment")] == ["depth", "prefix", "count", "reserved"]
+    assert layout.SEGMENT_BYTES == layout.SEGMENT_HEADER + 8 * layout.SEGMENT_SLOTS
+    assert layout.DIR_MAX_BITS == lib.MMKV_DIR_MAX_BITS == 32
+    assert layout.TAG_SHIFT == lib.MMKV_TAG_SHIFT
+    # the tag (16 hash bits) fills the slot word above the record offset
+    assert layout.SLOT_OFF_BITS + 16 == 64
+
+
+def test_meta_index_root_is_validated():
+    """A meta whose directory does not fit in the file, or is deeper than DIR_MAX_BITS, is refused."""
+    ident = layout.Identity(4096, 1, 2, 3)
+    size = 1 << 20
+    page = bytearray(layout.build_identity(ident) + bytes(layout.HEADER_SIZE - layout.IDENTITY_SIZE))
+
+    def parse(dir_off, dir_bits):
+        raw = layout.build_meta(layout.Meta(1, size, dir_off, dir_bits), ident)
+        page[layout.OFF_META[0]:layout.OFF_META[0] + len(raw)] = raw
+        return layout.parse_meta(bytes(page), ident, size)[0]
+
+    fits = size - layout.EPILOGUE_BYTES - (8 << 10)            # the last offset a 2^10-entry directory fits at
+    assert parse(fits, 10).dir_off == fits
+    assert parse(layout.HEAP_START + 8, 0).dir_bits == 0
+    for dir_off, dir_bits in [(fits + 8, 10), (layout.HEAP_START + 16, 17), (layout.HEAP_START + 16, 33),
+                              (layout.HEAP_START + 12, 0), (layout.HEAP_START, 0)]:
+        with pytest.raises(mmkv.CorruptionError, match="index root"):
+            parse(dir_off, dir_bits)
+
+
 def test_build_and_parse_round_trip():
     ident = layout.Identity(4096, 0x0123456789ABCDEF, 0xFEDCBA9876543210, 42)
     raw = layout.build_identity(ident)
@@ -225,10 +257,11 @@ def test_build_and_parse_round_trip():
     page = raw + bytes(layout.HEADER_SIZE - len(raw))
     assert layout.parse_identity(page, 1 << 20) == ident
 
-    meta = layout.Meta(7, 1 << 20, layout.HEAP_START + 8 + 8, 1024, 0, 0)
+    meta = layout.Meta(7, 1 << 20, layout.HEAP_START + 8 + 8, 10, 0, 0)     # a directory of 2^10 entries
     mraw = layout.build_meta(meta, ident)
     assert len(mraw) == layout.META_SIZE
-    assert struct.unpack_from("<6Q", mraw, 0) == (7, 1 << 20, meta.index_off, 1024, 0, 0)
+    assert struct.unpack_from("<6Q", mraw, 0) == (7, 1 << 20, meta.dir_off, 10, 0, 0)
+    assert ffi.offsetof("struct mmkv_meta", "dir_off") == 16 and ffi.offsetof("struct mmkv_meta", "dir_bits") == 24
     page = bytearray(page)
     page[layout.OFF_META[1]:layout.OFF_META[1] + len(mraw)] = mraw
     got, which = layout.parse_meta(bytes(page), ident, 1 << 20)

@@ -37,7 +37,8 @@ def writer(path, rounds, done):
                 db[key] = make_value(key, v, length)
                 if (v + i) % 11 == 0:
                     del db[key]
-            db[b"fill%d" % v] = bytes(3000)           # growth of file and index under the readers
+            db[b"fill%d" % v] = bytes(3000)           # growth of file and index under the readers:
+            db.update((b"small%d-%d" % (v, j), b"") for j in range(100))   # 30,000 keys split the index
         done.value = 1
 
 
@@ -77,3 +78,5 @@ def test_readers_never_see_torn_values(path):
         for i in range(KEYS):
             value = db.get(b"key%d" % i)
             assert value is None or valid(b"key%d" % i, value)
+        st_ = db.stats()
+        assert st_["index_segments"] >= 3 and st_["index_depth"] >= 2, "the index should have split under the readers"

@@ -14,7 +14,12 @@ import traceback
 import pytest
 
 import mmkv
-from mmkv.tunables import INITIAL_INDEX_SLOTS
+from mmkv import index
+from mmkv.layout import SEGMENT_SLOTS
+from mmkv.tunables import MAX_LOAD
+
+#: Keys one index segment holds before an insert splits it.
+SEGMENT_MAX = int(SEGMENT_SLOTS * MAX_LOAD)
 
 
 def _value(i):
@@ -30,6 +35,9 @@ def test_many_small_keys(path, n):
         st_ = db.stats()
         assert st_["keys"] == n and st_["load_factor"] <= 0.75
         assert st_["index_slots"] >= n / 0.75
+        # no segment holds more than SEGMENT_MAX keys, and a directory of 2^depth entries names them all
+        assert st_["index_segments"] >= n / SEGMENT_MAX and 2 ** st_["index_depth"] >= st_["index_segments"]
+        assert st_["index_slots"] == st_["index_segments"] * SEGMENT_SLOTS
         for i in range(n):
             assert db[b"key%08d" % i] == _value(i)
         assert b"key%08d" % n not in db
@@ -47,8 +55,11 @@ def test_many_small_keys(path, n):
         assert report.ok and report.keys == 0
         st_ = db.stats()
         assert st_["keys"] == 0 and st_["live_bytes"] == 0
-        # every record's space is free again: only the index table (a page-aligned large block) is in use
-        assert st_["used_bytes"] <= 8 * st_["index_slots"] + os.sysconf("SC_PAGE_SIZE") + 48
+        # every record's space is free again: only the index (directory and segments) is in use
+        with db.lock():
+            index_bytes = sum(size for _, size in index.blocks(db))
+            in_use = sum(size for _, size, used in db._alloc.blocks() if used)
+        assert st_["used_bytes"] == in_use == index_bytes
         assert list(db) == []
 
 
@@ -66,6 +77,11 @@ def _growth_value(i):
     return b"value-%d-" % i + b"x" * (i % 23)
 
 
+def _shape(db):
+    st_ = db.stats()
+    return st_["index_segments"], st_["index_depth"], st_["index_slots"]
+
+
 def _writer(path, ready, results):
     try:
         if not ready.wait(60):
@@ -74,7 +90,7 @@ def _writer(path, ready, results):
             for start in range(0, WRITER_KEYS, BATCH):
                 db.update((_growth_key(i), _growth_value(i)) for i in range(start, start + BATCH))
                 db.incr(PROGRESS, BATCH)            # acknowledge the batch: it is now visible
-            results.put(("writer", "ok", db.stats()["index_slots"]))
+            results.put(("writer", "ok", _shape(db)))
     except BaseException:
         results.put(("writer", "error", traceback.format_exc()))
 
@@ -82,11 +98,12 @@ def _writer(path, ready, results):
 def _reader(path, ready, results):
     try:
         with mmkv.open(path) as db:
-            first_slots = db.stats()["index_slots"]
+            first_shape = _shape(db)
             ready.set()
             rng = random.Random(os.getpid())
             checked = 0           # keys [0, checked) have each been read at least once
             progress_seen = set()
+            segments_seen = []    # the index's segment count, sampled between reads while the writer runs
             deadline = time.monotonic() + 120
             while True:
                 raw = db.get(PROGRESS)
@@ -97,6 +114,8 @@ def _reader(path, ready, results):
                 for i in range(checked, acked):
                     got = db[_growth_key(i)]         # KeyError here: an acknowledged key went missing
                     assert got == _growth_value(i), f"key {i}: {got!r}"
+                    if i % 2000 == 0:
+                        segments_seen.append(db.stats()["index_segments"])
                 checked = acked
                 for _ in range(200 if acked else 0):
                     i = rng.randrange(acked)
@@ -104,12 +123,13 @@ def _reader(path, ready, results):
                     assert got == _growth_value(i), f"acknowledged key {i} read as {got!r}"
                 if acked == WRITER_KEYS:
                     break
+                segments_seen.append(db.stats()["index_segments"])
                 assert time.monotonic() < deadline, f"writer stalled at {acked}"
             for i in range(WRITER_KEYS):                # a last full pass
                 assert db[_growth_key(i)] == _growth_value(i)
             assert len(db) == WRITER_KEYS + 1
             during = sorted(p for p in progress_seen if 0 < p < WRITER_KEYS)
-            results.put(("reader", "ok", (first_slots, db.stats()["index_slots"], during)))
+            results.put(("reader", "ok", (first_shape, _shape(db), during, segments_seen)))
     except BaseException:
         ready.set()
         results.put(("reader", "error", traceback.format_exc()))
@@ -117,7 +137,7 @@ def _reader(path, ready, results):
 
 def test_index_growth_is_invisible_to_a_reader_in_another_process(path):
     with mmkv.open(path) as db:
-        assert db.stats()["index_slots"] == INITIAL_INDEX_SLOTS
+        assert _shape(db) == (1, 0, SEGMENT_SLOTS)
     ctx = multiprocessing.get_context("fork")
     ready, results = ctx.Event(), ctx.Queue()
     reader = ctx.Process(target=_reader, args=(path, ready, results), name="mmkv-reader")
@@ -145,11 +165,16 @@ def test_index_growth_is_invisible_to_a_reader_in_another_process(path):
     assert got["writer"][0] == "ok", got["writer"][1]
     assert got["reader"][0] == "ok", got["reader"][1]
     assert writer.exitcode == 0 and reader.exitcode == 0
-    final_slots = got["writer"][1]
-    assert final_slots >= WRITER_KEYS / 0.75       # the index doubled 9 times while the reader was attached
-    first_slots, last_slots, during = got["reader"][1]
-    assert first_slots == INITIAL_INDEX_SLOTS and last_slots == final_slots
+    final = got["writer"][1]
+    segments, depth, slots = final
+    # the index split many times while the reader was attached: from one segment to at least 25
+    assert segments >= WRITER_KEYS / SEGMENT_MAX and depth >= 5 and slots >= WRITER_KEYS / 0.75
+    first_shape, last_shape, during, segments_seen = got["reader"][1]
+    assert first_shape == (1, 0, SEGMENT_SLOTS) and last_shape == final
     assert len(during) >= 3, f"the reader only saw progress {during} while the writer ran"
+    # the reader read through the growth: it saw the index at several sizes, never shrinking
+    assert segments_seen == sorted(segments_seen)
+    assert len(set(segments_seen)) >= 3, f"the reader saw the index only at {sorted(set(segments_seen))} segments"
     with mmkv.open(path) as db:
         assert len(db) == WRITER_KEYS + 1
         assert db[PROGRESS] == WRITER_KEYS.to_bytes(8, "little", signed=True)

@@ -7,16 +7,26 @@ Each step may go through either of two open handles on the same file, so every
 step also checks that a write through one handle is visible through the other,
 including after the file or the index grew.  Every step ends with check() and a
 full comparison of the contents with the model.
+
+The index grows by splitting a full segment (16,384 slots, split past 12,288 keys),
+far more keys than a step of the machine writes.  SplittingMachine therefore sets
+every handle's ``view.max_count`` (the per-handle split threshold the engine derives
+from SEGMENT_SLOTS * MAX_LOAD) to a small number, so that bulk_put splits segments
+and deepens the directory under the other handle's feet; the file format and every
+code path are the engine's own.
 """
 import os
 import shutil
 import tempfile
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import pytest
+
 import mmkv
+from mmkv.layout import SEGMENT_SLOTS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -51,13 +61,22 @@ def le64(n):
 
 class StoreMachine(RuleBasedStateMachine):
     SYNC = "none"
+    #: Split threshold (keys per segment) of every handle; None: the engine's own.
+    MAX_COUNT = None
 
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="mmkv-state-")
         self.path = os.path.join(self.dir, "state.mmkv")
-        self.dbs = [mmkv.open(self.path, "n", sync=self.SYNC), mmkv.open(self.path, "c", sync=self.SYNC)]
+        self.dbs = [self._open("n"), self._open("c")]
         self.model = {}
+        self.segments = 1       # most segments the index has had (it never shrinks but through clear)
+
+    def _open(self, flag):
+        db = mmkv.open(self.path, flag, sync=self.SYNC)
+        if self.MAX_COUNT is not None:
+            db._view.max_count = self.MAX_COUNT
+        return db
 
     def teardown(self):
         try:
@@ -154,18 +173,20 @@ class StoreMachine(RuleBasedStateMachine):
     def clear(self, i):
         self.dbs[i].clear()
         self.model.clear()
+        st_ = self.dbs[1 - i].stats()          # the other handle sees the fresh index
+        assert st_["index_segments"] == 1 and st_["index_depth"] == 0 and st_["index_slots"] == SEGMENT_SLOTS
 
     @rule(i=which, flag=st.sampled_from(["c", "w"]))
     def reopen(self, i, flag):
         self.dbs[i].close()
-        self.dbs[i] = mmkv.open(self.path, flag, sync=self.SYNC)
+        self.dbs[i] = self._open(flag)
 
     @rule(flag=st.sampled_from(["c", "w"]))
     def reopen_both(self, flag):
         """Close every handle (the last one marks the file clean), then open two again."""
         for db in self.dbs:
             db.close()
-        self.dbs = [mmkv.open(self.path, flag, sync=self.SYNC) for _ in range(2)]
+        self.dbs = [self._open(flag) for _ in range(2)]
 
     # ------------------------------------------------------------ reads
     @rule(i=which, key=keys)
@@ -204,13 +225,42 @@ class StoreMachine(RuleBasedStateMachine):
         st_ = self.dbs[0].stats()
         assert st_["keys"] == len(self.model)
         assert st_["live_bytes"] == sum(len(k) + len(v) for k, v in self.model.items())
+        # both handles see one index: as many segments as the keys need, named by 2^depth entries
+        other = self.dbs[1].stats()
+        shape = (st_["index_segments"], st_["index_depth"], st_["index_slots"])
+        assert shape == (other["index_segments"], other["index_depth"], other["index_slots"])
+        assert st_["index_slots"] == st_["index_segments"] * SEGMENT_SLOTS
+        assert st_["index_segments"] <= 2 ** st_["index_depth"]
+        max_count = self.dbs[0]._view.max_count
+        assert st_["index_segments"] >= len(self.model) / max_count
+        self.segments = max(self.segments, st_["index_segments"])
 
 
-StoreMachine.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
-TestStoreMachine = StoreMachine.TestCase
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+
+
+def CLEAR_BUG(test_case):
+    """Mark a machine that runs the clear rule as failing because of the clear() bug.
+
+    Store.clear() passes index.blocks() (directory first, then segments) to Allocator.rebuild,
+    which needs the blocks sorted by offset: whenever the new directory lands above the new
+    segment, clear() raises ValueError (the interrupted write then runs recovery, so the store
+    is sound but cleared while the caller was told it failed; a teardown may then also find the
+    model out of step).  Shrinking is skipped: a failing run would otherwise spend minutes
+    shrinking a failure that is expected.  Remove this wrapper (and the *WithoutClear machines
+    below) once clear() is fixed.
+    """
+    test_case.settings = settings(test_case.settings,
+                                  phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    return pytest.mark.xfail(
+        reason="BUG: Store.clear() raises ValueError when the new index's directory block lies above "
+               "its segment (Store._clear passes index.blocks() unsorted to Allocator.rebuild)",
+        strict=True)(test_case)
+
+
+STORE_SETTINGS = settings(max_examples=30, stateful_step_count=40, deadline=None, suppress_health_check=_SUPPRESS)
+StoreMachine.TestCase.settings = STORE_SETTINGS
+TestStoreMachine = CLEAR_BUG(StoreMachine.TestCase)
 
 
 class FullSyncMachine(StoreMachine):
@@ -218,8 +268,57 @@ class FullSyncMachine(StoreMachine):
     SYNC = "full"
 
 
-FullSyncMachine.TestCase.settings = settings(
-    max_examples=12, stateful_step_count=25, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
-TestFullSyncMachine = FullSyncMachine.TestCase
+FULL_SYNC_SETTINGS = settings(max_examples=12, stateful_step_count=25, deadline=None,
+                              suppress_health_check=_SUPPRESS)
+FullSyncMachine.TestCase.settings = FULL_SYNC_SETTINGS
+TestFullSyncMachine = CLEAR_BUG(FullSyncMachine.TestCase)
+
+
+class SplittingMachine(StoreMachine):
+    """The same rules with segments that split past 64 keys: bulk_put splits segments (and doubles
+    the directory) under the other handle's feet, deletes shift entries inside split segments,
+    clear() drops a deep index."""
+    MAX_COUNT = 64
+
+    def teardown(self):
+        try:
+            super().teardown()
+        finally:
+            SplittingMachine.most_segments = max(SplittingMachine.most_segments, self.segments)
+
+
+SplittingMachine.most_segments = 1
+SPLITTING_SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None,
+                              suppress_health_check=_SUPPRESS)
+SplittingMachine.TestCase.settings = SPLITTING_SETTINGS
+TestSplittingMachine = CLEAR_BUG(SplittingMachine.TestCase)
+
+
+# Until the clear() bug is fixed, the same three machines without the clear rule, so that every
+# other rule keeps running (a plain attribute hides the inherited rule from hypothesis).
+# Delete these three when the xfail marks above are removed.
+class StoreMachineWithoutClear(StoreMachine):
+    clear = None
+
+
+class FullSyncMachineWithoutClear(FullSyncMachine):
+    clear = None
+
+
+class SplittingMachineWithoutClear(SplittingMachine):
+    clear = None
+
+
+StoreMachineWithoutClear.TestCase.settings = STORE_SETTINGS
+FullSyncMachineWithoutClear.TestCase.settings = FULL_SYNC_SETTINGS
+SplittingMachineWithoutClear.TestCase.settings = SPLITTING_SETTINGS
+TestStoreMachineWithoutClear = StoreMachineWithoutClear.TestCase
+TestFullSyncMachineWithoutClear = FullSyncMachineWithoutClear.TestCase
+
+
+class TestSplittingMachineWithoutClear(SplittingMachineWithoutClear.TestCase):
+    def runTest(self):
+        SplittingMachine.most_segments = 1
+        super().runTest()
+        # the machine did what it is for: some run split the index many times
+        assert SplittingMachine.most_segments >= 8, SplittingMachine.most_segments

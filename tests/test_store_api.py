@@ -7,7 +7,8 @@ from collections.abc import MutableMapping
 import pytest
 
 import mmkv
-from mmkv.tunables import INITIAL_INDEX_SLOTS
+from mmkv import index
+from mmkv.layout import SEGMENT_SLOTS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 BAD_TYPES = [1, None, 1.5, [b"a"], (b"a",), {b"a": 1}, object()]
@@ -257,14 +258,22 @@ def test_update_mapping_pairs_kwargs(db):
     assert len(db) == 11
 
 
+def _index_block_count(db):
+    with db.lock():
+        return len(index.blocks(db))
+
+
 def test_clear(db):
-    for i in range(5000):          # grows the index several times
+    for i in range(30000):          # splits the index several times
         db[b"k%d" % i] = b"v" * (i % 50)
-    assert db.stats()["index_slots"] > INITIAL_INDEX_SLOTS
+    st_ = db.stats()
+    assert st_["index_segments"] >= 3 and st_["index_depth"] >= 2
     db.clear()
     assert len(db) == 0 and list(db) == [] and b"k1" not in db
     st_ = db.stats()
-    assert st_["keys"] == 0 and st_["live_bytes"] == 0 and st_["index_slots"] == INITIAL_INDEX_SLOTS
+    assert st_["keys"] == 0 and st_["live_bytes"] == 0 and st_["index_slots"] == SEGMENT_SLOTS
+    assert st_["index_segments"] == 1 and st_["index_depth"] == 0
+    assert _index_block_count(db) == 2             # a fresh index: one directory entry, one segment
     db[b"k1"] = b"again"
     assert dict(db.items()) == {b"k1": b"again"}
     db.clear()
@@ -425,8 +434,12 @@ def test_overwriting_one_key_does_not_grow_the_file(db):
     st_ = db.stats()
     assert st_["file_size"] == size
     assert st_["keys"] == 2
-    # in use: the index table and the two records (block + record header + padding <= 93 bytes each)
-    assert st_["used_bytes"] <= 8 * st_["index_slots"] + 48 + (1 + 3000 + 93) + (5 + 100 + 93)
+    # in use: the index (directory and segment) and the two records (block + record header + padding
+    # <= 93 bytes each)
+    with db.lock():
+        index_bytes = sum(size for _, size in index.blocks(db))
+    assert st_["index_segments"] == 1
+    assert st_["used_bytes"] <= index_bytes + (1 + 3000 + 93) + (5 + 100 + 93)
 
 
 def test_two_handles_see_each_other(path):
@@ -438,6 +451,7 @@ def test_two_handles_see_each_other(path):
         assert b[b"k19999"] == b"v19999"          # b's first call after the growth is a plain read
         assert all(b[b"k%d" % i] == b"v%d" % i for i in range(0, 20000, 7))
         assert len(b) == 20001
+        assert b.stats()["index_segments"] == a.stats()["index_segments"] > 1   # the index did split
         a.clear()                                 # a new index again: b must not read the old one
         with pytest.raises(KeyError):
             b[b"k5"]
@@ -478,7 +492,7 @@ def test_threads_share_one_handle(db):
 
 # ---------------------------------------------------------------- stats, check, lock
 STATS_KEYS = {"keys", "live_bytes", "used_bytes", "free_bytes", "largest_free_block", "file_size", "index_slots",
-              "load_factor", "fragmentation"}
+              "index_segments", "index_depth", "load_factor", "fragmentation"}
 
 
 def test_stats(db, path):
@@ -493,7 +507,8 @@ def test_stats(db, path):
     assert st_["file_size"] == os.path.getsize(path)
     assert st_["used_bytes"] + st_["free_bytes"] < st_["file_size"]
     assert 0 < st_["largest_free_block"] <= st_["free_bytes"]
-    assert st_["index_slots"] & (st_["index_slots"] - 1) == 0
+    # a new store's index: one segment, named by a one-entry directory
+    assert st_["index_slots"] == SEGMENT_SLOTS and st_["index_segments"] == 1 and st_["index_depth"] == 0
     assert st_["load_factor"] == 2 / st_["index_slots"]
     assert 0.0 <= st_["fragmentation"] < 1.0
     assert st_["fragmentation"] == pytest.approx(1 - st_["largest_free_block"] / st_["free_bytes"])
@@ -502,6 +517,8 @@ def test_stats(db, path):
     st_ = db.stats()
     assert st_["keys"] == 3002 and st_["live_bytes"] == 6 + sum(len(b"k%d" % i) + 30 for i in range(3000))
     assert st_["load_factor"] <= 0.75 and st_["file_size"] == os.path.getsize(path)
+    assert st_["index_slots"] == st_["index_segments"] * SEGMENT_SLOTS
+    assert st_["load_factor"] == 3002 / st_["index_slots"]
 
 
 def test_check_returns_ok_report(db):
