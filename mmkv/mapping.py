@@ -15,6 +15,7 @@ import errno
 import mmap
 import os
 
+from . import failpoints
 from ._shim import ffi, lib
 from .errors import DiskFullError, Error
 from .tunables import GROW_STEP_MAX
@@ -25,6 +26,7 @@ class FileMap:
         self.fd = fd
         self.mm = None
         self._retired = []
+        self.sync_hook = None      # tests: called as sync_hook(off, length) after each barrier
         self._map(size)
 
     def _map(self, size: int) -> None:
@@ -75,9 +77,25 @@ class FileMap:
         """msync(MS_SYNC) the byte range (default: all of it)."""
         if length is None:
             length = self.size - off
+        if failpoints.armed:
+            failpoints.hit(b"sync.before")
         rc = lib.mmkv_msync(self.base, self.size, off, length, lib.MMKV_SYNC_SYNC)
         if rc:
             raise Error(f"msync failed: {os.strerror(rc)} (errno {rc})")
+        if self.sync_hook:
+            self.sync_hook(off, length)
+        if failpoints.armed:
+            failpoints.hit(b"sync.after")
+
+    def sync_file(self) -> None:
+        """fdatasync: every dirty page of the file is on disk (one barrier, however many ranges)."""
+        if failpoints.armed:
+            failpoints.hit(b"sync.before")
+        os.fdatasync(self.fd)
+        if self.sync_hook:
+            self.sync_hook(0, self.size)
+        if failpoints.armed:
+            failpoints.hit(b"sync.after")
 
 
 def grow_file(fd: int, new_size: int) -> None:
