@@ -19,7 +19,7 @@ from . import failpoints, index, recovery, transaction
 from ._shim import ESTALE, ffi, lib, raise_for
 from errno import ENOBUFS
 from .allocator import Allocator
-from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
+from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
                      REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
@@ -215,7 +215,17 @@ class Store(MutableMapping):
         real = os.fstat(fd).st_size
         page0 = os.pread(fd, HEADER_SIZE, 0)
         self._ident = parse_identity(page0, real)
-        meta, which = parse_meta(page0, self._ident, real)
+        try:
+            meta, which = parse_meta(page0, self._ident, real)
+        except TruncatedError:
+            clean = int.from_bytes(page0[_DIRTY * 8:_DIRTY * 8 + 8], "little") == CLEAN_MARK
+            if not first or clean or self._readonly:
+                raise
+            # power loss after a growth: the header reached the disk, the new file size did
+            # not.  The missing tail was never durable: put it back (zeros) for recovery to
+            # drop whatever pointed into it.  A cleanly closed short file is real damage.
+            meta, which = parse_meta(page0, self._ident, 1 << 62)
+            grow_file(fd, meta.file_size)
         self._fm = FileMap(fd, meta.file_size)
         self._view = new_view(self._fm, self._ident, self._full, lock_timeout)
         self._alloc = Allocator(self._fm, self._view)
@@ -734,7 +744,11 @@ class Store(MutableMapping):
         return value
 
     def update(self, other=(), /, **kw):
-        """Store every pair of other (a mapping or pairs) and kw, under one lock hold."""
+        """Store every pair of other (a mapping or pairs) and kw, under one lock hold.
+
+        Pairs are written in order; a crash part way leaves the first ones written and
+        the rest not (each pair whole).  For all-or-nothing, call it inside transaction().
+        """
         pairs = other.items() if hasattr(other, "items") else other
         items = []
         for key, value in chain(pairs, kw.items()):
