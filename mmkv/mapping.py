@@ -18,7 +18,7 @@ import os
 from . import failpoints
 from ._shim import ffi, lib
 from .errors import DiskFullError, Error
-from .tunables import GROW_STEP_MAX
+from .tunables import GROW_STEP_MAX, GROW_STEP_MIN
 
 
 class FileMap:
@@ -120,7 +120,9 @@ def grow_file(fd: int, new_size: int) -> None:
 
 
 def next_size(current: int, needed: int, page: int) -> int:
-    """Geometric growth: at least needed bytes, doubling up to GROW_STEP_MAX per step."""
-    step = min(current, GROW_STEP_MAX)
+    """Geometric growth: at least needed bytes, by a quarter (at least GROW_STEP_MIN, at most
+    GROW_STEP_MAX) per step.  Growth is cheap (fallocate and a new mapping, no copy), so a
+    small factor keeps the unused tail of the file small."""
+    step = min(max(current // 4, GROW_STEP_MIN), GROW_STEP_MAX)
     size = max(current + step, needed)
     return (size + page - 1) // page * page

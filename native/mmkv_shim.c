@@ -966,18 +966,22 @@ static int alloc_large(const struct mmkv_view *v, struct mmkv_state *st, uint64_
     for (c = sure; c < MMKV_NCLASSES; c++)
         if (st->free_bitmap >> c & 1)
             return take_aligned(v, st, st->free_heads[c], size, out);
-    /* below that, first fit over a bounded number of blocks; ENOSPC makes the caller grow the
-       file, and the new space lands at the head of its list or in a class above */
-    uint64_t scanned = 0;
-    for (c = size_class(size); c < sure && c < MMKV_NCLASSES; c++) {
-        if (!(st->free_bitmap >> c & 1))
-            continue;
-        for (uint64_t b = st->free_heads[c]; b && scanned < 4 * v->fit_scan; scanned++) {
-            int rc = take_aligned(v, st, b, size, out);
-            if (rc != ENOSPC)
-                return rc;
-            b = *word(v, b + 8);
+    /* below that, first fit over a bounded number of blocks, then (before the caller grows
+       the file: rare) over all of them, so that free space that fits is never passed over */
+    for (uint64_t limit = 4 * v->fit_scan; limit; limit = limit == UINT64_MAX ? 0 : UINT64_MAX) {
+        uint64_t scanned = 0;
+        for (c = size_class(size); c < sure && c < MMKV_NCLASSES; c++) {
+            if (!(st->free_bitmap >> c & 1))
+                continue;
+            for (uint64_t b = st->free_heads[c]; b && scanned < limit; scanned++) {
+                int rc = take_aligned(v, st, b, size, out);
+                if (rc != ENOSPC)
+                    return rc;
+                b = *word(v, b + 8);
+            }
         }
+        if (scanned < limit)
+            break; /* the bounded pass saw every block already */
     }
     return ENOSPC;
 }
@@ -1010,10 +1014,20 @@ int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out)
     }
     if (!b) {
         uint64_t higher = c + 1 < MMKV_NCLASSES ? bitmap >> (c + 1) : 0;
-        if (!higher)
+        if (higher) {
+            c += 1 + (unsigned)__builtin_ctzll(higher);
+            b = st->free_heads[c];
+        } else if (c >= MMKV_EXACT_CLASSES && bitmap >> c & 1) {
+            /* nothing larger: before the caller grows the file (rare), fit anywhere in the list */
+            for (b = st->free_heads[c]; b; b = *word(v, b + 8)) {
+                if (!block_ok(v, b))
+                    return EBADMSG;
+                if ((*word(v, b) & SIZE_MASK) >= size)
+                    break;
+            }
+        }
+        if (!b)
             return ENOSPC;
-        c += 1 + (unsigned)__builtin_ctzll(higher);
-        b = st->free_heads[c];
     }
     int rc = free_block_at(v, b, &head, &bsize);
     if (rc || bsize < size)
