@@ -143,7 +143,7 @@ class Allocator:
     def rebuild(self, live: list) -> None:
         """Rewrite every block header and the free lists from the live blocks alone.
 
-        ``live`` is a list of (offset, size) of the blocks in use, sorted, not
+        ``live`` lists (offset, size) of the blocks in use, in any order, not
         overlapping, each inside the heap.  Every gap between them becomes one
         free block (written as in use, then freed through the one free path); a
         gap too small to be a block is added to the block before it.
@@ -153,7 +153,7 @@ class Allocator:
             w[_HEADS + c] = 0
         w[_BITMAP] = w[_FREE] = 0
         blocks, pos = [], HEAP_START
-        for b, size in live:
+        for b, size in sorted(live):
             gap = b - pos
             if 0 < gap < BLOCK_MIN:
                 if not blocks:

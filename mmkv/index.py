@@ -16,7 +16,13 @@ import errno
 
 from ._shim import ffi, lib, raise_for
 from .errors import CorruptionError, LimitError
-from .layout import BLOCK_ALLOC, BLOCK_FLAGS, SEGMENT_BYTES, SEGMENT_SLOTS, SLOT_OFF_MASK
+from . import failpoints
+from .layout import BLOCK_ALLOC, BLOCK_FLAGS, SEGMENT_BYTES, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT
+
+
+def slot_word(key_hash: int, rec: int) -> int:
+    """The 8-byte slot that points at record rec of a key with this hash (tag | offset)."""
+    return ((key_hash >> TAG_SHIFT) & 0xFFFF) << SLOT_OFF_BITS | rec
 
 
 def create(allocate, view, words) -> tuple:
@@ -65,7 +71,11 @@ def split(store, view, seg: int, publish: bool = True) -> None:
         fm = store._fm
         for block, size in ((a - 8, SEGMENT_BYTES + 8), (b - 8, SEGMENT_BYTES + 8), (d - 8, (8 << bits) + 8)):
             fm.sync(block, size)                # the new pieces are durable before the meta names them
+        if failpoints.armed:
+            failpoints.hit(b"split.before_meta")
         store._write_meta(dir_off=d, dir_bits=bits)
+        if failpoints.armed:
+            failpoints.hit(b"split.after_meta")
     else:
         view.dir_off, view.dir_bits = d, bits
     store._alloc.free(seg - 8)
@@ -133,7 +143,9 @@ def rebuild(store, words: list) -> None:
     view = ffi.new("struct mmkv_view *")
     view[0] = live[0]
     view.dir_off, view.dir_bits = create(store._allocate, lambda: live, lambda: store._words)
-    for word in words:
+    for i, word in enumerate(words):
+        if failpoints.armed and i == len(words) // 2:
+            failpoints.hit(b"recover.mid_rebuild")
         while True:
             view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
             rc = lib.mmkv_index_insert(view, word)

@@ -43,6 +43,11 @@ DIR_MAX_BITS = lib.MMKV_DIR_MAX_BITS
 REC_COUNTER = lib.MMKV_REC_COUNTER
 RECORD_HEADER = ffi.sizeof("struct mmkv_record")
 REC_KEY_LEN_AT = ffi.offsetof("struct mmkv_record", "key_len")
+JOURNAL_MAGIC = lib.MMKV_JOURNAL_MAGIC
+JOURNAL_HEADER = ffi.sizeof("struct mmkv_journal")
+#: The state's ``dirty`` word holds this while the file is closed cleanly; anything else
+#: (zero from a torn sector included) means recovery must run on the next first open.
+CLEAN_MARK = 0x6e61656c63766b6d   # "mkvclean"
 
 _ID_SUM_AT = ffi.offsetof("struct mmkv_identity", "checksum")
 _META_SUM_AT = ffi.offsetof("struct mmkv_meta", "checksum")
@@ -79,7 +84,7 @@ def siphash(k0: int, k1: int, data) -> int:
 #: The identity sector's fields (struct mmkv_identity), as Python values.
 Identity = namedtuple("Identity", "page_size seed0 seed1 created_ns")
 #: A meta copy's fields (struct mmkv_meta); change one with meta._replace(...).
-Meta = namedtuple("Meta", "seq file_size dir_off dir_bits journal_off journal_size", defaults=(0, 0))
+Meta = namedtuple("Meta", "seq file_size dir_off dir_bits journal_off journal_txn", defaults=(0, 0))
 
 
 def build_identity(ident: Identity) -> bytes:
@@ -117,7 +122,7 @@ def parse_identity(page: bytes, file_size: int) -> Identity:
 def build_meta(meta: Meta, ident: Identity) -> bytes:
     p = ffi.new("struct mmkv_meta *")
     p.seq, p.file_size, p.dir_off, p.dir_bits = meta.seq, meta.file_size, meta.dir_off, meta.dir_bits
-    p.journal_off, p.journal_size = meta.journal_off, meta.journal_size
+    p.journal_off, p.journal_txn = meta.journal_off, meta.journal_txn
     raw = ffi.buffer(p)
     p.checksum = siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT])
     return bytes(raw)
@@ -128,7 +133,7 @@ def _meta_copy(page, at: int, ident: Identity):
     p = ffi.cast("struct mmkv_meta *", ffi.from_buffer(raw))
     if p.checksum != siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT]):
         return None
-    return Meta(p.seq, p.file_size, p.dir_off, p.dir_bits, p.journal_off, p.journal_size)
+    return Meta(p.seq, p.file_size, p.dir_off, p.dir_bits, p.journal_off, p.journal_txn)
 
 
 def parse_meta(page, ident: Identity, real_size: int) -> tuple:

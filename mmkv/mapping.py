@@ -15,9 +15,10 @@ import errno
 import mmap
 import os
 
+from . import failpoints
 from ._shim import ffi, lib
 from .errors import DiskFullError, Error
-from .tunables import GROW_STEP_MAX
+from .tunables import GROW_STEP_MAX, GROW_STEP_MIN
 
 
 class FileMap:
@@ -25,6 +26,7 @@ class FileMap:
         self.fd = fd
         self.mm = None
         self._retired = []
+        self.sync_hook = None      # tests: called as sync_hook(off, length) after each barrier
         self._map(size)
 
     def _map(self, size: int) -> None:
@@ -75,9 +77,25 @@ class FileMap:
         """msync(MS_SYNC) the byte range (default: all of it)."""
         if length is None:
             length = self.size - off
+        if failpoints.armed:
+            failpoints.hit(b"sync.before")
         rc = lib.mmkv_msync(self.base, self.size, off, length, lib.MMKV_SYNC_SYNC)
         if rc:
             raise Error(f"msync failed: {os.strerror(rc)} (errno {rc})")
+        if self.sync_hook:
+            self.sync_hook(off, length)
+        if failpoints.armed:
+            failpoints.hit(b"sync.after")
+
+    def sync_file(self) -> None:
+        """fdatasync: every dirty page of the file is on disk (one barrier, however many ranges)."""
+        if failpoints.armed:
+            failpoints.hit(b"sync.before")
+        os.fdatasync(self.fd)
+        if self.sync_hook:
+            self.sync_hook(0, self.size)
+        if failpoints.armed:
+            failpoints.hit(b"sync.after")
 
 
 def grow_file(fd: int, new_size: int) -> None:
@@ -102,7 +120,9 @@ def grow_file(fd: int, new_size: int) -> None:
 
 
 def next_size(current: int, needed: int, page: int) -> int:
-    """Geometric growth: at least needed bytes, doubling up to GROW_STEP_MAX per step."""
-    step = min(current, GROW_STEP_MAX)
+    """Geometric growth: at least needed bytes, by a quarter (at least GROW_STEP_MIN, at most
+    GROW_STEP_MAX) per step.  Growth is cheap (fallocate and a new mapping, no copy), so a
+    small factor keeps the unused tail of the file small."""
+    step = min(max(current // 4, GROW_STEP_MIN), GROW_STEP_MAX)
     size = max(current + step, needed)
     return (size + page - 1) // page * page

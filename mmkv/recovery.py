@@ -15,11 +15,10 @@ Steps, each safe to repeat if recovery itself is killed:
 """
 from dataclasses import dataclass
 
-from . import index
+from . import index, transaction
 from ._shim import lib
 from .errors import CorruptionError
-from .layout import (BLOCK_FLAGS, HEAP_START, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
-                     TAG_SHIFT)
+from .layout import BLOCK_FLAGS, HEAP_START, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD, TAG_SHIFT
 
 
 @dataclass
@@ -31,10 +30,7 @@ class RecoveryResult:
     overlaps: int = 0           # records whose block overlaps another live block
     index_rebuilt: bool = False
     leaked_bytes: int = 0       # allocated bytes no live structure referenced, now free
-
-
-def slot_word(key_hash: int, rec: int) -> int:
-    return ((key_hash >> TAG_SHIFT) & 0xFFFF) << SLOT_OFF_BITS | rec
+    journal: str = ""           # a committed transaction: "replayed", or "dropped" (unreadable journal)
 
 
 def live_records(store, result=None):
@@ -63,7 +59,7 @@ def live_records(store, result=None):
         by_rec.add(rec)
         same.append(rec)
         n = (w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF) + v.val_len
-        keep.append((b, w[b >> 3] & ~BLOCK_FLAGS, (seg, slot), n, slot_word(v.hash, rec)))
+        keep.append((b, w[b >> 3] & ~BLOCK_FLAGS, (seg, slot), n, index.slot_word(v.hash, rec)))
     return keep, drop
 
 
@@ -71,6 +67,7 @@ def recover(store, reason: str) -> RecoveryResult:
     """Repair the store in place (caller holds the lock) and return what was found."""
     result = RecoveryResult(reason)
     v, alloc = store._view, store._alloc
+    result.journal = transaction.finish_committed(store)     # 0. a committed transaction is finished
     keep, drop = live_records(store, result)
     # overlaps: sort every live block by offset; a record overlapping its predecessor goes
     structure = [(b, s, None, 0, 0) for b, s in index.blocks(store)]

@@ -15,13 +15,13 @@ import weakref
 from itertools import accumulate, chain
 from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
-from . import index, recovery
+from . import failpoints, index, recovery, transaction
 from ._shim import ESTALE, ffi, lib, raise_for
 from errno import ENOBUFS
 from .allocator import Allocator
-from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
+from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
-from .layout import (EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
+from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
                      REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
@@ -129,6 +129,7 @@ class Store(MutableMapping):
         self._forked = False
         self._depth = 0          # db.lock() nesting in the owning thread
         self._owner = None
+        self._txn = None         # the transaction in progress on this handle
         self._local = _PerThread()
         self._open(flag, mode, lock_timeout, open_timeout)
         _open_stores.add(self)
@@ -195,6 +196,7 @@ class Store(MutableMapping):
                 raw = build_meta(Meta(1, size, dir_off, dir_bits), ident)
                 fm.mm[OFF_META[0]:OFF_META[0] + len(raw)] = raw
                 opening.init_locks(fm.base)
+                fm.words[_DIRTY] = CLEAN_MARK
                 fm.sync()
             finally:
                 fm.close()
@@ -213,7 +215,17 @@ class Store(MutableMapping):
         real = os.fstat(fd).st_size
         page0 = os.pread(fd, HEADER_SIZE, 0)
         self._ident = parse_identity(page0, real)
-        meta, which = parse_meta(page0, self._ident, real)
+        try:
+            meta, which = parse_meta(page0, self._ident, real)
+        except TruncatedError:
+            clean = int.from_bytes(page0[_DIRTY * 8:_DIRTY * 8 + 8], "little") == CLEAN_MARK
+            if not first or clean or self._readonly:
+                raise
+            # power loss after a growth: the header reached the disk, the new file size did
+            # not.  The missing tail was never durable: put it back (zeros) for recovery to
+            # drop whatever pointed into it.  A cleanly closed short file is real damage.
+            meta, which = parse_meta(page0, self._ident, 1 << 62)
+            grow_file(fd, meta.file_size)
         self._fm = FileMap(fd, meta.file_size)
         self._view = new_view(self._fm, self._ident, self._full, lock_timeout)
         self._alloc = Allocator(self._fm, self._view)
@@ -223,13 +235,13 @@ class Store(MutableMapping):
             opening.init_locks(self._fm.base)
             w = self._fm.words      # no lock holder now: the sequence word must be even
             w[STATE_WORD["seq"]] = (w[STATE_WORD["seq"]] + 2) & ~1
-            if self._fm.words[_DIRTY]:
+            if self._fm.words[_DIRTY] != CLEAN_MARK:
                 self._acquire()
                 try:
                     recovery.recover(self, "the file was not closed cleanly")
                 finally:
                     self._release()
-            self._fm.words[_DIRTY] = 1
+            self._fm.words[_DIRTY] = 0     # "not clean" until the last handle closes
             self._fm.sync(0, HEADER_SIZE)
 
     def _set_meta(self, meta: Meta, which: int):
@@ -273,7 +285,7 @@ class Store(MutableMapping):
             if opening.try_exclusive(self._fd):     # last one out: everything durable, then clean
                 self._fm.sync()
                 os.fsync(self._fd)
-                self._fm.words[_DIRTY] = 0
+                self._fm.words[_DIRTY] = CLEAN_MARK
                 self._fm.sync(0, HEADER_SIZE)
             self._detach()
             os.close(self._fd)
@@ -371,6 +383,38 @@ class Store(MutableMapping):
         finally:
             self._release()
 
+    @contextmanager
+    def transaction(self):
+        """All-or-nothing: the writes in the block are applied together, or (on an exception,
+        or a crash before the commit point) not at all.
+
+        Holds the store lock from the start of the block to the end of the commit: other
+        processes' calls wait (up to their lock_timeout) — keep blocks short.  Reads in the
+        block see its own writes.  A nested transaction() joins the outer one (one commit at
+        the outermost exit).  clear() is not allowed inside.  With sync="full" the commit is
+        on disk when the block exits.  :raises: whatever the block raises (nothing is applied).
+        """
+        self._writable()
+        if self._txn is not None and self._owner == threading.get_ident():
+            yield self
+            return
+        self._acquire()
+        txn = self._txn = transaction.Transaction()
+        try:
+            yield self
+        except BaseException:
+            self._txn = None
+            self._release()
+            raise
+        self._txn = None
+        try:
+            transaction.commit(self, txn)
+        except BaseException as exc:
+            self._abort_write(exc)
+            raise
+        finally:
+            self._release()
+
     def _writable(self):
         if self._readonly:
             raise ReadOnlyError(f"{self.path!r} was opened with flag 'r'; open it with 'w' or 'c' to write")
@@ -433,7 +477,11 @@ class Store(MutableMapping):
             self._release()
 
     def _lookup(self, k):
-        """Value of k or None; caller holds the lock."""
+        """Value of k or None (a transaction's own writes first); caller holds the lock."""
+        if self._txn is not None:
+            written, value = self._txn.lookup(k)
+            if written:
+                return value
         v = self._view
         rc = lib.mmkv_find(v, k, len(k))
         if rc == errno.ENOENT:
@@ -445,19 +493,20 @@ class Store(MutableMapping):
         k = key if type(key) is bytes else _as_bytes(key, "key")
         self._acquire()
         try:
-            rc = lib.mmkv_find(self._view, k, len(k))
+            return self._lookup(k) is not None
         finally:
             self._release()
-        if rc == errno.ENOENT:
-            return False
-        raise_for(rc, "lookup")
-        return True
 
     def __len__(self):
-        """Number of keys (O(1), read under the lock)."""
+        """Number of keys (O(1), read under the lock; inside a transaction, counting its writes)."""
         self._acquire()
         try:
-            return self._words[_COUNT]
+            n = self._words[_COUNT]
+            if self._txn is not None:
+                for k, op in self._txn.writes.items():
+                    exists = lib.mmkv_find(self._view, k, len(k)) == 0
+                    n += (op is not None) - exists
+            return n
         finally:
             self._release()
 
@@ -475,10 +524,16 @@ class Store(MutableMapping):
         self._acquire()
         try:
             mm, v, out = self._fm.mm, self._view, []
+            txn = self._txn.writes if self._txn is not None else {}
             for _, _, rec in self._entries():
                 raise_for(lib.mmkv_record_verify(v, rec), f"record at {rec}")
                 key = self._record_key(rec)
+                if key in txn:
+                    continue        # the transaction's version follows
                 out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
+            for key, op in txn.items():
+                if op is not None:
+                    out.append((key, op[0]) if with_values else key)
             return out
         finally:
             self._release()
@@ -567,6 +622,9 @@ class Store(MutableMapping):
     def _put(self, k, val, flags):
         """Write a new record, switch the slot to it, free the old one (the shim's mmkv_put),
         growing the index or the file first when it asks.  Caller holds the lock."""
+        if self._txn is not None:
+            self._txn.put(k, val, flags)
+            return
         while True:
             rc = lib.mmkv_put(self._view, k, len(k), val, len(val), flags, 0)
             if rc == 0:
@@ -594,6 +652,8 @@ class Store(MutableMapping):
         new_size = next_size(fm.size, need, page)
         old_end = self._alloc.end
         grow_file(self._fd, new_size)
+        if failpoints.armed:
+            failpoints.hit(b"grow.after_fallocate")
         # the meta's msync (datasync of the header page) also makes the new file size durable:
         # the size change is metadata needed to read the data, so it is committed with it.  An
         # fdatasync here would instead flush every dirty page of the file (100+ ms on a big store).
@@ -601,13 +661,17 @@ class Store(MutableMapping):
         self._alloc.end = old_end
         self._alloc.extend(new_size - EPILOGUE_BYTES)
 
-    def _write_meta(self, **changes):
-        """Write the meta copy not in force (seq + 1), sync it, and bump the generation."""
+    def _write_meta(self, durable=True, **changes):
+        """Write the meta copy not in force (seq + 1), sync it (unless durable is false: a
+        sync="none" transaction), and bump the generation so other processes reload it."""
         new = self._meta._replace(seq=self._meta.seq + 1, **changes)
         which = 1 - self._meta_slot
         raw = build_meta(new, self._ident)
         self._fm.mm[OFF_META[which]:OFF_META[which] + len(raw)] = raw
-        self._fm.sync(0, HEADER_SIZE)
+        if failpoints.armed:
+            failpoints.hit(b"meta.before_sync")
+        if durable:
+            self._fm.sync(0, HEADER_SIZE)
         self._words[_GEN] += 1
         self._set_meta(new, which)
 
@@ -634,6 +698,11 @@ class Store(MutableMapping):
 
     def _delete(self, k):
         """Remove k (the shim's mmkv_delete); False when absent.  Caller holds the lock."""
+        if self._txn is not None:
+            if self._lookup(k) is None:
+                return False
+            self._txn.delete(k)
+            return True
         rc = lib.mmkv_delete(self._view, k, len(k), 0)
         if rc == errno.ENOENT:
             return False
@@ -675,7 +744,11 @@ class Store(MutableMapping):
         return value
 
     def update(self, other=(), /, **kw):
-        """Store every pair of other (a mapping or pairs) and kw, under one lock hold."""
+        """Store every pair of other (a mapping or pairs) and kw, under one lock hold.
+
+        Pairs are written in order; a crash part way leaves the first ones written and
+        the rest not (each pair whole).  For all-or-nothing, call it inside transaction().
+        """
         pairs = other.items() if hasattr(other, "items") else other
         items = []
         for key, value in chain(pairs, kw.items()):
@@ -688,6 +761,10 @@ class Store(MutableMapping):
 
     def _update(self, items):
         """Put every pair through the shim's batch loop, BATCH pairs per call."""
+        if self._txn is not None:
+            for k, val in items:
+                self._txn.put(k, val)
+            return
         done = ffi.new("uint64_t *")
         for start in range(0, len(items), _BATCH):
             chunk = items[start:start + _BATCH]
@@ -712,6 +789,8 @@ class Store(MutableMapping):
         self._write_locked(self._clear)
 
     def _clear(self):
+        if self._txn is not None:
+            raise Error("clear() inside a transaction is not supported; call it outside")
         index.rebuild(self, [])                              # a new empty index, switched in atomically
         self._alloc.rebuild(index.blocks(self))              # every record and the old index: free
         w = self._words
@@ -746,7 +825,7 @@ class Store(MutableMapping):
 
     def _incr(self, k, delta):
         """The general increment: a counter record in place, else a new counter record."""
-        if _INT64_MIN <= delta <= _INT64_MAX:
+        if _INT64_MIN <= delta <= _INT64_MAX and self._txn is None:
             out = self._local.i64
             rc = lib.mmkv_incr(self._view, k, len(k), delta, out, 0)
             if rc == 0:

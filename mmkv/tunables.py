@@ -14,7 +14,8 @@ LOCK_TIMEOUT = 10.0
 OPEN_TIMEOUT = 30.0
 #: Bytes of the per-handle buffer that get() copies values into; larger values take a bigger one.
 GET_BUFFER = 64 * 1024
-#: The file grows by doubling up to this many bytes per step, then by this much.
+#: The file grows by a quarter of its size per step, at least GROW_STEP_MIN, at most GROW_STEP_MAX bytes.
+GROW_STEP_MIN = 256 * 1024
 GROW_STEP_MAX = 1 << 30
 #: Allocations of at least this many bytes are page-aligned and sized in whole pages.
 LARGE_BLOCK = 64 * 1024

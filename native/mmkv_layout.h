@@ -86,8 +86,8 @@ struct mmkv_meta {
     uint64_t file_size;
     uint64_t dir_off;        /* offset of the index directory: 2^dir_bits segment offsets */
     uint64_t dir_bits;       /* the directory's depth, at most MMKV_DIR_MAX_BITS */
-    uint64_t journal_off;    /* offset of the transaction journal, 0 if none */
-    uint64_t journal_size;
+    uint64_t journal_off;    /* offset of a committed transaction's journal, 0 if none */
+    uint64_t journal_txn;    /* that transaction's number, also in the journal's header */
     uint64_t reserved[2];
     uint64_t checksum;
 };
@@ -119,6 +119,21 @@ struct mmkv_state {
  * (prefix + 1) << (dir_bits - depth)) and no others point at it; `count` is
  * the number of slots in use; every entry is reachable by probing from its home.
  */
+/*
+ * Transaction journal, in a block of its own: a header and `count` entries of
+ * (new record, old record).  An entry with new != 0 makes new's key point at
+ * new; one with new == 0 removes old's key if it still points at old.
+ * Invariants: magic == MMKV_JOURNAL_MAGIC, txn == the meta's journal_txn,
+ * checksum == siphash (file seed) of the entries.  Replaying it is idempotent.
+ */
+#define MMKV_JOURNAL_MAGIC 0x6c6e726a766b6d6d   /* "mmkvjrnl" */
+struct mmkv_journal {
+    uint64_t magic;
+    uint64_t txn;
+    uint64_t count;
+    uint64_t checksum;
+};
+
 struct mmkv_segment {
     uint64_t depth;
     uint64_t prefix;
@@ -170,6 +185,7 @@ struct mmkv_view {
     uint64_t max_count;      /* an insert that would take a segment's count above this returns EAGAIN (split it) */
     uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
     uint32_t reserved;
+    void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
     uint64_t seg;            /* offset of the key's segment */

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <semaphore.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -38,6 +39,39 @@ _Static_assert(MMKV_OFF_STATE % 64 == 0 && MMKV_OFF_LOCKS % 64 == 0, "alignment"
 /* Keys for the record checksum, distinct from the key-hash keys. */
 #define SUM_K0 0x6d6d6b762d726563ULL /* "mmkv-rec" */
 #define SUM_K1 0x636865636b73756dULL /* "checksum" */
+
+/* ---------------------------------------------------------------- failpoints */
+
+static int fp_armed;
+static char fp_name[64];
+static int64_t fp_countdown;
+
+int mmkv_failpoint_set(const char *name, int64_t countdown)
+{
+    if (!name || !name[0] || countdown < 1) {
+        fp_armed = 0;
+        return 0;
+    }
+    if (strlen(name) >= sizeof fp_name)
+        return EINVAL;
+    strcpy(fp_name, name);
+    fp_countdown = countdown;
+    fp_armed = 1;
+    return 0;
+}
+
+int mmkv_failpoint_hit(const char *name)
+{
+    if (fp_armed && strcmp(name, fp_name) == 0 && --fp_countdown == 0)
+        kill(getpid(), SIGKILL);
+    return 0;
+}
+
+#define FAILPOINT(name)                                                                            \
+    do {                                                                                           \
+        if (__builtin_expect(fp_armed, 0))                                                         \
+            mmkv_failpoint_hit(name);                                                              \
+    } while (0)
 
 /* ---------------------------------------------------------------- time */
 
@@ -506,6 +540,7 @@ int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg_off, uint64_t slot)
             continue;
         __atomic_store_n(&slots[hole], w, __ATOMIC_RELEASE);
         hole = j;
+        FAILPOINT("delete.mid_shift");
     }
     __atomic_store_n(&slots[hole], 0, __ATOMIC_RELEASE);
     if (seg->count)
@@ -931,18 +966,22 @@ static int alloc_large(const struct mmkv_view *v, struct mmkv_state *st, uint64_
     for (c = sure; c < MMKV_NCLASSES; c++)
         if (st->free_bitmap >> c & 1)
             return take_aligned(v, st, st->free_heads[c], size, out);
-    /* below that, first fit over a bounded number of blocks; ENOSPC makes the caller grow the
-       file, and the new space lands at the head of its list or in a class above */
-    uint64_t scanned = 0;
-    for (c = size_class(size); c < sure && c < MMKV_NCLASSES; c++) {
-        if (!(st->free_bitmap >> c & 1))
-            continue;
-        for (uint64_t b = st->free_heads[c]; b && scanned < 4 * v->fit_scan; scanned++) {
-            int rc = take_aligned(v, st, b, size, out);
-            if (rc != ENOSPC)
-                return rc;
-            b = *word(v, b + 8);
+    /* below that, first fit over a bounded number of blocks, then (before the caller grows
+       the file: rare) over all of them, so that free space that fits is never passed over */
+    for (uint64_t limit = 4 * v->fit_scan; limit; limit = limit == UINT64_MAX ? 0 : UINT64_MAX) {
+        uint64_t scanned = 0;
+        for (c = size_class(size); c < sure && c < MMKV_NCLASSES; c++) {
+            if (!(st->free_bitmap >> c & 1))
+                continue;
+            for (uint64_t b = st->free_heads[c]; b && scanned < limit; scanned++) {
+                int rc = take_aligned(v, st, b, size, out);
+                if (rc != ENOSPC)
+                    return rc;
+                b = *word(v, b + 8);
+            }
         }
+        if (scanned < limit)
+            break; /* the bounded pass saw every block already */
     }
     return ENOSPC;
 }
@@ -975,16 +1014,27 @@ int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out)
     }
     if (!b) {
         uint64_t higher = c + 1 < MMKV_NCLASSES ? bitmap >> (c + 1) : 0;
-        if (!higher)
+        if (higher) {
+            c += 1 + (unsigned)__builtin_ctzll(higher);
+            b = st->free_heads[c];
+        } else if (c >= MMKV_EXACT_CLASSES && bitmap >> c & 1) {
+            /* nothing larger: before the caller grows the file (rare), fit anywhere in the list */
+            for (b = st->free_heads[c]; b; b = *word(v, b + 8)) {
+                if (!block_ok(v, b))
+                    return EBADMSG;
+                if ((*word(v, b) & SIZE_MASK) >= size)
+                    break;
+            }
+        }
+        if (!b)
             return ENOSPC;
-        c += 1 + (unsigned)__builtin_ctzll(higher);
-        b = st->free_heads[c];
     }
     int rc = free_block_at(v, b, &head, &bsize);
     if (rc || bsize < size)
         return EBADMSG;
     if ((rc = unlink_free(v, st, b, bsize)))
         return rc;
+    FAILPOINT("alloc.mid");                  /* unlinked, not yet marked in use */
     *out = b;
     return carve(v, st, b, bsize, size, head & MMKV_BLOCK_PREV_ALLOC);
 }
@@ -1022,6 +1072,7 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
         if ((rc = unlink_free(v, st, nxt, nsize)))
             return rc;
         size += nsize;
+        FAILPOINT("free.mid");               /* a neighbour unlinked, the block not yet listed */
     }
     if (!prev_alloc) {
         if ((rc = unlink_free(v, st, p, psize)))
@@ -1061,7 +1112,14 @@ static int clean_result(int rc)
 
 static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
 {
-    return v->sync_full ? mmkv_msync(v->base, v->size, off, len, MMKV_SYNC_SYNC) : 0;
+    if (!v->sync_full)
+        return 0;
+    FAILPOINT("sync.before");
+    int rc = mmkv_msync(v->base, v->size, off, len, MMKV_SYNC_SYNC);
+    if (!rc && v->sync_hook)
+        v->sync_hook(off, len);
+    FAILPOINT("sync.after");
+    return rc;
 }
 
 static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
@@ -1086,9 +1144,11 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
     if ((rc = mmkv_record_write(v, rec, cap, l.hash, key, klen, val, vlen, flags)) ||
         (rc = sync_range(v, b, need + 8)))       /* 1. the record is durable ... */
         return mmkv_free(v, b) ? EBADMSG : rc;
+    FAILPOINT("put.after_record");
     __atomic_store_n(&slots[l.slot], slot_word(l.hash, rec), __ATOMIC_RELEASE);
     if ((rc = sync_range(v, l.seg + SEG_HDR + 8 * l.slot, 8)))  /* 2. ... before the slot that makes it live */
         return rc;
+    FAILPOINT("put.after_slot");
     if (l.rec) {                                  /* 3. the old record's block is free */
         if ((rc = mmkv_free(v, l.rec_off - 8)))
             return rc;
@@ -1172,6 +1232,7 @@ int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t de
         if (__builtin_add_overflow(__atomic_load_n(p, __ATOMIC_ACQUIRE), delta, &now)) {
             rc = ERANGE;
         } else {
+            FAILPOINT("incr.before_store");
             __atomic_store_n(p, now, __ATOMIC_RELEASE); /* one aligned 8-byte store: never torn */
             *result = now;
             rc = sync_range(v, off, 8);
@@ -1194,7 +1255,7 @@ static const struct {
     OF(mmkv_identity, seed0) OF(mmkv_identity, seed1) OF(mmkv_identity, created_ns)
     OF(mmkv_identity, reserved) OF(mmkv_identity, checksum)
     SZ(mmkv_meta) OF(mmkv_meta, seq) OF(mmkv_meta, file_size) OF(mmkv_meta, dir_off)
-    OF(mmkv_meta, dir_bits) OF(mmkv_meta, journal_off) OF(mmkv_meta, journal_size)
+    OF(mmkv_meta, dir_bits) OF(mmkv_meta, journal_off) OF(mmkv_meta, journal_txn)
     OF(mmkv_meta, reserved) OF(mmkv_meta, checksum)
     SZ(mmkv_state) OF(mmkv_state, generation) OF(mmkv_state, dirty) OF(mmkv_state, count)
     OF(mmkv_state, live_bytes) OF(mmkv_state, used_bytes) OF(mmkv_state, free_bytes)
@@ -1209,7 +1270,8 @@ static const struct {
     OF(mmkv_view, dir_bits) OF(mmkv_view, seed0) OF(mmkv_view, seed1) OF(mmkv_view, generation)
     OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, heap_end) OF(mmkv_view, page_size)
     OF(mmkv_view, large_block) OF(mmkv_view, fit_scan) OF(mmkv_view, max_count) OF(mmkv_view, sync_full)
-    OF(mmkv_view, reserved)
+    OF(mmkv_view, reserved) OF(mmkv_view, sync_hook)
+    SZ(mmkv_journal) OF(mmkv_journal, magic) OF(mmkv_journal, txn) OF(mmkv_journal, count) OF(mmkv_journal, checksum)
     OF(mmkv_view, hash) OF(mmkv_view, seg) OF(mmkv_view, slot)
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)
     OF(mmkv_view, probes)

@@ -97,5 +97,13 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
 int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result,
               int take_lock);   /* ENOENT: absent or not a counter record (take the general path) */
 
+/*
+ * Failpoints, for crash tests: the countdown-th time the named point is
+ * reached (1 = the next), the process kills itself with SIGKILL.  An empty
+ * name disarms.  Unarmed, a failpoint costs one predictable branch.
+ */
+int mmkv_failpoint_set(const char *name, int64_t countdown);
+int mmkv_failpoint_hit(const char *name);  /* a failpoint on the Python side */
+
 int mmkv_layout_entry(int which, const char **name, uint64_t *value);  /* the C compiler's sizeof/offsetof
                                         table, "struct.field" or "struct", for the layout test; ENOENT past the end */

@@ -288,4 +288,4 @@ def test_real_file_matches_layout(path):
     count, = struct.unpack_from("<Q", page, layout.STATE_WORD["count"] * 8)
     dirty, = struct.unpack_from("<Q", page, layout.STATE_WORD["dirty"] * 8)
     assert count == 1
-    assert dirty == 0, "a cleanly closed file must be marked clean"
+    assert dirty == layout.CLEAN_MARK, "a cleanly closed file must be marked clean"

@@ -1,0 +1,188 @@
+"""Transactions: writes buffered in the handle, committed all at once through a redo journal.
+
+``Store.transaction()`` holds the store lock from the start of the block to the
+end of the commit, so the block sees its own writes and nobody else's, and no
+other process sees a half-applied transaction (their lock-free reads fall back
+to waiting for the lock while it is held).  The commit order, each step after
+the previous one is in place (and, with sync="full", on disk):
+
+1. every new value is written as a new record in free space (nothing refers to it yet);
+2. the journal is written: one (new record, old record) pair per key;
+3. COMMIT POINT: the meta names the journal (one checksummed meta-copy write);
+4. the journal is applied to the index (slot switches, deletions);
+5. the meta stops naming the journal; old records and the journal are freed.
+
+A crash before 3 leaves the old values (the new records are leaked space that
+recovery frees); a crash after 3 is finished by recovery, which replays the
+journal: every step of a replay is idempotent.  In sync="full" the barriers are
+fdatasync calls (one per step, whatever the number of keys), so a committed
+transaction also survives power loss; in sync="none" nothing is synced and a
+transaction is all-or-nothing against process crashes.
+"""
+import errno
+
+from . import failpoints, index
+from ._shim import ffi, lib, raise_for
+from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, REC_KEY_LEN_AT, RECORD_HEADER, STATE_WORD, pad8, siphash
+from .index import slot_word
+
+_DELETE = None          # the buffered value of a deleted key
+
+
+class Transaction:
+    """The buffered writes of one transaction: key -> (value, flags), or _DELETE."""
+
+    def __init__(self):
+        self.writes = {}
+
+    def lookup(self, k):
+        """(True, value or None) when k was written in this transaction, else (False, None)."""
+        if k in self.writes:
+            op = self.writes[k]
+            return True, (None if op is _DELETE else op[0])
+        return False, None
+
+    def put(self, k, value, flags=0):
+        self.writes[k] = (value, flags)
+
+    def delete(self, k):
+        self.writes[k] = _DELETE
+
+
+def _journal_sum(store, entries_bytes) -> int:
+    return siphash(store._ident.seed0, store._ident.seed1, entries_bytes)
+
+
+def _barrier(store):
+    """sync="full": everything written so far is on disk before the next step."""
+    if store._full:
+        store._fm.sync_file()
+
+
+def commit(store, txn: Transaction) -> None:
+    """Apply txn's writes atomically (caller holds the lock).  Safe against a crash at any point."""
+    if not txn.writes:
+        return
+    v, alloc = store._view, store._alloc
+    entries, lengths = [], []       # (new record, old record); (new len, old len) of key + value
+    for k, op in txn.writes.items():
+        rc = lib.mmkv_find(v, k, len(k))
+        if rc not in (0, errno.ENOENT):
+            raise_for(rc, "lookup")
+        old, old_len = (v.rec_off, len(k) + v.val_len) if rc == 0 else (0, 0)
+        if op is _DELETE:
+            if old:
+                entries.append((0, old))
+                lengths.append((0, old_len))
+            continue
+        value, flags = op
+        h = v.hash
+        b = store._allocate(RECORD_HEADER + pad8(len(k)) + len(value))        # 1. the new record
+        cap = alloc.block_size(b) - 8
+        raise_for(lib.mmkv_record_write(store._view, b + 8, cap, h, k, len(k), value, len(value), flags),
+                  "record write")
+        entries.append((b + 8, old))
+        lengths.append((len(k) + len(value), old_len))
+    if not entries:
+        return
+    if failpoints.armed:
+        failpoints.hit(b"txn.after_records")
+    body = b"".join(n.to_bytes(8, "little") + o.to_bytes(8, "little") for n, o in entries)
+    jb = store._allocate(JOURNAL_HEADER + len(body))                          # 2. the journal
+    j = jb + 8
+    mm = store._fm.mm
+    mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + len(body)] = body
+    if failpoints.armed:
+        failpoints.hit(b"txn.mid_journal")
+    txn_id = store._meta.seq + 1
+    header = ffi.new("struct mmkv_journal *")
+    header.magic, header.txn, header.count, header.checksum = JOURNAL_MAGIC, txn_id, len(entries), \
+        _journal_sum(store, body)
+    mm[j:j + JOURNAL_HEADER] = bytes(ffi.buffer(header))
+    _barrier(store)
+    if failpoints.armed:
+        failpoints.hit(b"txn.after_journal")
+    store._write_meta(journal_off=j, journal_txn=txn_id, durable=store._full)   # 3. COMMIT POINT
+    if failpoints.armed:
+        failpoints.hit(b"txn.after_commit")
+    replay(store, entries)                                                       # 4. apply
+    _barrier(store)
+    if failpoints.armed:
+        failpoints.hit(b"txn.before_retire")
+    retire(store, entries, jb)                                                  # 5. retire, free
+    w = store._words
+    for (new, old), (new_len, old_len) in zip(entries, lengths):
+        w[STATE_WORD["count"]] += (1 if new else 0) - (1 if old else 0)
+        w[STATE_WORD["live_bytes"]] += new_len - old_len
+
+
+def retire(store, entries, journal_block) -> None:
+    """Stop naming the journal, then free the replaced records and the journal block."""
+    store._write_meta(journal_off=0, journal_txn=0, durable=store._full)
+    for new, old in entries:
+        if old:
+            store._alloc.free(old - 8)
+    store._alloc.free(journal_block)
+
+
+def read_journal(store, meta):
+    """The entries of the journal the meta names, or None when it fails its checks."""
+    j = meta.journal_off
+    w, end = store._words, store._alloc.end
+    if j % 8 or j + JOURNAL_HEADER > end:
+        return None
+    header = ffi.cast("struct mmkv_journal *", store._fm.base + j)
+    n = header.count
+    if header.magic != JOURNAL_MAGIC or header.txn != meta.journal_txn or n > (end - j) // 16:
+        return None
+    body = store._fm.mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + 16 * n]
+    if header.checksum != _journal_sum(store, body):
+        return None
+    base = (j + JOURNAL_HEADER) >> 3
+    return [(w[base + 2 * i], w[base + 2 * i + 1]) for i in range(n)]
+
+
+def replay(store, entries) -> None:
+    """Make the index say what the journal says (idempotent; caller holds the lock)."""
+    v = store._view
+    for i, (new, old) in enumerate(entries):
+        if failpoints.armed and i == len(entries) // 2:
+            failpoints.hit(b"txn.mid_apply")
+        rec = new or old
+        if lib.mmkv_record_verify(v, rec):
+            # new: only sync="none" after power loss can lose a record its journal names (the
+            #      change is dropped: a recent write);  old: the delete was applied already
+            continue
+        h = v.hash
+        klen = store._words[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
+        key = store._fm.mm[rec + RECORD_HEADER:rec + RECORD_HEADER + klen]
+        rc = lib.mmkv_find(v, key, klen)
+        if rc not in (0, errno.ENOENT):
+            raise_for(rc, "lookup")
+        if not new:
+            if rc == 0 and v.rec_off == old:
+                raise_for(lib.mmkv_slot_delete(v, v.seg, v.slot), "slot delete")
+        elif rc == 0:
+            if v.rec_off != new:
+                raise_for(lib.mmkv_slot_set(v, v.seg, v.slot, slot_word(h, new)), "slot write")
+        else:
+            while (rc := lib.mmkv_index_insert(v, slot_word(h, new))) == errno.EAGAIN:
+                index.split(store, v, v.seg)
+            raise_for(rc, "index insert")
+
+
+def finish_committed(store) -> str:
+    """Recovery's first step: finish the transaction the meta names, if any.
+
+    Returns "" (none), "replayed", or "dropped" (its journal failed its checks:
+    possible only after power loss in sync="none", or damage).
+    """
+    meta = store._meta
+    if not meta.journal_off:
+        return ""
+    entries = read_journal(store, meta)
+    if entries is not None:
+        replay(store, entries)
+        store._fm.sync()
+    store._write_meta(journal_off=0, journal_txn=0)
+    return "replayed" if entries is not None else "dropped"
