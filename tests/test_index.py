@@ -267,9 +267,6 @@ def test_clear_after_splits_returns_to_one_segment(db):
     assert all(db[_key(i)] == b"again" for i in range(20_000))
 
 
-@pytest.mark.xfail(reason="BUG: Store.clear() raises ValueError when the new index's directory block lies "
-                          "above its segment (Store._clear passes index.blocks() unsorted to Allocator.rebuild)",
-                   raises=ValueError, strict=True)
 def test_clear_succeeds_wherever_the_new_index_lands(db):
     # Each clear() builds the new index (segment, then directory) in free space: where the two land
     # moves from one clear to the next, and on this sequence the directory ends up above the segment.

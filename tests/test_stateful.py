@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -239,28 +239,9 @@ class StoreMachine(RuleBasedStateMachine):
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 
-def CLEAR_BUG(test_case):
-    """Mark a machine that runs the clear rule as failing because of the clear() bug.
-
-    Store.clear() passes index.blocks() (directory first, then segments) to Allocator.rebuild,
-    which needs the blocks sorted by offset: whenever the new directory lands above the new
-    segment, clear() raises ValueError (the interrupted write then runs recovery, so the store
-    is sound but cleared while the caller was told it failed; a teardown may then also find the
-    model out of step).  Shrinking is skipped: a failing run would otherwise spend minutes
-    shrinking a failure that is expected.  Remove this wrapper (and the *WithoutClear machines
-    below) once clear() is fixed.
-    """
-    test_case.settings = settings(test_case.settings,
-                                  phases=[Phase.explicit, Phase.reuse, Phase.generate])
-    return pytest.mark.xfail(
-        reason="BUG: Store.clear() raises ValueError when the new index's directory block lies above "
-               "its segment (Store._clear passes index.blocks() unsorted to Allocator.rebuild)",
-        strict=True)(test_case)
-
-
 STORE_SETTINGS = settings(max_examples=30, stateful_step_count=40, deadline=None, suppress_health_check=_SUPPRESS)
 StoreMachine.TestCase.settings = STORE_SETTINGS
-TestStoreMachine = CLEAR_BUG(StoreMachine.TestCase)
+TestStoreMachine = StoreMachine.TestCase
 
 
 class FullSyncMachine(StoreMachine):
@@ -271,7 +252,7 @@ class FullSyncMachine(StoreMachine):
 FULL_SYNC_SETTINGS = settings(max_examples=12, stateful_step_count=25, deadline=None,
                               suppress_health_check=_SUPPRESS)
 FullSyncMachine.TestCase.settings = FULL_SYNC_SETTINGS
-TestFullSyncMachine = CLEAR_BUG(FullSyncMachine.TestCase)
+TestFullSyncMachine = FullSyncMachine.TestCase
 
 
 class SplittingMachine(StoreMachine):
@@ -291,32 +272,9 @@ SplittingMachine.most_segments = 1
 SPLITTING_SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None,
                               suppress_health_check=_SUPPRESS)
 SplittingMachine.TestCase.settings = SPLITTING_SETTINGS
-TestSplittingMachine = CLEAR_BUG(SplittingMachine.TestCase)
 
 
-# Until the clear() bug is fixed, the same three machines without the clear rule, so that every
-# other rule keeps running (a plain attribute hides the inherited rule from hypothesis).
-# Delete these three when the xfail marks above are removed.
-class StoreMachineWithoutClear(StoreMachine):
-    clear = None
-
-
-class FullSyncMachineWithoutClear(FullSyncMachine):
-    clear = None
-
-
-class SplittingMachineWithoutClear(SplittingMachine):
-    clear = None
-
-
-StoreMachineWithoutClear.TestCase.settings = STORE_SETTINGS
-FullSyncMachineWithoutClear.TestCase.settings = FULL_SYNC_SETTINGS
-SplittingMachineWithoutClear.TestCase.settings = SPLITTING_SETTINGS
-TestStoreMachineWithoutClear = StoreMachineWithoutClear.TestCase
-TestFullSyncMachineWithoutClear = FullSyncMachineWithoutClear.TestCase
-
-
-class TestSplittingMachineWithoutClear(SplittingMachineWithoutClear.TestCase):
+class TestSplittingMachine(SplittingMachine.TestCase):
     def runTest(self):
         SplittingMachine.most_segments = 1
         super().runTest()
