@@ -26,7 +26,8 @@ def open(path, flag: str = "c", sync: str = "none", mode: int = 0o600, **options
     flag: "r" read-only, "w" read-write (must exist), "c" read-write, created if missing,
     "n" always a new empty store.  sync: "none" (survives any process crash) or "full"
     (every write is on disk when the call returns).  options: lock_timeout (seconds,
-    None for no limit), open_timeout (seconds).
+    None for no limit), lock_report_after (seconds a lock wait lasts before the holder's pid
+    and time held are logged on the "mmkv" logger; None: never), open_timeout (seconds).
     :raises CorruptionError: not an mmkv file, other version, bad checksum, truncated.
     :raises FileNotFoundError: flag "r" or "w" and no file.
     """

@@ -10,7 +10,9 @@ inside ``db.lock()``: the second would wait for the first.
 """
 import errno
 import os
+import logging
 import threading
+import time
 import weakref
 from itertools import accumulate, chain
 from collections.abc import ItemsView, MutableMapping, ValuesView
@@ -25,7 +27,7 @@ from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTE
                      REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
-from .tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, LARGE_BLOCK, LOCK_TIMEOUT, MAX_KEY_SIZE,
+from .tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, LARGE_BLOCK, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE,
                        MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
 
 SYNC_MODES = ("none", "full")
@@ -43,6 +45,7 @@ _BATCH = 4096
 _CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
 
 _open_stores = weakref.WeakSet()
+log = logging.getLogger("mmkv")
 
 
 def _after_fork_in_child():
@@ -60,6 +63,7 @@ class _PerThread(threading.local):
         self.out = ffi.new("struct mmkv_getbuf *")
         self.out.buf, self.out.cap = self.mem, GET_BUFFER
         self.i64 = ffi.new("int64_t *")
+        self.waited = False         # a fused call timed out at lock_report_after: see _acquire
 
 
 if hasattr(os, "register_at_fork"):
@@ -113,7 +117,8 @@ class Store(MutableMapping):
     __hash__ = object.__hash__
 
     def __init__(self, path, flag: str = "c", sync: str = "none", mode: int = 0o600,
-                 lock_timeout: float | None = LOCK_TIMEOUT, open_timeout: float = OPEN_TIMEOUT):
+                 lock_timeout: float | None = LOCK_TIMEOUT, open_timeout: float = OPEN_TIMEOUT,
+                 lock_report_after: float | None = LOCK_REPORT_AFTER):
         if flag not in FLAGS:
             raise ValueError(f"flag must be one of {FLAGS}, not {flag!r}")
         if sync not in SYNC_MODES:
@@ -130,7 +135,12 @@ class Store(MutableMapping):
         self._depth = 0          # db.lock() nesting in the owning thread
         self._owner = None
         self._txn = None         # the transaction in progress on this handle
+        self._lock_reports = 0   # times this handle logged a long lock holder
         self._local = _PerThread()
+        timeout_ns(lock_report_after)
+        self._report_after = lock_report_after
+        if lock_report_after is not None and lock_timeout is not None and lock_report_after >= lock_timeout:
+            self._report_after = None                   # the timeout comes first: nothing to report
         self._open(flag, mode, lock_timeout, open_timeout)
         _open_stores.add(self)
 
@@ -227,7 +237,9 @@ class Store(MutableMapping):
             meta, which = parse_meta(page0, self._ident, 1 << 62)
             grow_file(fd, meta.file_size)
         self._fm = FileMap(fd, meta.file_size)
-        self._view = new_view(self._fm, self._ident, self._full, lock_timeout)
+        # the shim waits at most until it is time to report the holder; the rest is _acquire's
+        self._view = new_view(self._fm, self._ident, self._full,
+                              lock_timeout if self._report_after is None else self._report_after)
         self._alloc = Allocator(self._fm, self._view)
         self._lock_timeout = lock_timeout
         self._set_meta(meta, which)
@@ -325,7 +337,14 @@ class Store(MutableMapping):
             self._depth += 1
             return
         v = self._view
-        rc = lib.mmkv_lock(v)
+        local = self._local
+        if local.waited:                 # a fused call already waited up to lock_report_after
+            local.waited = False
+            rc = errno.ETIMEDOUT
+        else:
+            rc = lib.mmkv_lock(v)
+        if rc == errno.ETIMEDOUT and self._report_after is not None:
+            rc = self._lock_after_report(v)
         if rc:
             if rc == errno.EOWNERDEAD:
                 self._owner_died()
@@ -338,6 +357,22 @@ class Store(MutableMapping):
                 lib.mmkv_unlock(v)
                 raise
         self._depth, self._owner = 1, threading.get_ident()
+
+    def _lock_after_report(self, v):
+        """The lock was not free within lock_report_after seconds: log who holds it and for how
+        long, then wait for the rest of lock_timeout.  Returns the shim's result."""
+        w = self._words
+        pid, since = w[STATE_WORD["lock_pid"]], w[STATE_WORD["lock_since_ns"]]
+        held = f"{(time.monotonic_ns() - since) / 1e9:.1f}s" if since else "an unknown time"
+        log.warning("mmkv: %s: waited %.1fs for the lock; pid %s has held it for %s",
+                    self.path, self._report_after, pid or "?", held)
+        self._lock_reports += 1
+        rest = None if self._lock_timeout is None else max(0.0, self._lock_timeout - self._report_after)
+        saved, v.lock_timeout_ns = v.lock_timeout_ns, timeout_ns(rest)
+        try:
+            return lib.mmkv_lock(v)
+        finally:
+            v.lock_timeout_ns = saved
 
     def _release(self):
         self._depth -= 1
@@ -468,6 +503,8 @@ class Store(MutableMapping):
             lib.mmkv_unlock(self._view)
         elif rc == errno.EBADMSG:
             raise_for(rc, "lookup")
+        elif rc == errno.ETIMEDOUT and self._report_after is not None:
+            self._local.waited = True        # _acquire reports the holder and waits the rest
         elif rc not in (None, ESTALE, ENOBUFS):
             raise self._lock_error(rc)
         self._acquire()     # remap, a value bigger than the buffer, inside db.lock(), after repair
@@ -581,6 +618,9 @@ class Store(MutableMapping):
         if rc == errno.EOWNERDEAD:           # we hold the lock a dead process left: repair first
             self._owner_died()
             lib.mmkv_unlock(self._view)
+            return
+        if rc == errno.ETIMEDOUT and self._report_after is not None:
+            self._local.waited = True        # the general path reports the holder, waits the rest
             return
         if rc in (errno.ETIMEDOUT, errno.ENOTRECOVERABLE, errno.EINVAL, errno.EDEADLK):
             raise self._lock_error(rc)
@@ -895,6 +935,7 @@ class Store(MutableMapping):
             st["largest_free_block"] = largest
             st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
             st["sync"] = self.sync_mode
+            st["lock_reports"] = self._lock_reports
             return st
         finally:
             self._release()

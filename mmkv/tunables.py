@@ -10,6 +10,8 @@ MAX_KEY_SIZE = 64 * 1024
 MAX_VALUE_SIZE = (1 << 32) - 1
 #: Seconds to wait for the store lock before LockTimeoutError (None: wait forever).
 LOCK_TIMEOUT = 10.0
+#: Seconds a lock wait lasts before the holder (pid, time held) is logged on the "mmkv" logger.
+LOCK_REPORT_AFTER = 1.0
 #: Seconds to wait for the open/close protocol's sidecar lock.
 OPEN_TIMEOUT = 30.0
 #: Bytes of the per-handle buffer that get() copies values into; larger values take a bigger one.
