@@ -61,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="audit a store file; exit 0 when sound")
     c.add_argument("path")
     c.set_defaults(func=cmd_check)
+    sub.add_parser("torture", help="crash-durability runs: 'kill PATH --kills N' or 'powerloss DIR --images N' "
+                                   "(see mmkv torture --help)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["torture"]:          # its own parser, options and help included
+        from . import torture
+        return torture.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -421,7 +421,7 @@ def check_image(folder, image, sync, models, ops, acked, barrier):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mmkv torture", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mmkv torture", description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="mode", required=True)
     k = sub.add_parser("kill", help="SIGKILL writers at random moments and failpoints; verify after each")
     k.add_argument("path")

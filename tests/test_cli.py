@@ -86,3 +86,12 @@ def test_check_truncated_file(tmp_path, path):
     out = run(["check", p])
     assert out.returncode == 1
     assert "cut short" in out.stderr or "shorter" in out.stderr
+
+
+def test_torture_command_runs_both_modes(tmp_path):
+    kill = run(["torture", "kill", str(tmp_path / "tortured.mmkv"), "--kills", "5", "--seed", "9"])
+    assert kill.returncode == 0, kill.stderr
+    assert "5 kills" in kill.stdout and "no failure" in kill.stdout
+    power = run(["torture", "powerloss", str(tmp_path / "images"), "--images", "20", "--seed", "9"])
+    assert power.returncode == 0, power.stderr
+    assert "20 images" in power.stdout and "no failure" in power.stdout
