@@ -4,11 +4,16 @@
     with mmkv.open("data.mmkv") as db:
         db[b"key"] = b"value"
         db.incr("hits")
+
+    ids = mmkv.Sequence("ids.mmkv", "orders")      # unique ids across processes
+    q = mmkv.Queue("jobs.mmkv", "resize")           # persistent multi-process FIFO, blocking get
 """
 from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
                      InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
-                     ReadOnlyError, TruncatedError, VersionError)
+                     QueueEmpty, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
 from .store import Store
+from .sequence import Sequence
+from .queue import Queue
 from .tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
 __version__ = "0.1.0"
@@ -17,6 +22,7 @@ __all__ = [
     "open", "Store", "Error", "CorruptionError", "NotMmkvFileError", "VersionError", "ChecksumError",
     "TruncatedError", "LockTimeoutError", "DiskFullError", "ClosedError", "ForkedHandleError",
     "ReadOnlyError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
+    "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError",
 ]
 
 

@@ -6,6 +6,7 @@ import time
 
 from . import open as open_store
 from .errors import Error
+from .sequence import Sequence
 
 
 def cmd_demo(args) -> int:
@@ -51,6 +52,36 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_incr(args) -> int:
+    """Add DELTA (default 1) to the counter KEY and print the new value (the file is created if missing)."""
+    try:
+        with open_store(args.path, "c", sync=args.sync) as db:
+            value = db.incr(args.key.encode("utf-8"), args.delta)
+    except (Error, OverflowError, OSError) as exc:
+        print(f"mmkv incr: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    print(value)
+    return 0
+
+
+def cmd_next_id(args) -> int:
+    """Print the next id of sequence NAME: block=1, so a process that draws one id skips none."""
+    try:
+        with Sequence(args.path, args.name, block=1, sync=args.sync) as ids:
+            value = ids.next()
+    except (Error, OverflowError, OSError) as exc:
+        print(f"mmkv next-id: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    print(value)
+    return 0
+
+
+def _sync_option(parser):
+    parser.add_argument("--sync", choices=("full", "none"), default="full",
+                        help="full (default): the new value is on disk before it is printed; "
+                             "none: survives a crash of this process, not power loss")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkv", description="mmkv: memory-mapped, process-shared key-value store")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="audit a store file; exit 0 when sound")
     c.add_argument("path")
     c.set_defaults(func=cmd_check)
+    i = sub.add_parser("incr", help="add DELTA (default 1) to counter KEY atomically; print the new value")
+    i.add_argument("path")
+    i.add_argument("key", help="counter key (UTF-8); the value is 8 little-endian signed bytes")
+    i.add_argument("delta", nargs="?", type=int, default=1, help="amount to add, may be negative (default 1)")
+    _sync_option(i)
+    i.set_defaults(func=cmd_incr)
+    n = sub.add_parser("next-id", help="print the next id of sequence NAME, unique across all processes")
+    n.add_argument("path")
+    n.add_argument("name", help="sequence name (UTF-8); each name counts from 1 on its own")
+    _sync_option(n)
+    n.set_defaults(func=cmd_next_id)
     sub.add_parser("torture", help="crash-durability runs: 'kill PATH --kills N' or 'powerloss DIR --images N' "
                                    "(see mmkv torture --help)")
     return p

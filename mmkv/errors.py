@@ -3,6 +3,7 @@
 Where a standard exception says it better, the class derives from that too, so
 ``except KeyError`` / ``except ValueError`` / ``except OSError`` keep working.
 """
+from queue import Empty as _StdEmpty
 
 
 class Error(Exception):
@@ -66,3 +67,17 @@ class NotACounterError(Error, TypeError):
 
 class InUseError(Error):
     """The operation needs the file to be open in this process only."""
+
+
+class QueueEmpty(Error, _StdEmpty):
+    """``Queue.get`` found no item before its timeout ran out.
+
+    Also a ``queue.Empty``, so code written for the standard library's queues keeps working.
+    """
+
+
+class TooManyQueuesError(Error):
+    """Every one of the file's semaphores already belongs to a queue (16 per file).
+
+    Reuse an existing queue name or keep further queues in another file.
+    """
