@@ -75,8 +75,23 @@ def try_exclusive(fd: int) -> bool:
         return False
 
 
-def hold_shared(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_SH)
+def hold_shared(fd: int, timeout: float) -> None:
+    """Take (or turn an exclusive one into) the shared flock every open handle keeps.
+
+    :raises LockTimeoutError: another descriptor keeps an exclusive flock (a process
+        that inherited one and never closed it).
+    """
+    deadline, delay = time.monotonic() + timeout, 0.0002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError("timed out taking the shared open lock: another process holds "
+                                       "the file's exclusive flock; raise open_timeout") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
 
 def init_locks(base) -> None:

@@ -49,9 +49,25 @@ log = logging.getLogger("mmkv")
 
 
 def _after_fork_in_child():
+    """In a forked child, inherited handles are dead: every call raises ForkedHandleError.
+
+    Their descriptors (the store's and the ones each mmap keeps) are closed in the
+    child at once: they share the parent's open file description, and with it the
+    flock that tells who has the file open, so an idle child holding them would keep
+    the parent's lock alive after the parent closed (and block the next opener).
+    """
     for store in list(_open_stores):
         store._forked = True
-        store._view = None      # every call now raises ForkedHandleError
+        store._view = None
+        try:
+            if store._fm is not None:
+                store._fm.close()
+            if store._fd is not None:
+                os.close(store._fd)
+        except OSError:
+            pass
+        store._fm = store._words = None
+        store._fd = None
 
 
 class _PerThread(threading.local):
@@ -137,6 +153,7 @@ class Store(MutableMapping):
         self._txn = None         # the transaction in progress on this handle
         self._lock_reports = 0   # times this handle logged a long lock holder
         self._local = _PerThread()
+        timeout_ns(lock_timeout)    # reject bad timeouts before touching anything
         timeout_ns(lock_report_after)
         self._report_after = lock_report_after
         if lock_report_after is not None and lock_timeout is not None and lock_report_after >= lock_timeout:
@@ -167,7 +184,7 @@ class Store(MutableMapping):
                     first = opening.try_exclusive(fd)
                 self._fd = fd
                 self._attach(lock_timeout, first)
-                opening.hold_shared(fd)
+                opening.hold_shared(fd, open_timeout)
             except BaseException:
                 self._detach()
                 os.close(fd)

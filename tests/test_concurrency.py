@@ -11,8 +11,8 @@
 * Growth: a writer takes the file and its index from empty to 500,000 keys
   while two readers verify every key the writer has acknowledged.
 
-At the end, strict xfails for two engine bugs met while building the counter
-service and the queue (each passes, and so fails as XPASS, once its bug is fixed).
+At the end, regression tests for two engine bugs met while building the counter
+service and the queue (clear() repeated; an idle forked child holding the file open).
 """
 import pickle
 import subprocess
@@ -284,11 +284,8 @@ def test_readers_see_every_acknowledged_key_while_the_file_grows(path):
         assert db[b"k%07d" % (GROWTH_KEYS - 1)] == b"value-%d" % (GROWTH_KEYS - 1) * (1 + (GROWTH_KEYS - 1) % 5)
 
 
-# ---------------------------------------------------------------- engine bugs found on the way
+# ---------------------------------------------------------------- engine bugs found on the way (fixed)
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="engine bug: Store._clear passes index.blocks() unsorted to Allocator.rebuild; "
-                          "once the new index lies below the old one, a gap is negative")
 def test_clear_can_be_repeated(db):
     for i in range(8):
         db[b"k%d" % i] = b"v"
@@ -315,11 +312,6 @@ FORKED_IDLE_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="engine bug: a forked child keeps the Store's descriptors (the fd and the mmap dups "
-                          "share its open file description), so after the parent closes the file as last "
-                          "closer (flock upgraded to LOCK_EX), every later open blocks in opening.hold_shared "
-                          "(blocking LOCK_SH, no timeout) until the child exits")
 def test_an_idle_forked_child_does_not_block_later_opens(path):
     out = subprocess.run([sys.executable, "-c", FORKED_IDLE_CHILD, path], capture_output=True, text=True,
                          timeout=TIMEOUT)
