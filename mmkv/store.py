@@ -686,12 +686,17 @@ class Store(MutableMapping):
             rc = lib.mmkv_put(self._view, k, len(k), val, len(val), flags, 0)
             if rc == 0:
                 return
-            if rc == errno.ENOSPC:
-                self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
-            elif rc == errno.EAGAIN:
-                index.split(self, self._view, self._view.seg)
-            else:
-                raise_for(rc, "put")
+            self._make_room(rc, k, val)
+
+    def _make_room(self, rc, k, val):
+        """A put of (k, val) returned rc: grow the file (ENOSPC) or split the key's index
+        segment (EAGAIN) so that the retry fits; any other result is an error."""
+        if rc == errno.ENOSPC:
+            self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
+        elif rc == errno.EAGAIN:
+            index.split(self, self._view, self._view.seg)
+        else:
+            raise_for(rc, "put")
 
     def _allocate(self, payload):
         """A block for payload bytes, growing the file until one fits.  Caller holds the lock."""
@@ -833,13 +838,7 @@ class Store(MutableMapping):
                 rc = lib.mmkv_put_many(self._view, keys, key_ends, vals, val_ends, len(chunk), done)
                 if rc == 0:
                     break
-                k, val = chunk[done[0]]
-                if rc == errno.ENOSPC:
-                    self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
-                elif rc == errno.EAGAIN:
-                    index.split(self, self._view, self._view.seg)
-                else:
-                    raise_for(rc, "put")
+                self._make_room(rc, *chunk[done[0]])
 
     def clear(self):
         """Remove every key, atomically: a new empty index replaces the old one in one meta switch."""
