@@ -236,7 +236,9 @@ def run_kills(path: str, kills: int, sync: str = "none", seed: int = 1, failpoin
     while summary["killed"] + summary["failpoint"] < kills:
         round_no += 1
         fp = (rnd.choice(points), rnd.randint(1, 4)) if rnd.random() < failpoint_share else None
-        r = Round(path, seed * 1_000_003 + round_no, sync, fp, rnd.uniform(0.001, 0.08), rnd.randint(20, 400))
+        # a random kill always comes (no op limit); an armed failpoint may not be reached in 20-400 ops
+        limit = rnd.randint(20, 400) if fp else 1 << 62
+        r = Round(path, seed * 1_000_003 + round_no, sync, fp, rnd.uniform(0.001, 0.08), limit)
         acked, ended = r.run()
         summary[ended] += 1
         if fp and ended == "failpoint":
