@@ -5,15 +5,14 @@ driven over a line protocol on stdin/stdout.  Every read from a child has a
 timeout, and every child still alive at the end of a test is killed.
 """
 import os
-import select
 import signal
-import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
 import pytest
+
+import children
 
 import mmkv
 
@@ -34,98 +33,10 @@ PRELUDE = textwrap.dedent("""
 """)
 
 
-class Child:
-    """A python child process running PRELUDE + script, with a line protocol."""
-
-    def __init__(self, script, *args):
-        self.err = tempfile.TemporaryFile()
-        self.p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(script), *map(str, args)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
-        self.pid = self.p.pid
-        self._buf = b""
-        self.lines = []           # every line received so far
-
-    def stderr(self):
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")[-3000:]
-
-    def readline(self, timeout=TIMEOUT):
-        """The next complete line, or None at EOF (an unterminated tail is dropped: a child
-        killed in the middle of a print did not finish saying it); fails the test on timeout."""
-        end = time.monotonic() + timeout
-        fd = self.p.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = end - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"child {self.pid} said nothing for {timeout}s; stderr: {self.stderr()}")
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self._buf = b""
-                return None
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        text = line.decode()
-        self.lines.append(text)
-        return text
-
-    def expect(self, word, timeout=TIMEOUT):
-        """Read until a line whose first word is word; returns the remaining words."""
-        while True:
-            line = self.readline(timeout)
-            if line is None:
-                pytest.fail(f"child {self.pid} exited (rc {self.p.wait(5)}) before saying {word!r}; "
-                            f"said {self.lines[-5:]}; stderr: {self.stderr()}")
-            parts = line.split()
-            if parts and parts[0] == word:
-                return parts[1:]
-            if parts and parts[0] in ("protocol-error", "error"):
-                pytest.fail(f"child {self.pid}: {line}; stderr: {self.stderr()}")
-
-    def send(self, word):
-        self.p.stdin.write(word.encode() + b"\n")
-        self.p.stdin.flush()
-
-    def finish(self, timeout=TIMEOUT):
-        """Wait for a normal exit; returns the exit code."""
-        try:
-            return self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"child {self.pid} did not exit; stderr: {self.stderr()}")
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.p.poll() is None:
-            os.kill(self.pid, sig)
-        rc = self.p.wait(TIMEOUT)
-        return rc
-
-    def close(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(TIMEOUT)
-        for f in (self.p.stdin, self.p.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self.err.close()
-
-
 @pytest.fixture
 def spawn():
-    children = []
-
-    def start(script, *args):
-        c = Child(script, *args)
-        children.append(c)
-        return c
-
-    yield start
-    for c in children:
-        c.close()
+    with children.spawner(PRELUDE) as start:
+        yield start
 
 
 def _recoveries(db):

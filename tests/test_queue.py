@@ -9,16 +9,15 @@ import math
 import os
 import queue
 import random
-import select
 import signal
-import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 
 import pytest
+
+import children
 
 import mmkv
 from mmkv.queue import SEM_PREFIX, _Semaphore
@@ -41,90 +40,10 @@ PRELUDE = textwrap.dedent("""
 """)
 
 
-class Child:
-    """A python child running PRELUDE + script, read line by line with timeouts."""
-
-    def __init__(self, script, *args):
-        self.err = tempfile.TemporaryFile()
-        self.p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(script), *map(str, args)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
-        self.pid = self.p.pid
-        self._buf = b""
-
-    def stderr(self):
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")[-3000:]
-
-    def readline(self, timeout=TIMEOUT):
-        """The next line, or None at EOF; fails the test on timeout."""
-        end = time.monotonic() + timeout
-        fd = self.p.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = end - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"child {self.pid} said nothing for {timeout}s; stderr: {self.stderr()}")
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    return None
-                self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode()
-
-    def expect(self, word, timeout=TIMEOUT):
-        """Read until a line starting with word; its other words."""
-        while True:
-            line = self.readline(timeout)
-            if line is None:
-                pytest.fail(f"child {self.pid} exited (rc {self.p.wait(5)}) before saying {word!r}; "
-                            f"stderr: {self.stderr()}")
-            parts = line.split()
-            if parts and parts[0] == word:
-                return parts[1:]
-            if parts and parts[0] == "protocol-error":
-                pytest.fail(f"child {self.pid}: {line}")
-
-    def silent_for(self, seconds) -> bool:
-        """True when the child writes nothing for that long."""
-        return b"\n" not in self._buf and not select.select([self.p.stdout.fileno()], [], [], seconds)[0]
-
-    def send(self, word):
-        self.p.stdin.write(word.encode() + b"\n")
-        self.p.stdin.flush()
-
-    def finish(self, timeout=TIMEOUT):
-        try:
-            return self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"child {self.pid} did not exit; stderr: {self.stderr()}")
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-        return self.p.wait(TIMEOUT)
-
-    def close(self):
-        self.kill()
-        for f in (self.p.stdin, self.p.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self.err.close()
-
-
 @pytest.fixture
 def spawn():
-    children = []
-
-    def make(script, *args):
-        child = Child(script, *args)
-        children.append(child)
-        return child
-
-    yield make
-    for child in children:
-        child.close()
+    with children.spawner(PRELUDE) as start:
+        yield start
 
 
 def drain(sem):
