@@ -44,7 +44,7 @@ def test_crash_image_tears_only_what_changed():
 
 
 def _die_at(path, failpoint, body):
-    """Run body in a child with failpoint armed; it must die by SIGKILL."""
+    """Run body in a child with failpoint armed; it must die by SIGKILL.  Returns its stdout."""
     code = textwrap.dedent(f"""
         import mmkv, mmkv.store
         from mmkv import failpoints
@@ -53,6 +53,7 @@ def _die_at(path, failpoint, body):
     """) + textwrap.dedent(body)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert out.returncode == -signal.SIGKILL, out.stderr.decode()[-2000:]
+    return out.stdout.decode()
 
 
 def test_killed_mid_growth(path):
@@ -71,15 +72,19 @@ def test_killed_mid_backward_shift(path):
     with mmkv.open(path) as db:
         db.update({b"k%d" % i: b"v%d" % i for i in range(12000)})   # a crowded segment: shifts happen
     body = """
+        import sys
         for i in range(12000):
             del db[b"k%d" % i]
+            sys.stdout.write("%d\\n" % i)     # acknowledged
+            sys.stdout.flush()
     """
-    _die_at(path, "delete.mid_shift", body)
+    done = len(_die_at(path, "delete.mid_shift", body).splitlines())   # deletes without a shift finish
     with mmkv.open(path) as db:
         db.check()
         left = dict(db.items())
-        assert len(left) in (11999, 12000)           # only the delete in flight may be gone
-        assert all(left[k] == b"v" + k[1:] for k in left)
+    assert all(b"k%d" % i not in left for i in range(done))            # acknowledged deletes hold
+    assert all(left[b"k%d" % i] == b"v%d" % i for i in range(done + 1, 12000))   # the rest untouched
+    assert len(left) in (12000 - done, 12000 - done - 1)                # the one in flight: either way
 
 
 def test_killed_mid_split_and_mid_index_rebuild(path):
