@@ -220,44 +220,56 @@ REDIS_PORT = None      # set while the server runs
 # ===================================================================== adapters
 # Each adapter owns one store in its own folder.  The *_loop methods are the timed bodies: the
 # idiomatic per-call API of the system, with attribute look-ups hoisted out of the loop.
-class MmkvStore:
-    def __init__(self, folder, sync="none"):
-        import mmkv
+class MappingStore:
+    """Adapter for anything dict-like: the loops are the plain mapping protocol."""
+
+    def __init__(self, folder, mapping):
         self.folder = folder
-        self.path = os.path.join(folder, "store.mmkv")
-        self.db = mmkv.open(self.path, "n", sync=sync)
+        self.m = mapping
 
     def get_loop(self, keys):
-        db = self.db
+        m = self.m
         for k in keys:
-            db[k]
+            m[k]
 
     def absent_loop(self, keys):
-        get = self.db.get
+        get = self.m.get
         for k in keys:
             get(k)
 
     def put_loop(self, items):
-        db = self.db
+        m = self.m
         for k, v in items:
-            db[k] = v
+            m[k] = v
 
     def batch(self, mapping):
-        self.db.update(mapping)
+        self.m.update(mapping)
 
     def delete_loop(self, keys):
-        db = self.db
+        m = self.m
         for k in keys:
-            del db[k]
+            del m[k]
 
     def fetch(self, k):
-        return self.db.get(k)
+        return self.m.get(k)
 
     def count(self):
-        return len(self.db)
+        return len(self.m)
+
+    def close(self):
+        self.m = None
+
+
+class MmkvStore(MappingStore):
+    def __init__(self, folder, sync="none"):
+        import mmkv
+        self.path = os.path.join(folder, "store.mmkv")
+        super().__init__(folder, mmkv.open(self.path, "n", sync=sync))
+        self.db = self.m
 
     def close(self):
         self.db.close()
+        super().close()
 
 
 class LmdbStore:
@@ -402,42 +414,9 @@ class DiskCacheStore:
         self.cache.close()
 
 
-class DictStore:
+class DictStore(MappingStore):
     def __init__(self, folder, sync="none"):
-        self.folder = folder
-        self.d = {}
-
-    def get_loop(self, keys):
-        d = self.d
-        for k in keys:
-            d[k]
-
-    def absent_loop(self, keys):
-        get = self.d.get
-        for k in keys:
-            get(k)
-
-    def put_loop(self, items):
-        d = self.d
-        for k, v in items:
-            d[k] = v
-
-    def batch(self, mapping):
-        self.d.update(mapping)
-
-    def delete_loop(self, keys):
-        d = self.d
-        for k in keys:
-            del d[k]
-
-    def fetch(self, k):
-        return self.d.get(k)
-
-    def count(self):
-        return len(self.d)
-
-    def close(self):
-        self.d = None
+        super().__init__(folder, {})
 
 
 class RedisStore:
