@@ -60,7 +60,6 @@ STATE_WORD = {
     for name in ("generation", "dirty", "count", "live_bytes", "used_bytes", "free_bytes",
                  "free_bitmap", "lock_pid", "lock_since_ns", "recoveries", "seq", "free_heads")
 }
-STATE_FIELDS = tuple(STATE_WORD)
 
 
 def pad8(n: int) -> int:

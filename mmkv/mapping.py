@@ -78,9 +78,6 @@ class FileMap:
         self._retired = []
         self.mm = self.words = self._cbuf = self.base = None
 
-    def file_size(self) -> int:
-        return os.fstat(self.fd).st_size
-
     def sync(self, off: int = 0, length: int | None = None) -> None:
         """msync(MS_SYNC) the byte range (default: all of it)."""
         if length is None:

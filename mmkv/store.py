@@ -19,7 +19,6 @@ from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
 from . import failpoints, index, recovery, transaction
 from ._shim import ESTALE, ffi, lib, raise_for
-from errno import ENOBUFS
 from .allocator import Allocator
 from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
@@ -37,7 +36,6 @@ _GEN = STATE_WORD["generation"]
 _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
-_RECOVERIES = STATE_WORD["recoveries"]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: Pairs per call of the shim's batch put in update().
 _BATCH = 4096
@@ -522,7 +520,7 @@ class Store(MutableMapping):
             raise_for(rc, "lookup")
         elif rc == errno.ETIMEDOUT and self._report_after is not None:
             self._local.waited = True        # _acquire reports the holder and waits the rest
-        elif rc not in (None, ESTALE, ENOBUFS):
+        elif rc not in (None, ESTALE, errno.ENOBUFS):
             raise self._lock_error(rc)
         self._acquire()     # remap, a value bigger than the buffer, inside db.lock(), after repair
         try:
@@ -738,9 +736,6 @@ class Store(MutableMapping):
             self._fm.sync(0, HEADER_SIZE)
         self._words[_GEN] += 1
         self._set_meta(new, which)
-
-    def _durable(self, off, length):
-        self._fm.sync(off, length)
 
     def __delitem__(self, key):
         """Remove key. :raises KeyError: key is absent."""

@@ -368,15 +368,6 @@ int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t 
     return 0;
 }
 
-int mmkv_record_checksum(struct mmkv_view *v, uint64_t off, uint64_t *sum)
-{
-    const struct mmkv_record *r = record_at(v, off);
-    if (!r)
-        return EBADMSG;
-    *sum = record_sum(v, r);
-    return 0;
-}
-
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
 {
     if (off < MMKV_HEADER_SIZE + 8 || off % 8 || !range_ok(v->size, off - 8, 8))

@@ -1,6 +1,5 @@
 """Crash safety: the kill harness and the power-loss simulator (default sizes; the long runs
 are `mmkv torture kill PATH --kills 10000` and `mmkv torture powerloss DIR --images 10000`)."""
-import os
 import signal
 import subprocess
 import sys

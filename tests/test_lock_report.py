@@ -1,6 +1,5 @@
 """A lock held too long is reported by the processes waiting for it; the timeout still holds."""
 import logging
-import os
 import subprocess
 import sys
 import textwrap

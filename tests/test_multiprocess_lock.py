@@ -6,7 +6,6 @@ timeout, and every child still alive at the end of a test is killed.
 """
 import os
 import signal
-import sys
 import textwrap
 import time
 
@@ -297,7 +296,7 @@ def test_holder_killed_in_the_middle_of_a_write_loop(path, spawn):
                 w.expect("ack")
             w.kill()
             # collect every ack the child printed before it died
-            while (line := w.readline(5)) is not None:
+            while w.readline(5) is not None:
                 pass
             acks = [int(line.split()[1]) for line in w.lines if line.startswith("ack")]
             for i in acks:

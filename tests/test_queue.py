@@ -10,7 +10,6 @@ import os
 import queue
 import random
 import signal
-import sys
 import textwrap
 import threading
 import time

@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import pytest
 
 import mmkv
 from mmkv.layout import SEGMENT_SLOTS
