@@ -372,26 +372,11 @@ class SqliteStore:
         self.con.close()
 
 
-class DiskCacheStore:
+class DiskCacheStore(MappingStore):
     def __init__(self, folder, sync="none"):
         import diskcache
-        self.folder = folder
-        self.cache = diskcache.Cache(os.path.join(folder, "diskcache"))
-
-    def get_loop(self, keys):
-        c = self.cache
-        for k in keys:
-            c[k]
-
-    def absent_loop(self, keys):
-        get = self.cache.get
-        for k in keys:
-            get(k)
-
-    def put_loop(self, items):
-        c = self.cache
-        for k, v in items:
-            c[k] = v
+        super().__init__(folder, diskcache.Cache(os.path.join(folder, "diskcache")))
+        self.cache = self.m
 
     def batch(self, mapping):
         c = self.cache
@@ -399,19 +384,9 @@ class DiskCacheStore:
             for k, v in mapping.items():
                 c[k] = v
 
-    def delete_loop(self, keys):
-        c = self.cache
-        for k in keys:
-            del c[k]
-
-    def fetch(self, k):
-        return self.cache.get(k)
-
-    def count(self):
-        return len(self.cache)
-
     def close(self):
         self.cache.close()
+        super().close()
 
 
 class DictStore(MappingStore):

@@ -24,6 +24,20 @@ from .layout import (HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, N
                      Identity, build_identity, build_meta)
 
 
+def flock_within(fd: int, op: int, timeout: float) -> bool:
+    """Take flock op (LOCK_EX or LOCK_SH) on fd, polling with backoff; False after timeout s."""
+    deadline, delay = time.monotonic() + timeout, 0.0002
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+
 class SidecarLock:
     """Exclusive flock on PATH.lock for the open and close protocol (released by close or death)."""
 
@@ -33,20 +47,12 @@ class SidecarLock:
     def acquire(self) -> None:
         """:raises LockTimeoutError: another process is stuck opening or closing the store."""
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
-        deadline, delay = time.monotonic() + self.timeout, 0.0002
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.fd = fd
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LockTimeoutError(
-                        f"timed out waiting for {self.path}.lock: another process is opening or closing "
-                        "the store; raise open_timeout or find the process that holds it") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.02)
+        if not flock_within(fd, fcntl.LOCK_EX, self.timeout):
+            os.close(fd)
+            raise LockTimeoutError(
+                f"timed out waiting for {self.path}.lock: another process is opening or closing "
+                "the store; raise open_timeout or find the process that holds it")
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -81,17 +87,9 @@ def hold_shared(fd: int, timeout: float) -> None:
     :raises LockTimeoutError: another descriptor keeps an exclusive flock (a process
         that inherited one and never closed it).
     """
-    deadline, delay = time.monotonic() + timeout, 0.0002
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError("timed out taking the shared open lock: another process holds "
-                                       "the file's exclusive flock; raise open_timeout") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+    if not flock_within(fd, fcntl.LOCK_SH, timeout):
+        raise LockTimeoutError("timed out taking the shared open lock: another process holds "
+                               "the file's exclusive flock; raise open_timeout")
 
 
 def init_locks(base) -> None:
