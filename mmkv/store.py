@@ -480,13 +480,14 @@ class Store(MutableMapping):
         k = key if type(key) is bytes else _as_bytes(key, "key")
         rc = None
         if not self._depth:     # the hot path, repeated in get(): a call costs more than these lines
-            out = self._local.out
+            local = self._local
+            out = local.out
             try:
                 rc = lib.mmkv_get(self._view, k, len(k), out)
             except TypeError:   # the view is None: closed or forked
                 raise self._dead() from None
             if rc == 0:
-                return ffi.unpack(self._local.cbuf, out.val_len)
+                return ffi.unpack(local.cbuf, out.val_len)
         value = self._read_slow(rc, k)
         if value is None:
             raise KeyError(key)
@@ -497,13 +498,14 @@ class Store(MutableMapping):
         k = key if type(key) is bytes else _as_bytes(key, "key")
         rc = None
         if not self._depth:
-            out = self._local.out
+            local = self._local
+            out = local.out
             try:
                 rc = lib.mmkv_get(self._view, k, len(k), out)
             except TypeError:
                 raise self._dead() from None
             if rc == 0:
-                return ffi.unpack(self._local.cbuf, out.val_len)
+                return ffi.unpack(local.cbuf, out.val_len)
             if rc == errno.ENOENT:
                 return default
         value = self._read_slow(rc, k)
