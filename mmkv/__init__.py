@@ -10,7 +10,7 @@
 """
 from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
                      InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
-                     QueueEmpty, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
+                     NotRegularFileError, QueueEmpty, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
 from .store import Store
 from .sequence import Sequence
 from .queue import Queue
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open", "Store", "Error", "CorruptionError", "NotMmkvFileError", "VersionError", "ChecksumError",
-    "TruncatedError", "LockTimeoutError", "DiskFullError", "ClosedError", "ForkedHandleError",
+    "TruncatedError", "LockTimeoutError", "DiskFullError", "ClosedError", "ForkedHandleError", "NotRegularFileError",
     "ReadOnlyError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
     "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError",
 ]
@@ -35,6 +35,8 @@ def open(path, flag: str = "c", sync: str = "none", mode: int = 0o600, **options
     None for no limit), lock_report_after (seconds a lock wait lasts before the holder's pid
     and time held are logged on the "mmkv" logger; None: never), open_timeout (seconds).
     :raises CorruptionError: not an mmkv file, other version, bad checksum, truncated.
-    :raises FileNotFoundError: flag "r" or "w" and no file.
+    :raises FileNotFoundError: flag "r" or "w" and no file (nothing is created).
+    :raises NotRegularFileError: path names a directory, device, FIFO or socket (left untouched).
+    path: str, bytes or os.PathLike; it is made absolute once, so a later os.chdir changes nothing.
     """
     return Store(path, flag=flag, sync=sync, mode=mode, **options)

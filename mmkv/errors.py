@@ -49,6 +49,13 @@ class ClosedError(Error, ValueError):
     """The handle was closed; open the store again."""
 
 
+class NotRegularFileError(Error, OSError):
+    """The path names a directory, device, FIFO or socket: a store must be a regular file.
+
+    Nothing was opened, created or changed.  A symlink to a regular file is followed.
+    """
+
+
 class ForkedHandleError(Error):
     """The handle was opened in a parent process; call ``mmkv.open`` again in the child."""
 

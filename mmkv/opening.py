@@ -1,95 +1,226 @@
-"""The open and close protocol: who is first, who is last, and creating a new file.
+"""The open and close protocol: who is first, who is last, creating a file, refusing what is not one.
 
-Opening and closing are serialised between processes by an exclusive ``flock``
-on a sidecar file (``PATH.lock``, left in place).  The design brief named the
-``filelock`` package for this; it was measured at 30 ms to import (it pulls in
-asyncio) and 0.5 ms per open against 0.01 ms for the system call, on a path
-whose target is an open within 1.5x of lmdb's 0.3 ms, so the call is made
-directly (same lock, same file, a timeout by polling with backoff).  Every open handle keeps a shared
-``flock`` on the data file; a process that can take it exclusively while
-holding the sidecar lock knows no other process has the file open:
+Identity.  The protocol keys on the file itself, never on the name it was opened by: its two
+locks are open-file-description (OFD) byte locks on the data file (``fcntl(F_OFD_SETLK)``, the
+shim's ``mmkv_file_lock``).  A hard link, a symlink, a relative path after ``os.chdir`` all
+reach the same inode and so the same locks; nothing is created beside the file.  (The first
+version used ``flock`` on a sidecar ``PATH.lock``: one file opened under two names had two
+sidecars, so a close through one name could mark the file clean while a process that opened it
+through the other was still using it.  An OFD lock is owned by the open file description like a
+``flock``, so two opens in one process conflict and a forked child shares its parent's, and it
+locks byte ranges, so one file carries both locks.)
 
-* the first opener reinitialises the lock area (mutex and semaphores left by a
-  previous boot or a killed process are garbage) and, if the file was not
-  closed cleanly, runs recovery;
-* the last closer syncs everything and marks the file clean.
+* byte 0, the **protocol lock**: exclusive while a process opens or closes the file; opens and
+  closes of one file run one at a time.  Released by the system if the process dies.
+* byte 1, the **attached lock**: every open handle holds it shared for its whole life.  A process
+  that holds the protocol lock and can take byte 1 exclusively knows that no other handle is
+  open: it is the *first opener* (open) or the *last closer* (close).
+
+States of the file on disk: ``clean`` (the state's ``dirty`` word holds CLEAN_MARK: the last
+closer synced everything and no lock holder died unrepaired) or ``dirty`` (anything else).
+
+Open (``Store.__init__``), each step with the protocol lock held from step 2 on:
+
+1. open the path (``O_NONBLOCK``: a FIFO never blocks; nothing is created here); ``fstat`` it and
+   refuse anything but a regular file (``NotRegularFileError``).  Missing: ``"r"``/``"w"`` raise
+   ``FileNotFoundError``; ``"c"``/``"n"`` build a new store in a temporary file next to the
+   target and ``link`` it into place (``EEXIST``: another process created it first; start over).
+2. take the protocol lock, then check that the path still names the inode we locked (a
+   concurrent ``"n"`` or create may have replaced it while we waited): if not, start over.
+3. try byte 1 exclusively: success means first opener.
+4. first opener, and the file is empty (``"c"``/``"n"``) or the flag is ``"n"``: replace it with
+   a new store by rename (the waiting openers of the old inode fail step 2's check and start
+   over), start over once.
+5. validate the header and map the file.  First opener: reinitialise the mutex and semaphores
+   (memory from a previous boot or a dead process), and run recovery unless the file is clean
+   *and* its meta names no journal (a named journal is an unfinished commit: never trust a
+   clean mark beside it).  Then the dirty word is cleared (made durable).
+6. turn byte 1 into a shared lock, release the protocol lock.
+
+Close (``Store.close``):
+
+1. refuse new calls on this handle from other threads and wait for the calls already inside the
+   shim without the store lock (``mmkv_view_close``);
+2. take the protocol lock;
+3. take the store mutex (waiting for this handle's other threads that hold it).  ``EOWNERDEAD``
+   (a process died holding it): run recovery now and mark the mutex consistent;
+4. try byte 1 exclusively: the last closer, *if it holds the mutex and no journal is named*,
+   syncs the whole file, then writes the clean mark and syncs the header;
+5. release the mutex, unmap, close the descriptor (which releases both byte locks).
+
+Interleavings considered (P, Q processes; "dies" is SIGKILL at any instruction):
+
+* P dies holding the store mutex while Q has the file open and closes afterwards: Q's step 3
+  gets EOWNERDEAD and repairs before step 4 can mark the file clean.  (The flaw of the sidecar
+  version: close never looked at the mutex, so Q marked a half-applied write clean.)
+* P dies holding the mutex and nobody else has the file open: the file stays dirty; the next
+  first opener recovers.
+* P dies during its own close: before the clean mark, the file stays dirty; after it (everything
+  was synced first), the mark is true.
+* P dies while opening: the protocol lock dies with it; a file P was creating is either absent
+  (the temporary file is removed, or left under a temporary name, never the target name) or a
+  complete new store.
+* P opens while Q closes: the protocol lock orders them; if Q is last, P becomes first after Q
+  and finds the file clean (or dirty, and recovers).
+* Two first openers at once: impossible, the protocol lock orders them; the second sees byte 1
+  held shared by the first.
+* P opens by a symlink or hard link while Q uses another name: same inode, same locks.
+* P replaces the file ("n", or an empty file under "c") while Q waits for the protocol lock on the
+  old inode: Q's step 2 sees the path now names another inode and starts over on the new file.
+* A forked child inherits P's descriptors: the child closes its copies at once (the locks stay
+  with P's open file description) and its handles refuse every call.
+* A lock holder that is alive but stuck while another process closes last: impossible while it
+  has the file open (it holds byte 1); if the mutex cannot be taken in time anyway, the closer
+  leaves the file dirty rather than mark it clean.
 """
-import fcntl
+import errno
 import os
+import stat
 import time
 
 from ._shim import lib
-from .errors import Error, LockTimeoutError
+from .errors import Error, LockTimeoutError, NotRegularFileError
 from .layout import (HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS, SEM_BYTES,
                      Identity, build_identity, build_meta)
 
+#: The byte of the data file whose exclusive OFD lock serialises opens and closes.
+PROTOCOL_BYTE = 0
+#: The byte every open handle holds a shared OFD lock on (exclusive: nobody else has it open).
+ATTACHED_BYTE = 1
 
-def flock_within(fd: int, op: int, timeout: float) -> bool:
-    """Take flock op (LOCK_EX or LOCK_SH) on fd, polling with backoff; False after timeout s."""
+
+def lock_within(fd: int, byte: int, mode: int, timeout: float) -> bool:
+    """Take an OFD lock (mode: lib.MMKV_FLOCK_SHARED or _EXCLUSIVE) on one byte of fd,
+    polling with backoff; False after timeout seconds.  :raises OSError: the lock call failed."""
     deadline, delay = time.monotonic() + timeout, 0.0002
     while True:
-        try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
+        rc = lib.mmkv_file_lock(fd, byte, mode)
+        if rc == 0:
             return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+        if rc != errno.EAGAIN:
+            raise OSError(rc, f"cannot lock the store file: {os.strerror(rc)}")
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
-class SidecarLock:
-    """Exclusive flock on PATH.lock for the open and close protocol (released by close or death)."""
+def take_protocol_lock(fd: int, path: str, timeout: float) -> None:
+    """Exclusive lock on the protocol byte (released by release_protocol_lock, close or death).
 
-    def __init__(self, path: str, timeout: float, mode: int = 0o600):
-        self.path, self.timeout, self.mode, self.fd = path, timeout, mode, None
-
-    def acquire(self) -> None:
-        """:raises LockTimeoutError: another process is stuck opening or closing the store."""
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
-        if not flock_within(fd, fcntl.LOCK_EX, self.timeout):
-            os.close(fd)
-            raise LockTimeoutError(
-                f"timed out waiting for {self.path}.lock: another process is opening or closing "
-                "the store; raise open_timeout or find the process that holds it")
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)          # closing the descriptor releases the flock
-            self.fd = None
+    :raises LockTimeoutError: another process is stuck opening or closing the store.
+    """
+    if not lock_within(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_EXCLUSIVE, timeout):
+        raise LockTimeoutError(f"timed out after {timeout}s waiting to open or close {path!r}: another process "
+                               "is opening or closing it; raise open_timeout or find that process")
 
 
-def open_fd(path: str, flag: str, mode: int) -> int:
-    """Open the data file as flag asks; "r" and "w" need it to exist (FileNotFoundError)."""
-    flags = os.O_RDWR | os.O_CLOEXEC
-    if flag in ("c", "n"):
-        flags |= os.O_CREAT
+def release_protocol_lock(fd: int) -> None:
+    lib.mmkv_file_lock(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_UNLOCK)
+
+
+def try_alone(fd: int) -> bool:
+    """True when no other handle has the file open; this description then holds the attached
+    byte exclusively (call hold_attached to share it again)."""
+    rc = lib.mmkv_file_lock(fd, ATTACHED_BYTE, lib.MMKV_FLOCK_EXCLUSIVE)
+    if rc in (0, errno.EAGAIN):
+        return rc == 0
+    raise OSError(rc, f"cannot lock the store file: {os.strerror(rc)}")
+
+
+def hold_attached(fd: int) -> None:
+    """Take (or turn an exclusive one into) the shared lock every open handle keeps.
+
+    Never waits: the caller holds the protocol lock, and only a protocol-lock holder takes the
+    attached byte exclusively.  :raises OSError: the lock call failed.
+    """
+    rc = lib.mmkv_file_lock(fd, ATTACHED_BYTE, lib.MMKV_FLOCK_SHARED)
+    if rc:
+        raise OSError(rc, f"cannot lock the store file: {os.strerror(rc)}")
+
+
+def open_existing(path: str, flag: str) -> int | None:
+    """A read-write descriptor on the regular file at path, or None when there is none.
+
+    Opened with O_NONBLOCK so that a FIFO cannot block the open; the type is checked on the
+    descriptor itself (no race with a rename).
+    :raises NotRegularFileError: a directory, device, FIFO or socket.
+    :raises PermissionError: the file is not writable (mmkv needs write access even for "r").
+    """
     try:
-        return os.open(path, flags, mode)
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise not_regular(path, st.st_mode)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise not_regular(path, stat.S_IFDIR) from None
     except PermissionError as exc:
         raise PermissionError(exc.errno, f"{exc.strerror}: mmkv needs read-write access to the file, "
-                                         "even for flag 'r' (its lock lives in the file)", path) from None
-
-
-def try_exclusive(fd: int) -> bool:
-    """True when no other handle has the file open (we now hold the exclusive flock)."""
+                                         f"even for flag {flag!r} (its lock lives in the file)", path) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def not_regular(path: str, mode: int) -> NotRegularFileError:
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+    return NotRegularFileError(errno.EINVAL, f"this is {kind}: an mmkv store must be a regular file "
+                                             "(nothing was changed)", path)
+
+
+def same_file(fd: int, path: str) -> bool:
+    """True when path (following symlinks) still names the file open on fd."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
         return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def hold_shared(fd: int, timeout: float) -> None:
-    """Take (or turn an exclusive one into) the shared flock every open handle keeps.
+def temporary_name(target: str) -> str:
+    """A name beside target for a file under construction (same directory: same filesystem)."""
+    folder, name = os.path.split(target)
+    return os.path.join(folder, f".{name}.mmkv-new-{os.getpid()}-{os.urandom(4).hex()}")
 
-    :raises LockTimeoutError: another descriptor keeps an exclusive flock (a process
-        that inherited one and never closed it).
+
+def publish(tmp: str, target: str, replace: bool) -> bool:
+    """Give the finished file tmp the name target: atomically, and only if target does not exist
+    unless replace.  Returns False when another process created target first (tmp is removed).
     """
-    if not flock_within(fd, fcntl.LOCK_SH, timeout):
-        raise LockTimeoutError("timed out taking the shared open lock: another process holds "
-                               "the file's exclusive flock; raise open_timeout")
+    try:
+        if replace:
+            os.replace(tmp, target)
+            return True
+        try:
+            os.link(tmp, target)           # fails if target exists: never clobber a new store
+        except FileExistsError:
+            return False
+        except OSError as exc:             # a filesystem without hard links
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(fd)                   # claim the name, then move the finished file over it
+            os.replace(tmp, target)
+            return True
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def init_locks(base) -> None:

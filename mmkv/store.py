@@ -42,6 +42,9 @@ _BATCH = 4096
 #: Errors a write raises before it changes anything (so no repair is needed).
 _CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
 
+#: Times an open starts over because another process replaced the file meanwhile.
+_OPEN_ATTEMPTS = 100
+
 _open_stores = weakref.WeakSet()
 log = logging.getLogger("mmkv")
 
@@ -98,6 +101,20 @@ def timeout_ns(seconds) -> int:
     return -1 if seconds >= 1 << 32 else int(seconds * 1e9)   # 136 years: forever
 
 
+def reextension_limit(real_size: int, page: int) -> int:
+    """The largest file size a first opener may restore for a file shorter than its header says.
+
+    After a power loss the header can name a size whose growth never reached the disk (sync
+    "none" grows without syncing).  Three growth steps past the real size cover what such a
+    window can lose; a header that asks for more is damage, and an open must never
+    pre-allocate disk on the word of a damaged header.
+    """
+    size = real_size
+    for _ in range(3):
+        size = next_size(size, size, page)
+    return size
+
+
 def new_view(fm, ident, sync_full: bool, lock_timeout):
     """A process-local view of a mapping for the shim (index fields are set from the meta)."""
     v = ffi.new("struct mmkv_view *")
@@ -137,7 +154,7 @@ class Store(MutableMapping):
             raise ValueError(f"flag must be one of {FLAGS}, not {flag!r}")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(os.fsdecode(os.fspath(path)))   # resolved once: chdir changes nothing
         self.flag = flag
         self.sync_mode = sync
         self._full = sync == "full"
@@ -151,6 +168,7 @@ class Store(MutableMapping):
         self._txn = None         # the transaction in progress on this handle
         self._lock_reports = 0   # times this handle logged a long lock holder
         self._local = _PerThread()
+        self._close_guard = threading.Lock()
         timeout_ns(lock_timeout)    # reject bad timeouts before touching anything
         timeout_ns(lock_report_after)
         self._report_after = lock_report_after
@@ -160,53 +178,58 @@ class Store(MutableMapping):
         _open_stores.add(self)
 
     # ================================================================ open / close
+    # The protocol, its states and the interleavings considered: mmkv/opening.py.
+
     def _open(self, flag, mode, lock_timeout, open_timeout):
+        """Open (or create) the file and attach to it, following opening.py's protocol."""
         self._open_timeout = open_timeout
-        timeout_ns(lock_timeout)    # reject a bad timeout before touching anything
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(folder):   # the sidecar would need it; dbm raises instead
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):   # dbm raises too; nothing is created
             raise FileNotFoundError(errno.ENOENT, f"no such directory: {folder}", self.path)
-        side = opening.SidecarLock(self.path, open_timeout, mode)
-        side.acquire()
-        try:
-            if flag in ("c", "n") and (not os.path.exists(self.path) or
-                                       (flag == "n" and self._nobody_else_has_it())):
-                self._create_file(mode)
-            fd = opening.open_fd(self.path, flag, mode)
+        created = False
+        for _ in range(_OPEN_ATTEMPTS):
+            fd = opening.open_existing(self.path, flag)
+            if fd is None:
+                if flag not in ("c", "n"):
+                    raise FileNotFoundError(errno.ENOENT, f"no store here (flag {flag!r} needs an existing file; "
+                                                          "nothing was created)", self.path)
+                self._create_file(mode, replace=False)      # False: another process created it first
+                created = True
+                continue
             try:
-                first = opening.try_exclusive(fd)
-                if os.fstat(fd).st_size == 0 and flag in ("c", "n") and first:
+                opening.take_protocol_lock(fd, self.path, open_timeout)
+                if not opening.same_file(fd, self.path):    # replaced while we waited: start over
                     os.close(fd)
-                    self._create_file(mode)
-                    fd = opening.open_fd(self.path, flag, mode)
-                    first = opening.try_exclusive(fd)
+                    continue
+                first = opening.try_alone(fd)
+                if first and flag in ("c", "n") and (os.fstat(fd).st_size == 0 or (flag == "n" and not created)):
+                    self._create_file(mode, replace=True)   # waiting openers see a new inode: they start over
+                    created = True
+                    os.close(fd)
+                    continue
                 self._fd = fd
                 self._attach(lock_timeout, first)
-                opening.hold_shared(fd, open_timeout)
+                opening.hold_attached(fd)
+                opening.release_protocol_lock(fd)
             except BaseException:
                 self._detach()
-                os.close(fd)
+                self._fd = None
+                os.close(fd)                                 # releases both byte locks
                 raise
-        finally:
-            side.release()
-        if flag == "n" and not first:
-            self.clear()
+            if flag == "n" and not first:
+                self.clear()
+            return
+        raise Error(f"could not open {self.path!r}: it was replaced {_OPEN_ATTEMPTS} times while opening; "
+                    "another process keeps recreating it")
 
-    def _nobody_else_has_it(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            return opening.try_exclusive(fd)
-        finally:
-            os.close(fd)
-
-    def _create_file(self, mode):
-        """Build a new, empty store next to path and rename it into place (atomic)."""
+    def _create_file(self, mode, replace: bool):
+        """Build a new, empty store beside the path's target and give it the target's name:
+        atomically, and (replace false) only if no file has that name yet.  A symlink is followed.
+        Nothing is left behind on failure."""
+        target = os.path.realpath(self.path)
         page = os.sysconf("SC_PAGE_SIZE")
-        tmp = f"{self.path}.new-{os.getpid()}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        tmp = opening.temporary_name(target)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             size = max(INITIAL_FILE_SIZE, HEADER_SIZE + page)
             grow_file(fd, size)
@@ -231,8 +254,8 @@ class Store(MutableMapping):
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, self.path)
-        opening.fsync_dir(self.path)
+        if opening.publish(tmp, target, replace):        # publish removes tmp whatever happens
+            opening.fsync_dir(target)
 
     def _attach(self, lock_timeout, first):
         """Validate the header, map the file and, as first opener, reset locks and recover."""
@@ -250,6 +273,9 @@ class Store(MutableMapping):
             # not.  The missing tail was never durable: put it back (zeros) for recovery to
             # drop whatever pointed into it.  A cleanly closed short file is real damage.
             meta, which = parse_meta(page0, self._ident, 1 << 62)
+            if meta.file_size > reextension_limit(real, self._ident.page_size):
+                raise TruncatedError(f"file is {real} bytes but its header says {meta.file_size}: more than a "
+                                     "power loss can cut off; the file was cut short or its header is damaged")
             grow_file(fd, meta.file_size)
         self._fm = FileMap(fd, meta.file_size)
         # the shim waits at most until it is time to report the holder; the rest is _acquire's
@@ -262,8 +288,8 @@ class Store(MutableMapping):
             opening.init_locks(self._fm.base)
             w = self._fm.words      # no lock holder now: the sequence word must be even
             w[STATE_WORD["seq"]] = (w[STATE_WORD["seq"]] + 2) & ~1
-            if self._fm.words[_DIRTY] != CLEAN_MARK:
-                self._acquire()
+            if self._fm.words[_DIRTY] != CLEAN_MARK or self._meta.journal_off:
+                self._acquire()          # a named journal is an unfinished commit, whatever the mark says
                 try:
                     recovery.recover(self, "the file was not closed cleanly")
                 finally:
@@ -297,28 +323,66 @@ class Store(MutableMapping):
     def close(self) -> None:
         """Close the handle; the last handle on the file syncs it and marks it clean.
 
-        Safe to call twice.  In a forked child it only drops the child's copy.
+        Concurrency: calls in other threads on this handle either finish first or raise
+        ClosedError; close waits for those running (a call waiting for the store lock ends
+        within its lock_timeout) and for another thread's ``lock()`` or transaction block.
+        If a process died holding the store lock, close repairs its work first (recovery),
+        so the clean mark is never written over a half-done write.  Safe to call twice and
+        from several threads.  In a forked child it only drops the child's copy.
+        :raises: what recovery raises if a dead holder's work cannot be repaired (the handle
+            is closed anyway and the file stays marked for recovery).
         """
         if self._forked:          # the child's copy: drop it, touch nothing shared
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
             return
-        if self._view is None:
-            return
-        side = opening.SidecarLock(self.path, self._open_timeout)
-        side.acquire()
-        try:
-            if opening.try_exclusive(self._fd):     # last one out: everything durable, then clean
-                self._fm.sync()
-                os.fsync(self._fd)
-                self._fm.words[_DIRTY] = CLEAN_MARK
-                self._fm.sync(0, HEADER_SIZE)
-            self._detach()
-            os.close(self._fd)
-        finally:
-            side.release()
-        _open_stores.discard(self)
+        with self._close_guard:
+            view = self._view
+            if view is None:
+                return
+            lib.mmkv_view_close(view)          # new unlocked calls: EBADF; wait for those inside the shim
+            fd, held = self._fd, False
+            try:
+                try:
+                    opening.take_protocol_lock(fd, self.path, self._open_timeout)
+                except LockTimeoutError:       # no protocol: cannot know if last; leave it for recovery
+                    log.warning("mmkv: %s: closing without the open/close lock; the file stays marked "
+                                "for recovery", self.path)
+                    return
+                held = self._hold_for_close(view)
+                if held and opening.try_alone(fd) and not self._meta.journal_off:
+                    self._fm.sync()            # last one out: everything durable, then the clean mark
+                    os.fsync(fd)
+                    self._fm.words[_DIRTY] = CLEAN_MARK
+                    self._fm.sync(0, HEADER_SIZE)
+            finally:
+                if held:
+                    lib.mmkv_unlock(view)
+                self._depth, self._owner = 0, None
+                self._detach()
+                self._fd = None
+                os.close(fd)                   # releases the protocol and attached locks
+                _open_stores.discard(self)
+
+    def _hold_for_close(self, view) -> bool:
+        """Take the store mutex for close (True), repairing a dead holder's work; False when
+        another process holds it past lock_timeout (this handle's own threads are waited for)."""
+        if self._depth and self._owner == threading.get_ident():
+            return True                        # close() inside this thread's lock() block
+        while True:
+            rc = lib.mmkv_lock_final(view)
+            if rc in (0, errno.EOWNERDEAD):
+                break
+            if rc == errno.ETIMEDOUT and self._owner is not None:
+                continue                       # another thread of this handle: it will finish
+            return False
+        self._depth, self._owner = 1, threading.get_ident()
+        if rc == errno.EOWNERDEAD:
+            self._owner_died()                 # recovery; on failure it unlocks and raises
+        elif self._words[_GEN] != view.generation:
+            self._reload()                     # the meta as it is now (journal, file size)
+        return True
 
     def __enter__(self):
         return self
@@ -390,6 +454,8 @@ class Store(MutableMapping):
             v.lock_timeout_ns = saved
 
     def _release(self):
+        if self._view is None:      # close() ran inside this thread's lock() block: it unlocked
+            return
         self._depth -= 1
         if self._depth == 0:
             self._owner = None
@@ -410,6 +476,8 @@ class Store(MutableMapping):
             raise Error(f"cannot mark the store mutex consistent: {os.strerror(rc)}")
 
     def _lock_error(self, rc):
+        if rc == errno.EBADF:            # close() has begun in another thread
+            return self._dead()
         if rc == errno.ETIMEDOUT:
             pid = self._words[STATE_WORD["lock_pid"]]
             return LockTimeoutError(f"timed out after {self._lock_timeout}s waiting for the lock of "
@@ -457,6 +525,8 @@ class Store(MutableMapping):
             self._release()
             raise
         self._txn = None
+        if self._view is None:          # the block closed the handle: nothing was applied
+            raise self._dead()
         try:
             transaction.commit(self, txn)
         except BaseException as exc:
@@ -639,7 +709,7 @@ class Store(MutableMapping):
         if rc == errno.ETIMEDOUT and self._report_after is not None:
             self._local.waited = True        # the general path reports the holder, waits the rest
             return
-        if rc in (errno.ETIMEDOUT, errno.ENOTRECOVERABLE, errno.EINVAL, errno.EDEADLK):
+        if rc in (errno.ETIMEDOUT, errno.ENOTRECOVERABLE, errno.EINVAL, errno.EDEADLK, errno.EBADF):
             raise self._lock_error(rc)
         # the lock is still held and the write may have stopped half way: repair, then report
         self._depth, self._owner = 1, threading.get_ident()

@@ -98,7 +98,8 @@ struct mmkv_meta {
  */
 struct mmkv_state {
     uint64_t generation;     /* bumped when meta changes: readers remap / reload */
-    uint64_t dirty;          /* 1 while any process has the file open */
+    uint64_t dirty;          /* MMKV clean mark (mmkv/layout.py CLEAN_MARK) after a clean last close;
+                                0 while the file is open or after a crash: recovery runs on the next first open */
     uint64_t count;          /* live keys */
     uint64_t live_bytes;     /* sum of key and value lengths of live records */
     uint64_t used_bytes;     /* bytes in allocated blocks, headers included */
@@ -184,7 +185,8 @@ struct mmkv_view {
     uint64_t fit_scan;       /* blocks a first-fit scan of one free list may inspect */
     uint64_t max_count;      /* an insert that would take a segment's count above this returns EAGAIN (split it) */
     uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
-    uint32_t reserved;
+    uint32_t closing;        /* set by mmkv_view_close: calls that would touch the mapping return EBADF */
+    uint64_t active;         /* threads inside a call that may run without the store lock (see mmkv_view_close) */
     void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */

@@ -203,6 +203,24 @@ int mmkv_fallocate(int fd, int64_t off, int64_t len)
     return rc;
 }
 
+int mmkv_file_lock(int fd, uint64_t byte, int mode)
+{
+    if (mode < MMKV_FLOCK_UNLOCK || mode > MMKV_FLOCK_EXCLUSIVE || byte > INT64_MAX)
+        return EINVAL;
+    static const short types[] = {F_UNLCK, F_RDLCK, F_WRLCK};
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);                    /* l_pid must be 0 for an open file description lock */
+    fl.l_type = types[mode];
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)byte;
+    fl.l_len = 1;
+    int rc;
+    do
+        rc = fcntl(fd, F_OFD_SETLK, &fl) ? errno : 0;
+    while (rc == EINTR);
+    return rc == EACCES ? EAGAIN : rc;
+}
+
 /* ---------------------------------------------------------------- atomics */
 
 static uint64_t *word_at(uint8_t *base, uint64_t size, uint64_t off)
@@ -741,7 +759,36 @@ static void seq_leave(struct mmkv_state *s)
     __atomic_store_n(&s->seq, (q + 1) & ~(uint64_t)1, __ATOMIC_RELEASE); /* after every change */
 }
 
-int mmkv_lock(struct mmkv_view *v)
+/*
+ * Closing a handle while other threads use it.  The calls that may touch the mapping without
+ * holding the store lock (mmkv_lock, mmkv_get, the fused writes with take_lock) count themselves
+ * in v->active for their whole duration and refuse (EBADF) once v->closing is set; every other
+ * call runs with the store lock held, which the closer takes before it unmaps.  Both sides use
+ * sequentially consistent operations: a caller that incremented active before closing was set
+ * is waited for, one that comes later sees closing.
+ */
+static int enter(struct mmkv_view *v)
+{
+    __atomic_add_fetch(&v->active, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&v->closing, __ATOMIC_SEQ_CST)) {
+        __atomic_sub_fetch(&v->active, 1, __ATOMIC_SEQ_CST);
+        return 0;
+    }
+    return 1;
+}
+
+static void leave(struct mmkv_view *v) { __atomic_sub_fetch(&v->active, 1, __ATOMIC_SEQ_CST); }
+
+int mmkv_view_close(struct mmkv_view *v)
+{
+    __atomic_store_n(&v->closing, 1, __ATOMIC_SEQ_CST);
+    struct timespec nap = {0, 50000};
+    while (__atomic_load_n(&v->active, __ATOMIC_SEQ_CST))
+        nanosleep(&nap, NULL); /* each such call ends within its lock timeout */
+    return 0;
+}
+
+static int lock_holder(struct mmkv_view *v)
 {
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
@@ -754,6 +801,17 @@ int mmkv_lock(struct mmkv_view *v)
     }
     return rc;
 }
+
+int mmkv_lock(struct mmkv_view *v)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = lock_holder(v);
+    leave(v);
+    return rc;
+}
+
+int mmkv_lock_final(struct mmkv_view *v) { return lock_holder(v); }
 
 int mmkv_unlock(struct mmkv_view *v)
 {
@@ -781,7 +839,7 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
     return rc;
 }
 
-int mmkv_get(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
 {
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
@@ -805,6 +863,15 @@ int mmkv_get(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struc
     else
         rc = get_into(v, key, klen, g);
     mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
+    return rc;
+}
+
+int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = get_entered(v, key, klen, g);
+    leave(v);
     return rc;
 }
 
@@ -1261,7 +1328,7 @@ static const struct {
     OF(mmkv_view, dir_bits) OF(mmkv_view, seed0) OF(mmkv_view, seed1) OF(mmkv_view, generation)
     OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, heap_end) OF(mmkv_view, page_size)
     OF(mmkv_view, large_block) OF(mmkv_view, fit_scan) OF(mmkv_view, max_count) OF(mmkv_view, sync_full)
-    OF(mmkv_view, reserved) OF(mmkv_view, sync_hook)
+    OF(mmkv_view, closing) OF(mmkv_view, active) OF(mmkv_view, sync_hook)
     SZ(mmkv_journal) OF(mmkv_journal, magic) OF(mmkv_journal, txn) OF(mmkv_journal, count) OF(mmkv_journal, checksum)
     OF(mmkv_view, hash) OF(mmkv_view, seg) OF(mmkv_view, slot)
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)

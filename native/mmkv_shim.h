@@ -39,6 +39,15 @@ int mmkv_msync(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int fla
 int mmkv_madvise(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int advice);
 int mmkv_fallocate(int fd, int64_t off, int64_t len);
 
+/* Open-file-description (OFD) byte locks on a file: owned by the open file description, not the
+   process, so two opens in one process conflict, fork shares them, and closing an unrelated
+   descriptor of the same file releases nothing.  Never waits: EAGAIN while another description
+   holds a conflicting lock.  Changing the mode of a lock already held is atomic. */
+#define MMKV_FLOCK_UNLOCK 0
+#define MMKV_FLOCK_SHARED 1
+#define MMKV_FLOCK_EXCLUSIVE 2
+int mmkv_file_lock(int fd, uint64_t byte, int mode);
+
 /* 64-bit atomics on an 8-aligned offset inside [base, base + size). */
 int mmkv_atomic_load(uint8_t *base, uint64_t size, uint64_t off, uint64_t *value);
 int mmkv_atomic_store(uint8_t *base, uint64_t size, uint64_t off, uint64_t value);
@@ -49,13 +58,16 @@ int mmkv_atomic_cas(uint8_t *base, uint64_t size, uint64_t off, uint64_t *expect
 int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, uint64_t *out);
 
 /* Index and records: the hot loops, all bounds-checked against view->size. */
-int mmkv_lock(struct mmkv_view *v);     /* robust lock + holder bookkeeping; 0, EOWNERDEAD, ETIMEDOUT, ... */
+int mmkv_lock(struct mmkv_view *v);     /* robust lock + holder bookkeeping; 0, EOWNERDEAD, ETIMEDOUT, ...;
+                                           EBADF once mmkv_view_close has begun */
+int mmkv_lock_final(struct mmkv_view *v);  /* mmkv_lock for the closer itself (ignores closing) */
+int mmkv_view_close(struct mmkv_view *v);  /* refuse new unlocked calls on v (EBADF), wait for those running */
 int mmkv_unlock(struct mmkv_view *v);
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent */
-int mmkv_get(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
+int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
                                         /* lock, find, copy, unlock, writing only *g (so threads sharing v
                                            are safe): 0, ENOENT, ENOBUFS (g->val_len set), MMKV_ESTALE
-                                           (remap), or a lock error; on EOWNERDEAD the lock is held */
+                                           (remap), EBADF (closing) or a lock error; on EOWNERDEAD the lock is held */
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */

@@ -95,12 +95,12 @@ def test_open_accepts_pathlike(tmp_path):
         assert db[b"x"] == b"y"
 
 
-def test_sidecar_lock_file_and_nothing_else(path, tmp_path):
+def test_open_creates_the_store_and_nothing_else(path, tmp_path):
     with mmkv.open(path) as db:
         db[b"k"] = b"v"
-        assert os.path.exists(path + ".lock")
-    # only the store and its sidecar remain: no temporary files left behind
-    assert sorted(os.listdir(tmp_path)) == ["test.mmkv", "test.mmkv.lock"]
+        assert os.listdir(tmp_path) == ["test.mmkv"]      # the protocol's locks live in the file itself
+    # only the store remains: no sidecar, no temporary files left behind
+    assert os.listdir(tmp_path) == ["test.mmkv"]
 
 
 # ---------------------------------------------------------------- flags
