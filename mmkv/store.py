@@ -22,7 +22,7 @@ from ._shim import ESTALE, ffi, lib, raise_for
 from .allocator import Allocator
 from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
-from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
+from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
                      REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
@@ -37,6 +37,8 @@ _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_U64 = (1 << 64) - 1
+_EVEN_U64 = _U64 - 1
 #: Pairs per call of the shim's batch put in update().
 _BATCH = 4096
 #: Errors a write raises before it changes anything (so no repair is needed).
@@ -287,15 +289,25 @@ class Store(MutableMapping):
         if first:
             opening.init_locks(self._fm.base)
             w = self._fm.words      # no lock holder now: the sequence word must be even
-            w[STATE_WORD["seq"]] = (w[STATE_WORD["seq"]] + 2) & ~1
-            if self._fm.words[_DIRTY] != CLEAN_MARK or self._meta.journal_off:
-                self._acquire()          # a named journal is an unfinished commit, whatever the mark says
+            w[STATE_WORD["seq"]] = (w[STATE_WORD["seq"]] + 2) & _EVEN_U64   # a cache word: wraps
+            reason = ("the file was not closed cleanly" if self._fm.words[_DIRTY] != CLEAN_MARK else
+                      "its meta names a journal" if self._meta.journal_off else    # an unfinished commit
+                      "its counters are impossible" if not self._state_plausible() else None)
+            if reason:
+                self._acquire()
                 try:
-                    recovery.recover(self, "the file was not closed cleanly")
+                    recovery.recover(self, reason)
                 finally:
                     self._release()
             self._fm.words[_DIRTY] = 0     # "not clean" until the last handle closes
             self._fm.sync(0, HEADER_SIZE)
+
+    def _state_plausible(self) -> bool:
+        """The state's counters (a cache) add up with the file size: trusted after a clean close."""
+        w, size = self._fm.words, self._fm.size
+        used, free = w[STATE_WORD["used_bytes"]], w[STATE_WORD["free_bytes"]]
+        return (used + free + HEAP_START + EPILOGUE_BYTES == size and w[_COUNT] <= size // RECORD_HEADER
+                and w[_LIVE] <= size)
 
     def _set_meta(self, meta: Meta, which: int):
         """Adopt meta as current: remap if the file size changed, point the view at the index."""
@@ -626,6 +638,9 @@ class Store(MutableMapping):
         self._acquire()
         try:
             n = self._words[_COUNT]
+            if n > self._fm.size // RECORD_HEADER:     # a damaged cache word: recount
+                recovery.recover(self, "the key count is impossible")
+                n = self._words[_COUNT]
             if self._txn is not None:
                 for k, op in self._txn.writes.items():
                     exists = lib.mmkv_find(self._view, k, len(k)) == 0
@@ -806,7 +821,7 @@ class Store(MutableMapping):
             failpoints.hit(b"meta.before_sync")
         if durable:
             self._fm.sync(0, HEADER_SIZE)
-        self._words[_GEN] += 1
+        self._words[_GEN] = (self._words[_GEN] + 1) & _U64   # any change will do: wrap at 2^64
         self._set_meta(new, which)
 
     def __delitem__(self, key):

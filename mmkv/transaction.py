@@ -27,6 +27,7 @@ from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, REC_KEY_LEN_AT, RECORD_HEADER
 from .index import slot_word
 
 _DELETE = None          # the buffered value of a deleted key
+_U64 = (1 << 64) - 1
 
 
 class Transaction:
@@ -111,9 +112,10 @@ def commit(store, txn: Transaction) -> None:
         failpoints.hit(b"txn.before_retire")
     retire(store, entries, jb)                                                  # 5. retire, free
     w = store._words
-    for (new, old), (new_len, old_len) in zip(entries, lengths):
-        w[STATE_WORD["count"]] += (1 if new else 0) - (1 if old else 0)
-        w[STATE_WORD["live_bytes"]] += new_len - old_len
+    keys = sum((1 if new else 0) - (1 if old else 0) for new, old in entries)
+    live = sum(new_len - old_len for new_len, old_len in lengths)
+    for word, delta in ((STATE_WORD["count"], keys), (STATE_WORD["live_bytes"], live)):
+        w[word] = (w[word] + delta) & _U64      # counters are a cache (recovery recounts): wrap, never raise
 
 
 def retire(store, entries, journal_block) -> None:
