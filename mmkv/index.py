@@ -25,13 +25,21 @@ def slot_word(key_hash: int, rec: int) -> int:
     return ((key_hash >> TAG_SHIFT) & 0xFFFF) << SLOT_OFF_BITS | rec
 
 
-def create(allocate, view, words) -> tuple:
+def create(allocate, view, words, free=None) -> tuple:
     """A new empty index (a one-entry directory and one segment): (dir_off, dir_bits).
 
     ``allocate(payload)`` returns a block offset; ``view`` and ``words`` must
     describe the mapping after the allocations (allocate may grow the file).
+    ``free(block)``, when given, returns the segment's block if the directory's
+    allocation raises (DiskFullError), so a failed create leaves no block behind.
     """
-    seg, d = allocate(SEGMENT_BYTES), allocate(8)
+    seg = allocate(SEGMENT_BYTES)
+    try:
+        d = allocate(8)
+    except BaseException:
+        if free and seg:
+            free(seg)
+        raise
     if not seg or not d:
         raise CorruptionError("no room for a new index in a fresh heap")
     seg, d = seg + 8, d + 8
@@ -49,37 +57,78 @@ def split(store, view, seg: int, publish: bool = True) -> None:
 
     With publish the new directory goes through a durable meta switch (the live
     index); without, view is a private index under construction (recovery).
+    Until the switch the new blocks are private: an error before it (DiskFullError
+    from one of the three allocations, say) frees the ones already taken, so the
+    index and the heap are as they were.
     :raises LimitError: the segment holds keys whose hashes agree on 32 bits.
+    :raises DiskFullError: the file cannot grow for the new blocks; nothing changed.
     """
-    live = store._view
-    a = store._allocate(SEGMENT_BYTES) + 8      # may grow and remap the file...
-    b = store._allocate(SEGMENT_BYTES) + 8
-    view.base, view.size, view.heap_end = live.base, live.size, live.heap_end   # ...so follow it
-    rc = lib.mmkv_segment_split(view, seg, a, b)
-    if rc == errno.E2BIG:
-        store._alloc.free(a - 8)
-        store._alloc.free(b - 8)
-        raise LimitError("an index segment cannot split further: more than "
-                         f"{view.max_count} keys share 32 hash bits")
-    raise_for(rc, "segment split")
-    bits = view.dir_bits + 1 if segment_depth(store._words, seg) == view.dir_bits else view.dir_bits
-    d = store._allocate(8 << bits) + 8
-    view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
-    raise_for(lib.mmkv_dir_build(view, d, bits, seg, a, b), "directory build")
+    live, alloc = store._view, store._alloc
+    taken = []                                  # blocks of this split, freed on an error before the switch
+    try:
+        taken.append(store._allocate(SEGMENT_BYTES))     # may grow and remap the file...
+        taken.append(store._allocate(SEGMENT_BYTES))
+        a, b = taken[0] + 8, taken[1] + 8
+        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end   # ...so follow it
+        rc = lib.mmkv_segment_split(view, seg, a, b)
+        if rc == errno.E2BIG:
+            raise LimitError("an index segment cannot split further: more than "
+                             f"{view.max_count} keys share 32 hash bits")
+        raise_for(rc, "segment split")
+        bits = view.dir_bits + 1 if segment_depth(store._words, seg) == view.dir_bits else view.dir_bits
+        taken.append(store._allocate(8 << bits))
+        d = taken[2] + 8
+        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+        raise_for(lib.mmkv_dir_build(view, d, bits, seg, a, b), "directory build")
+        if publish:
+            fm = store._fm
+            for block, size in ((a - 8, SEGMENT_BYTES + 8), (b - 8, SEGMENT_BYTES + 8), (d - 8, (8 << bits) + 8)):
+                fm.sync(block, size)            # the new pieces are durable before the meta names them
+            if failpoints.armed:
+                failpoints.hit(b"split.before_meta")
+    except BaseException:
+        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+        for block in taken:
+            alloc.free(block)
+        raise
     old_dir = view.dir_off
     if publish:
-        fm = store._fm
-        for block, size in ((a - 8, SEGMENT_BYTES + 8), (b - 8, SEGMENT_BYTES + 8), (d - 8, (8 << bits) + 8)):
-            fm.sync(block, size)                # the new pieces are durable before the meta names them
-        if failpoints.armed:
-            failpoints.hit(b"split.before_meta")
         store._write_meta(dir_off=d, dir_bits=bits)
         if failpoints.armed:
             failpoints.hit(b"split.after_meta")
     else:
         view.dir_off, view.dir_bits = d, bits
-    store._alloc.free(seg - 8)
-    store._alloc.free(old_dir - 8)
+    alloc.free(seg - 8)
+    alloc.free(old_dir - 8)
+
+
+def reserve(store, keys) -> None:
+    """Split, now, every segment of the live index that inserting ``keys`` would take above
+    ``max_count``, so that the inserts themselves will need no new block.
+
+    A transaction calls it before its commit point: once the journal is named, applying it
+    must not depend on free space.  Keys already in the index need no slot and are
+    skipped.  Each split is a whole, crash-safe index change that keeps the content.
+    :raises DiskFullError, LimitError: from a split; the splits done stay (content unchanged).
+    """
+    v = store._view
+    pending = {}                                  # segment -> keys that would go into it
+    for k in keys:
+        rc = lib.mmkv_find(v, k, len(k))
+        if rc == errno.ENOENT:
+            pending.setdefault(v.seg, []).append(k)
+        elif rc:
+            raise_for(rc, "lookup")
+    while pending:
+        seg, ks = pending.popitem()
+        if ffi.cast("struct mmkv_segment *", store._fm.base + seg).count + len(ks) <= v.max_count:
+            continue
+        split(store, v, seg)
+        for k in ks:                              # each key now goes to one of the two halves
+            rc = lib.mmkv_find(v, k, len(k))
+            if rc != errno.ENOENT:
+                raise_for(rc or errno.EEXIST, "lookup")
+            pending.setdefault(v.seg, []).append(k)
 
 
 def blocks(store, view=None) -> list:
@@ -136,29 +185,39 @@ def rebuild(store, words: list) -> None:
     """Replace the live index with a new one holding exactly ``words`` (slot words).
 
     Built privately, made durable, then switched in by one meta write; the old
-    index's blocks are freed after the switch.
+    index's blocks are freed after the switch.  An error before the switch
+    (DiskFullError while allocating the new index, say) frees every block of the
+    new index: the live index and the heap are as they were.
+    :raises DiskFullError: the file cannot grow for the new index; nothing changed.
     """
-    live = store._view
+    live, alloc = store._view, store._alloc
     old = blocks(store)
     view = ffi.new("struct mmkv_view *")
     view[0] = live[0]
-    view.dir_off, view.dir_bits = create(store._allocate, lambda: live, lambda: store._words)
-    for i, word in enumerate(words):
-        if failpoints.armed and i == len(words) // 2:
-            failpoints.hit(b"recover.mid_rebuild")
-        while True:
-            view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
-            rc = lib.mmkv_index_insert(view, word)
-            if rc != errno.EAGAIN:
-                break
-            split(store, view, view.seg, publish=False)
-        raise_for(rc, "index insert")
-    view.base, view.size = live.base, live.size
-    for block, size in blocks(store, view):
-        store._fm.sync(block, size)
+    view.dir_off, view.dir_bits = create(store._allocate, lambda: live, lambda: store._words, alloc.free)
+    try:
+        for i, word in enumerate(words):
+            if failpoints.armed and i == len(words) // 2:
+                failpoints.hit(b"recover.mid_rebuild")
+            while True:
+                view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+                rc = lib.mmkv_index_insert(view, word)
+                if rc != errno.EAGAIN:
+                    break
+                split(store, view, view.seg, publish=False)
+            raise_for(rc, "index insert")
+        view.base, view.size = live.base, live.size
+        new = blocks(store, view)
+        for block, size in new:
+            store._fm.sync(block, size)
+    except BaseException:
+        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+        for block, _ in blocks(store, view):
+            alloc.free(block)
+        raise
     store._write_meta(dir_off=view.dir_off, dir_bits=view.dir_bits)
     for block, _ in old:
-        store._alloc.free(block)
+        alloc.free(block)
 
 
 def audit(view) -> tuple:

@@ -103,31 +103,68 @@ class FileMap:
             failpoints.hit(b"sync.after")
 
 
-def grow_file(fd: int, new_size: int) -> None:
-    """Extend the file to new_size with real blocks (posix_fallocate), never sparse.
+def grow_file(fd: int, new_size: int, minimum: int | None = None, page: int = 1) -> int:
+    """Extend the file to new_size with real blocks (posix_fallocate), never sparse; returns
+    the size reached.
 
     A sparse file would turn a full disk into SIGBUS on first touch of a page.
-    :raises DiskFullError: no space; the file keeps its old size.
+    With ``minimum`` (a size that still serves the caller), a full disk is not the end:
+    the step (new_size - current size) is halved, page-rounded, and tried again, down to
+    ``minimum``; DiskFullError only when not even ``minimum`` bytes can be had.  See
+    ``next_size`` for the whole policy.  Each failed attempt leaves the file at its old size.
+    :raises DiskFullError: no space (for ``minimum`` when given); the file keeps its old size.
     """
     old = os.fstat(fd).st_size
-    if new_size <= old:
-        return
-    rc = lib.mmkv_fallocate(fd, old, new_size - old)
+    for size in _fallback_sizes(old, new_size, new_size if minimum is None else minimum, page):
+        rc = _fallocate_to(fd, old, size)
+        if rc == 0:
+            return max(size, old)
+        if rc not in _DISK_FULL:
+            raise Error(f"posix_fallocate failed: {os.strerror(rc)} (errno {rc})")
+    want = new_size if minimum is None else max(old, minimum)
+    raise DiskFullError(rc, f"cannot grow the store to {want} bytes: {os.strerror(rc)}; "
+                            "free disk space and retry (the store is unchanged)")
+
+
+#: fallocate results that mean "no space" (disk full, quota, file size limit).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _fallocate_to(fd: int, old: int, size: int) -> int:
+    """Extend the file from old to size bytes: 0, or the errno (the file is back at old bytes)."""
+    if size <= old:
+        return 0
+    rc = lib.mmkv_fallocate(fd, old, size - old)
     if rc:
         try:
             os.ftruncate(fd, old)  # drop whatever part fallocate managed
         except OSError:
             pass
-        if rc in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise DiskFullError(rc, f"cannot grow the store to {new_size} bytes: {os.strerror(rc)}; "
-                                    "free disk space and retry (the store is unchanged)")
-        raise Error(f"posix_fallocate failed: {os.strerror(rc)} (errno {rc})")
+    return rc
+
+
+def _fallback_sizes(current: int, target: int, minimum: int, page: int):
+    """Sizes to try, largest first: target, then the step halved (page-rounded) down to minimum."""
+    minimum = min(target, (max(minimum, current) + page - 1) // page * page)
+    size = target
+    while True:
+        yield size
+        if size <= minimum:
+            return
+        half = (current + (size - current) // 2 + page - 1) // page * page
+        size = max(minimum, half) if half < size else minimum
 
 
 def next_size(current: int, needed: int, page: int) -> int:
-    """Geometric growth: at least needed bytes, by a quarter (at least GROW_STEP_MIN, at most
-    GROW_STEP_MAX) per step.  Growth is cheap (fallocate and a new mapping, no copy), so a
-    small factor keeps the unused tail of the file small."""
+    """The size the file grows to when it must hold at least ``needed`` bytes.
+
+    Policy: geometric growth, by a quarter of the file per step (at least GROW_STEP_MIN, at
+    most GROW_STEP_MAX bytes), and never less than ``needed``; page-rounded.  Growth is cheap
+    (fallocate and a new mapping, no copy), so a small factor keeps the unused tail of the
+    file small.  On a full disk the store does not give up at this size: ``grow_file`` (given
+    ``minimum=needed``) halves the step and retries, down to ``needed`` itself, so an
+    operation fails with DiskFullError only when the disk cannot hold what it needs.
+    """
     step = min(max(current // 4, GROW_STEP_MIN), GROW_STEP_MAX)
     size = max(current + step, needed)
     return (size + page - 1) // page * page

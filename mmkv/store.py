@@ -523,6 +523,8 @@ class Store(MutableMapping):
         block see its own writes.  A nested transaction() joins the outer one (one commit at
         the outermost exit).  clear() is not allowed inside.  With sync="full" the commit is
         on disk when the block exits.  :raises: whatever the block raises (nothing is applied).
+        :raises DiskFullError: no room for the commit's records or journal; nothing is applied
+            and no space is lost (a transaction of one write is then done as a plain write).
         """
         self._writable()
         if self._txn is not None and self._owner == threading.get_ident():
@@ -792,13 +794,17 @@ class Store(MutableMapping):
         return b
 
     def _grow_file(self, payload):
-        """Grow the file so a block of payload bytes fits, and tell the other processes."""
+        """Grow the file so a block of payload bytes fits, and tell the other processes.
+
+        Asks for the geometric step first and, on a full disk, for less, down to what the
+        block needs (see mapping.next_size).  Caller holds the lock.
+        :raises DiskFullError: not even the block's bytes are free on the disk; nothing changed.
+        """
         fm = self._fm
         page = self._ident.page_size
-        need = fm.size + payload + 2 * page + 64
-        new_size = next_size(fm.size, need, page)
+        need = fm.size + payload + 2 * page + 64     # room for the page alignment of a large block
         old_end = self._alloc.end
-        grow_file(self._fd, new_size)
+        new_size = grow_file(self._fd, next_size(fm.size, need, page), minimum=need, page=page)
         if failpoints.armed:
             failpoints.hit(b"grow.after_fallocate")
         # sync="full": the meta's msync (datasync of the header page) also makes the new file
@@ -894,6 +900,8 @@ class Store(MutableMapping):
 
         Pairs are written in order; a crash part way leaves the first ones written and
         the rest not (each pair whole).  For all-or-nothing, call it inside transaction().
+        :raises DiskFullError: a pair does not fit; the pairs before it stay written, the
+            rest are not, and no space is lost.
         """
         pairs = other.items() if hasattr(other, "items") else other
         items = []
@@ -925,16 +933,53 @@ class Store(MutableMapping):
                 self._make_room(rc, *chunk[done[0]])
 
     def clear(self):
-        """Remove every key, atomically: a new empty index replaces the old one in one meta switch."""
+        """Remove every key, atomically: a new empty index replaces the old one in one meta switch.
+
+        Holds the store lock throughout; other processes' calls wait for it.  The new index
+        (one 128 KiB segment and a directory) needs free space.  On a full disk, where it
+        does not fit, keys are deleted one by one, largest record first, each through the
+        engine's own crash-safe delete, until it fits (then the switch drops the rest) or
+        no key is left: so on a full disk, and only there, a crash during clear() may leave
+        a subset of the keys.  Design turned down: clearing the old index in place under a
+        journal entry (atomic, but it needs a journal block too, rewrites live segments under
+        lock-free readers, and gives recovery a new kind of journal to finish).
+        :raises Error: called inside a transaction.
+        """
         self._write_locked(self._clear)
 
     def _clear(self):
         if self._txn is not None:
             raise Error("clear() inside a transaction is not supported; call it outside")
-        index.rebuild(self, [])                              # a new empty index, switched in atomically
+        try:
+            index.rebuild(self, [])                          # a new empty index, switched in atomically
+        except DiskFullError:                                # (rebuild gave back what it took)
+            if not self._delete_until_index_fits():
+                return                                       # every key deleted: the old index stays
         self._alloc.rebuild(index.blocks(self))              # every record and the old index: free
         w = self._words
         w[_COUNT] = w[_LIVE] = 0
+
+    def _delete_until_index_fits(self) -> bool:
+        """clear() on a full disk: delete keys, largest record first, until a new empty index
+        fits, and switch to it (True); False when every key was deleted before it fit.
+
+        Each delete is the plain crash-safe one (no allocation); a new index is tried again
+        after every SEGMENT_BYTES // 4 bytes freed.  Caller holds the lock.
+        """
+        alloc = self._alloc
+        victims = sorted(((alloc.block_size(rec - 8), rec) for _, _, rec in self._entries()), reverse=True)
+        freed = 0
+        for i, (size, rec) in enumerate(victims):
+            self._delete(bytes(self._record_key(rec)))    # frees only its own block: the others stay put
+            freed += size
+            if freed >= index.SEGMENT_BYTES // 4 or i == len(victims) - 1:
+                freed = 0
+                try:
+                    index.rebuild(self, [])
+                    return True
+                except DiskFullError:
+                    pass
+        return False
 
     def incr(self, key, delta: int = 1) -> int:
         """Add delta to the 8-byte signed counter at key and return the new value.

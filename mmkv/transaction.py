@@ -6,6 +6,8 @@ other process sees a half-applied transaction (their lock-free reads fall back
 to waiting for the lock while it is held).  The commit order, each step after
 the previous one is in place (and, with sync="full", on disk):
 
+0. every index segment the new keys will go to is split if they would overfill it
+   (index.reserve: step 4 must not need space);
 1. every new value is written as a new record in free space (nothing refers to it yet);
 2. the journal is written: one (new record, old record) pair per key;
 3. COMMIT POINT: the meta names the journal (one checksummed meta-copy write);
@@ -13,7 +15,8 @@ the previous one is in place (and, with sync="full", on disk):
 5. the meta stops naming the journal; old records and the journal are freed.
 
 A crash before 3 leaves the old values (the new records are leaked space that
-recovery frees); a crash after 3 is finished by recovery, which replays the
+recovery frees), and an error before 3 (DiskFullError) frees them before it is
+raised; a crash after 3 is finished by recovery, which replays the
 journal: every step of a replay is idempotent.  In sync="full" the barriers are
 fdatasync calls (one per step, whatever the number of keys), so a committed
 transaction also survives power loss; in sync="none" nothing is synced and a
@@ -23,6 +26,7 @@ import errno
 
 from . import failpoints, index
 from ._shim import ffi, lib, raise_for
+from .errors import DiskFullError
 from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, REC_KEY_LEN_AT, RECORD_HEADER, STATE_WORD, pad8, siphash
 from .index import slot_word
 
@@ -61,46 +65,70 @@ def _barrier(store):
 
 
 def commit(store, txn: Transaction) -> None:
-    """Apply txn's writes atomically (caller holds the lock).  Safe against a crash at any point."""
+    """Apply txn's writes atomically (caller holds the lock).  Safe against a crash at any point.
+
+    Everything that needs space happens before the commit point: the index segments the
+    new keys will go to are split first (index.reserve), then the records and the journal
+    are allocated.  An error before the commit point (DiskFullError, say) frees every
+    block the commit took, so the content is unchanged and nothing leaks; the splits
+    already made stay (they keep the content).  On DiskFullError a transaction of a
+    single write is then applied as a plain write, which is atomic by itself and needs
+    no journal: a lone ``del`` or ``pop`` in a transaction works on a full disk.  A
+    transaction of several writes needs a journal block of 32 + 16 bytes per write
+    (plus 8 of block header) in the file's free space or from the disk.
+    :raises DiskFullError: no space for the records or the journal; nothing applied.
+    """
     if not txn.writes:
         return
     v, alloc = store._view, store._alloc
     entries, lengths = [], []       # (new record, old record); (new len, old len) of key + value
-    for k, op in txn.writes.items():
-        rc = lib.mmkv_find(v, k, len(k))
-        if rc not in (0, errno.ENOENT):
-            raise_for(rc, "lookup")
-        old, old_len = (v.rec_off, len(k) + v.val_len) if rc == 0 else (0, 0)
-        if op is _DELETE:
-            if old:
-                entries.append((0, old))
-                lengths.append((0, old_len))
-            continue
-        value, flags = op
-        h = v.hash
-        b = store._allocate(RECORD_HEADER + pad8(len(k)) + len(value))        # 1. the new record
-        cap = alloc.block_size(b) - 8
-        raise_for(lib.mmkv_record_write(store._view, b + 8, cap, h, k, len(k), value, len(value), flags),
-                  "record write")
-        entries.append((b + 8, old))
-        lengths.append((len(k) + len(value), old_len))
-    if not entries:
-        return
-    if failpoints.armed:
-        failpoints.hit(b"txn.after_records")
-    body = b"".join(n.to_bytes(8, "little") + o.to_bytes(8, "little") for n, o in entries)
-    jb = store._allocate(JOURNAL_HEADER + len(body))                          # 2. the journal
-    j = jb + 8
-    mm = store._fm.mm
-    mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + len(body)] = body
-    if failpoints.armed:
-        failpoints.hit(b"txn.mid_journal")
-    txn_id = store._meta.seq + 1
-    header = ffi.new("struct mmkv_journal *")
-    header.magic, header.txn, header.count, header.checksum = JOURNAL_MAGIC, txn_id, len(entries), \
-        _journal_sum(store, body)
-    mm[j:j + JOURNAL_HEADER] = bytes(ffi.buffer(header))
-    _barrier(store)
+    taken = []                      # blocks allocated so far: freed on an error before the commit point
+    try:
+        index.reserve(store, [k for k, op in txn.writes.items() if op is not _DELETE])
+        for k, op in txn.writes.items():
+            rc = lib.mmkv_find(v, k, len(k))
+            if rc not in (0, errno.ENOENT):
+                raise_for(rc, "lookup")
+            old, old_len = (v.rec_off, len(k) + v.val_len) if rc == 0 else (0, 0)
+            if op is _DELETE:
+                if old:
+                    entries.append((0, old))
+                    lengths.append((0, old_len))
+                continue
+            value, flags = op
+            h = v.hash
+            b = store._allocate(RECORD_HEADER + pad8(len(k)) + len(value))        # 1. the new record
+            taken.append(b)
+            cap = alloc.block_size(b) - 8
+            raise_for(lib.mmkv_record_write(store._view, b + 8, cap, h, k, len(k), value, len(value), flags),
+                      "record write")
+            entries.append((b + 8, old))
+            lengths.append((len(k) + len(value), old_len))
+        if not entries:
+            return
+        if failpoints.armed:
+            failpoints.hit(b"txn.after_records")
+        body = b"".join(n.to_bytes(8, "little") + o.to_bytes(8, "little") for n, o in entries)
+        jb = store._allocate(JOURNAL_HEADER + len(body))                          # 2. the journal
+        taken.append(jb)
+        j = jb + 8
+        mm = store._fm.mm
+        mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + len(body)] = body
+        if failpoints.armed:
+            failpoints.hit(b"txn.mid_journal")
+        txn_id = store._meta.seq + 1
+        header = ffi.new("struct mmkv_journal *")
+        header.magic, header.txn, header.count, header.checksum = JOURNAL_MAGIC, txn_id, len(entries), \
+            _journal_sum(store, body)
+        mm[j:j + JOURNAL_HEADER] = bytes(ffi.buffer(header))
+        _barrier(store)
+    except BaseException as exc:
+        for b in taken:
+            alloc.free(b)
+        if isinstance(exc, DiskFullError) and len(txn.writes) == 1:
+            _apply_alone(store, txn)
+            return
+        raise
     if failpoints.armed:
         failpoints.hit(b"txn.after_journal")
     store._write_meta(journal_off=j, journal_txn=txn_id, durable=store._full)   # 3. COMMIT POINT
@@ -116,6 +144,15 @@ def commit(store, txn: Transaction) -> None:
     live = sum(new_len - old_len for new_len, old_len in lengths)
     for word, delta in ((STATE_WORD["count"], keys), (STATE_WORD["live_bytes"], live)):
         w[word] = (w[word] + delta) & _U64      # counters are a cache (recovery recounts): wrap, never raise
+
+
+def _apply_alone(store, txn: Transaction) -> None:
+    """Apply a transaction of one write as a plain write (its own single commit point)."""
+    (k, op), = txn.writes.items()
+    if op is _DELETE:
+        store._delete(k)
+    else:
+        store._put(k, op[0], op[1])
 
 
 def retire(store, entries, journal_block) -> None:
