@@ -1,22 +1,53 @@
 """Crash-durability harness: kill writers at random moments and at every failpoint, then prove
 that nothing acknowledged was lost.
 
-    python -m mmkv torture kill PATH [--kills N] [--sync none|full] [--seed S]
+    python -m mmkv torture kill PATH [--kills N] [--sync none|full] [--seed S] [--bystanders K]
+    python -m mmkv torture powerloss DIR [--images N] [--sync none|full] [--seed S]
 
-Each round forks a writer that runs a deterministic stream of operations drawn
-from its seed (puts of 0 B to 300 KiB, deletes, increments, transactions of
-several keys, batches, clears that restart index growth) and acknowledges each
-one on a pipe when the call has returned.  The round ends with SIGKILL: either
-the parent's, after a random delay, or the writer's own at an armed failpoint.
+**Kill harness.**  Each round forks a writer (the victim) that runs a
+deterministic stream of operations drawn from its seed (puts of 0 B to 300 KiB,
+deletes, increments, transactions of several keys, batches, clears that
+restart index growth) and acknowledges each one on a pipe when the call has
+returned.  The round ends with SIGKILL: either the parent's, after a random
+delay, or the writer's own at an armed failpoint.
+
+Deployments have other processes on the file, so a round also has up to K
+*bystanders* (``--bystanders K``, a random 0..K per round, default 3; 0 gives
+single-handle rounds): processes forked from the harness that open the same
+file before the victim does, each through one of its names (the path, a hard
+link, a symbolic link, or a relative path from another working directory,
+after which the process changes directory again) and then
+
+* ``idle``: hold the handle and do nothing (the one that closes last after a
+  death is the case that matters most);
+* ``reader``: read the victim's keys in a loop;
+* ``writer``: write keys of its own (prefix ``b"by:"``, never touched by the
+  victim, whose clears are left out of such rounds), acknowledging each;
+* ``reopener``: close and open its handle in a loop.
+
+After the victim's death the bystanders are asked to stop (a line on a control
+pipe), one after the other in a seeded random order, and each closes its handle
+and exits; a bystander that fails is reported with its traceback.  Sometimes one
+of them (not a writer) stays open while the parent verifies, through another
+name than the bystander's, and closes afterwards; the store is verified again
+after that last close.  The victim too opens through a random name.
+
 The parent then reopens the file (recovery runs) and checks that:
 
-* the whole content equals the model of the acknowledged operations, or that
-  model plus the one operation that was in flight (never anything else: a
-  transaction is all or nothing, a counter is never lost or doubled);
+* the whole content equals the model of the acknowledged operations (the
+  victim's and every bystander writer's), or that plus the victim's one
+  operation in flight (never anything else: a transaction is all or nothing,
+  a counter is never lost or doubled, a bystander's acknowledged write is there);
 * ``check()`` passes.
 
-The writer lowers the index's split threshold (MAX_LOAD) so that segment
+The writers lower the index's split threshold (MAX_LOAD) so that segment
 splits, and the failpoints on them, come every few hundred inserts.
+
+**Power-loss simulator.**  One process, one handle: it records the file at
+every sync barrier of a writer and opens crash images cut between barriers
+(pages lost, torn).  It covers what reaches the disk and in which order; it
+does not cover other processes on the file (their open/close protocol, a
+crash observed by another live handle): that is the kill harness's part.
 """
 import argparse
 import hashlib
@@ -26,6 +57,7 @@ import select
 import signal
 import sys
 import time
+import traceback
 from collections import Counter
 
 from . import failpoints
@@ -33,10 +65,23 @@ from . import failpoints
 POOL = 600                      # keys the writer draws from
 SIZES = (0, 1, 10, 100, 1000, 5000, 70_000)
 TORTURE_MAX_LOAD = 0.01         # the writer's split threshold: 163 keys per segment
+#: The kinds of bystander process, and the names of the file a process may open it through.
+BYSTANDER_KINDS = ("idle", "reader", "writer", "reopener")
+NAME_KINDS = ("path", "hardlink", "symlink", "relative")
+#: Prefix of the keys bystander writers own (the victim's keys are k0.. and counter).
+BYSTANDER_PREFIX = b"by:"
+#: Seconds any one child may take to open, to stop, or (the victim) to run.
+CHILD_TIMEOUT = 60
+#: Marks the start of a child's traceback on its report pipe.
+_TRACEBACK = b"\0traceback\n"
 
 
-def operations(seed: int):
-    """The writer's operation stream: deterministic in seed, independent of the store."""
+def operations(seed: int, clears: bool = True):
+    """The writer's operation stream: deterministic in (seed, clears), independent of the store.
+
+    With clears=False (rounds with bystander writers, whose keys a clear would
+    remove) the stream draws the same numbers and makes a clear a delete.
+    """
     rnd = random.Random(seed)
 
     def key():
@@ -59,8 +104,31 @@ def operations(seed: int):
         elif r < 0.998:
             batch = {key(): rnd.randbytes(rnd.randrange(64)) for _ in range(rnd.randint(10, 120))}
             yield ("batch", list(batch.items()))
-        else:
+        elif clears:
             yield ("clear",)
+        else:
+            yield ("del", b"counter")
+
+
+def bystander_operations(ident: bytes, seed: int):
+    """A bystander writer's stream: puts, deletes, increments and transactions of its own keys
+    (``b"by:" + ident + b":..."``), deterministic in (ident, seed)."""
+    rnd = random.Random(seed)
+    keys = [BYSTANDER_PREFIX + ident + b":%d" % i for i in range(6)]
+
+    def value():
+        return rnd.randbytes(rnd.choice((0, 10, 100, 1000, 5000)))
+
+    while True:
+        r = rnd.random()
+        if r < 0.5:
+            yield ("put", rnd.choice(keys), value())
+        elif r < 0.7:
+            yield ("del", rnd.choice(keys))
+        elif r < 0.85:
+            yield ("incr", BYSTANDER_PREFIX + ident + b":ctr", rnd.choice((1, 5, -2)))
+        else:
+            yield ("txn", [(k, None if rnd.random() < 0.3 else value()) for k in rnd.sample(keys, 3)])
 
 
 def apply(model: dict, op) -> None:
@@ -105,14 +173,204 @@ def perform(db, op) -> None:
         db.clear()
 
 
-def writer(path: str, seed: int, sync: str, ack_fd: int, limit: int) -> None:
-    """Body of the forked writer: perform the stream, acknowledge each op by its number."""
+# ---------------------------------------------------------------- names of one file
+
+class Names:
+    """The names one store file is opened through: its path, a hard link and a symbolic link
+    next to it (``PATH.hardlink``, ``PATH.symlink``), and a relative path (``../NAME``) from a
+    working directory next to it (``PATH.cwd/``).  A process that opened it by the relative
+    name then moves to ``PATH.cwd/moved/``, where that name means another (absent) file.
+
+    The links are made by ``make()`` once the file exists; the engine must keep the file's
+    inode (it only replaces the file when creating it), which ``same_file()`` checks.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        folder, base = os.path.split(os.path.abspath(path))
+        self.hardlink = os.path.join(folder, base + ".hardlink")
+        self.symlink = os.path.join(folder, base + ".symlink")
+        self.cwd = os.path.join(folder, base + ".cwd")
+        self.moved = os.path.join(self.cwd, "moved")
+        self.relative = os.path.join(os.pardir, base)
+
+    def make(self) -> None:
+        """Create the links and the working directories (the file must exist)."""
+        ino = os.stat(self.path).st_ino
+        if not os.path.exists(self.hardlink) or os.stat(self.hardlink).st_ino != ino:
+            if os.path.lexists(self.hardlink):
+                os.unlink(self.hardlink)
+            os.link(self.path, self.hardlink)
+        if not os.path.lexists(self.symlink):
+            os.symlink(os.path.basename(self.path), self.symlink)
+        os.makedirs(self.moved, exist_ok=True)
+
+    def same_file(self) -> None:
+        """:raises AssertionError: a name no longer leads to the store's inode."""
+        ino = os.stat(self.path).st_ino
+        for name in (self.hardlink, self.symlink, os.path.join(self.cwd, self.relative)):
+            if os.stat(name).st_ino != ino:
+                raise AssertionError(f"{name} is no longer the store file {self.path} (it was replaced)")
+
+    def name(self, kind: str) -> str:
+        """The name of kind to pass to open (for "relative": valid in ``self.cwd`` only)."""
+        return {"path": self.path, "hardlink": self.hardlink, "symlink": self.symlink,
+                "relative": self.relative}[kind]
+
+    def enter(self, kind: str) -> str:
+        """In a child process, about to open through kind: change directory if need be; the name."""
+        if kind == "relative":
+            os.chdir(self.cwd)
+        return self.name(kind)
+
+    def leave(self, kind: str) -> None:
+        """In a child process, just opened through kind: a relative opener moves away."""
+        if kind == "relative":
+            os.chdir(self.moved)
+
+
+# ---------------------------------------------------------------- forked children
+
+class Child:
+    """A process forked from the harness running ``body(report_fd, control_fd)``.
+
+    The child writes lines on its report pipe; when body raises, its traceback
+    follows a marker and the child exits with status 3.  The parent reads the pipe
+    (``feed``) while the child runs and reaps it with ``finish``.  Every descriptor
+    the parent keeps for a child is closed in every later child, so that a
+    child's pipes reach end-of-file when it exits, whoever else was forked.
+    """
+
+    _parent_fds = set()
+
+    def __init__(self, what: str, body, control: bool = False):
+        self.what = what
+        rep_r, rep_w = os.pipe()
+        ctl_r, ctl_w = os.pipe() if control else (None, None)
+        pid = os.fork()
+        if pid == 0:                                           # pragma: no cover - the child
+            code = 0
+            try:
+                for fd in Child._parent_fds | {rep_r, ctl_w} - {None}:
+                    os.close(fd)
+                body(rep_w, ctl_r)
+            except BaseException:
+                try:
+                    _write_all(rep_w, _TRACEBACK + traceback.format_exc().encode())
+                except OSError:
+                    pass
+                code = 3
+            os._exit(code)
+        os.close(rep_w)
+        if ctl_r is not None:
+            os.close(ctl_r)
+        self.pid, self.rep, self.ctl = pid, rep_r, ctl_w
+        Child._parent_fds.update(fd for fd in (rep_r, ctl_w) if fd is not None)
+        self.data = b""
+        self.eof = False
+        self.status = None
+
+    def fileno(self) -> int:
+        return self.rep
+
+    def feed(self) -> None:
+        """Read what the child wrote (call when the pipe is readable)."""
+        chunk = os.read(self.rep, 65536)
+        if chunk:
+            self.data += chunk
+        else:
+            self.eof = True
+
+    def lines(self) -> list:
+        """The complete lines before any traceback (a line cut by a kill was never said)."""
+        return self.data.split(_TRACEBACK)[0].split(b"\n")[:-1]
+
+    def traceback(self) -> str:
+        if _TRACEBACK not in self.data:
+            return ""
+        return self.data.split(_TRACEBACK, 1)[1].decode(errors="replace")
+
+    def wait_for(self, line: bytes, timeout: float = CHILD_TIMEOUT) -> None:
+        """Read until the child said line.  :raises AssertionError: it exited or took too long."""
+        deadline = time.monotonic() + timeout
+        while line not in self.lines():
+            if self.eof or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"{self.what} did not say {line.decode()!r}: "
+                                     f"{self.failure() or 'timed out'}")
+            if select.select([self.rep], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                self.feed()
+
+    def send(self, line: bytes) -> None:
+        try:
+            os.write(self.ctl, line)
+        except (BrokenPipeError, OSError):       # it died: finish() reports how
+            pass
+
+    def finish(self, timeout: float = CHILD_TIMEOUT) -> int:
+        """Read the report to end-of-file and reap the child; returns its wait status
+        (SIGKILL after timeout seconds)."""
+        deadline = time.monotonic() + timeout
+        while not self.eof:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(self.pid, signal.SIGKILL)
+                deadline = float("inf")
+                self.data += b"\n[killed: it did not finish in %d s]" % timeout
+                continue
+            if select.select([self.rep], [], [], left)[0]:
+                self.feed()
+        _, self.status = os.waitpid(self.pid, 0)
+        self._close_fds()
+        return self.status
+
+    def kill(self) -> None:
+        """SIGKILL and reap (cleanup after a failure; safe to call twice)."""
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, self.status = os.waitpid(self.pid, 0)
+        self._close_fds()
+
+    def failure(self) -> str:
+        """Why the child failed: its traceback, else its wait status ("" while it runs)."""
+        tb = self.traceback()
+        if tb:
+            return "\n" + tb
+        if self.status is None:
+            return ""
+        if os.WIFSIGNALED(self.status):
+            return f"killed by signal {os.WTERMSIG(self.status)}"
+        return f"exit status {os.WEXITSTATUS(self.status)}"
+
+    def _close_fds(self) -> None:
+        for fd in (self.rep, self.ctl):
+            if fd is not None and fd in Child._parent_fds:
+                Child._parent_fds.discard(fd)
+                os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _lower_split_threshold() -> None:
     from . import store as store_module
     store_module.MAX_LOAD = TORTURE_MAX_LOAD
+
+
+# ---------------------------------------------------------------- the victim
+
+def writer(path: str, seed: int, sync: str, ack_fd: int, limit: int, clears: bool = True) -> None:
+    """Body of the forked writer: perform the stream, acknowledge each op by its number."""
+    _lower_split_threshold()
     import mmkv
     db = mmkv.open(path, sync=sync)
     os.write(ack_fd, b"open\n")
-    for n, op in enumerate(operations(seed)):
+    for n, op in enumerate(operations(seed, clears)):
         if n >= limit:
             break
         perform(db, op)
@@ -120,64 +378,237 @@ def writer(path: str, seed: int, sync: str, ack_fd: int, limit: int) -> None:
     db.close()
 
 
-def digest(contents: dict) -> dict:
-    return {k: hashlib.sha1(v).digest() for k, v in contents.items()}
+def run_victim(path: str, ops, failpoint=None, sync: str = "none", name: str = "path", prepare=None) -> tuple:
+    """Fork a process that opens the store through name (a Names kind), calls prepare(db)
+    if given, arms failpoint ((name, countdown) or None), performs ops, acknowledging
+    each, and closes it.  Blocks until the process has ended (CHILD_TIMEOUT at most).
 
+    Returns (number of ops acknowledged, "failpoint" when it died by SIGKILL, else "finished").
+    :raises AssertionError: the child failed otherwise (with its traceback).
+    """
+    names = Names(path)
+    ops = list(ops)
+
+    def body(rep, _ctl):
+        import mmkv
+        db = mmkv.open(names.enter(name), sync=sync)
+        names.leave(name)
+        if prepare is not None:
+            prepare(db)
+        os.write(rep, b"open\n")
+        if failpoint:
+            failpoints.arm(*failpoint)
+        for n, op in enumerate(ops):
+            perform(db, op)
+            os.write(rep, b"%d\n" % n)
+        db.close()
+
+    child = Child(f"victim through {name}", body)
+    try:
+        status = child.finish()
+    finally:
+        child.kill()
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and not child.traceback():
+        ended = "failpoint"
+    elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        ended = "finished"
+    else:
+        raise AssertionError(f"{child.what} failed: {child.failure()}")
+    return sum(1 for line in child.lines() if line != b"open"), ended
+
+
+# ---------------------------------------------------------------- bystanders
+
+class Bystander:
+    """Another process with the store open while the victim runs (see the module docstring).
+
+    ``start()`` forks it and returns once it has the file open; ``stop()`` asks it
+    to close its handle and exit, and waits.  A writer's acknowledged operations are
+    ``bystander_operations(ident, seed)`` up to ``acked``.
+    """
+
+    def __init__(self, names: Names, kind: str, name: str, seed: int, sync: str = "none",
+                 ident: bytes = b"0"):
+        if kind not in BYSTANDER_KINDS or name not in NAME_KINDS:
+            raise ValueError(f"unknown bystander {kind!r} through {name!r}")
+        self.names, self.kind, self.name, self.seed, self.sync, self.ident = names, kind, name, seed, sync, ident
+        self.child = None
+        self.acked = 0
+
+    def __repr__(self):
+        return f"{self.kind} through {self.name}"
+
+    def start(self) -> "Bystander":
+        """Fork it; return when it has the file open.  :raises AssertionError: it failed to."""
+        self.child = Child(f"bystander {self!r}", self._body, control=True)
+        self.child.wait_for(b"open")
+        return self
+
+    def stop(self) -> None:
+        """Ask it to close and exit; wait.  :raises AssertionError: it failed (with its
+        traceback), or did not stop within CHILD_TIMEOUT seconds."""
+        self.child.send(b"stop\n")
+        status = self.child.finish()
+        lines = self.child.lines()
+        self.acked = sum(1 for line in lines if line.isdigit())
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and b"closed" in lines):
+            raise AssertionError(f"{self.child.what} failed: {self.child.failure()}")
+
+    def kill(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+    def writes(self):
+        """The operations it acknowledged (a writer; after stop())."""
+        ops = bystander_operations(self.ident, self.seed)
+        return [next(ops) for _ in range(self.acked)]
+
+    def _body(self, rep, ctl):
+        _lower_split_threshold()
+        import mmkv
+        rnd = random.Random(self.seed)
+        names, name = self.names, self.name
+        db = mmkv.open(names.enter(name), sync=self.sync)
+        names.leave(name)
+        ops = enumerate(bystander_operations(self.ident, self.seed))
+        if self.kind == "writer":           # one write before the victim starts, the rest during
+            n, op = next(ops)
+            perform(db, op)
+            os.write(rep, b"%d\n" % n)
+        os.write(rep, b"open\n")
+        pause = {"idle": None, "reader": 0.001, "writer": 0.002, "reopener": 0.005}[self.kind]
+        while not select.select([ctl], [], [], pause)[0]:      # any line (or EOF) means stop
+            if self.kind == "reader":
+                for _ in range(20):                           # the lock-free path
+                    db.get(b"k%d" % rnd.randrange(POOL))
+                counter = db.get(b"counter")
+                if counter is not None and len(counter) != 8:
+                    raise AssertionError(f"the counter holds {len(counter)} bytes")
+                len(db)                                       # under the lock
+            elif self.kind == "writer":
+                n, op = next(ops)
+                perform(db, op)
+                os.write(rep, b"%d\n" % n)
+            elif self.kind == "reopener":
+                db.close()
+                db = mmkv.open(names.enter(name), sync=self.sync)
+                names.leave(name)
+        db.close()
+        os.write(rep, b"closed\n")
+
+
+def choose_bystanders(rnd: random.Random, most: int, kinds, names) -> list:
+    """(kind, name) of a random 0..most bystanders."""
+    return [(rnd.choice(kinds), rnd.choice(names)) for _ in range(rnd.randint(0, most))]
+
+
+# ---------------------------------------------------------------- rounds
 
 class Round:
-    """One writer run: fork, kill (or let a failpoint kill), collect acknowledgements."""
+    """One writer run: start the bystanders, fork the victim, kill it (or let a failpoint kill
+    it), collect its acknowledgements, stop the bystanders in order.
 
-    def __init__(self, path, seed, sync, failpoint, delay, limit):
+    ``bystanders``: Bystander objects (not started); ``order``: the indices in which they
+    stop; ``linger``: the index of one that stays open until ``finish()`` (or None).
+    """
+
+    def __init__(self, path, seed, sync, failpoint, delay, limit, bystanders=(), order=None, linger=None,
+                 victim_name="path", clears=True):
         self.path, self.seed, self.sync = path, seed, sync
         self.failpoint, self.delay, self.limit = failpoint, delay, limit
+        self.bystanders = list(bystanders)
+        self.order = list(range(len(self.bystanders))) if order is None else list(order)
+        self.linger = linger
+        self.victim_name, self.clears = victim_name, clears
+
+    def describe(self) -> str:
+        fp = f"failpoint {self.failpoint[0]}:{self.failpoint[1]}" if self.failpoint else \
+            f"SIGKILL after {self.delay * 1000:.0f} ms"
+        text = f"seed {self.seed}, {fp}, victim through {self.victim_name}"
+        if self.bystanders:
+            order = [f"{self.bystanders[i]!r}" + (" (stays open during the verify)" if i == self.linger else "")
+                     for i in self.order]
+            text += f", bystanders closing in order: {', '.join(order)}"
+        return text
 
     def run(self):
-        """(number of acknowledged ops, how it ended: 'killed', 'failpoint' or 'finished')."""
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:                              # the writer
-            os.close(rfd)
-            code = 0
-            try:
-                if self.failpoint:
-                    failpoints.arm(*self.failpoint)
-                writer(self.path, self.seed, self.sync, wfd, self.limit)
-            except BaseException:                 # pragma: no cover - reported through the exit code
-                import traceback
-                traceback.print_exc()
-                code = 3
-            os._exit(code)
-        os.close(wfd)
-        data, opened_at = b"", None
-        deadline = time.monotonic() + 60
-        ended = None
-        while True:
-            now = time.monotonic()
-            if opened_at is not None and now >= opened_at + self.delay and not self.failpoint:
-                os.kill(pid, signal.SIGKILL)
-            timeout = max(0.0, (opened_at + self.delay - now) if opened_at is not None and not self.failpoint
-                          else deadline - now)
-            ready, _, _ = select.select([rfd], [], [], min(timeout, 1.0))
-            if ready:
-                chunk = os.read(rfd, 65536)
-                if not chunk:
-                    break
-                data += chunk
-                if opened_at is None and b"open\n" in data:
+        """(number of acknowledged ops, how it ended: 'killed', 'failpoint' or 'finished').
+
+        Every bystander but the lingering one has closed when this returns.
+        :raises AssertionError: the victim or a bystander failed (every child is reaped).
+        """
+        try:
+            for b in self.bystanders:
+                b.start()
+            acked, ended = self._victim()
+            for i in self.order:
+                if i != self.linger:
+                    self.bystanders[i].stop()
+        except BaseException:
+            self.abort()
+            raise
+        return acked, ended
+
+    def finish(self) -> bool:
+        """Stop the lingering bystander; True if there was one."""
+        if self.linger is None:
+            return False
+        try:
+            self.bystanders[self.linger].stop()
+        except BaseException:
+            self.abort()
+            raise
+        return True
+
+    def abort(self) -> None:
+        for b in self.bystanders:
+            b.kill()
+
+    def _victim(self):
+        names = Names(self.path)
+
+        def body(ack, _ctl):
+            if self.failpoint:
+                failpoints.arm(*self.failpoint)
+            path = names.enter(self.victim_name)
+            writer(path, self.seed, self.sync, ack, self.limit, self.clears)
+
+        victim = Child(f"writer {self.seed}", body)
+        pid = victim.pid
+        running = [b.child for b in self.bystanders]
+        opened_at = None
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        try:
+            while not victim.eof:
+                now = time.monotonic()
+                if opened_at is not None and now >= opened_at + self.delay and not self.failpoint:
+                    os.kill(pid, signal.SIGKILL)
+                timeout = max(0.0, (opened_at + self.delay - now) if opened_at is not None and not self.failpoint
+                              else deadline - now)
+                ready, _, _ = select.select([victim] + running, [], [], min(timeout, 1.0))
+                for child in ready:             # bystanders' reports are drained as they come
+                    child.feed()
+                    if child is not victim and child.eof:
+                        running.remove(child)   # it exited early: stop() reports why
+                if opened_at is None and b"open" in victim.lines():
                     opened_at = time.monotonic()
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-        os.close(rfd)
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+            status = victim.finish()
+        finally:
+            victim.kill()
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and not victim.traceback():
             ended = "failpoint" if self.failpoint else "killed"
         elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             ended = "finished"
         else:
-            raise AssertionError(f"writer {self.seed} failed: status {status}")
-        lines = data.split(b"\n")[:-1]            # a line cut by the kill was never acknowledged
-        acked = sum(1 for line in lines if line != b"open")
+            raise AssertionError(f"writer {self.seed} failed: {victim.failure()}")
+        acked = sum(1 for line in victim.lines() if line != b"open")
         return acked, ended
+
+    def writes(self) -> list:
+        """Every operation the bystander writers acknowledged (after they stopped)."""
+        return [op for b in self.bystanders if b.kind == "writer" for op in b.writes()]
 
 
 def allowed_states(before: dict, inflight):
@@ -198,38 +629,87 @@ def allowed_states(before: dict, inflight):
 
 
 def verify(path: str, before: dict, inflight) -> dict:
-    """Reopen the store and check it holds one of the allowed states; return that state."""
+    """Reopen the store and check it holds one of the allowed states; return that state.
+
+    :raises AssertionError: the content is none of the allowed states (the message
+        names lost, unexpected and wrong keys, a bystander writer's apart, and a
+        half-applied transaction), or check() failed.
+    """
     import mmkv
+    damage = ""
     with mmkv.open(path) as db:
-        db.check()
-        got = dict(db.items())
+        try:
+            db.check()
+        except mmkv.Error as exc:
+            damage = f"check() failed: {exc}"
+        try:
+            got = dict(db.items())
+        except mmkv.Error as exc:
+            raise AssertionError(f"cannot read the store: {exc}; {damage}") from None
     seen = digest(got)
     for state in allowed_states(before, inflight):
         if digest(state) == seen:
+            if damage:
+                raise AssertionError(damage)
             return state
     after = dict(before)
     if inflight is not None:
         apply(after, inflight)
-    missing = [k for k in before if k not in got][:5]
-    extra = [k for k in got if k not in before and k not in after][:5]
-    wrong = [k for k in got if k in before and got[k] != before[k] and got[k] != after.get(k)][:5]
-    raise AssertionError(f"store differs from the acknowledged state: missing {missing}, "
-                         f"unexpected {extra}, wrong values {wrong}, in flight {inflight and inflight[0]}")
+    missing = [k for k in before if k not in got and k in after]
+    extra = [k for k in got if k not in before and k not in after]
+    wrong = [k for k in got if k in before and got[k] != before[k] and got[k] != after.get(k)]
+    by = [k for k in missing + wrong if k.startswith(BYSTANDER_PREFIX)]
+    text = (f"store differs from the acknowledged state: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"wrong values {wrong[:5]}, in flight {inflight and inflight[0]}")
+    if by:
+        text += f"; bystander writers' acknowledged writes lost: {by[:5]}"
+    if inflight is not None and inflight[0] == "txn":
+        keys = {k for k, _ in inflight[1]}
+        old = sorted(k for k in keys if got.get(k) == before.get(k) and before.get(k) != after.get(k))
+        new = sorted(k for k in keys if got.get(k) == after.get(k) and got.get(k) != before.get(k))
+        if old and new:
+            text += f"; the transaction in flight is half applied: new {new[:5]}, old {old[:5]}"
+    if damage:
+        text += f"; also {damage}"
+    raise AssertionError(text)
+
+
+def digest(contents: dict) -> dict:
+    return {k: hashlib.sha1(v).digest() for k, v in contents.items()}
 
 
 def run_kills(path: str, kills: int, sync: str = "none", seed: int = 1, failpoint_share: float = 0.5,
-              log=None) -> dict:
+              log=None, bystanders: int = 3, kinds=BYSTANDER_KINDS, names=NAME_KINDS,
+              linger_share: float = 0.3) -> dict:
     """Kill writers until `kills` rounds ended in SIGKILL; verify after each.  Returns a summary.
 
+    bystanders: at most this many other processes on the file per round (a seeded
+    random 0..bystanders; 0: every round has the victim alone, as before), of the
+    given kinds, opened through the given names; linger_share of the rounds with
+    a non-writer bystander keep one open while the parent verifies.
     :raises AssertionError: an acknowledged write was lost, a transaction was half
-        applied, a counter was lost or doubled, or check() failed.
+        applied, a counter was lost or doubled, check() failed, or a bystander failed
+        (the message names the round: seed, failpoint, the bystanders and their order).
     """
     import mmkv
+    if bystanders < 0:
+        raise ValueError(f"bystanders must be 0 or more, not {bystanders}")
+    for kind in kinds:
+        if kind not in BYSTANDER_KINDS:
+            raise ValueError(f"unknown bystander kind {kind!r}; known: {', '.join(BYSTANDER_KINDS)}")
+    for name in names:
+        if name not in NAME_KINDS:
+            raise ValueError(f"unknown name kind {name!r}; known: {', '.join(NAME_KINDS)}")
     rnd = random.Random(seed)
     mmkv.open(path, sync=sync).close()
+    file_names = Names(path)
+    if bystanders:
+        file_names.make()
     with mmkv.open(path) as db:
         model = dict(db.items())
     points = [p for p in failpoints.NAMES if sync == "full" or not p.startswith("sync.")]
+    # the parent cannot change directory (it may be a test runner): it verifies through the others
+    parent_names = [n for n in names if n != "relative"] or ["path"]
     summary = Counter()
     started = time.monotonic()
     round_no = 0
@@ -238,17 +718,48 @@ def run_kills(path: str, kills: int, sync: str = "none", seed: int = 1, failpoin
         fp = (rnd.choice(points), rnd.randint(1, 4)) if rnd.random() < failpoint_share else None
         # a random kill always comes (no op limit); an armed failpoint may not be reached in 20-400 ops
         limit = rnd.randint(20, 400) if fp else 1 << 62
-        r = Round(path, seed * 1_000_003 + round_no, sync, fp, rnd.uniform(0.001, 0.08), limit)
-        acked, ended = r.run()
-        summary[ended] += 1
-        if fp and ended == "failpoint":
-            summary["fp:" + fp[0]] += 1
-        ops = operations(r.seed)
-        for _ in range(acked):
-            apply(model, next(ops))
-        inflight = next(ops) if ended != "finished" else None
-        model = verify(path, model, inflight)
+        delay = rnd.uniform(0.001, 0.08)
+        r_seed = seed * 1_000_003 + round_no
+        if bystanders:
+            chosen = choose_bystanders(rnd, bystanders, kinds, names)
+            crowd = [Bystander(file_names, kind, name, r_seed * 31 + i, sync, b"%d.%d" % (round_no, i))
+                     for i, (kind, name) in enumerate(chosen)]
+            order = list(range(len(crowd)))
+            rnd.shuffle(order)
+            quiet = [i for i, b in enumerate(crowd) if b.kind != "writer"]
+            linger = rnd.choice(quiet) if quiet and rnd.random() < linger_share else None
+            victim_name = rnd.choice(names)
+            others = [n for n in parent_names if linger is None or n != crowd[linger].name] or ["path"]
+            verify_name = rnd.choice(others) if linger is not None else "path"
+        else:
+            crowd, order, linger, victim_name, verify_name = [], None, None, "path", "path"
+        clears = not any(b.kind == "writer" for b in crowd)
+        r = Round(path, r_seed, sync, fp, delay, limit, crowd, order, linger, victim_name, clears)
+        try:
+            acked, ended = r.run()
+            summary[ended] += 1
+            if fp and ended == "failpoint":
+                summary["fp:" + fp[0]] += 1
+            ops = operations(r.seed, clears)
+            for _ in range(acked):
+                apply(model, next(ops))
+            for op in r.writes():             # bystander writers' keys: they commute with the victim's
+                apply(model, op)
+                summary["bystander acknowledged ops"] += 1
+            inflight = next(ops) if ended != "finished" else None
+            model = verify(file_names.name(verify_name), model, inflight)
+            if r.finish():
+                summary["lingered"] += 1
+                model = verify(path, model, None)   # after the lingering handle closed too
+            if bystanders:
+                file_names.same_file()
+        except AssertionError as exc:
+            r.abort()
+            raise AssertionError(f"round {round_no} ({r.describe()}): {exc}") from None
         summary["acknowledged ops"] += acked
+        for b in crowd:
+            summary[f"bystander {b.kind}"] += 1
+            summary[f"through {b.name}"] += 1
         if log and round_no % 50 == 0:
             log(f"  round {round_no}: {summary['killed']} killed, {summary['failpoint']} at failpoints, "
                 f"{len(model)} keys")
@@ -406,9 +917,11 @@ def check_image(folder, image, sync, models, ops, acked, barrier):
             db.check()
             got = digest(dict(db.items()))
     finally:
-        for p in (path, path + ".lock"):
-            if os.path.exists(p):
+        for p in (path, path + ".lock"):     # the engine may or may not leave a sidecar lock file
+            try:
                 os.unlink(p)
+            except FileNotFoundError:
+                pass
     if sync != "full":
         return
     done = sum(1 for a in acked if a <= barrier)          # ops that returned before this barrier
@@ -422,6 +935,14 @@ def check_image(folder, image, sync, models, ops, acked, barrier):
                              f"(missing {lost}, unexpected {extra}, other values {wrong})")
 
 
+def _choices(parser, text: str, known) -> tuple:
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in chosen if x not in known]
+    if unknown or not chosen:
+        parser.error(f"choose among {', '.join(known)} (got {text!r})")
+    return chosen
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="mmkv torture", description=__doc__.split("\n\n")[0].strip())
     sub = p.add_subparsers(dest="mode", required=True)
@@ -430,6 +951,13 @@ def main(argv=None) -> int:
     k.add_argument("--kills", type=int, default=10_000)
     k.add_argument("--sync", choices=("none", "full"), default="none")
     k.add_argument("--seed", type=int, default=1)
+    k.add_argument("--bystanders", type=int, default=3, metavar="K",
+                   help="at most K other processes on the file per round (a random 0..K; 0: the victim alone)")
+    k.add_argument("--bystander-kinds", default=",".join(BYSTANDER_KINDS), metavar="KINDS",
+                   help="comma-separated kinds of bystander to draw from (default: all: %(default)s)")
+    k.add_argument("--names", default=",".join(NAME_KINDS), metavar="NAMES",
+                   help="comma-separated names the victim and bystanders open the file through "
+                        "(default: all: %(default)s)")
     w = sub.add_parser("powerloss", help="open crash images cut at every sync barrier; verify each")
     w.add_argument("folder")
     w.add_argument("--images", type=int, default=10_000)
@@ -437,8 +965,11 @@ def main(argv=None) -> int:
     w.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     if args.mode == "kill":
-        summary = run_kills(args.path, args.kills, args.sync, args.seed, log=print)
-        print(f"mmkv torture kill: {args.kills} kills, sync={args.sync}, seed={args.seed}: no failure")
+        summary = run_kills(args.path, args.kills, args.sync, args.seed, log=print, bystanders=args.bystanders,
+                            kinds=_choices(p, args.bystander_kinds, BYSTANDER_KINDS),
+                            names=_choices(p, args.names, NAME_KINDS))
+        print(f"mmkv torture kill: {args.kills} kills, sync={args.sync}, seed={args.seed}, "
+              f"bystanders 0..{args.bystanders}: no failure")
     else:
         os.makedirs(args.folder, exist_ok=True)
         summary = run_powerloss(args.folder, args.images, args.sync, args.seed, log=print)

@@ -1,5 +1,6 @@
-"""Crash safety: the kill harness and the power-loss simulator (default sizes; the long runs
-are `mmkv torture kill PATH --kills 10000` and `mmkv torture powerloss DIR --images 10000`)."""
+"""Crash safety: the kill harness with the victim alone on the file, and the power-loss simulator
+(default sizes; the long runs are `mmkv torture kill PATH --kills 10000` and `mmkv torture
+powerloss DIR --images 10000`).  Kills with other processes on the file: test_crash_bystanders.py."""
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from mmkv._shim import lib
 
 
 def test_two_hundred_kills_lose_nothing(tmp_path):
-    summary = torture.run_kills(str(tmp_path / "kills.mmkv"), kills=200, sync="none", seed=101)
+    summary = torture.run_kills(str(tmp_path / "kills.mmkv"), kills=200, sync="none", seed=101, bystanders=0)
     assert summary["killed"] + summary["failpoint"] >= 200
     assert summary["failpoint"] >= 50 and summary["killed"] >= 50
     assert sum(1 for k in summary if k.startswith("fp:")) >= 10     # many different failpoints hit
@@ -21,7 +22,7 @@ def test_two_hundred_kills_lose_nothing(tmp_path):
 
 
 def test_kills_in_full_sync_mode(tmp_path):
-    summary = torture.run_kills(str(tmp_path / "kills-full.mmkv"), kills=40, sync="full", seed=202)
+    summary = torture.run_kills(str(tmp_path / "kills-full.mmkv"), kills=40, sync="full", seed=202, bystanders=0)
     assert summary["killed"] + summary["failpoint"] >= 40
 
 

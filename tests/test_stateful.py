@@ -14,6 +14,14 @@ every handle's ``view.max_count`` (the per-handle split threshold the engine der
 from SEGMENT_SLOTS * MAX_LOAD) to a small number, so that bulk_put splits segments
 and deepens the directory under the other handle's feet; the file format and every
 code path are the engine's own.
+
+Crashes of other processes (crash_other_process): a forked process opens the same file,
+through its path, a hard link or a symbolic link, arms a failpoint and performs one write
+or transaction, dying at the failpoint if it reaches it, while this process keeps both
+handles open; then this process either keeps them, reopens one, or closes both (in a drawn
+order: the last close must not mark the file clean over the dead process's half-done
+work) and reopens them.  The store must then hold the model before the operation or after
+it, nothing else (after it, when the process did not die), and pass check().
 """
 import os
 import shutil
@@ -25,6 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 
 import mmkv
+from mmkv import failpoints, torture
 from mmkv.layout import SEGMENT_SLOTS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -52,6 +61,9 @@ large_values = st.builds(_fill, st.sampled_from([64 * 1024 - 100, 64 * 1024, 100
                          st.integers(0, 255))
 deltas = st.one_of(st.integers(-3, 3), st.integers(INT64_MIN, INT64_MAX), st.sampled_from([INT64_MIN, INT64_MAX]))
 which = st.integers(0, 1)
+crash_points = st.tuples(st.sampled_from(failpoints.NAMES), st.integers(1, 2))
+other_names = st.sampled_from(["path", "hardlink", "symlink"])
+afterwards = st.sampled_from(["keep", "reopen_one", "reopen_all"])
 
 
 def le64(n):
@@ -68,6 +80,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="mmkv-state-")
         self.path = os.path.join(self.dir, "state.mmkv")
         self.dbs = [self._open("n"), self._open("c")]
+        torture.Names(self.path).make()     # other names of the file, for other processes
         self.model = {}
         self.segments = 1       # most segments the index has had (it never shrinks but through clear)
 
@@ -186,6 +199,55 @@ class StoreMachine(RuleBasedStateMachine):
         for db in self.dbs:
             db.close()
         self.dbs = [self._open(flag) for _ in range(2)]
+
+    # ------------------------------------------------------------ other processes
+    @rule(data=st.data(), point=crash_points, name=other_names, then=afterwards, order=st.permutations([0, 1]))
+    def crash_other_process(self, data, point, name, then, order):
+        """Another process, opened through name, dies at point during one operation."""
+        kind = data.draw(st.sampled_from(["put", "put_large", "del", "incr", "txn"]), label="kind")
+        if kind == "put":
+            op = ("put", data.draw(keys, label="key"), data.draw(values, label="value"))
+        elif kind == "put_large":
+            op = ("put", data.draw(keys, label="key"), data.draw(large_values, label="value"))
+        elif kind == "del":
+            op = ("del", data.draw(st.sampled_from(sorted(self.model) or [b"a"]), label="key"))
+        elif kind == "incr":
+            counters = sorted(k for k, v in self.model.items() if len(v) == 8)
+            counters += [k for k in (b"ctr", b"ctr2", b"ctr3") if k not in self.model]
+            key = data.draw(st.sampled_from(counters or [b"ctr"]), label="key")
+            if len(self.model.get(key, le64(0))) != 8:      # three non-counters in the way
+                self.model[key] = le64(0)
+                self.dbs[0][key] = le64(0)
+            now = int.from_bytes(self.model.get(key, le64(0)), "little", signed=True)
+            op = ("incr", key, data.draw(st.integers(max(-3, INT64_MIN - now), min(3, INT64_MAX - now)),
+                                         label="delta"))
+        else:
+            op = ("txn", data.draw(st.lists(st.tuples(keys, st.one_of(st.none(), values)), min_size=1, max_size=5),
+                                   label="pairs"))
+        max_count = self.MAX_COUNT
+
+        def prepare(db):
+            if max_count is not None:
+                db._view.max_count = max_count
+
+        acked, ended = torture.run_victim(self.path, [op], point, self.SYNC, name, prepare)
+        if then == "reopen_one":
+            self.reopen(order[0], "w")
+        elif then == "reopen_all":
+            for i in order:              # the last close must repair what the dead process left
+                self.dbs[i].close()
+            self.dbs = [self._open("w") for _ in range(2)]
+        after = dict(self.model)
+        torture.apply(after, op)
+        got = dict(self.dbs[order[1]].items())
+        if ended == "finished":
+            assert acked == 1 and got == after, "an operation that returned is not in the store"
+        else:
+            assert got in (self.model, after), (
+                f"after a crash at {point[0]} during {op[0]}, the store is neither the state before "
+                f"nor after it: {sorted(set(got) ^ set(after))[:5]} differ in presence, "
+                f"{[k for k in got if k in after and got[k] != after[k] and got[k] != self.model.get(k)][:5]} in value")
+        self.model = got
 
     # ------------------------------------------------------------ reads
     @rule(i=which, key=keys)
