@@ -106,6 +106,9 @@ def recover(store, reason: str) -> RecoveryResult:
     w[STATE_WORD["count"]] = records
     w[STATE_WORD["live_bytes"]] = live_bytes
     w[STATE_WORD["recoveries"]] += 1
+    # every other handle reloads the meta before its next locked step: a holder may have died
+    # between writing a new meta (a growth, say) and bumping the generation that announces it
+    w[STATE_WORD["generation"]] = (w[STATE_WORD["generation"]] + 1) & ((1 << 64) - 1)
     result.records = records
     store._last_recovery = result
     return result
