@@ -25,8 +25,8 @@ import errno
 
 from ._shim import ffi, lib
 from .errors import CorruptionError
-from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, HEAP_START, NCLASSES,
-                     STATE_WORD)
+from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_NEXT, FREE_PREV, HEAP_START, MASK64,
+                     NCLASSES, STATE_WORD)
 
 _HEADS = STATE_WORD["free_heads"]
 _BITMAP = STATE_WORD["free_bitmap"]
@@ -110,7 +110,7 @@ class Allocator:
         while b and seen < 1 << 20:
             self.block_size(b)                      # bounds check of the link
             best = max(best, w[b >> 3] & _SIZE_MASK)
-            b, seen = w[(b + 8) >> 3], seen + 1
+            b, seen = w[(b + FREE_NEXT) >> 3], seen + 1
         return best
 
     # ------------------------------------------------------------ growth
@@ -124,7 +124,7 @@ class Allocator:
         prev_alloc = w[old >> 3] & BLOCK_PREV_ALLOC   # the old epilogue knows its predecessor
         w[new_end >> 3] = BLOCK_ALLOC | BLOCK_PREV_ALLOC
         w[old >> 3] = size | BLOCK_ALLOC | prev_alloc
-        w[_USED] += size
+        w[_USED] = (w[_USED] + size) & MASK64         # a cache: a damaged count must not raise
         self.end = new_end
         self.free(old)                                # merges with a free last block
 
@@ -166,6 +166,8 @@ class Allocator:
             pos = b + size
         if self.end - pos:
             if self.end - pos < BLOCK_MIN:
+                if not blocks:
+                    raise self._bad(f"a heap of {self.end - pos} bytes cannot hold a block")
                 lb, ls, lfree = blocks.pop()
                 blocks.append((lb, ls + self.end - pos, lfree))
             else:
@@ -229,9 +231,9 @@ class Allocator:
                 seen.add(b)
                 if size_class(free_blocks[b]) != c:
                     problems.append(f"free list {c}: block {b} of size {free_blocks[b]} is in the wrong class")
-                if w[(b + 16) >> 3] != prev:
+                if w[(b + FREE_PREV) >> 3] != prev:
                     problems.append(f"free list {c}: block {b} has a wrong back link")
-                prev, b = b, w[(b + 8) >> 3]
+                prev, b = b, w[(b + FREE_NEXT) >> 3]
         missing = set(free_blocks) - seen
         if missing:
             problems.append(f"{len(missing)} free block(s) on no free list, e.g. {min(missing)}")

@@ -13,11 +13,13 @@ the pause of rehashing everything: a put never waits for more than one split.
 Callers hold the store lock.
 """
 import errno
+from itertools import chain, repeat
 
 from ._shim import ffi, lib, raise_for
 from .errors import CorruptionError, LimitError
 from . import failpoints
-from .layout import BLOCK_ALLOC, BLOCK_FLAGS, SEGMENT_BYTES, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT
+from .layout import (BLOCK_ALIGN, BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, RECORD_HEADER, SEGMENT_BYTES,
+                     SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)
 
 
 def slot_word(key_hash: int, rec: int) -> int:
@@ -93,8 +95,8 @@ def blocks(store, view=None) -> list:
     w, end = store._words, store._alloc.end
 
     def block(payload_off, need):
-        b = payload_off - 8
-        if payload_off % 8 or b < 0 or payload_off + need > end:
+        b = payload_off - BLOCK_HEADER
+        if b < HEAP_START or (b - HEAP_START) % BLOCK_ALIGN or payload_off + need > end:
             raise CorruptionError(f"index block at {payload_off} lies outside the heap")
         head = w[b >> 3]
         size = head & ~BLOCK_FLAGS
@@ -110,6 +112,26 @@ def blocks(store, view=None) -> list:
             out.append(block(seg, SEGMENT_BYTES))
             prev = seg
     return out
+
+
+#: Fewest bytes a key takes in the heap: the smallest block that holds a record header.
+_LEAST_KEY_BYTES = (BLOCK_HEADER + RECORD_HEADER + BLOCK_ALIGN - 1) // BLOCK_ALIGN * BLOCK_ALIGN
+
+
+def plausible_count(count: int, file_size: int) -> int:
+    """count (the state's key count, a cache), if a file of file_size bytes can hold that many keys.
+
+    :raises CorruptionError: it cannot: the count is damaged (``recover()`` recounts).
+    """
+    if count > file_size // _LEAST_KEY_BYTES:
+        raise CorruptionError(f"the key count ({count}) is damaged: more keys than the file can hold; "
+                              "run recover() on the store (or 'mmkv check' on the file)")
+    return count
+
+
+def needs(view) -> list:
+    """Payload bytes of each block blocks() lists, in its order: the directory, then segments."""
+    return chain([8 << view.dir_bits], repeat(SEGMENT_BYTES))
 
 
 def entries(view):

@@ -555,7 +555,7 @@ class Store(MutableMapping):
         """Number of keys (O(1), read under the lock; inside a transaction, counting its writes)."""
         self._acquire()
         try:
-            n = self._words[_COUNT]
+            n = index.plausible_count(self._words[_COUNT], self._fm.size)
             if self._txn is not None:
                 for k, op in self._txn.writes.items():
                     exists = lib.mmkv_find(self._view, k, len(k)) == 0
@@ -736,7 +736,7 @@ class Store(MutableMapping):
             failpoints.hit(b"meta.before_sync")
         if durable:
             self._fm.sync(0, HEADER_SIZE)
-        self._words[_GEN] += 1
+        self._words[_GEN] = (self._words[_GEN] + 1) & ((1 << 64) - 1)    # a cache word: wraps, never raises
         self._set_meta(new, which)
 
     def __delitem__(self, key):
