@@ -23,7 +23,7 @@ why recovery rebuilds instead of trusting the lists.
 """
 import errno
 
-from ._shim import ffi, lib
+from ._shim import ffi, lib, raise_for
 from .errors import CorruptionError
 from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_NEXT, FREE_PREV, HEAP_START, MASK64,
                      NCLASSES, STATE_WORD)
@@ -83,14 +83,22 @@ class Allocator:
             return 0
         raise self._bad(f"allocating {payload} bytes failed ({errno.errorcode.get(rc, rc)})")
 
-    def free(self, b: int) -> None:
+    def free(self, b: int, payload: int | None = None) -> None:
         """Return the block at b to the free lists, merging free neighbours.
 
-        :raises CorruptionError: b is not an allocated block (double free, bad offset).
+        With payload (what the block was allocated for), a header claiming more room than
+        such a block can have is refused: freeing it would free the blocks after it.
+        :raises CorruptionError: b is not an allocated block (double free, bad offset, a
+            damaged size).
         """
-        rc = lib.mmkv_free(self.view, b)
+        rc = lib.mmkv_free(self.view, b) if payload is None else lib.mmkv_free_fitting(self.view, b, payload)
         if rc:
             raise self._bad(f"freeing block {b} failed ({errno.errorcode.get(rc, rc)}): double free or damage")
+
+    def most(self, b: int, payload: int) -> int:
+        """The largest size a block at b allocated for payload bytes can have (see free)."""
+        raise_for(lib.mmkv_alloc_bound(self.view, b, payload, self._out), "allocation bound")
+        return self._out[0]
 
     def block_size(self, b: int) -> int:
         if b < HEAP_START or b >= self.end or (b - HEAP_START) & 15:

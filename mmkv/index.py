@@ -19,7 +19,7 @@ from ._shim import ffi, lib, raise_for
 from .errors import CorruptionError, LimitError
 from . import failpoints
 from .layout import (BLOCK_ALIGN, BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, RECORD_HEADER, SEGMENT_BYTES,
-                     SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)
+                     SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)
 
 
 def slot_word(key_hash: int, rec: int) -> int:
@@ -145,6 +145,23 @@ def entries(view):
         raise_for(rc, "index scan")
         yield seg[0], found[0] % SEGMENT_SLOTS, word[0] & SLOT_OFF_MASK
         cursor = found[0] + 1
+
+
+def verified_records(view, words):
+    """Yield the record offset of every slot in use, each checked first: the record (its block,
+    lengths, checksum and key hash; ``view.hash``/``val_off``/``val_len`` describe it when yielded)
+    and the slot's tag, which must be its record's (a slot whose tag lookups cannot match is a
+    key no get or put finds: a put of that key would add a second one).
+
+    :raises CorruptionError: a slot points at a bad record or carries another tag (recover()
+        drops such slots).
+    """
+    for seg, slot, rec in entries(view):
+        raise_for(lib.mmkv_record_verify(view, rec), f"record at {rec}")
+        if words[((seg + SEGMENT_HEADER) >> 3) + slot] >> SLOT_OFF_BITS != (view.hash >> TAG_SHIFT) & 0xFFFF:
+            raise CorruptionError(f"index: segment {seg} slot {slot} does not carry its record's tag; "
+                                  "run recover() on the store")
+        yield rec
 
 
 def shape(store) -> dict:

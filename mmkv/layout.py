@@ -55,6 +55,7 @@ DIR_MAX_BITS = lib.MMKV_DIR_MAX_BITS
 REC_COUNTER = lib.MMKV_REC_COUNTER
 RECORD_HEADER = ffi.sizeof("struct mmkv_record")
 REC_KEY_LEN_AT = ffi.offsetof("struct mmkv_record", "key_len")
+REC_VAL_LEN_AT = ffi.offsetof("struct mmkv_record", "val_len")
 JOURNAL_MAGIC = lib.MMKV_JOURNAL_MAGIC
 JOURNAL_HEADER = ffi.sizeof("struct mmkv_journal")
 #: The state's ``dirty`` word holds this while the file is closed cleanly; anything else

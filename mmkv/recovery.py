@@ -19,7 +19,7 @@ from . import index, transaction
 from ._shim import lib
 from .errors import CorruptionError
 from .allocator import block_size_for
-from .layout import (BLOCK_FLAGS, HEAP_START, MASK64, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
+from .layout import (BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, MASK64, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
                      TAG_SHIFT, record_size)
 
 
@@ -82,6 +82,9 @@ def recover(store, reason: str) -> RecoveryResult:
     live, records, live_bytes = [], 0, 0
     for item in sorted(keep + structure, key=lambda it: (it[0], it[1])):
         b, s, where, n, _, least = item
+        if s > alloc.most(b, least - BLOCK_HEADER):   # more than its allocation had: its own is enough
+            item = (b, least, *item[2:])
+            result.resized += 1
         if live and live[-1][0] + live[-1][1] > b and live[-1][0] + live[-1][5] <= b:
             pb, ps, *rest = live.pop()
             live.append((pb, b - pb, *rest))

@@ -1138,6 +1138,36 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
     return 0;
 }
 
+/* The largest block an allocation of payload bytes at b can be: its size class rounding, pages
+   when the payload is page-aligned (the large-block path, whatever threshold was in force), an
+   unsplit remainder and a gap recovery added (each under MMKV_BLOCK_MIN). */
+static uint64_t most_for(const struct mmkv_view *v, uint64_t b, uint64_t payload)
+{
+    uint64_t size = (payload + 8 + 15) & ~(uint64_t)15, page = v->page_size;
+    if (size < MMKV_BLOCK_MIN)
+        size = MMKV_BLOCK_MIN;
+    if (page && !(page & (page - 1)) && !((b + 8) & (page - 1)))
+        size = (size + page - 1) & ~(page - 1);
+    return size + 2 * (MMKV_BLOCK_MIN - MMKV_BLOCK_ALIGN);
+}
+
+int mmkv_alloc_bound(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *most)
+{
+    if (payload > (1ULL << 48))
+        return EINVAL;
+    *most = most_for(v, b, payload);
+    return 0;
+}
+
+int mmkv_free_fitting(struct mmkv_view *v, uint64_t b, uint64_t payload)
+{
+    if (!heap_ok(v) || payload > (1ULL << 48))
+        return EINVAL;
+    if (!block_ok(v, b) || (*word(v, b) & SIZE_MASK) > most_for(v, b, payload))
+        return EBADMSG; /* a header claiming more than was allocated would free its neighbours */
+    return mmkv_free(v, b);
+}
+
 /* ---------------------------------------------------------------- fused writes */
 
 /* Take the lock and check the view is current; MMKV_ESTALE (unlocked) when it is not. */
