@@ -23,10 +23,10 @@ why recovery rebuilds instead of trusting the lists.
 """
 import errno
 
-from ._shim import ffi, lib
+from ._shim import ffi, lib, raise_for
 from .errors import CorruptionError
-from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, HEAP_START, NCLASSES,
-                     STATE_WORD)
+from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_NEXT, FREE_PREV, HEAP_START, MASK64,
+                     NCLASSES, STATE_WORD)
 
 _HEADS = STATE_WORD["free_heads"]
 _BITMAP = STATE_WORD["free_bitmap"]
@@ -83,14 +83,22 @@ class Allocator:
             return 0
         raise self._bad(f"allocating {payload} bytes failed ({errno.errorcode.get(rc, rc)})")
 
-    def free(self, b: int) -> None:
+    def free(self, b: int, payload: int | None = None) -> None:
         """Return the block at b to the free lists, merging free neighbours.
 
-        :raises CorruptionError: b is not an allocated block (double free, bad offset).
+        With payload (what the block was allocated for), a header claiming more room than
+        such a block can have is refused: freeing it would free the blocks after it.
+        :raises CorruptionError: b is not an allocated block (double free, bad offset, a
+            damaged size).
         """
-        rc = lib.mmkv_free(self.view, b)
+        rc = lib.mmkv_free(self.view, b) if payload is None else lib.mmkv_free_fitting(self.view, b, payload)
         if rc:
             raise self._bad(f"freeing block {b} failed ({errno.errorcode.get(rc, rc)}): double free or damage")
+
+    def most(self, b: int, payload: int) -> int:
+        """The largest size a block at b allocated for payload bytes can have (see free)."""
+        raise_for(lib.mmkv_alloc_bound(self.view, b, payload, self._out), "allocation bound")
+        return self._out[0]
 
     def block_size(self, b: int) -> int:
         if b < HEAP_START or b >= self.end or (b - HEAP_START) & 15:
@@ -110,7 +118,7 @@ class Allocator:
         while b and seen < 1 << 20:
             self.block_size(b)                      # bounds check of the link
             best = max(best, w[b >> 3] & _SIZE_MASK)
-            b, seen = w[(b + 8) >> 3], seen + 1
+            b, seen = w[(b + FREE_NEXT) >> 3], seen + 1
         return best
 
     # ------------------------------------------------------------ growth
@@ -124,7 +132,7 @@ class Allocator:
         prev_alloc = w[old >> 3] & BLOCK_PREV_ALLOC   # the old epilogue knows its predecessor
         w[new_end >> 3] = BLOCK_ALLOC | BLOCK_PREV_ALLOC
         w[old >> 3] = size | BLOCK_ALLOC | prev_alloc
-        w[_USED] += size
+        w[_USED] = (w[_USED] + size) & MASK64         # a cache: a damaged count must not raise
         self.end = new_end
         self.free(old)                                # merges with a free last block
 
@@ -166,6 +174,8 @@ class Allocator:
             pos = b + size
         if self.end - pos:
             if self.end - pos < BLOCK_MIN:
+                if not blocks:
+                    raise self._bad(f"a heap of {self.end - pos} bytes cannot hold a block")
                 lb, ls, lfree = blocks.pop()
                 blocks.append((lb, ls + self.end - pos, lfree))
             else:
@@ -229,9 +239,9 @@ class Allocator:
                 seen.add(b)
                 if size_class(free_blocks[b]) != c:
                     problems.append(f"free list {c}: block {b} of size {free_blocks[b]} is in the wrong class")
-                if w[(b + 16) >> 3] != prev:
+                if w[(b + FREE_PREV) >> 3] != prev:
                     problems.append(f"free list {c}: block {b} has a wrong back link")
-                prev, b = b, w[(b + 8) >> 3]
+                prev, b = b, w[(b + FREE_NEXT) >> 3]
         missing = set(free_blocks) - seen
         if missing:
             problems.append(f"{len(missing)} free block(s) on no free list, e.g. {min(missing)}")

@@ -13,11 +13,13 @@ the pause of rehashing everything: a put never waits for more than one split.
 Callers hold the store lock.
 """
 import errno
+from itertools import chain, repeat
 
 from ._shim import ffi, lib, raise_for
 from .errors import CorruptionError, LimitError
 from . import failpoints
-from .layout import BLOCK_ALLOC, BLOCK_FLAGS, SEGMENT_BYTES, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT
+from .layout import (BLOCK_ALIGN, BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, SEGMENT_BYTES,
+                     SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)
 
 
 def slot_word(key_hash: int, rec: int) -> int:
@@ -142,8 +144,8 @@ def blocks(store, view=None) -> list:
     w, end = store._words, store._alloc.end
 
     def block(payload_off, need):
-        b = payload_off - 8
-        if payload_off % 8 or b < 0 or payload_off + need > end:
+        b = payload_off - BLOCK_HEADER
+        if b < HEAP_START or (b - HEAP_START) % BLOCK_ALIGN or payload_off + need > end:
             raise CorruptionError(f"index block at {payload_off} lies outside the heap")
         head = w[b >> 3]
         size = head & ~BLOCK_FLAGS
@@ -161,6 +163,11 @@ def blocks(store, view=None) -> list:
     return out
 
 
+def needs(view) -> list:
+    """Payload bytes of each block blocks() lists, in its order: the directory, then segments."""
+    return chain([8 << view.dir_bits], repeat(SEGMENT_BYTES))
+
+
 def entries(view):
     """Yield (segment, slot, record offset) for every slot in use, each segment once."""
     found, seg, word = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
@@ -172,6 +179,23 @@ def entries(view):
         raise_for(rc, "index scan")
         yield seg[0], found[0] % SEGMENT_SLOTS, word[0] & SLOT_OFF_MASK
         cursor = found[0] + 1
+
+
+def verified_records(view, words):
+    """Yield the record offset of every slot in use, each checked first: the record (its block,
+    lengths, checksum and key hash; ``view.hash``/``val_off``/``val_len`` describe it when yielded)
+    and the slot's tag, which must be its record's (a slot whose tag lookups cannot match is a
+    key no get or put finds: a put of that key would add a second one).
+
+    :raises CorruptionError: a slot points at a bad record or carries another tag (recover()
+        drops such slots).
+    """
+    for seg, slot, rec in entries(view):
+        raise_for(lib.mmkv_record_verify(view, rec), f"record at {rec}")
+        if words[((seg + SEGMENT_HEADER) >> 3) + slot] >> SLOT_OFF_BITS != (view.hash >> TAG_SHIFT) & 0xFFFF:
+            raise CorruptionError(f"index: segment {seg} slot {slot} does not carry its record's tag; "
+                                  "run recover() on the store")
+        yield rec
 
 
 def shape(store) -> dict:

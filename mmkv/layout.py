@@ -32,6 +32,18 @@ BLOCK_MIN = lib.MMKV_BLOCK_MIN
 HEAP_START = HEADER_SIZE + 8
 #: The epilogue word sits in the last 8 bytes of the file.
 EPILOGUE_BYTES = 8
+#: Bytes of a block's header word (size | flags); the payload follows it, and a free block
+#: repeats its size in its last word (the footer).
+BLOCK_HEADER = 8
+FREE_NEXT = lib.MMKV_FREE_NEXT           #: free block: byte offset of the next link (0: end of list)
+FREE_PREV = lib.MMKV_FREE_PREV           #: free block: byte offset of the previous link (0: list head)
+#: Words of the file are unsigned 64-bit: arithmetic on a state word wraps with this mask
+#: (the state is a cache, so a damaged word must give a wrong count, never an exception).
+MASK64 = (1 << 64) - 1
+#: Page sizes a file may name: powers of two from the header page's size to this.
+MAX_PAGE_SIZE = 1 << 20
+#: Slot words hold 48-bit offsets, so no file can be larger than this.
+MAX_FILE_SIZE = 1 << 48
 
 SLOT_OFF_BITS = lib.MMKV_SLOT_OFF_BITS
 SLOT_OFF_MASK = lib.MMKV_SLOT_OFF_MASK
@@ -43,6 +55,7 @@ DIR_MAX_BITS = lib.MMKV_DIR_MAX_BITS
 REC_COUNTER = lib.MMKV_REC_COUNTER
 RECORD_HEADER = ffi.sizeof("struct mmkv_record")
 REC_KEY_LEN_AT = ffi.offsetof("struct mmkv_record", "key_len")
+REC_VAL_LEN_AT = ffi.offsetof("struct mmkv_record", "val_len")
 JOURNAL_MAGIC = lib.MMKV_JOURNAL_MAGIC
 JOURNAL_HEADER = ffi.sizeof("struct mmkv_journal")
 #: The state's ``dirty`` word holds this while the file is closed cleanly; anything else
@@ -115,13 +128,18 @@ def parse_identity(page: bytes, file_size: int) -> Identity:
         raise VersionError(f"file has format version {p.version}; this mmkv reads version {VERSION}")
     if p.checksum != siphash(0, 0, page[:_ID_SUM_AT]):
         raise ChecksumError("header checksum mismatch: the identity sector is damaged")
-    return Identity(p.page_size, p.seed0, p.seed1, p.created_ns)
+    page_size = p.page_size
+    if not HEADER_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise CorruptionError(f"header names a page size of {page_size} bytes (a power of two from "
+                              f"{HEADER_SIZE} to {MAX_PAGE_SIZE} expected): the identity sector is damaged")
+    return Identity(page_size, p.seed0, p.seed1, p.created_ns)
 
 
 def build_meta(meta: Meta, ident: Identity) -> bytes:
     p = ffi.new("struct mmkv_meta *")
-    p.seq, p.file_size, p.dir_off, p.dir_bits = meta.seq, meta.file_size, meta.dir_off, meta.dir_bits
-    p.journal_off, p.journal_txn = meta.journal_off, meta.journal_txn
+    # seq and journal_txn count meta writes modulo 2^64 (see parse_meta): seq + 1 never overflows
+    p.seq, p.file_size, p.dir_off, p.dir_bits = meta.seq & MASK64, meta.file_size, meta.dir_off, meta.dir_bits
+    p.journal_off, p.journal_txn = meta.journal_off, meta.journal_txn & MASK64
     raw = ffi.buffer(p)
     p.checksum = siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT])
     return bytes(raw)
@@ -136,7 +154,11 @@ def _meta_copy(page, at: int, ident: Identity):
 
 
 def parse_meta(page, ident: Identity, real_size: int) -> tuple:
-    """The meta copy in force and its slot (0 or 1): the valid copy with the higher seq.
+    """The meta copy in force and its slot (0 or 1): the valid copy that is ahead.
+
+    A write goes to the copy not in force with seq + 1 modulo 2^64, so of two valid copies
+    the one ahead is the one whose seq is 1 to 2^63 - 1 steps after the other's, counting
+    modulo 2^64 (serial-number order): 0 follows 2^64 - 1, and no seq value is invalid.
 
     :raises ChecksumError: neither copy verifies.
     :raises TruncatedError: the file is shorter than the meta says.
@@ -145,21 +167,40 @@ def parse_meta(page, ident: Identity, real_size: int) -> tuple:
     copies = [(m, i) for i in (0, 1) if (m := _meta_copy(page, OFF_META[i], ident)) is not None]
     if not copies:
         raise ChecksumError("both meta copies fail their checksum: the header is damaged")
-    meta, which = max(copies, key=lambda c: c[0].seq)
+    meta, which = copies[0]
+    if len(copies) == 2:
+        ahead = (copies[1][0].seq - copies[0][0].seq) & MASK64
+        if 0 < ahead < 1 << 63 or (ahead == 1 << 63 and copies[1][0].seq > copies[0][0].seq):
+            meta, which = copies[1]
     validate_meta(meta, ident, real_size)
     return meta, which
 
 
+def _payload_ok(off: int, length: int, file_size: int) -> bool:
+    """[off, off + length) is 8-aligned, lies in the heap and leaves room for a block header."""
+    return off % 8 == 0 and off >= HEAP_START + BLOCK_HEADER and off + length <= file_size - EPILOGUE_BYTES
+
+
 def validate_meta(meta: Meta, ident: Identity, real_size: int) -> None:
+    """Check every root the meta copy names against the file (see parse_meta for what it raises)."""
     if meta.file_size > real_size:
         raise TruncatedError(f"file is {real_size} bytes but its header says {meta.file_size}: it was cut short")
-    if meta.file_size < HEADER_SIZE + ident.page_size or meta.file_size % ident.page_size:
+    if meta.file_size < HEADER_SIZE + ident.page_size or meta.file_size % ident.page_size \
+            or meta.file_size > MAX_FILE_SIZE:
         raise CorruptionError(f"header file size {meta.file_size} is not a page multiple past the header")
-    if meta.dir_bits > DIR_MAX_BITS or meta.dir_off % 8 or meta.dir_off < HEAP_START + 8 \
-            or meta.dir_off + (8 << meta.dir_bits) > meta.file_size - EPILOGUE_BYTES:
+    if meta.dir_bits > DIR_MAX_BITS or not _payload_ok(meta.dir_off, 8 << meta.dir_bits, meta.file_size):
         raise CorruptionError(f"index root out of bounds: directory at {meta.dir_off}, {meta.dir_bits} bits")
-    if meta.journal_off and not (HEAP_START < meta.journal_off < meta.file_size):
+    if meta.journal_off and not _payload_ok(meta.journal_off, JOURNAL_HEADER, meta.file_size):
         raise CorruptionError(f"journal root out of bounds: offset {meta.journal_off}")
+
+
+def struct_fields(name: str) -> list:
+    """[(field, byte offset, byte size)] of ``struct name`` as the shim lays it out.
+
+    For tools that address single fields of the file (the damage fuzzer); the engine
+    itself reads structs through cffi.
+    """
+    return [(field, f.offset, ffi.sizeof(f.type)) for field, f in ffi.typeof(f"struct {name}").fields]
 
 
 def layout_table() -> dict:

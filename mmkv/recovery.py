@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from . import index, transaction
 from ._shim import lib
 from .errors import CorruptionError
-from .layout import BLOCK_FLAGS, HEAP_START, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD, TAG_SHIFT
+from .allocator import block_size_for
+from .layout import (BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, MASK64, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
+                     TAG_SHIFT, record_size)
 
 
 @dataclass
@@ -28,14 +30,16 @@ class RecoveryResult:
     dropped: int = 0            # slots whose record failed verification
     duplicates: int = 0         # slots pointing at a record (or key) already seen
     overlaps: int = 0           # records whose block overlaps another live block
+    resized: int = 0            # live blocks whose header claimed more room than they had (trimmed)
     index_rebuilt: bool = False
     leaked_bytes: int = 0       # allocated bytes no live structure referenced, now free
     journal: str = ""           # a committed transaction: "replayed", or "dropped" (unreadable journal)
 
 
 def live_records(store, result=None):
-    """([(block, size, (segment, slot), key_len + val_len, slot word)], [(segment, slot) to drop])
-    for every slot whose record verifies; duplicates (same record or same key twice) are dropped."""
+    """([(block, size, (segment, slot), key_len + val_len, slot word, least block size)],
+    [(segment, slot) to drop]) for every slot whose record verifies; duplicates (same record or
+    same key twice) are dropped."""
     v, w, end = store._view, store._words, store._alloc.end
     keep, drop, by_rec, by_hash = [], [], set(), {}
     for seg, slot, rec in index.entries(v):
@@ -58,8 +62,9 @@ def live_records(store, result=None):
             continue
         by_rec.add(rec)
         same.append(rec)
-        n = (w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF) + v.val_len
-        keep.append((b, w[b >> 3] & ~BLOCK_FLAGS, (seg, slot), n, index.slot_word(v.hash, rec)))
+        klen = w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
+        keep.append((b, w[b >> 3] & ~BLOCK_FLAGS, (seg, slot), klen + v.val_len, index.slot_word(v.hash, rec),
+                     block_size_for(record_size(klen, v.val_len))))
     return keep, drop
 
 
@@ -69,35 +74,44 @@ def recover(store, reason: str) -> RecoveryResult:
     v, alloc = store._view, store._alloc
     result.journal = transaction.finish_committed(store)     # 0. a committed transaction is finished
     keep, drop = live_records(store, result)
-    # overlaps: sort every live block by offset; a record overlapping its predecessor goes
-    structure = [(b, s, None, 0, 0) for b, s in index.blocks(store)]
-    live, records, live_bytes, prev_end = [], 0, 0, HEAP_START
-    for item in sorted(keep + structure):
-        b, s, where, n, _ = item
-        if b < prev_end:
+    # overlaps: sort every live block by offset.  A block whose header claims more room than
+    # lies before the next live block, but whose contents fit there, is trimmed (a damaged
+    # size must not cost its neighbour); what still overlaps its predecessor goes.
+    structure = [(b, s, None, 0, 0, block_size_for(need))
+                 for (b, s), need in zip(index.blocks(store), index.needs(v))]
+    live, records, live_bytes = [], 0, 0
+    for item in sorted(keep + structure, key=lambda it: (it[0], it[1])):
+        b, s, where, n, _, least = item
+        if s > alloc.most(b, least - BLOCK_HEADER):   # more than its allocation had: its own is enough
+            item = (b, least, *item[2:])
+            result.resized += 1
+        if live and live[-1][0] + live[-1][1] > b and live[-1][0] + live[-1][5] <= b:
+            pb, ps, *rest = live.pop()
+            live.append((pb, b - pb, *rest))
+            result.resized += 1
+        if live and live[-1][0] + live[-1][1] > b:
             result.overlaps += 1
             if where is not None:
                 drop.append(where)
                 continue
             while live and live[-1][0] + live[-1][1] > b:   # index block over records: the records go
-                pb, ps, pwhere, pn, _ = live.pop()
+                pb, ps, pwhere, pn, *_ = live.pop()
                 if pwhere is None:
                     raise CorruptionError(f"recovery: index blocks overlap at {b}; the index is lost")
                 drop.append(pwhere)
                 records -= 1
                 live_bytes -= pn
         live.append(item)
-        prev_end = b + s
         if where is not None:
             records += 1
             live_bytes += n
     for seg, slot in drop:
         lib.mmkv_slot_set(v, seg, slot, 0)
     used_before = store._words[STATE_WORD["used_bytes"]]
-    alloc.rebuild([(b, s) for b, s, _, _, _ in live])
+    alloc.rebuild([(b, s) for b, s, *_ in live])
     result.leaked_bytes = max(0, used_before - store._words[STATE_WORD["used_bytes"]])
     if drop or index.audit(v) is not None:
-        index.rebuild(store, [word for _, _, where, _, word in live if where is not None])
+        index.rebuild(store, [word for _, _, where, _, word, _ in live if where is not None])
         result.index_rebuilt = True
         fault = index.audit(v)
         if fault is not None:
@@ -105,10 +119,10 @@ def recover(store, reason: str) -> RecoveryResult:
     w = store._words
     w[STATE_WORD["count"]] = records
     w[STATE_WORD["live_bytes"]] = live_bytes
-    w[STATE_WORD["recoveries"]] += 1
+    w[STATE_WORD["recoveries"]] = (w[STATE_WORD["recoveries"]] + 1) & MASK64
     # every other handle reloads the meta before its next locked step: a holder may have died
     # between writing a new meta (a growth, say) and bumping the generation that announces it
-    w[STATE_WORD["generation"]] = (w[STATE_WORD["generation"]] + 1) & ((1 << 64) - 1)
+    w[STATE_WORD["generation"]] = (w[STATE_WORD["generation"]] + 1) & MASK64
     result.records = records
     store._last_recovery = result
     return result

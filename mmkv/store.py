@@ -22,7 +22,7 @@ from ._shim import ESTALE, ffi, lib, raise_for
 from .allocator import Allocator
 from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
-from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
+from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
                      REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
@@ -37,8 +37,7 @@ _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-_U64 = (1 << 64) - 1
-_EVEN_U64 = _U64 - 1
+_EVEN_U64 = MASK64 - 1
 #: Pairs per call of the shim's batch put in update().
 _BATCH = 4096
 #: Errors a write raises before it changes anything (so no repair is needed).
@@ -827,7 +826,7 @@ class Store(MutableMapping):
             failpoints.hit(b"meta.before_sync")
         if durable:
             self._fm.sync(0, HEADER_SIZE)
-        self._words[_GEN] = (self._words[_GEN] + 1) & _U64   # any change will do: wrap at 2^64
+        self._words[_GEN] = (self._words[_GEN] + 1) & MASK64   # any change will do: wrap at 2^64
         self._set_meta(new, which)
 
     def __delitem__(self, key):

@@ -963,7 +963,18 @@ def main(argv=None) -> int:
     w.add_argument("--images", type=int, default=10_000)
     w.add_argument("--sync", choices=("none", "full"), default="full")
     w.add_argument("--seed", type=int, default=1)
+    f = sub.add_parser("fuzz", help="damage real stores (random and aimed at every field); run each case "
+                                    "in a child with a timeout; count outcomes")
+    f.add_argument("folder")
+    f.add_argument("--cases", type=int, default=10_000)
+    f.add_argument("--seed", type=int, default=1)
+    f.add_argument("--timeout", type=float, default=10.0, help="seconds per case before it counts as a hang")
+    f.add_argument("--first", type=int, default=0, help="number of the first case (to continue a run)")
+    f.add_argument("--case", type=int, default=None, help="replay this one case and print its details")
     args = p.parse_args(argv)
+    if args.mode == "fuzz":
+        from . import fuzz
+        return fuzz.main(args)
     if args.mode == "kill":
         summary = run_kills(args.path, args.kills, args.sync, args.seed, log=print, bystanders=args.bystanders,
                             kinds=_choices(p, args.bystander_kinds, BYSTANDER_KINDS),

@@ -27,11 +27,10 @@ import errno
 from . import failpoints, index
 from ._shim import ffi, lib, raise_for
 from .errors import DiskFullError
-from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, REC_KEY_LEN_AT, RECORD_HEADER, STATE_WORD, pad8, siphash
+from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, REC_KEY_LEN_AT, RECORD_HEADER, STATE_WORD, pad8, siphash
 from .index import slot_word
 
 _DELETE = None          # the buffered value of a deleted key
-_U64 = (1 << 64) - 1
 
 
 class Transaction:
@@ -116,7 +115,7 @@ def commit(store, txn: Transaction) -> None:
         mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + len(body)] = body
         if failpoints.armed:
             failpoints.hit(b"txn.mid_journal")
-        txn_id = store._meta.seq + 1
+        txn_id = (store._meta.seq + 1) & MASK64     # the meta write that names it; seq wraps
         header = ffi.new("struct mmkv_journal *")
         header.magic, header.txn, header.count, header.checksum = JOURNAL_MAGIC, txn_id, len(entries), \
             _journal_sum(store, body)
@@ -143,7 +142,7 @@ def commit(store, txn: Transaction) -> None:
     keys = sum((1 if new else 0) - (1 if old else 0) for new, old in entries)
     live = sum(new_len - old_len for new_len, old_len in lengths)
     for word, delta in ((STATE_WORD["count"], keys), (STATE_WORD["live_bytes"], live)):
-        w[word] = (w[word] + delta) & _U64      # counters are a cache (recovery recounts): wrap, never raise
+        w[word] = (w[word] + delta) & MASK64      # counters are a cache (recovery recounts): wrap, never raise
 
 
 def _apply_alone(store, txn: Transaction) -> None:

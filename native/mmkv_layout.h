@@ -37,6 +37,8 @@
 #define MMKV_BLOCK_MIN 32                  /* header + two links + footer */
 #define MMKV_EXACT_CLASSES 31              /* classes 0..30 hold blocks of exactly 32, 48, ..., 512 bytes */
 #define MMKV_EXACT_MAX 512                 /* classes from 31 on hold one power of two each: (2^(c-22), 2^(c-21)] */
+#define MMKV_FREE_NEXT 8                   /* free block: byte offset of the next link (0: end of list) */
+#define MMKV_FREE_PREV 16                  /* free block: byte offset of the previous link (0: list head) */
 
 /*
  * The index: extendible hashing.  A directory of 2^dir_bits segment offsets;

@@ -880,9 +880,24 @@ int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv
  * The free-list allocator's hot paths (mmkv/allocator.py documents the design
  * and keeps the rare paths: formatting, growth, rebuild and audit).  Every
  * offset and size read from the file is checked; a bad one gives EBADMSG and
- * the Python side runs recovery.
+ * the Python side runs recovery, which rebuilds the lists from the index.
+ *
+ * The lists are followed, never trusted.  Before a listed block is handed out
+ * or written through, it must be a member of its list (member_ok): a block in
+ * the heap, free, of a size that fits the heap and belongs to the list's
+ * class, with a footer equal to that size, followed by a block in use (free
+ * neighbours are always merged) whose PREV_ALLOC bit is clear; and its back
+ * link must name the block it was reached from (0 for a head).  So a damaged
+ * link into a live record, into the header page or into another list is found
+ * before anything is written, and so is a cycle: a block reached a second time
+ * has a back link that disagrees.  Every walk is also bounded by the number of
+ * blocks the heap can hold.  Checks come before changes where one call makes
+ * several, so that a detected error mostly leaves the heap as it was; where it
+ * cannot (a second unlink), recovery rebuilds the lists anyway.
  */
 #define SIZE_MASK (~(uint64_t)MMKV_BLOCK_FLAGS)
+#define NEXT(b) ((b) + MMKV_FREE_NEXT)
+#define PREV(b) ((b) + MMKV_FREE_PREV)
 
 static uint64_t *word(const struct mmkv_view *v, uint64_t off) { return (uint64_t *)(v->base + off); }
 
@@ -918,45 +933,98 @@ static int size_ok(const struct mmkv_view *v, uint64_t b, uint64_t size)
     return size >= MMKV_BLOCK_MIN && !(size & 15) && size <= v->heap_end - b;
 }
 
-static int push_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size)
+/* More steps than any walk of the free lists can take: every block holds MMKV_BLOCK_MIN bytes. */
+static uint64_t walk_limit(const struct mmkv_view *v)
 {
-    unsigned c = size_class(size);
-    uint64_t head = st->free_heads[c];
-    if (head && !block_ok(v, head))
-        return EBADMSG;
-    *word(v, b + 8) = head;
-    *word(v, b + 16) = 0;
-    if (head)
-        *word(v, head + 16) = b;
-    st->free_heads[c] = b;
-    st->free_bitmap |= 1ULL << c;
-    return 0;
+    return (v->heap_end - MMKV_HEAP_START) / MMKV_BLOCK_MIN + 1;
 }
 
+/* b may be on free list c (see above); its size goes to *size. */
+static int member_ok(const struct mmkv_view *v, uint64_t b, unsigned c, uint64_t *size)
+{
+    if (!block_ok(v, b))
+        return 0;
+    uint64_t head = *word(v, b), s = head & SIZE_MASK;
+    if (head & MMKV_BLOCK_ALLOC || !size_ok(v, b, s) || size_class(s) != c || *word(v, b + s - 8) != s)
+        return 0;
+    if ((*word(v, b + s) & (MMKV_BLOCK_ALLOC | MMKV_BLOCK_PREV_ALLOC)) != MMKV_BLOCK_ALLOC)
+        return 0;
+    *size = s;
+    return 1;
+}
+
+/* The head of list c, checked (0 for an empty list, whose bitmap bit is then cleared). */
+static int list_head(const struct mmkv_view *v, struct mmkv_state *st, unsigned c, uint64_t *b, uint64_t *size)
+{
+    *b = st->free_heads[c];
+    if (!*b) {
+        st->free_bitmap &= ~(1ULL << c); /* the bitmap is a cache of "non-empty": a stale bit is dropped */
+        return 0;
+    }
+    return member_ok(v, *b, c, size) && *word(v, PREV(*b)) == 0 ? 0 : EBADMSG;
+}
+
+/* The first block of at least `want` bytes among the first `limit` members of list c, or 0. */
+static int first_fit(const struct mmkv_view *v, struct mmkv_state *st, unsigned c, uint64_t want, uint64_t limit,
+                     uint64_t *found, uint64_t *found_size)
+{
+    uint64_t b, s, prev = 0, max = walk_limit(v);
+    int rc = list_head(v, st, c, &b, &s);
+    *found = 0;
+    for (uint64_t steps = 0; !rc && b && steps < limit; steps++) {
+        if (steps >= max)
+            return EBADMSG; /* more members than blocks: a cycle */
+        if (steps && (!member_ok(v, b, c, &s) || *word(v, PREV(b)) != prev))
+            return EBADMSG;
+        if (s >= want) {
+            *found = b;
+            *found_size = s;
+            return 0;
+        }
+        prev = b;
+        b = *word(v, NEXT(b));
+    }
+    return rc;
+}
+
+/* Take the member b (size bytes) off its list, after checking it and both its neighbours. */
 static int unlink_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size)
 {
     unsigned c = size_class(size);
-    uint64_t nxt = *word(v, b + 8), prv = *word(v, b + 16);
-    if ((nxt && !block_ok(v, nxt)) || (prv && !block_ok(v, prv)))
+    uint64_t s, nxt = *word(v, NEXT(b)), prv = *word(v, PREV(b));
+    if (!member_ok(v, b, c, &s) || s != size)
+        return EBADMSG;
+    if (nxt && (nxt == b || !member_ok(v, nxt, c, &s) || *word(v, PREV(nxt)) != b))
+        return EBADMSG;
+    if (prv ? prv == b || !member_ok(v, prv, c, &s) || *word(v, NEXT(prv)) != b : st->free_heads[c] != b)
         return EBADMSG;
     if (prv)
-        *word(v, prv + 8) = nxt;
-    else if (st->free_heads[c] == b)
-        st->free_heads[c] = nxt;
+        *word(v, NEXT(prv)) = nxt;
     else
-        return EBADMSG;
+        st->free_heads[c] = nxt;
     if (nxt)
-        *word(v, nxt + 16) = prv;
+        *word(v, PREV(nxt)) = prv;
     if (!st->free_heads[c])
         st->free_bitmap &= ~(1ULL << c);
     return 0;
 }
 
+/* Make [b, b + size) one free block at the head of its list (its neighbours are in use). */
 static int make_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size, uint64_t prev_alloc)
 {
+    unsigned c = size_class(size);
+    uint64_t head = st->free_heads[c], hs;
+    if (head && (!member_ok(v, head, c, &hs) || *word(v, PREV(head)) || (head < b + size && b < head + hs)))
+        return EBADMSG;
     *word(v, b) = size | prev_alloc;
     *word(v, b + size - 8) = size;
-    return push_free(v, st, b, size);
+    *word(v, NEXT(b)) = head;
+    *word(v, PREV(b)) = 0;
+    if (head)
+        *word(v, PREV(head)) = b;
+    st->free_heads[c] = b;
+    st->free_bitmap |= 1ULL << c;
+    return 0;
 }
 
 /* Mark [b, b + size) in use out of the unlinked free block [b, b + bsize). */
@@ -964,45 +1032,34 @@ static int carve(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, u
                  uint64_t prev_alloc)
 {
     int rc = 0;
-    if (bsize - size >= MMKV_BLOCK_MIN) {
-        *word(v, b) = size | MMKV_BLOCK_ALLOC | prev_alloc;
-        rc = make_free(v, st, b + size, bsize - size, MMKV_BLOCK_PREV_ALLOC);
-    } else {
+    if (bsize - size < MMKV_BLOCK_MIN) {
         size = bsize;
-        *word(v, b) = size | MMKV_BLOCK_ALLOC | prev_alloc;
         *word(v, b + size) |= MMKV_BLOCK_PREV_ALLOC;
     }
+    /* b's header first: a lead block carved off before b (take_aligned) may head the list the
+       rest goes to, and as a member it must be followed by a block in use */
+    *word(v, b) = size | MMKV_BLOCK_ALLOC | prev_alloc;
+    if (size < bsize)
+        rc = make_free(v, st, b + size, bsize - size, MMKV_BLOCK_PREV_ALLOC);
     st->used_bytes += size;
     st->free_bytes -= size;
     return rc;
 }
 
-/* A free block from a list, checked. */
-static int free_block_at(const struct mmkv_view *v, uint64_t b, uint64_t *head, uint64_t *bsize)
+/* Carve a page-aligned block of size bytes out of the checked member b (bsize bytes) if it
+   fits: 0, or ENOSPC (nothing changed). */
+static int take_aligned(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t bsize, uint64_t size,
+                        uint64_t *out)
 {
-    if (!block_ok(v, b))
-        return EBADMSG;
-    *head = *word(v, b);
-    *bsize = *head & SIZE_MASK;
-    if (*head & MMKV_BLOCK_ALLOC || !size_ok(v, b, *bsize))
-        return EBADMSG;
-    return 0;
-}
-
-/* Carve a page-aligned block of size bytes out of free block b if it fits: 0, or ENOSPC. */
-static int take_aligned(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size, uint64_t *out)
-{
-    uint64_t page = v->page_size, head, bsize;
-    int rc = free_block_at(v, b, &head, &bsize);
-    if (rc)
-        return rc;
+    uint64_t page = v->page_size;
     uint64_t start = ((b + 8 + page - 1) & ~(page - 1)) - 8; /* payload on a page boundary */
     if (start > b && start - b < MMKV_BLOCK_MIN)
         start += page;
     if (start - b > bsize || size > bsize - (start - b))
         return ENOSPC;
-    uint64_t lead = start - b, prev_alloc = head & MMKV_BLOCK_PREV_ALLOC;
-    if ((rc = unlink_free(v, st, b, bsize)))
+    uint64_t lead = start - b, prev_alloc = *word(v, b) & MMKV_BLOCK_PREV_ALLOC;
+    int rc = unlink_free(v, st, b, bsize);
+    if (rc)
         return rc;
     if (lead) {
         if ((rc = make_free(v, st, b, lead, prev_alloc)))
@@ -1015,33 +1072,45 @@ static int take_aligned(const struct mmkv_view *v, struct mmkv_state *st, uint64
 
 static int alloc_large(const struct mmkv_view *v, struct mmkv_state *st, uint64_t size, uint64_t *out)
 {
-    uint64_t page = v->page_size;
+    uint64_t page = v->page_size, b, s;
     if (!page || (page & (page - 1)) || page % 16)
         return EINVAL;
     size = (size + page - 1) & ~(page - 1);
     /* any block of a class above that of size + page + MIN fits whatever its alignment: O(1) */
     unsigned sure = size_class(size + page + MMKV_BLOCK_MIN) + 1, c;
-    for (c = sure; c < MMKV_NCLASSES; c++)
-        if (st->free_bitmap >> c & 1)
-            return take_aligned(v, st, st->free_heads[c], size, out);
+    for (c = sure; c < MMKV_NCLASSES; c++) {
+        if (!(st->free_bitmap >> c & 1))
+            continue;
+        int rc = list_head(v, st, c, &b, &s);
+        if (rc || (b && (rc = take_aligned(v, st, b, s, size, out)) != ENOSPC))
+            return rc;
+    }
     /* below that, first fit over a bounded number of blocks, then (before the caller grows
        the file: rare) over all of them, so that free space that fits is never passed over */
-    for (uint64_t limit = 4 * v->fit_scan; limit; limit = limit == UINT64_MAX ? 0 : UINT64_MAX) {
+    uint64_t limits[2] = {4 * v->fit_scan, walk_limit(v)};
+    for (int pass = 0; pass < 2; pass++) {
         uint64_t scanned = 0;
         for (c = size_class(size); c < sure && c < MMKV_NCLASSES; c++) {
             if (!(st->free_bitmap >> c & 1))
                 continue;
-            for (uint64_t b = st->free_heads[c]; b && scanned < limit; scanned++) {
-                int rc = take_aligned(v, st, b, size, out);
-                if (rc != ENOSPC)
+            uint64_t prev = 0;
+            int rc = list_head(v, st, c, &b, &s);
+            for (; !rc && b && scanned < limits[pass]; scanned++) {
+                if (prev && (!member_ok(v, b, c, &s) || *word(v, PREV(b)) != prev))
+                    return EBADMSG;
+                if ((rc = take_aligned(v, st, b, s, size, out)) != ENOSPC)
                     return rc;
-                b = *word(v, b + 8);
+                rc = 0;
+                prev = b;
+                b = *word(v, NEXT(b));
             }
+            if (rc)
+                return rc;
         }
-        if (scanned < limit)
-            break; /* the bounded pass saw every block already */
+        if (scanned < limits[pass])
+            return ENOSPC; /* this pass saw every block */
     }
-    return ENOSPC;
+    return EBADMSG; /* more listed blocks than the heap holds: a cycle */
 }
 
 int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out)
@@ -1049,52 +1118,37 @@ int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out)
     if (!heap_ok(v) || payload > (1ULL << 48))
         return EINVAL;
     struct mmkv_state *st = state_of(v);
-    uint64_t size = (payload + 8 + 15) & ~(uint64_t)15, head, bsize, b = 0;
+    uint64_t size = (payload + 8 + 15) & ~(uint64_t)15, b = 0, bsize = 0;
     if (size < MMKV_BLOCK_MIN)
         size = MMKV_BLOCK_MIN;
     if (size >= v->large_block)
         return alloc_large(v, st, size, out);
     unsigned c = size_class(size);
-    uint64_t bitmap = st->free_bitmap;
-    if (bitmap >> c & 1) {
-        b = st->free_heads[c];
-        if (c >= MMKV_EXACT_CLASSES) { /* a range class: first fit within the list */
-            for (uint64_t scanned = 0; b && scanned < v->fit_scan; scanned++) {
-                if (!block_ok(v, b))
-                    return EBADMSG;
-                if ((*word(v, b) & SIZE_MASK) >= size)
-                    break;
-                b = *word(v, b + 8);
-            }
-            if (b && (!block_ok(v, b) || (*word(v, b) & SIZE_MASK) < size))
-                b = 0;
-        }
+    int rc = 0;
+    /* an exact class: its head fits; a range class: first fit among its first fit_scan blocks */
+    if (st->free_bitmap >> c & 1)
+        rc = first_fit(v, st, c, size, c < MMKV_EXACT_CLASSES ? 1 : v->fit_scan, &b, &bsize);
+    /* else the head of the next non-empty class up */
+    uint64_t higher = c + 1 < MMKV_NCLASSES ? st->free_bitmap >> (c + 1) << (c + 1) : 0;
+    while (!rc && !b && higher) {
+        unsigned h = (unsigned)__builtin_ctzll(higher);
+        higher &= higher - 1;
+        rc = list_head(v, st, h, &b, &bsize);
     }
-    if (!b) {
-        uint64_t higher = c + 1 < MMKV_NCLASSES ? bitmap >> (c + 1) : 0;
-        if (higher) {
-            c += 1 + (unsigned)__builtin_ctzll(higher);
-            b = st->free_heads[c];
-        } else if (c >= MMKV_EXACT_CLASSES && bitmap >> c & 1) {
-            /* nothing larger: before the caller grows the file (rare), fit anywhere in the list */
-            for (b = st->free_heads[c]; b; b = *word(v, b + 8)) {
-                if (!block_ok(v, b))
-                    return EBADMSG;
-                if ((*word(v, b) & SIZE_MASK) >= size)
-                    break;
-            }
-        }
-        if (!b)
-            return ENOSPC;
-    }
-    int rc = free_block_at(v, b, &head, &bsize);
-    if (rc || bsize < size)
+    /* nothing larger: before the caller grows the file (rare), fit anywhere in the list */
+    if (!rc && !b && c >= MMKV_EXACT_CLASSES && st->free_bitmap >> c & 1)
+        rc = first_fit(v, st, c, size, UINT64_MAX, &b, &bsize);
+    if (rc)
+        return rc;
+    if (!b)
+        return ENOSPC;
+    if (bsize < size)
         return EBADMSG;
     if ((rc = unlink_free(v, st, b, bsize)))
         return rc;
     FAILPOINT("alloc.mid");                  /* unlinked, not yet marked in use */
     *out = b;
-    return carve(v, st, b, bsize, size, head & MMKV_BLOCK_PREV_ALLOC);
+    return carve(v, st, b, bsize, size, *word(v, b) & MMKV_BLOCK_PREV_ALLOC);
 }
 
 int mmkv_free(struct mmkv_view *v, uint64_t b)
@@ -1107,21 +1161,25 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
     uint64_t head = *word(v, b), size = head & SIZE_MASK;
     if (!(head & MMKV_BLOCK_ALLOC) || !size_ok(v, b, size))
         return EBADMSG; /* a double free or a damaged header */
-    /* check both neighbours before changing anything, so a detected error leaves the heap as it was */
+    /* check both neighbours before changing anything, so a detected error leaves the heap as it
+       was: the block after b knows b is in use, and is a plausible block or a list member */
     uint64_t nxt = b + size, nhead = *word(v, nxt), nsize = 0;
+    if (!(nhead & MMKV_BLOCK_PREV_ALLOC))
+        return EBADMSG;
     if (!(nhead & MMKV_BLOCK_ALLOC)) {
-        nsize = nhead & SIZE_MASK;
-        if (!size_ok(v, nxt, nsize))
+        if (!member_ok(v, nxt, size_class(nhead & SIZE_MASK), &nsize))
             return EBADMSG;
+    } else if (nxt != v->heap_end && !size_ok(v, nxt, nhead & SIZE_MASK)) {
+        return EBADMSG;
     }
-    uint64_t prev_alloc = head & MMKV_BLOCK_PREV_ALLOC, p = 0, psize = 0, phead = 0;
+    uint64_t prev_alloc = head & MMKV_BLOCK_PREV_ALLOC, p = 0, psize = 0;
     if (!prev_alloc) {
         psize = *word(v, b - 8);
-        if (psize > b - MMKV_HEAP_START || !block_ok(v, b - psize))
+        if (psize > b - MMKV_HEAP_START || psize < MMKV_BLOCK_MIN || psize & 15)
             return EBADMSG;
         p = b - psize;
-        phead = *word(v, p);
-        if (phead & MMKV_BLOCK_ALLOC || (phead & SIZE_MASK) != psize)
+        uint64_t s;
+        if (!member_ok(v, p, size_class(psize), &s) || s != psize)
             return EBADMSG;
     }
     int rc;
@@ -1133,11 +1191,11 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
         FAILPOINT("free.mid");               /* a neighbour unlinked, the block not yet listed */
     }
     if (!prev_alloc) {
+        prev_alloc = *word(v, p) & MMKV_BLOCK_PREV_ALLOC;
         if ((rc = unlink_free(v, st, p, psize)))
             return rc;
         b = p;
         size += psize;
-        prev_alloc = phead & MMKV_BLOCK_PREV_ALLOC;
     }
     if ((rc = make_free(v, st, b, size, prev_alloc)))
         return rc;
@@ -1145,6 +1203,36 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
     st->used_bytes -= freed;
     st->free_bytes += freed;
     return 0;
+}
+
+/* The largest block an allocation of payload bytes at b can be: its size class rounding, pages
+   when the payload is page-aligned (the large-block path, whatever threshold was in force), an
+   unsplit remainder and a gap recovery added (each under MMKV_BLOCK_MIN). */
+static uint64_t most_for(const struct mmkv_view *v, uint64_t b, uint64_t payload)
+{
+    uint64_t size = (payload + 8 + 15) & ~(uint64_t)15, page = v->page_size;
+    if (size < MMKV_BLOCK_MIN)
+        size = MMKV_BLOCK_MIN;
+    if (page && !(page & (page - 1)) && !((b + 8) & (page - 1)))
+        size = (size + page - 1) & ~(page - 1);
+    return size + 2 * (MMKV_BLOCK_MIN - MMKV_BLOCK_ALIGN);
+}
+
+int mmkv_alloc_bound(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *most)
+{
+    if (payload > (1ULL << 48))
+        return EINVAL;
+    *most = most_for(v, b, payload);
+    return 0;
+}
+
+int mmkv_free_fitting(struct mmkv_view *v, uint64_t b, uint64_t payload)
+{
+    if (!heap_ok(v) || payload > (1ULL << 48))
+        return EINVAL;
+    if (!block_ok(v, b) || (*word(v, b) & SIZE_MASK) > most_for(v, b, payload))
+        return EBADMSG; /* a header claiming more than was allocated would free its neighbours */
+    return mmkv_free(v, b);
 }
 
 /* ---------------------------------------------------------------- fused writes */

