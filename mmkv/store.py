@@ -22,7 +22,7 @@ from ._shim import ESTALE, ffi, lib, raise_for
 from .allocator import Allocator
 from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
-from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
+from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
                      REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
@@ -305,8 +305,9 @@ class Store(MutableMapping):
         """The state's counters (a cache) add up with the file size: trusted after a clean close."""
         w, size = self._fm.words, self._fm.size
         used, free = w[STATE_WORD["used_bytes"]], w[STATE_WORD["free_bytes"]]
+        heads, bitmap = STATE_WORD["free_heads"], w[STATE_WORD["free_bitmap"]]
         return (used + free + HEAP_START + EPILOGUE_BYTES == size and w[_COUNT] <= size // RECORD_HEADER
-                and w[_LIVE] <= size)
+                and w[_LIVE] <= size and all(bool(bitmap >> c & 1) == bool(w[heads + c]) for c in range(NCLASSES)))
 
     def _set_meta(self, meta: Meta, which: int):
         """Adopt meta as current: remap if the file size changed, point the view at the index."""
