@@ -558,6 +558,30 @@ def test_clear_works_on_a_full_disk_with_a_grown_index(mount, capsys):
     reopen(disk, db, {b"s%06d" % i: value(i, 16) for i in range(100)}, capsys)
 
 
+def test_a_process_killed_in_clear_on_a_full_disk_leaves_a_sound_subset(mount, capsys):
+    """On a full disk clear() deletes keys one by one before it can switch to a new index: a
+    process killed there (at the 5th free that merges two blocks) leaves some keys, each whole,
+    and the next opener's recovery leaves a sound store that clear() then empties."""
+    disk = mount()
+    model = {}
+    db = full_store(disk, model)
+    path = db.path
+    db.close()
+    child = subprocess.run([sys.executable, "-c", "import sys, mmkv; mmkv.open(sys.argv[1]).clear()", path],
+                           env=dict(os.environ, MMKV_FAILPOINT="free.mid:5"), capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == -9, child.stderr[-2000:]
+    db = disk.open(os.path.basename(path), flag="w")
+    assert db.stats()["recoveries"] == 1
+    left = dict(db.items())
+    assert 0 < len(left) < len(model)
+    assert all(model[k] == v for k, v in left.items())
+    assert_sound(db, left)
+    db.clear()
+    assert_sound(db, {})
+    reopen(disk, db, {}, capsys)
+
+
 def test_deletes_work_on_a_full_disk(mount, capsys):
     disk = mount()
     db = disk.open()
