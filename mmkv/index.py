@@ -13,6 +13,7 @@ the pause of rehashing everything: a put never waits for more than one split.
 Callers hold the store lock.
 """
 import errno
+from bisect import bisect_left
 from itertools import chain, repeat
 
 from ._shim import ffi, lib, raise_for
@@ -104,33 +105,31 @@ def split(store, view, seg: int, publish: bool = True) -> None:
     alloc.free(old_dir - 8)
 
 
-def reserve(store, keys) -> None:
-    """Split, now, every segment of the live index that inserting ``keys`` would take above
+def reserve(store, hashes, segments) -> None:
+    """Split, now, every segment of the live index that inserting keys with these ``hashes``
+    (absent from the index; ``segments``: the segments they fall in) would take above
     ``max_count``, so that the inserts themselves will need no new block.
 
     A transaction calls it before its commit point: once the journal is named, applying it
-    must not depend on free space.  Keys already in the index need no slot and are
-    skipped.  Each split is a whole, crash-safe index change that keeps the content.
+    must not depend on free space.  A segment of depth d and prefix p holds the hashes
+    whose top d bits are p, so the keys bound for it are counted by bisecting the sorted
+    hashes; after a split, each half is checked again.  Each split is a whole, crash-safe
+    index change that keeps the content.
     :raises DiskFullError, LimitError: from a split; the splits done stay (content unchanged).
     """
     v = store._view
-    pending = {}                                  # segment -> keys that would go into it
-    for k in keys:
-        rc = lib.mmkv_find(v, k, len(k))
-        if rc == errno.ENOENT:
-            pending.setdefault(v.seg, []).append(k)
-        elif rc:
-            raise_for(rc, "lookup")
-    while pending:
-        seg, ks = pending.popitem()
-        if ffi.cast("struct mmkv_segment *", store._fm.base + seg).count + len(ks) <= v.max_count:
+    hashes = sorted(hashes)
+    todo = list(segments)
+    while todo:
+        seg = todo.pop()
+        head = ffi.cast("struct mmkv_segment *", store._fm.base + seg)
+        lo, hi = head.prefix << (64 - head.depth), (head.prefix + 1) << (64 - head.depth)
+        if head.count + bisect_left(hashes, hi) - bisect_left(hashes, lo) <= v.max_count:
             continue
         split(store, v, seg)
-        for k in ks:                              # each key now goes to one of the two halves
-            rc = lib.mmkv_find(v, k, len(k))
-            if rc != errno.ENOENT:
-                raise_for(rc or errno.EEXIST, "lookup")
-            pending.setdefault(v.seg, []).append(k)
+        w, first = store._words, v.dir_off >> 3
+        for half in (lo, (lo + hi) >> 1):              # the two new segments, by the hashes they hold
+            todo.append(w[first + (half >> (64 - v.dir_bits))])
 
 
 def blocks(store, view=None) -> list:

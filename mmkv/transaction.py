@@ -6,9 +6,9 @@ other process sees a half-applied transaction (their lock-free reads fall back
 to waiting for the lock while it is held).  The commit order, each step after
 the previous one is in place (and, with sync="full", on disk):
 
-0. every index segment the new keys will go to is split if they would overfill it
+1. every new value is written as a new record in free space (nothing refers to it yet),
+   and every index segment the new keys go to is split if they would overfill it
    (index.reserve: step 4 must not need space);
-1. every new value is written as a new record in free space (nothing refers to it yet);
 2. the journal is written: one (new record, old record) pair per key;
 3. COMMIT POINT: the meta names the journal (one checksummed meta-copy write);
 4. the journal is applied to the index (slot switches, deletions);
@@ -66,9 +66,9 @@ def _barrier(store):
 def commit(store, txn: Transaction) -> None:
     """Apply txn's writes atomically (caller holds the lock).  Safe against a crash at any point.
 
-    Everything that needs space happens before the commit point: the index segments the
-    new keys will go to are split first (index.reserve), then the records and the journal
-    are allocated.  An error before the commit point (DiskFullError, say) frees every
+    Everything that needs space happens before the commit point: the new records are
+    allocated, the index segments the new keys go to are split where they would overfill
+    (index.reserve), then the journal is allocated.  An error before the commit point (DiskFullError, say) frees every
     block the commit took, so the content is unchanged and nothing leaks; the splits
     already made stay (they keep the content).  On DiskFullError a transaction of a
     single write is then applied as a plain write, which is atomic by itself and needs
@@ -82,8 +82,8 @@ def commit(store, txn: Transaction) -> None:
     v, alloc = store._view, store._alloc
     entries, lengths = [], []       # (new record, old record); (new len, old len) of key + value
     taken = []                      # blocks allocated so far: freed on an error before the commit point
+    hashes, segments = [], set()    # of the new keys: the index needs a slot for each
     try:
-        index.reserve(store, [k for k, op in txn.writes.items() if op is not _DELETE])
         for k, op in txn.writes.items():
             rc = lib.mmkv_find(v, k, len(k))
             if rc not in (0, errno.ENOENT):
@@ -96,6 +96,9 @@ def commit(store, txn: Transaction) -> None:
                 continue
             value, flags = op
             h = v.hash
+            if not old:
+                hashes.append(h)
+                segments.add(v.seg)
             b = store._allocate(RECORD_HEADER + pad8(len(k)) + len(value))        # 1. the new record
             taken.append(b)
             cap = alloc.block_size(b) - 8
@@ -105,6 +108,7 @@ def commit(store, txn: Transaction) -> None:
             lengths.append((len(k) + len(value), old_len))
         if not entries:
             return
+        index.reserve(store, hashes, segments)                                    # 1b. room in the index
         if failpoints.armed:
             failpoints.hit(b"txn.after_records")
         body = b"".join(n.to_bytes(8, "little") + o.to_bytes(8, "little") for n, o in entries)

@@ -16,7 +16,9 @@ LOCK_REPORT_AFTER = 1.0
 OPEN_TIMEOUT = 30.0
 #: Bytes of the per-handle buffer that get() copies values into; larger values take a bigger one.
 GET_BUFFER = 64 * 1024
-#: The file grows by a quarter of its size per step, at least GROW_STEP_MIN, at most GROW_STEP_MAX bytes.
+#: The file grows by a quarter of its size per step, at least GROW_STEP_MIN, at most GROW_STEP_MAX bytes;
+#: when the disk cannot take that, by half as much, and so on down to what the operation needs
+#: (mapping.next_size, mapping.grow_file).
 GROW_STEP_MIN = 256 * 1024
 GROW_STEP_MAX = 1 << 30
 #: Allocations of at least this many bytes are page-aligned and sized in whole pages.

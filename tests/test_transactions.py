@@ -64,6 +64,33 @@ def test_large_transaction_grows_file_and_index(db):
     assert db.stats()["index_segments"] > 1
 
 
+def test_the_index_splits_before_the_commit_point_never_while_the_journal_is_applied(db, monkeypatch):
+    """Applying a committed journal must not need space (a full disk there would leave it half
+    applied): the segments the new keys need are split before the journal is named."""
+    from mmkv import index
+    db._view.max_count = 50                          # a split every few dozen keys
+    journal_named_at_split = []
+    real_split = index.split
+
+    def split(store, view, seg, publish=True):
+        journal_named_at_split.append(store._meta.journal_off)
+        return real_split(store, view, seg, publish)
+
+    monkeypatch.setattr(index, "split", split)
+    model = {b"pre%d" % i: b"x" for i in range(40)}
+    db.update(model)
+    with db.transaction():
+        for i in range(500):
+            db[b"t%d" % i] = model[b"t%d" % i] = b"%d" % i
+        del db[b"pre0"]
+        del model[b"pre0"]
+    assert len(journal_named_at_split) >= 9          # 539 keys, at most 50 a segment: 11 segments or more
+    assert not any(journal_named_at_split)
+    assert db.stats()["index_segments"] >= 11
+    assert dict(db.items()) == model
+    db.check()
+
+
 def test_clear_inside_is_refused_and_nothing_applied(db):
     db[b"a"] = b"1"
     with pytest.raises(mmkv.Error, match="clear"):
