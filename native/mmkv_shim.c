@@ -987,13 +987,11 @@ static int first_fit(const struct mmkv_view *v, struct mmkv_state *st, unsigned 
     return rc;
 }
 
-/* Take the member b (size bytes) off its list, after checking it and both its neighbours. */
+/* Take b (size bytes, a member its caller checked) off its list, after checking both its neighbours. */
 static int unlink_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size)
 {
     unsigned c = size_class(size);
     uint64_t s, nxt = *word(v, NEXT(b)), prv = *word(v, PREV(b));
-    if (!member_ok(v, b, c, &s) || s != size)
-        return EBADMSG;
     if (nxt && (nxt == b || !member_ok(v, nxt, c, &s) || *word(v, PREV(nxt)) != b))
         return EBADMSG;
     if (prv ? prv == b || !member_ok(v, prv, c, &s) || *word(v, NEXT(prv)) != b : st->free_heads[c] != b)
