@@ -769,28 +769,49 @@ class Store(MutableMapping):
         if self._txn is not None:
             self._txn.put(k, val, flags)
             return
+        grew_for = None
         while True:
             rc = lib.mmkv_put(self._view, k, len(k), val, len(val), flags, 0)
             if rc == 0:
                 return
-            self._make_room(rc, k, val)
+            grew_for = self._make_room(rc, k, val, grew_for)
 
-    def _make_room(self, rc, k, val):
+    def _make_room(self, rc, k, val, grew_for=None):
         """A put of (k, val) returned rc: grow the file (ENOSPC) or split the key's index
-        segment (EAGAIN) so that the retry fits; any other result is an error."""
+        segment (EAGAIN) so that the retry fits; any other result is an error.
+
+        Returns k when it grew the file for it (pass that back with the retry's result), else
+        None.  :raises CorruptionError: ENOSPC again right after a growth that made room for
+        this key: the free lists are damaged (the caller's recovery rebuilds them); never a
+        file grown without end on the word of a damaged cache.
+        """
         if rc == errno.ENOSPC:
+            if grew_for is k:
+                raise self._no_fit(RECORD_HEADER + pad8(len(k)) + len(val))
             self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
-        elif rc == errno.EAGAIN:
+            return k
+        if rc == errno.EAGAIN:
             index.split(self, self._view, self._view.seg)
         else:
             raise_for(rc, "put")
+        return None
+
+    def _no_fit(self, payload):
+        return CorruptionError(f"allocator: no block of {payload} bytes right after the file grew to hold "
+                               "one: the free lists are damaged (recovery rebuilds them)")
 
     def _allocate(self, payload):
-        """A block for payload bytes, growing the file until one fits.  Caller holds the lock."""
+        """A block for payload bytes, growing the file once if none fits.  Caller holds the lock.
+
+        :raises DiskFullError: the file cannot grow.  :raises CorruptionError: none fits even
+            after the growth (damaged free lists).
+        """
         b = self._alloc.alloc(payload)
-        while not b:
-            self._grow_file(payload)
+        if not b:
+            self._grow_file(payload)        # grows by at least payload + 2 pages: a block must fit
             b = self._alloc.alloc(payload)
+            if not b:
+                raise self._no_fit(payload)
         return b
 
     def _grow_file(self, payload):
@@ -925,12 +946,12 @@ class Store(MutableMapping):
             keys, vals = b"".join(k for k, _ in chunk), b"".join(val for _, val in chunk)
             key_ends = ffi.new("uint64_t[]", list(accumulate(len(k) for k, _ in chunk)))
             val_ends = ffi.new("uint64_t[]", list(accumulate(len(val) for _, val in chunk)))
-            done[0] = 0
+            done[0], grew_for = 0, None
             while True:
                 rc = lib.mmkv_put_many(self._view, keys, key_ends, vals, val_ends, len(chunk), done)
                 if rc == 0:
                     break
-                self._make_room(rc, *chunk[done[0]])
+                grew_for = self._make_room(rc, *chunk[done[0]], grew_for)
 
     def clear(self):
         """Remove every key, atomically: a new empty index replaces the old one in one meta switch.

@@ -8,6 +8,7 @@ on each allocator damage, and a small fixed-seed fuzz run.  Files damaged on
 purpose end in ``.bad`` (tests/conftest.py audits only ``*.mmkv``) unless the
 test repairs them.
 """
+import errno
 import os
 import select
 import signal
@@ -261,3 +262,52 @@ def test_a_long_fuzz_run_finds_nothing(tmp_path):
     summary = fuzz.run(str(tmp_path / "fuzz"), cases=5000, seed=21, timeout=30, save=False)
     unexplained = [(n, o, d, r) for n, o, d, r, _ in summary.findings if not _pending(r)]
     assert not unexplained, summary.table()
+
+
+# ---------------------------------------------------------------- no growth without end
+class _AlwaysNoRoom:
+    """The shim, except that every put and allocation reports "nothing fits" (ENOSPC), as a
+    free-list cache that lies would."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def mmkv_put(self, *args):
+        return errno.ENOSPC
+
+    def mmkv_alloc(self, *args):
+        return errno.ENOSPC
+
+    def mmkv_put_many(self, *args):
+        return errno.ENOSPC                 # at the pair *done (left as it is)
+
+
+@pytest.mark.parametrize("op", ["put", "update", "transaction"])
+def test_a_lying_allocator_grows_the_file_once_then_reports_damage(path, monkeypatch, op):
+    from mmkv import allocator as allocator_module
+    from mmkv import store as store_module
+    db = mmkv.open(path)
+    try:
+        db[b"before"] = b"1"
+        size = db.stats()["file_size"]
+        fake = _AlwaysNoRoom(store_module.lib)
+        monkeypatch.setattr(store_module, "lib", fake)
+        monkeypatch.setattr(allocator_module, "lib", fake)
+        with pytest.raises(mmkv.CorruptionError, match="free lists are damaged"):
+            if op == "put":
+                db[b"k"] = b"v" * 1000
+            elif op == "update":
+                db.update({b"k%d" % i: b"v" * 1000 for i in range(10)})
+            else:
+                with db.transaction():
+                    db[b"k"] = b"v" * 1000
+        monkeypatch.undo()
+        assert db.stats()["file_size"] <= 2 * size          # one growth step, not a runaway
+        assert dict(db.items()) == {b"before": b"1"}
+        db.check()
+    finally:
+        monkeypatch.undo()
+        db.close()
