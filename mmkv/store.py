@@ -261,8 +261,14 @@ class Store(MutableMapping):
     def _attach(self, lock_timeout, first):
         """Validate the header, map the file and, as first opener, reset locks and recover."""
         fd = self._fd
-        real = os.fstat(fd).st_size
+        # Without the store lock a writer may switch the meta while we read it: it writes the
+        # meta, then bumps the generation.  Reading the generation first, the meta second, the
+        # view can only be older than its generation says: reloaded at the first lock.  (Read
+        # the other way round, an old meta could pass for current and writes would go through
+        # a freed index: found by the kill harness with bystanders opening during writes.)
+        generation = int.from_bytes(os.pread(fd, 8, _GEN * 8), "little")
         page0 = os.pread(fd, HEADER_SIZE, 0)
+        real = os.fstat(fd).st_size     # after the meta: a growth extends the file before its meta names it
         self._ident = parse_identity(page0, real)
         try:
             meta, which = parse_meta(page0, self._ident, real)
@@ -285,6 +291,7 @@ class Store(MutableMapping):
         self._alloc = Allocator(self._fm, self._view)
         self._lock_timeout = lock_timeout
         self._set_meta(meta, which)
+        self._view.generation = generation
         if first:
             opening.init_locks(self._fm.base)
             w = self._fm.words      # no lock holder now: the sequence word must be even
@@ -730,8 +737,11 @@ class Store(MutableMapping):
             raise self._lock_error(rc)
         # the lock is still held and the write may have stopped half way: repair, then report
         self._depth, self._owner = 1, threading.get_ident()
+        failed = f"a write failed ({errno.errorcode.get(rc, rc)})"
         try:
-            recovery.recover(self, f"a write failed ({errno.errorcode.get(rc, rc)})")
+            recovery.recover(self, failed)
+        except Error as exc:
+            raise CorruptionError(f"{self.path}: {failed} and recovery could not repair the store: {exc}") from exc
         finally:
             self._release()
         raise_for(rc, "write")
