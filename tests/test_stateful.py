@@ -61,7 +61,18 @@ large_values = st.builds(_fill, st.sampled_from([64 * 1024 - 100, 64 * 1024, 100
                          st.integers(0, 255))
 deltas = st.one_of(st.integers(-3, 3), st.integers(INT64_MIN, INT64_MAX), st.sampled_from([INT64_MIN, INT64_MAX]))
 which = st.integers(0, 1)
-crash_points = st.tuples(st.sampled_from(failpoints.NAMES), st.integers(1, 2))
+#: The failpoints an operation of each kind can reach (so most crashes happen); a sync.* point is
+#: reached in sync="full" only, a split point when the machine's segments are small.
+CRASH_POINTS = {
+    "put": ["put.after_record", "put.after_slot", "alloc.mid", "free.mid", "split.before_meta",
+            "split.after_meta", "meta.before_sync"],
+    "put_large": ["put.after_record", "put.after_slot", "alloc.mid", "grow.after_fallocate", "meta.before_sync"],
+    "del": ["delete.mid_shift", "free.mid"],
+    "incr": ["incr.before_store", "put.after_record", "put.after_slot", "alloc.mid"],
+    "txn": ["txn.after_records", "txn.mid_journal", "txn.after_journal", "txn.after_commit", "txn.mid_apply",
+            "txn.before_retire", "alloc.mid", "free.mid", "meta.before_sync"],
+}
+assert all(p in failpoints.NAMES for points in CRASH_POINTS.values() for p in points)
 other_names = st.sampled_from(["path", "hardlink", "symlink"])
 afterwards = st.sampled_from(["keep", "reopen_one", "reopen_all"])
 
@@ -201,10 +212,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.dbs = [self._open(flag) for _ in range(2)]
 
     # ------------------------------------------------------------ other processes
-    @rule(data=st.data(), point=crash_points, name=other_names, then=afterwards, order=st.permutations([0, 1]))
-    def crash_other_process(self, data, point, name, then, order):
-        """Another process, opened through name, dies at point during one operation."""
-        kind = data.draw(st.sampled_from(["put", "put_large", "del", "incr", "txn"]), label="kind")
+    @rule(data=st.data(), name=other_names, then=afterwards, order=st.permutations([0, 1]))
+    def crash_other_process(self, data, name, then, order):
+        """Another process, opened through name, dies at a failpoint during one operation."""
+        kind = data.draw(st.sampled_from(sorted(CRASH_POINTS)), label="kind")
+        points = CRASH_POINTS[kind] + (["sync.before", "sync.after"] if self.SYNC == "full" else [])
+        point = (data.draw(st.sampled_from(points), label="failpoint"), data.draw(st.integers(1, 2), label="countdown"))
         if kind == "put":
             op = ("put", data.draw(keys, label="key"), data.draw(values, label="value"))
         elif kind == "put_large":
