@@ -19,7 +19,7 @@ from . import index, transaction
 from ._shim import lib
 from .errors import CorruptionError
 from .allocator import block_size_for
-from .layout import (BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, MASK64, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
+from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, MASK64, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
                      TAG_SHIFT, record_size)
 
 
@@ -44,10 +44,12 @@ def live_records(store, result=None):
     keep, drop, by_rec, by_hash = [], [], set(), {}
     for seg, slot, rec in index.entries(v):
         word = w[((seg + SEGMENT_HEADER) >> 3) + slot]
-        rc = lib.mmkv_record_verify(v, rec)
+        # the record alone decides: its block header is allocator state, which recovery rewrites
+        # (a damaged size word must not cost an intact record)
+        rc = lib.mmkv_record_verify_contents(v, rec)
         b = rec - 8
         bad = rc or (word >> SLOT_OFF_BITS) != ((v.hash >> TAG_SHIFT) & 0xFFFF) or b < HEAP_START \
-            or (b - HEAP_START) & 15 or b + (w[b >> 3] & ~BLOCK_FLAGS) > end
+            or (b - HEAP_START) & 15
         if bad:
             drop.append((seg, slot))
             if result:
@@ -63,8 +65,17 @@ def live_records(store, result=None):
         by_rec.add(rec)
         same.append(rec)
         klen = w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
-        keep.append((b, w[b >> 3] & ~BLOCK_FLAGS, (seg, slot), klen + v.val_len, index.slot_word(v.hash, rec),
-                     block_size_for(record_size(klen, v.val_len))))
+        least = block_size_for(record_size(klen, v.val_len))
+        head = w[b >> 3]
+        size = head & ~BLOCK_FLAGS
+        if not head & BLOCK_ALLOC or size < least or size & 15 or b + size > end:
+            size = least                                     # a damaged header: what the record fills
+        if b + size > end:
+            drop.append((seg, slot))
+            if result:
+                result.dropped += 1
+            continue
+        keep.append((b, size, (seg, slot), klen + v.val_len, index.slot_word(v.hash, rec), least))
     return keep, drop
 
 
@@ -82,7 +93,9 @@ def recover(store, reason: str) -> RecoveryResult:
     live, records, live_bytes = [], 0, 0
     for item in sorted(keep + structure, key=lambda it: (it[0], it[1])):
         b, s, where, n, _, least = item
-        if s > alloc.most(b, least - BLOCK_HEADER):   # more than its allocation had: its own is enough
+        if s > alloc.most(b, least - BLOCK_HEADER) or s < least:
+            # more than its allocation had, or less than its verified contents fill (a damaged
+            # size word must not hand the tail of an intact record to the allocator): its own
             item = (b, least, *item[2:])
             result.resized += 1
         if live and live[-1][0] + live[-1][1] > b and live[-1][0] + live[-1][5] <= b:

@@ -386,19 +386,14 @@ int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t 
     return 0;
 }
 
-int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
+/* The record at off, whatever its block header says: bounds, flags, checksum, key hash. */
+static int record_contents_ok(struct mmkv_view *v, uint64_t off, uint64_t room)
 {
-    if (off < MMKV_HEADER_SIZE + 8 || off % 8 || !range_ok(v->size, off - 8, 8))
-        return EBADMSG;
-    uint64_t head = *(const uint64_t *)(v->base + off - 8);
-    uint64_t bsize = head & ~(uint64_t)MMKV_BLOCK_FLAGS;
-    if (!(head & MMKV_BLOCK_ALLOC) || bsize < MMKV_BLOCK_MIN || !range_ok(v->size, off - 8, bsize))
-        return EBADMSG;
     const struct mmkv_record *r = record_at(v, off);
     if (!r)
         return EBADMSG;
     uint64_t need = REC_HDR + PAD8((uint64_t)r->key_len) + r->val_len;
-    if (need > bsize - 8 || (r->flags & ~(uint32_t)MMKV_REC_COUNTER) ||
+    if (need > room || (r->flags & ~(uint32_t)MMKV_REC_COUNTER) ||
         (r->flags & MMKV_REC_COUNTER && r->val_len != 8))
         return EBADMSG;
     if (r->checksum != record_sum(v, r))
@@ -408,6 +403,24 @@ int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
         return EBADMSG;
     fill_result(v, off, r);
     return 0;
+}
+
+int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
+{
+    if (off < MMKV_HEADER_SIZE + 8 || off % 8 || !range_ok(v->size, off - 8, 8))
+        return EBADMSG;
+    uint64_t head = *(const uint64_t *)(v->base + off - 8);
+    uint64_t bsize = head & ~(uint64_t)MMKV_BLOCK_FLAGS;
+    if (!(head & MMKV_BLOCK_ALLOC) || bsize < MMKV_BLOCK_MIN || !range_ok(v->size, off - 8, bsize))
+        return EBADMSG;
+    return record_contents_ok(v, off, bsize - 8);
+}
+
+int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off)
+{
+    if (off < MMKV_HEADER_SIZE + 8 || off % 8 || off >= v->size)
+        return EBADMSG;
+    return record_contents_ok(v, off, v->size - off);
 }
 
 /* ---------------------------------------------------------------- index */
