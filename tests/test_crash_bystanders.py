@@ -211,7 +211,7 @@ def _closer(path, name):
         names.leave(name)
         os.write(rep, b"open\n")
         os.read(ctl, 1)
-        ino, real_close, paused = os.fstat(db._fd).st_ino, os.close, []
+        ino, real_close, paused = os.stat(path).st_ino, os.close, []
 
         def pausing_close(fd):
             try:
