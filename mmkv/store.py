@@ -23,7 +23,7 @@ from .allocator import Allocator
 from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
-                     REC_KEY_LEN_AT, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
+                     REC_KEY_LEN_AT, SEGMENT_HEADER, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
 from .mapping import FileMap, grow_file, next_size
 from . import opening
 from .tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, LARGE_BLOCK, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE,
@@ -671,11 +671,17 @@ class Store(MutableMapping):
         """All keys (or (key, value) pairs) as of one moment, read under one lock hold."""
         self._acquire()
         try:
-            mm, v, out = self._fm.mm, self._view, []
+            mm, v, w, out, seen = self._fm.mm, self._view, self._words, [], set()
             txn = self._txn.writes if self._txn is not None else {}
-            for _, _, rec in self._entries():
+            for seg, slot, rec in self._entries():
                 raise_for(lib.mmkv_record_verify(v, rec), f"record at {rec}")
                 key = self._record_key(rec)
+                # a slot that is not its record's (wrong tag) or a key listed twice is damage: say
+                # so rather than list a stale or foreign value (lookups never reach such a slot)
+                if w[((seg + SEGMENT_HEADER) >> 3) + slot] != index.slot_word(v.hash, rec) or key in seen:
+                    raise CorruptionError(f"{self.path}: index slot {slot} of segment {seg} does not belong "
+                                          "to its record (damage); db.recover() repairs the index")
+                seen.add(key)
                 if key in txn:
                     continue        # the transaction's version follows
                 out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)

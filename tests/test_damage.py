@@ -332,3 +332,28 @@ def test_recovery_keeps_an_intact_record_whose_block_header_is_damaged(tmp_path,
         db.incr(b"counter:17")
         db[b"after"] = b"x" * 3000
         db.check()
+
+
+def test_items_refuses_a_slot_that_is_not_its_records(path):
+    """A damaged empty slot pointing at a live record (found by the fuzzer, case 49037: after
+    writes, items() listed a stale value through it): iteration raises, recovery repairs."""
+    from mmkv import index
+    from mmkv.layout import SEGMENT_HEADER
+    db = mmkv.open(path)
+    try:
+        for i in range(10):
+            db[b"s%d" % i] = b"v%d" % i
+        with db.lock():
+            v, w = db._view, db._words
+            assert mmkv.store.lib.mmkv_find(v, b"s2", 2) == 0
+            seg, rec, home = v.seg, v.rec_off, v.slot
+            base = (seg + SEGMENT_HEADER) >> 3
+            empty = next(s for s in range(home + 1, home + 5000) if w[base + s % 16384] == 0) % 16384
+            w[base + empty] = index.slot_word(v.hash ^ (1 << 20), rec)     # a foreign tag, a live record
+        with pytest.raises(mmkv.CorruptionError, match="does not belong"):
+            dict(db.items())
+        db.recover()
+        assert dict(db.items()) == {b"s%d" % i: b"v%d" % i for i in range(10)}
+        db.check()
+    finally:
+        db.close()
