@@ -193,6 +193,54 @@ def test_a_page_size_of_0_is_a_corrupt_header(tmp_path):
             mmkv.open(path, "w")
 
 
+def test_stats_ends_a_free_list_cycle_at_its_second_step(path):
+    """stats() walks the highest free list for the largest block: a self-loop made it step
+    2^20 times (seconds per call) and report a wrong size."""
+    with mmkv.open(path) as db:
+        db[b"a"] = b"x" * 1000
+        with db.lock():
+            w = db._words
+            c = w[BITMAP].bit_length() - 1
+            tail = w[HEADS + c]
+            w[(tail + FREE_NEXT) >> 3] = tail
+        with pytest.raises(mmkv.CorruptionError, match="cycle"):
+            db.stats()
+        db.recover()
+        assert db.stats()["largest_free_block"] > 0
+        db.check()
+
+
+def test_a_header_claiming_its_neighbour_costs_recovery_nothing(tmp_path):
+    """A record's block header that claims the next record's block too: recovery used to keep
+    the first and drop the second as an overlap; it now trims the first to what it holds.
+    And a free that knows what the block was allocated for refuses to free both."""
+    path = str(tmp_path / "swallow.mmkv")
+    with mmkv.open(path) as db:
+        for i in range(6):
+            db[b"k%d" % i] = bytes([i]) * 100
+        first, second = block_of(db, b"k2"), block_of(db, b"k3")
+
+        def swallow():
+            with db.lock():
+                assert first + db._alloc.block_size(first) == second
+                db._words[first >> 3] += db._alloc.block_size(second)   # k2's block now covers k3's
+
+        swallow()
+        result = db.recover()
+        assert result.overlaps == 0 and result.records == 6 and result.resized == 1
+        assert all(db[b"k%d" % i] == bytes([i]) * 100 for i in range(6))
+        swallow()
+        with db.lock():
+            payload = 32 + 8 + 100                                   # record header, key, value
+            assert db._alloc.most(first, payload) < db._alloc.block_size(first)
+            with pytest.raises(mmkv.CorruptionError):
+                db._alloc.free(first, payload)
+        db.recover()
+        del db[b"k2"]
+        assert db[b"k3"] == bytes([3]) * 100
+        db.check()
+
+
 # ---------------------------------------------------------------- the audit fires
 def _free_block_pair(db):
     """Two free blocks of the same list (first the head), and a live block."""
