@@ -108,18 +108,25 @@ class Allocator:
     def largest_free(self) -> int:
         """Size of the largest free block: the biggest in the highest non-empty class.
 
-        Walks that one list only (blocks in a higher class are always larger).
+        Walks that one list only (blocks in a higher class are always larger), checking each
+        link: in the heap, and the back link naming the block it came from, which ends a cycle
+        at its second step.
+        :raises CorruptionError: the list is damaged.
         """
         w = self.fm.words
         bitmap = w[_BITMAP]
         if not bitmap:
             return 0
-        b, best, seen = w[_HEADS + bitmap.bit_length() - 1], 0, 0
-        while b and seen < 1 << 20:
-            self.block_size(b)                      # bounds check of the link
-            best = max(best, w[b >> 3] & _SIZE_MASK)
-            b, seen = w[(b + FREE_NEXT) >> 3], seen + 1
-        return best
+        c = bitmap.bit_length() - 1
+        b, prev, best = w[_HEADS + c], 0, 0
+        for _ in range((self.end - HEAP_START) // BLOCK_MIN + 1):   # more steps than blocks: a cycle
+            if not b:
+                return best
+            best = max(best, self.block_size(b))    # bounds check of the link
+            if w[(b + FREE_PREV) >> 3] != prev:
+                break
+            prev, b = b, w[(b + FREE_NEXT) >> 3]
+        raise self._bad(f"free list {c} is damaged at block {b} (a wrong back link or a cycle)")
 
     # ------------------------------------------------------------ growth
     def extend(self, new_end: int) -> None:

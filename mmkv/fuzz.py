@@ -47,7 +47,6 @@ Every case that ends other than ok or mmkv error is saved to DIR/findings/
 (the damaged file and a text file with the damage, the plan, the traceback
 and a one-line reproducer).
 """
-import errno
 import json
 import os
 import random
@@ -56,7 +55,6 @@ import select
 import shutil
 import signal
 import struct
-import sys
 import tempfile
 import time
 import traceback
@@ -69,9 +67,9 @@ from . import store as store_module
 from .errors import Error
 from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES,
                      FREE_NEXT, FREE_PREV, HEADER_SIZE, HEAP_START, JOURNAL_HEADER, MASK64, NCLASSES, OFF_IDENTITY,
-                     OFF_LOCKS, OFF_META, OFF_STATE, REC_COUNTER, RECORD_HEADER, SEGMENT_BYTES, SEGMENT_HEADER,
-                     SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, STATE_WORD, Identity, pad8, parse_identity,
-                     parse_meta, siphash, struct_fields)
+                     OFF_LOCKS, OFF_META, OFF_STATE, REC_COUNTER, RECORD_HEADER, SEGMENT_HEADER, SEGMENT_SLOTS,
+                     SLOT_OFF_BITS, SLOT_OFF_MASK, Identity, pad8, parse_identity, parse_meta, siphash,
+                     struct_fields)
 
 OUTCOMES = ("ok", "mmkv error", "other exception", "signal", "hang", "wrong")
 SECTOR = 512
@@ -351,7 +349,6 @@ class Damage:
     def __init__(self, rnd: random.Random, seed: Seed, img: bytearray):
         self.rnd, self.seed, self.an, self.img = rnd, seed, seed.anatomy, img
         self.touched = []
-        self.notes = []
 
     # ---------------------------------------------------------------- helpers
     def put64(self, off: int, value: int) -> None:
@@ -791,6 +788,7 @@ class Model:
                 vals.add(_ANY8)
             self.allowed[k] = (vals, absent or k not in intact)
         self.written = set(seed.model)
+        self.why = dict.fromkeys(seed.model, "its record, index path and header are intact")
 
     def check(self, k, got, where: str) -> None:
         if k not in self.allowed:
@@ -800,7 +798,7 @@ class Model:
         values, absent = self.allowed[k]
         if got is None:
             if not absent:
-                raise Wrong(f"{where}: key {k[:40]!r} (intact record) reads as absent")
+                raise Wrong(f"{where}: key {k[:40]!r} reads as absent ({self.why.get(k)})")
             return
         got = bytes(got)
         if got in values or (_ANY8 in values and len(got) == 8):
@@ -812,6 +810,7 @@ class Model:
         """A write of k succeeded: it now reads value (None: absent)."""
         self.written.add(k)
         self.allowed[k] = (set() if value is None else {value}, value is None)
+        self.why[k] = "a write of it returned"
 
     def maybe(self, k, value) -> None:
         """A write of k failed part way: the old value, the new one or nothing."""

@@ -19,8 +19,8 @@ from itertools import chain, repeat
 from ._shim import ffi, lib, raise_for
 from .errors import CorruptionError, LimitError
 from . import failpoints
-from .layout import (BLOCK_ALIGN, BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, SEGMENT_BYTES,
-                     SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)
+from .layout import (BLOCK_ALIGN, BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, REC_KEY_LEN_AT, RECORD_HEADER,
+                     SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)
 
 
 def slot_word(key_hash: int, rec: int) -> int:
@@ -180,20 +180,36 @@ def entries(view):
         cursor = found[0] + 1
 
 
+def record_key(view, words, rec: int) -> bytes:
+    """The key of the (verified) record at rec."""
+    klen = words[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
+    return ffi.unpack(ffi.cast("char *", view.base) + rec + RECORD_HEADER, klen)
+
+
 def verified_records(view, words):
     """Yield the record offset of every slot in use, each checked first: the record (its block,
-    lengths, checksum and key hash; ``view.hash``/``val_off``/``val_len`` describe it when yielded)
-    and the slot's tag, which must be its record's (a slot whose tag lookups cannot match is a
-    key no get or put finds: a put of that key would add a second one).
+    lengths, checksum and key hash; ``view.hash``/``val_off``/``val_len`` describe it when yielded),
+    the slot's tag, which must be its record's, and the key, which no other slot may hold.  Both
+    are damage lookups do not see (they stop at the first slot of a key, and skip other tags), so a
+    put of such a key leaves the stale record in the other slot, where iteration would find it.
 
-    :raises CorruptionError: a slot points at a bad record or carries another tag (recover()
-        drops such slots).
+    Keeps one hash per key (a set) to find the second slot of a key.
+    :raises CorruptionError: a slot points at a bad record, carries another tag, or holds a key a
+        slot before it holds (recover() drops such slots, keeping the one lookups find).
     """
+    seen = {}                   # key hash -> [record offset]; keys are compared only when hashes meet
     for seg, slot, rec in entries(view):
         raise_for(lib.mmkv_record_verify(view, rec), f"record at {rec}")
-        if words[((seg + SEGMENT_HEADER) >> 3) + slot] >> SLOT_OFF_BITS != (view.hash >> TAG_SHIFT) & 0xFFFF:
+        h = view.hash
+        if words[((seg + SEGMENT_HEADER) >> 3) + slot] >> SLOT_OFF_BITS != (h >> TAG_SHIFT) & 0xFFFF:
             raise CorruptionError(f"index: segment {seg} slot {slot} does not carry its record's tag; "
                                   "run recover() on the store")
+        same_hash = seen.setdefault(h, [])
+        if same_hash and any(r == rec or record_key(view, words, r) == record_key(view, words, rec)
+                             for r in same_hash):
+            raise CorruptionError(f"index: segment {seg} slot {slot} holds a key another slot holds; "
+                                  "run recover() on the store")
+        same_hash.append(rec)
         yield rec
 
 

@@ -38,10 +38,12 @@ class RecoveryResult:
 
 def live_records(store, result=None):
     """([(block, size, (segment, slot), key_len + val_len, slot word, least block size)],
-    [(segment, slot) to drop]) for every slot whose record verifies; duplicates (same record or
-    same key twice) are dropped."""
+    [(segment, slot) to drop]) for every slot whose record verifies.  Of two slots holding one
+    record or one key, the one kept is the one lookups find (what gets and writes have used: the
+    other may hold a stale record, freed and merged into a free block whose interior still reads
+    as that record), else the first."""
     v, w, end = store._view, store._words, store._alloc.end
-    keep, drop, by_rec, by_hash = [], [], set(), {}
+    keep, drop, by_rec, by_hash, at = [], [], set(), {}, {}
     for seg, slot, rec in index.entries(v):
         word = w[((seg + SEGMENT_HEADER) >> 3) + slot]
         # the record alone decides: its block header is allocator state, which recovery rewrites
@@ -57,11 +59,18 @@ def live_records(store, result=None):
             continue
         key = store._record_key(rec)
         same = by_hash.setdefault(v.hash, [])
-        if rec in by_rec or any(store._record_key(r) == key for r in same):
-            drop.append((seg, slot))
+        twin = rec if rec in by_rec else next((r for r in same if store._record_key(r) == key), None)
+        if twin is not None:
             if result:
                 result.duplicates += 1
-            continue
+            if twin == rec or lib.mmkv_find(v, key, len(key)) or v.rec_off != rec:
+                drop.append((seg, slot))
+                continue
+            drop.append(keep[at[twin]][2])              # lookups find this one: the twin goes
+            keep[at.pop(twin)] = None
+            by_rec.discard(twin)
+            same.remove(twin)
+            lib.mmkv_record_verify_contents(v, rec)     # v describes rec again
         by_rec.add(rec)
         same.append(rec)
         klen = w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
@@ -75,8 +84,9 @@ def live_records(store, result=None):
             if result:
                 result.dropped += 1
             continue
+        at[rec] = len(keep)
         keep.append((b, size, (seg, slot), klen + v.val_len, index.slot_word(v.hash, rec), least))
-    return keep, drop
+    return [item for item in keep if item is not None], drop
 
 
 def recover(store, reason: str) -> RecoveryResult:

@@ -17,11 +17,12 @@ import traceback
 import pytest
 
 import mmkv
-from mmkv import fuzz
+from mmkv import fuzz, index
 from mmkv._shim import lib
 from mmkv.allocator import size_class
-from mmkv.layout import (FREE_NEXT, FREE_PREV, HEADER_SIZE, MASK64, OFF_IDENTITY, OFF_META, OFF_STATE, STATE_WORD,
-                         build_meta, parse_identity, parse_meta, siphash, struct_fields)
+from mmkv.layout import (FREE_NEXT, FREE_PREV, HEADER_SIZE, MASK64, OFF_IDENTITY, OFF_META, OFF_STATE, RECORD_HEADER,
+                         SEGMENT_HEADER, SEGMENT_SLOTS, STATE_WORD, build_meta, parse_identity, parse_meta, siphash,
+                         struct_fields)
 
 HEADS = STATE_WORD["free_heads"]
 BITMAP = STATE_WORD["free_bitmap"]
@@ -188,6 +189,123 @@ def test_a_page_size_of_0_is_a_corrupt_header(tmp_path):
             f.write(bytes(ident) + siphash(0, 0, bytes(ident)).to_bytes(8, "little"))   # resealed
         with pytest.raises(mmkv.CorruptionError, match="page size"):
             mmkv.open(path, "w")
+
+
+def test_stats_ends_a_free_list_cycle_at_its_second_step(path):
+    """stats() walks the highest free list for the largest block: a self-loop made it step
+    2^20 times (seconds per call) and report a wrong size."""
+    with mmkv.open(path) as db:
+        db[b"a"] = b"x" * 1000
+        with db.lock():
+            w = db._words
+            c = w[BITMAP].bit_length() - 1
+            tail = w[HEADS + c]
+            w[(tail + FREE_NEXT) >> 3] = tail
+        with pytest.raises(mmkv.CorruptionError, match="cycle"):
+            db.stats()
+        db.recover()
+        assert db.stats()["largest_free_block"] > 0
+        db.check()
+
+
+def test_a_header_claiming_its_neighbour_costs_recovery_nothing(tmp_path):
+    """A record's block header that claims the next record's block too: recovery used to keep
+    the first and drop the second as an overlap; it now trims the first to what it holds.
+    And a free that knows what the block was allocated for refuses to free both."""
+    path = str(tmp_path / "swallow.mmkv")
+    with mmkv.open(path) as db:
+        for i in range(6):
+            db[b"k%d" % i] = bytes([i]) * 100
+        first, second = block_of(db, b"k2"), block_of(db, b"k3")
+
+        def swallow():
+            with db.lock():
+                assert first + db._alloc.block_size(first) == second
+                db._words[first >> 3] += db._alloc.block_size(second)   # k2's block now covers k3's
+
+        swallow()
+        result = db.recover()
+        assert result.overlaps == 0 and result.records == 6 and result.resized == 1
+        assert all(db[b"k%d" % i] == bytes([i]) * 100 for i in range(6))
+        swallow()
+        with db.lock():
+            payload = 32 + 8 + 100                                   # record header, key, value
+            assert db._alloc.most(first, payload) < db._alloc.block_size(first)
+            with pytest.raises(mmkv.CorruptionError):
+                db._alloc.free(first, payload)
+        db.recover()
+        del db[b"k2"]
+        assert db[b"k3"] == bytes([3]) * 100
+        db.check()
+
+
+def _second_slot_for(db, key, value):
+    """Give key a second slot (an empty one a scan meets before key's own, which lookups never
+    reach) pointing at a record of key with value, in a block of its own.  Returns that slot."""
+    with db.lock():
+        v, w = db._view, db._words
+        assert lib.mmkv_find(v, key, len(key)) == 0
+        seg, h = v.seg, v.hash
+        slots = ((seg + SEGMENT_HEADER) >> 3)
+        home = h & (SEGMENT_SLOTS - 1)
+        if v.slot != home or home < 2 or w[slots + home - 1]:
+            return None                                   # this key does not fit the test's layout
+        b = db._alloc.alloc(RECORD_HEADER + 8 + len(value))
+        assert lib.mmkv_record_write(v, b + 8, db._alloc.block_size(b) - 8, h, key, len(key), value,
+                                     len(value), 0) == 0
+        w[slots + home - 1] = index.slot_word(h, b + 8)   # before the home slot: lookups never see it
+        return home - 1
+
+
+def _key_in_two_slots(db):
+    """20 keys, then a 21st whose second slot holds a stale record of it; returns that key."""
+    for i in range(20):
+        db[b"k%d" % i] = b"v%d" % i
+    for n in range(1000):                                 # a key whose home slot suits the test
+        key = b"key%d" % n
+        db[key] = b"new"
+        if _second_slot_for(db, key, b"stale") is not None:
+            return key
+        del db[key]
+    pytest.fail("no key found whose home slot has a free slot before it")
+
+
+def test_recovery_keeps_the_slot_of_a_key_that_lookups_find(path):
+    """A slot holding a stale record of a key another slot holds (as a freed record whose block
+    was merged into a free one still reads as one): recovery kept the first slot it scanned, and
+    with it the stale value; it now keeps the one lookups find, the value gets and writes used."""
+    with mmkv.open(path) as db:
+        key = _key_in_two_slots(db)
+        result = db.recover()
+        assert db[key] == b"new" and result.duplicates == 1 and len(db) == 21
+        db.check()
+
+
+def test_a_key_in_two_slots_stops_iteration(path):
+    """Iteration listed such a key twice, once with the stale value."""
+    with mmkv.open(path) as db:
+        _key_in_two_slots(db)
+        with db.lock(), pytest.raises(mmkv.CorruptionError, match="another slot holds"):
+            list(index.verified_records(db._view, db._words))
+        db.recover()
+        db.check()
+
+
+def test_a_slot_with_another_tag_stops_iteration(path):
+    with mmkv.open(path) as db:
+        for i in range(20):
+            db[b"k%d" % i] = b"v%d" % i
+        with db.lock():
+            v, w = db._view, db._words
+            assert lib.mmkv_find(v, b"k7", 2) == 0
+            at = ((v.seg + SEGMENT_HEADER) >> 3) + v.slot
+            w[at] ^= 1 << 60                              # lookups of k7 now skip its slot
+            with pytest.raises(mmkv.CorruptionError, match="tag"):
+                list(index.verified_records(v, w))
+        assert db.get(b"k7") is None                      # what a lookup makes of it
+        result = db.recover()                             # a slot whose tag is not its record's is
+        assert result.dropped == 1 and len(db) == 19      # damage: random offsets fail it that way
+        db.check()
 
 
 # ---------------------------------------------------------------- the audit fires
