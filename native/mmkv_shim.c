@@ -452,8 +452,13 @@ static struct mmkv_segment *segment_at(const struct mmkv_view *v, uint64_t off)
 {
     if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, SEG_BYTES))
         return NULL;
+    /* a segment is the payload of a block in use that holds it: a directory entry pointing
+       anywhere else (into another segment, a record) is damage, not a segment */
+    uint64_t head = *(const uint64_t *)(v->base + off - 8), bsize = head & ~(uint64_t)MMKV_BLOCK_FLAGS;
+    if (!(head & MMKV_BLOCK_ALLOC) || bsize < SEG_BYTES + 8 || bsize > v->size - (off - 8))
+        return NULL;
     struct mmkv_segment *s = (struct mmkv_segment *)(v->base + off);
-    if (s->depth > v->dir_bits || s->count > MMKV_SEGMENT_SLOTS)
+    if (s->depth > v->dir_bits || s->count > MMKV_SEGMENT_SLOTS || s->prefix >> s->depth)
         return NULL;
     return s;
 }
@@ -841,6 +846,8 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
 {
     struct lookup l;
     int rc = lookup(v, key, klen, &l);
+    if (rc == 0 && l.rec->checksum != record_sum(v, l.rec))
+        rc = EBADMSG; /* damaged bytes are never returned as a value */
     if (rc == 0) {
         uint64_t n = l.rec->val_len;
         g->val_len = n;
@@ -1307,7 +1314,7 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
         return rc;
     FAILPOINT("put.after_slot");
     if (l.rec) {                                  /* 3. the old record's block is free */
-        if ((rc = mmkv_free(v, l.rec_off - 8)))
+        if ((rc = mmkv_free_fitting(v, l.rec_off - 8, REC_HDR + PAD8(klen) + old_vlen)))
             return rc;
         st->live_bytes -= klen + old_vlen;
     } else {
@@ -1364,7 +1371,7 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
             else if (!(rc = sync_range(v, slots + 8 * first, 8 * (MMKV_SEGMENT_SLOTS - first))))
                 rc = sync_range(v, slots, 8 * (v->slot + 1));
         }
-        if (!rc && !(rc = mmkv_free(v, l.rec_off - 8))) {
+        if (!rc && !(rc = mmkv_free_fitting(v, l.rec_off - 8, REC_HDR + PAD8(klen) + vlen))) {
             st->count--;
             st->live_bytes -= klen + vlen;
         }
@@ -1383,6 +1390,12 @@ int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t de
     rc = lookup(v, key, klen, &l);
     if (rc == 0 && !(l.rec->flags & MMKV_REC_COUNTER))
         rc = ENOENT; /* a plain 8-byte value or another type: the general path decides */
+    if (rc == 0) {   /* updated in place: its block and checksum must hold, or recovery drops it */
+        uint64_t head = *(const uint64_t *)(v->base + l.rec_off - 8);
+        if (!(head & MMKV_BLOCK_ALLOC) || (head & ~(uint64_t)MMKV_BLOCK_FLAGS) < REC_HDR + PAD8(klen) + 16 ||
+            l.rec->val_len != 8 || l.rec->checksum != record_sum(v, l.rec))
+            rc = EBADMSG;
+    }
     if (rc == 0) {
         uint64_t off = l.rec_off + REC_HDR + PAD8((uint64_t)l.rec->key_len);
         int64_t *p = (int64_t *)(v->base + off), now;

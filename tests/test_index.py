@@ -384,8 +384,8 @@ SPLIT_KILLER = textwrap.dedent("""
             if point == "after-switch":
                 die()
 
-    def free(self, b):
-        real_free(self, b)
+    def free(self, b, *payload):
+        real_free(self, b, *payload)
         if switched and point == "after-first-free":
             die()
 
