@@ -960,12 +960,8 @@ def _perform(db, op, model: Model) -> None:
         now = db.incr(op[1], op[2])
         model.set(op[1], now.to_bytes(8, "little", signed=True))
     elif kind == "txn":
-        with db.transaction():
-            for k, v in op[1]:
-                if v is None:
-                    db.pop(k, None)
-                else:
-                    db[k] = v
+        from .torture import perform as perform_on_store      # the crash harness's transaction
+        perform_on_store(db, op)
         for k, v in op[1]:
             model.set(k, v)
     elif kind == "update":
