@@ -52,6 +52,14 @@ def cmd_check(args) -> int:
     return 0
 
 
+def say_line(value) -> None:
+    """Print value as one line in one write: processes started together share the output pipe,
+    and print() makes two writes (value, then newline) when Python runs unbuffered
+    (PYTHONUNBUFFERED), so "1" and "2" could reach the reader as "12"."""
+    sys.stdout.write(f"{value}\n")
+    sys.stdout.flush()
+
+
 def cmd_incr(args) -> int:
     """Add DELTA (default 1) to the counter KEY and print the new value (the file is created if missing)."""
     try:
@@ -60,7 +68,7 @@ def cmd_incr(args) -> int:
     except (Error, OverflowError, OSError) as exc:
         print(f"mmkv incr: {args.path}: {exc}", file=sys.stderr)
         return 1
-    print(value)
+    say_line(value)
     return 0
 
 
@@ -72,7 +80,7 @@ def cmd_next_id(args) -> int:
     except (Error, OverflowError, OSError) as exc:
         print(f"mmkv next-id: {args.path}: {exc}", file=sys.stderr)
         return 1
-    print(value)
+    say_line(value)
     return 0
 
 
