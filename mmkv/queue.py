@@ -82,6 +82,8 @@ QUEUE_PREFIX = b"\x00mmkv:q:"
 SEM_PREFIX = b"\x00mmkv:sem:"
 #: The shim waits forever for this many nanoseconds or more (its FOREVER_NS).
 _FOREVER = 1 << 62
+#: Longest single semaphore wait of a get without timeout (ns): how late a signal may be noticed.
+_SIGNAL_SLICE_NS = 200_000_000
 
 
 def _as_item(obj) -> bytes:
@@ -297,7 +299,8 @@ class Queue:
         """Remove and return the oldest item; if there is none, block until one is put.
 
         timeout: seconds to wait at most (None: forever, 0: do not wait).  The
-        wait sleeps on a semaphore (no polling) and wakes on a put by any process.
+        wait sleeps on a semaphore (no polling of the store; a wait without timeout re-arms every
+        0.2 s so that signal handlers run) and wakes on a put by any process.
         Signals: a handler runs during the wait; if it raises (KeyboardInterrupt),
         get raises it and takes nothing; otherwise the wait resumes with what is
         left of the timeout.  The item is deleted from the file before get
@@ -329,7 +332,11 @@ class Queue:
                     raise Error(f"queue {self.name!r}: get would wait while this thread holds db.lock(), "
                                 "so no process could put; call get outside the lock, or with timeout=0")
                 if deadline is None:
-                    rc = self._sem.wait(-1)
+                    # in slices: a signal that lands between the interpreter's last check and the
+                    # wait itself would otherwise go unnoticed until a put (SIGINT lost under load);
+                    # each slice returns to the interpreter, which runs pending handlers
+                    while (rc := self._sem.wait(_SIGNAL_SLICE_NS)) == errno.ETIMEDOUT:
+                        pass
                 else:
                     rc = self._sem.wait(max(0, min(_FOREVER, int((deadline - time.monotonic()) * 1e9))))
                 if rc == 0:
