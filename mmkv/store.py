@@ -632,6 +632,8 @@ class Store(MutableMapping):
         if rc == errno.ENOENT:
             return None
         raise_for(rc, "lookup")
+        # damaged bytes are never returned as a value (the fast path checks in C)
+        raise_for(lib.mmkv_record_verify_contents(v, v.rec_off), f"record of key {bytes(k)[:40]!r}")
         return self._fm.mm[v.val_off:v.val_off + v.val_len]
 
     def __contains__(self, key):
