@@ -535,6 +535,9 @@ def test_signals_during_a_blocked_get(path, spawn):
         import signal
         seen = []
         signal.signal(signal.SIGUSR1, lambda *a: seen.append(1))
+        # Python leaves SIGINT ignored when it starts ignored (a background job of a
+        # non-interactive shell): install the KeyboardInterrupt handler whatever we inherited
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         q = mmkv.Queue(sys.argv[1], "jobs")
         say("waiting")
         t0 = time.monotonic()
