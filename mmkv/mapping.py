@@ -107,6 +107,10 @@ def grow_file(fd: int, new_size: int, minimum: int | None = None, page: int = 1)
     """Extend the file to new_size with real blocks (posix_fallocate), never sparse; returns
     the size reached.
 
+    A file already longer than new_size (a crash after fallocate, before the header said so)
+    is used as it is, up to its last whole page: the size returned is always a multiple of
+    ``page`` (a damaged file can have any length).
+
     A sparse file would turn a full disk into SIGBUS on first touch of a page.
     With ``minimum`` (a size that still serves the caller), a full disk is not the end:
     the step (new_size - current size) is halved, page-rounded, and tried again, down to
@@ -118,7 +122,7 @@ def grow_file(fd: int, new_size: int, minimum: int | None = None, page: int = 1)
     for size in _fallback_sizes(old, new_size, new_size if minimum is None else minimum, page):
         rc = _fallocate_to(fd, old, size)
         if rc == 0:
-            return max(size, old)
+            return max(size, old // page * page)
         if rc not in _DISK_FULL:
             raise Error(f"posix_fallocate failed: {os.strerror(rc)} (errno {rc})")
     want = new_size if minimum is None else max(old, minimum)

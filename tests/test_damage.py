@@ -475,3 +475,22 @@ def test_items_refuses_a_slot_that_is_not_its_records(path):
         db.check()
     finally:
         db.close()
+
+
+def test_a_file_longer_than_its_header_by_an_odd_length_grows_in_whole_pages(path):
+    """A file extended past its header's size by a length that is not a page multiple (found by
+    the fuzzer, case 50254 of seed 200) used to be taken as it was by the next growth: the header
+    then said 1,310,712 bytes and check() failed.  Growth uses the longer file up to its last
+    whole page."""
+    with mmkv.open(path) as db:
+        db[b"a"] = b"1"
+        size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size + (1 << 20) - 8)           # 8 bytes short of a page multiple
+    with mmkv.open(path) as db:
+        for i in range(40):                        # enough to grow the file past its header's size
+            db[b"big%d" % i] = bytes([i]) * 30000
+        assert db.stats()["file_size"] > size + (1 << 20)           # it grew past the odd length
+        assert db.stats()["file_size"] % db._ident.page_size == 0
+        db.check()
+        assert db[b"a"] == b"1" and db[b"big39"] == bytes([39]) * 30000
