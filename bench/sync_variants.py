@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from mmkv._shim import ffi, lib
+from mmkv.engine.shim import ffi, lib
 
 SIZE = 64 << 20
 

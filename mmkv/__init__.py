@@ -14,7 +14,7 @@ from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError,
 from .store import Store
 from .sequence import Sequence
 from .queue import Queue
-from .tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
+from .engine.tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
 __version__ = "0.1.0"
 

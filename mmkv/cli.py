@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["torture"]:          # its own parser, options and help included
-        from . import torture
+        from .crashkit import torture
         return torture.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -71,9 +71,9 @@ import os
 import threading
 import time
 
-from ._shim import ffi, lib
+from .engine.shim import ffi, lib
 from .errors import ClosedError, Error, ForkedHandleError, NotACounterError, QueueEmpty, TooManyQueuesError
-from .layout import HEADER_SIZE, NSEMS, OFF_SEMS, SEM_BYTES
+from .engine.layout import HEADER_SIZE, NSEMS, OFF_SEMS, SEM_BYTES
 from .sequence import open_or_use, record_name
 
 #: Prefix of every queue's records.

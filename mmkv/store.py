@@ -17,16 +17,16 @@ import weakref
 from itertools import accumulate, chain
 from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
-from . import failpoints, index, recovery, transaction
-from ._shim import ESTALE, ffi, lib, raise_for
-from .allocator import Allocator
+from .engine import failpoints, index, recovery, transaction
+from .engine.shim import ESTALE, ffi, lib, raise_for
+from .engine.allocator import Allocator
 from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
-from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
+from .engine.layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
                      REC_KEY_LEN_AT, SEGMENT_HEADER, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
-from .mapping import FileMap, grow_file, next_size
-from . import opening
-from .tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, LARGE_BLOCK, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE,
+from .engine.mapping import FileMap, grow_file, next_size
+from .engine import opening
+from .engine.tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, LARGE_BLOCK, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE,
                        MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
 
 SYNC_MODES = ("none", "full")
@@ -1083,7 +1083,7 @@ class Store(MutableMapping):
         Holds the lock for the whole audit (O(file size): about a second per million
         keys).  :raises CorruptionError: the audit found a problem (``exc.report`` lists all).
         """
-        from . import checker      # imported on first use: the audit is not on any hot path
+        from .engine import checker      # imported on first use: the audit is not on any hot path
         self._acquire()
         try:
             report = checker.audit(self)

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmkv
-from mmkv import index
-from mmkv.allocator import block_size_for, size_class
-from mmkv._shim import ffi
-from mmkv.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES, HEAP_START,
+from mmkv.engine import index
+from mmkv.engine.allocator import block_size_for, size_class
+from mmkv.engine.shim import ffi
+from mmkv.engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES, HEAP_START,
                          RECORD_HEADER, REC_KEY_LEN_AT, SEGMENT_BYTES, SEGMENT_SLOTS, STATE_WORD, pad8)
-from mmkv.tunables import LARGE_BLOCK, MAX_LOAD
+from mmkv.engine.tunables import LARGE_BLOCK, MAX_LOAD
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REC_VAL_LEN_AT = ffi.offsetof("struct mmkv_record", "val_len")

@@ -48,7 +48,7 @@ def test_check_sound_file_exits_zero(path):
 def _record_value_offset(db, key):
     db._acquire()
     try:
-        from mmkv._shim import lib
+        from mmkv.engine.shim import lib
         assert lib.mmkv_find(db._view, key, len(key)) == 0
         return db._view.val_off
     finally:

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 import mmkv
-from mmkv import torture
-from mmkv._shim import lib
+from mmkv.crashkit import torture
+from mmkv.engine.shim import lib
 
 
 def test_two_hundred_kills_lose_nothing(tmp_path):
@@ -47,7 +47,7 @@ def _die_at(path, failpoint, body):
     """Run body in a child with failpoint armed; it must die by SIGKILL.  Returns its stdout."""
     code = textwrap.dedent(f"""
         import mmkv, mmkv.store
-        from mmkv import failpoints
+        from mmkv.engine import failpoints
         db = mmkv.open({path!r})
         failpoints.arm({failpoint!r})
     """) + textwrap.dedent(body)

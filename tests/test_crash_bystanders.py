@@ -18,8 +18,8 @@ The long run is ``mmkv torture kill PATH --kills 2000 --bystanders 3``; here a s
 import pytest
 
 import mmkv
-from mmkv import torture
-from mmkv.torture import Bystander, Names, run_victim, verify
+from mmkv.crashkit import torture
+from mmkv.crashkit.torture import Bystander, Names, run_victim, verify
 
 OLD = [b"t%d" % i for i in range(10)]
 
@@ -242,7 +242,7 @@ def test_open_through_another_name_during_the_last_close(path, closer, opener):
     waits; whatever it does in that time, a correct engine passes.)"""
     import os
     import select
-    from mmkv.torture import Child
+    from mmkv.crashkit.torture import Child
     with mmkv.open(path) as db:
         db[b"a"] = b"1"
     names = Names(path)
@@ -263,7 +263,7 @@ def test_open_through_another_name_during_the_last_close(path, closer, opener):
             name = names.enter(opener)
             db = mmkv.open(name)
             os.write(rep, b"open\n")
-            from mmkv import failpoints
+            from mmkv.engine import failpoints
             failpoints.arm("put.after_record")
             torture.perform(db, put)
             os.write(rep, b"survived\n")

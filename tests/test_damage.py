@@ -17,10 +17,11 @@ import traceback
 import pytest
 
 import mmkv
-from mmkv import fuzz, index
-from mmkv._shim import lib
-from mmkv.allocator import size_class
-from mmkv.layout import (FREE_NEXT, FREE_PREV, HEADER_SIZE, MASK64, OFF_IDENTITY, OFF_META, OFF_STATE, RECORD_HEADER,
+from mmkv.crashkit import fuzz
+from mmkv.engine import index
+from mmkv.engine.shim import lib
+from mmkv.engine.allocator import size_class
+from mmkv.engine.layout import (FREE_NEXT, FREE_PREV, HEADER_SIZE, MASK64, OFF_IDENTITY, OFF_META, OFF_STATE, RECORD_HEADER,
                          SEGMENT_HEADER, SEGMENT_SLOTS, STATE_WORD, build_meta, parse_identity, parse_meta, siphash,
                          struct_fields)
 
@@ -405,7 +406,7 @@ class _AlwaysNoRoom:
 
 @pytest.mark.parametrize("op", ["put", "update", "transaction"])
 def test_a_lying_allocator_grows_the_file_once_then_reports_damage(path, monkeypatch, op):
-    from mmkv import allocator as allocator_module
+    from mmkv.engine import allocator as allocator_module
     from mmkv import store as store_module
     db = mmkv.open(path)
     try:
@@ -455,8 +456,8 @@ def test_recovery_keeps_an_intact_record_whose_block_header_is_damaged(tmp_path,
 def test_items_refuses_a_slot_that_is_not_its_records(path):
     """A damaged empty slot pointing at a live record (found by the fuzzer, case 49037: after
     writes, items() listed a stale value through it): iteration raises, recovery repairs."""
-    from mmkv import index
-    from mmkv.layout import SEGMENT_HEADER
+    from mmkv.engine import index
+    from mmkv.engine.layout import SEGMENT_HEADER
     db = mmkv.open(path)
     try:
         for i in range(10):

@@ -27,10 +27,10 @@ import pytest
 
 import mmkv
 from mmkv import DiskFullError, cli
-from mmkv.layout import EPILOGUE_BYTES, HEAP_START, RECORD_HEADER, SEGMENT_BYTES, SEGMENT_SLOTS, pad8
+from mmkv.engine.layout import EPILOGUE_BYTES, HEAP_START, RECORD_HEADER, SEGMENT_BYTES, SEGMENT_SLOTS, pad8
 from mmkv.queue import Queue
 from mmkv.sequence import SEQ_PREFIX, Sequence
-from mmkv.tunables import MAX_LOAD
+from mmkv.engine.tunables import MAX_LOAD
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20

@@ -24,10 +24,10 @@ import traceback
 import pytest
 
 import mmkv
-from mmkv import index, layout
-from mmkv._shim import ffi, lib
-from mmkv.layout import SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK
-from mmkv.tunables import MAX_LOAD
+from mmkv.engine import index, layout
+from mmkv.engine.shim import ffi, lib
+from mmkv.engine.layout import SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK
+from mmkv.engine.tunables import MAX_LOAD
 
 #: Keys a segment holds; one more splits it.
 SEGMENT_MAX = int(SEGMENT_SLOTS * MAX_LOAD)
@@ -350,8 +350,8 @@ def test_recovery_rebuilds_an_index_whose_segment_count_is_wrong(db):
 SPLIT_KILLER = textwrap.dedent("""
     import os, signal, sys
     import mmkv
-    from mmkv import index
-    from mmkv.allocator import Allocator
+    from mmkv.engine import index
+    from mmkv.engine.allocator import Allocator
     from mmkv.store import Store
 
     path, point = sys.argv[1], sys.argv[2]

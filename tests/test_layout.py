@@ -1,7 +1,7 @@
 """The one layout, seen three ways, must agree.
 
 * the C compiler's offsetof()/sizeof() table, exported by the shim
-  (``mmkv.layout.layout_table()``);
+  (``mmkv.engine.layout.layout_table()``);
 * cffi's view of the same structs (``ffi.offsetof`` / ``ffi.sizeof``), which is
   what the Python engine reads and writes through;
 * the constants ``mmkv/layout.py`` derives (OFF_*, STATE_WORD, RECORD_HEADER, ...),
@@ -13,8 +13,8 @@ import struct
 import pytest
 
 import mmkv
-from mmkv import layout
-from mmkv._shim import ffi, lib
+from mmkv.engine import layout
+from mmkv.engine.shim import ffi, lib
 
 #: Structs that live in the file (at a fixed offset of the header page, or in the heap).
 FILE_STRUCTS = ("mmkv_identity", "mmkv_meta", "mmkv_state", "mmkv_locks", "mmkv_record", "mmkv_segment")

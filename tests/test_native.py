@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from mmkv import layout
-from mmkv._shim import ffi, lib
+from mmkv.engine import layout
+from mmkv.engine.shim import ffi, lib
 
 FORK = multiprocessing.get_context("fork")
 JOIN = 20            # seconds: the most any child may take

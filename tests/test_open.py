@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 import mmkv
-from mmkv import layout
+from mmkv.engine import layout
 
 FORK = multiprocessing.get_context("fork")
 JOIN = 30

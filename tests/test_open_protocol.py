@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import mmkv
-from mmkv.layout import CLEAN_MARK, STATE_WORD
+from mmkv.engine.layout import CLEAN_MARK, STATE_WORD
 
 
 def dirty_word(path):

@@ -20,7 +20,7 @@ import children
 
 import mmkv
 from mmkv.queue import SEM_PREFIX, _Semaphore
-from mmkv.layout import NSEMS
+from mmkv.engine.layout import NSEMS
 
 TIMEOUT = 30
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import mmkv
-from mmkv._shim import lib
+from mmkv.engine.shim import lib
 
 
 def value_offset(db, key):

@@ -14,9 +14,9 @@ import traceback
 import pytest
 
 import mmkv
-from mmkv import index
-from mmkv.layout import SEGMENT_SLOTS
-from mmkv.tunables import MAX_LOAD
+from mmkv.engine import index
+from mmkv.engine.layout import SEGMENT_SLOTS
+from mmkv.engine.tunables import MAX_LOAD
 
 #: Keys one index segment holds before an insert splits it.
 SEGMENT_MAX = int(SEGMENT_SLOTS * MAX_LOAD)

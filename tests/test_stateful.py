@@ -33,8 +33,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 
 import mmkv
-from mmkv import failpoints, torture
-from mmkv.layout import SEGMENT_SLOTS
+from mmkv.engine import failpoints
+from mmkv.crashkit import torture
+from mmkv.engine.layout import SEGMENT_SLOTS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 

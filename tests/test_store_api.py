@@ -7,8 +7,8 @@ from collections.abc import MutableMapping
 import pytest
 
 import mmkv
-from mmkv import index
-from mmkv.layout import SEGMENT_SLOTS
+from mmkv.engine import index
+from mmkv.engine.layout import SEGMENT_SLOTS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 BAD_TYPES = [1, None, 1.5, [b"a"], (b"a",), {b"a": 1}, object()]

@@ -67,7 +67,7 @@ def test_large_transaction_grows_file_and_index(db):
 def test_the_index_splits_before_the_commit_point_never_while_the_journal_is_applied(db, monkeypatch):
     """Applying a committed journal must not need space (a full disk there would leave it half
     applied): the segments the new keys need are split before the journal is named."""
-    from mmkv import index
+    from mmkv.engine import index
     db._view.max_count = 50                          # a split every few dozen keys
     journal_named_at_split = []
     real_split = index.split
@@ -152,7 +152,7 @@ def test_killed_during_commit_is_all_or_nothing(path, point, sync):
         db.update({b"k%d" % i: b"old" for i in range(50)})
     child = textwrap.dedent(f"""
         import mmkv
-        from mmkv import failpoints
+        from mmkv.engine import failpoints
         db = mmkv.open({path!r}, sync={sync!r})
         failpoints.arm({point!r})
         with db.transaction():

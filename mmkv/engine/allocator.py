@@ -23,8 +23,8 @@ why recovery rebuilds instead of trusting the lists.
 """
 import errno
 
-from ._shim import ffi, lib, raise_for
-from .errors import CorruptionError
+from .shim import ffi, lib, raise_for
+from ..errors import CorruptionError
 from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_NEXT, FREE_PREV, HEAP_START, MASK64,
                      NCLASSES, STATE_WORD)
 

@@ -16,8 +16,8 @@ Steps, each safe to repeat if recovery itself is killed:
 from dataclasses import dataclass
 
 from . import index, transaction
-from ._shim import lib
-from .errors import CorruptionError
+from .shim import lib
+from ..errors import CorruptionError
 from .allocator import block_size_for
 from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, MASK64, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
                      TAG_SHIFT, record_size)

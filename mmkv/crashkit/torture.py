@@ -60,7 +60,7 @@ import time
 import traceback
 from collections import Counter
 
-from . import failpoints
+from ..engine import failpoints
 
 POOL = 600                      # keys the writer draws from
 SIZES = (0, 1, 10, 100, 1000, 5000, 70_000)
@@ -358,7 +358,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _lower_split_threshold() -> None:
-    from . import store as store_module
+    from .. import store as store_module
     store_module.MAX_LOAD = TORTURE_MAX_LOAD
 
 
@@ -782,7 +782,7 @@ class BarrierRecorder:
     """
 
     def __init__(self, db):
-        from ._shim import ffi
+        from ..engine.shim import ffi
         self.fd, self.page = db._fd, db._ident.page_size
         self.last = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
         self.first = self.last
@@ -855,7 +855,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
     :raises AssertionError: a crash image lost an acknowledged write or failed check().
     """
     import mmkv
-    from . import store as store_module
+    from .. import store as store_module
     rnd = random.Random(seed)
     summary = Counter()
     started = time.monotonic()

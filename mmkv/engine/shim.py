@@ -7,14 +7,14 @@ if sys.byteorder != "little":  # the format is little-endian and the engine read
     raise ImportError("mmkv supports little-endian machines only")
 
 try:
-    from ._native import ffi, lib
+    from .._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise ImportError(
         "mmkv's native shim is not built; install the package with "
         "'pip install .' (or 'pip install -e .' for development): " + str(exc)
     ) from exc
 
-from .errors import CorruptionError, Error
+from ..errors import CorruptionError, Error
 
 ESTALE = lib.MMKV_ESTALE
 

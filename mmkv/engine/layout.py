@@ -6,8 +6,8 @@ Also here: building and validating the identity sector and the two meta copies.
 """
 from collections import namedtuple
 
-from ._shim import ffi, lib
-from .errors import ChecksumError, CorruptionError, NotMmkvFileError, TruncatedError, VersionError
+from .shim import ffi, lib
+from ..errors import ChecksumError, CorruptionError, NotMmkvFileError, TruncatedError, VersionError
 
 MAGIC = lib.MMKV_MAGIC                   #: first 8 bytes of every mmkv file, as a little-endian u64
 MAGIC_BYTES = MAGIC.to_bytes(8, "little")

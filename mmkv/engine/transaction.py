@@ -25,8 +25,8 @@ transaction is all-or-nothing against process crashes.
 import errno
 
 from . import failpoints, index
-from ._shim import ffi, lib, raise_for
-from .errors import DiskFullError
+from .shim import ffi, lib, raise_for
+from ..errors import DiskFullError
 from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, REC_KEY_LEN_AT, RECORD_HEADER, STATE_WORD, pad8, siphash
 from .index import slot_word
 

@@ -14,7 +14,7 @@ txn.mid_apply, txn.before_retire, recover.mid_rebuild (in Python).
 """
 import os
 
-from ._shim import lib
+from .shim import lib
 
 NAMES = ("put.after_record", "put.after_slot", "delete.mid_shift", "alloc.mid", "free.mid",
          "incr.before_store", "sync.before", "sync.after", "grow.after_fallocate", "meta.before_sync",

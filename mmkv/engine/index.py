@@ -16,8 +16,8 @@ import errno
 from bisect import bisect_left
 from itertools import chain, repeat
 
-from ._shim import ffi, lib, raise_for
-from .errors import CorruptionError, LimitError
+from .shim import ffi, lib, raise_for
+from ..errors import CorruptionError, LimitError
 from . import failpoints
 from .layout import (BLOCK_ALIGN, BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, REC_KEY_LEN_AT, RECORD_HEADER,
                      SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)

@@ -13,7 +13,7 @@ loops), free blocks' headers and footers, block headers, the epilogue, segment
 headers and slots, directory entries, record headers and bytes, the journal.
 Aimed values are the extremes (0, 1, 2^63, 2^64-1, the file size, the file size
 - 8, HEAP_START - 8) and offsets of other structures.  Every number comes from
-``mmkv.layout``.
+``mmkv.engine.layout``.
 
 Each case runs in a child forked from the fuzzer (which has mmkv imported: a
 fork costs about a millisecond, a fresh interpreter fifty) under a timeout and
@@ -62,10 +62,10 @@ from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import failpoints, opening
-from . import store as store_module
-from .errors import Error
-from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES,
+from ..engine import failpoints, opening
+from .. import store as store_module
+from ..errors import Error
+from ..engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES,
                      FREE_NEXT, FREE_PREV, HEADER_SIZE, HEAP_START, JOURNAL_HEADER, MASK64, NCLASSES, OFF_IDENTITY,
                      OFF_LOCKS, OFF_META, OFF_STATE, REC_COUNTER, RECORD_HEADER, SEGMENT_HEADER, SEGMENT_SLOTS,
                      SLOT_OFF_BITS, SLOT_OFF_MASK, Identity, pad8, parse_identity, parse_meta, siphash,
@@ -933,7 +933,7 @@ def _child_case(path: str, seed: Seed, plan: Plan, model: Model, say) -> dict:
 
 def _diagnose(db, k) -> str:
     """Why a read was wrong, when the record it came from fails its own checks."""
-    from ._shim import lib
+    from ..engine.shim import lib
     try:
         with db.lock():
             v = db._view

@@ -10,7 +10,7 @@ index and one over the heap, about a second per million keys.
 import os
 from dataclasses import dataclass, field
 
-from .errors import CorruptionError
+from ..errors import CorruptionError
 from .layout import EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, STATE_WORD, parse_identity, parse_meta
 from . import index
 from .recovery import live_records

@@ -17,8 +17,8 @@ import os
 import threading
 
 from . import failpoints
-from ._shim import ffi, lib
-from .errors import DiskFullError, Error
+from .shim import ffi, lib
+from ..errors import DiskFullError, Error
 from .tunables import GROW_STEP_MAX, GROW_STEP_MIN
 
 

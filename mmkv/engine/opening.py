@@ -78,8 +78,8 @@ import os
 import stat
 import time
 
-from ._shim import lib
-from .errors import Error, LockTimeoutError, NotRegularFileError
+from .shim import lib
+from ..errors import Error, LockTimeoutError, NotRegularFileError
 from .layout import (HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS, SEM_BYTES,
                      Identity, build_identity, build_meta)
 
