@@ -495,3 +495,39 @@ def test_a_file_longer_than_its_header_by_an_odd_length_grows_in_whole_pages(pat
         assert db.stats()["file_size"] % db._ident.page_size == 0
         db.check()
         assert db[b"a"] == b"1" and db[b"big39"] == bytes([39]) * 30000
+
+
+@pytest.mark.parametrize("replace", ["transaction", "split"])
+def test_a_block_header_claiming_its_neighbour_is_not_freed_with_it(path, replace):
+    """A record's block header grown to swallow the next record (found by the fuzzer, cases
+    13992 and 19266 of seed 200): a transaction that replaced the record freed the whole claimed
+    size, the next record's counter value became a free-block footer, and reads returned it
+    without an error.  Every free now says what the block was allocated for, and a header
+    claiming more is refused (CorruptionError; recovery repairs)."""
+    with mmkv.open(path) as db:
+        for i in range(6):
+            db.incr(b"counter:%d" % i, -(i + 1))
+        b, after = block_of(db, b"counter:2"), block_of(db, b"counter:3")
+        size = block_size(db, b)
+        assert after == b + size                         # neighbours: the damage reaches counter:3
+        with db.lock():
+            db._words[b >> 3] += size                    # the header claims counter:3's block too
+        try:
+            if replace == "transaction":
+                with db.transaction():
+                    db[b"counter:2"] = b"x" * 300
+                    db[b"other"] = b"y"
+            else:
+                for i in range(300):                     # enough new keys to split the segment...
+                    db[b"k%d" % i] = b"v"
+                with db.transaction():                   # ...and a replacement of the damaged record
+                    db[b"counter:2"] = b"x" * 300
+                    db[b"other"] = b"y"
+        except mmkv.CorruptionError:
+            pass                                         # refused: the next lock holder recovers
+        for i in range(6):
+            if i != 2:
+                assert db.get(b"counter:%d" % i) == (-(i + 1)).to_bytes(8, "little", signed=True)
+        db.recover()
+        db.check()
+        assert db.incr(b"counter:3") == -3

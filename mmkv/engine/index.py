@@ -33,7 +33,7 @@ def create(allocate, view, words, free=None) -> tuple:
 
     ``allocate(payload)`` returns a block offset; ``view`` and ``words`` must
     describe the mapping after the allocations (allocate may grow the file).
-    ``free(block)``, when given, returns the segment's block if the directory's
+    ``free(block, payload)``, when given, returns the segment's block if the directory's
     allocation raises (DiskFullError), so a failed create leaves no block behind.
     """
     seg = allocate(SEGMENT_BYTES)
@@ -41,7 +41,7 @@ def create(allocate, view, words, free=None) -> tuple:
         d = allocate(8)
     except BaseException:
         if free and seg:
-            free(seg)
+            free(seg, SEGMENT_BYTES)
         raise
     if not seg or not d:
         raise CorruptionError("no room for a new index in a fresh heap")
@@ -67,11 +67,11 @@ def split(store, view, seg: int, publish: bool = True) -> None:
     :raises DiskFullError: the file cannot grow for the new blocks; nothing changed.
     """
     live, alloc = store._view, store._alloc
-    taken = []                                  # blocks of this split, freed on an error before the switch
+    taken = []                                  # (block, payload) of this split, freed on an error before the switch
     try:
-        taken.append(store._allocate(SEGMENT_BYTES))     # may grow and remap the file...
-        taken.append(store._allocate(SEGMENT_BYTES))
-        a, b = taken[0] + 8, taken[1] + 8
+        taken.append((store._allocate(SEGMENT_BYTES), SEGMENT_BYTES))     # may grow and remap the file...
+        taken.append((store._allocate(SEGMENT_BYTES), SEGMENT_BYTES))
+        a, b = taken[0][0] + 8, taken[1][0] + 8
         view.base, view.size, view.heap_end = live.base, live.size, live.heap_end   # ...so follow it
         rc = lib.mmkv_segment_split(view, seg, a, b)
         if rc == errno.E2BIG:
@@ -79,8 +79,8 @@ def split(store, view, seg: int, publish: bool = True) -> None:
                              f"{view.max_count} keys share 32 hash bits")
         raise_for(rc, "segment split")
         bits = view.dir_bits + 1 if segment_depth(store._words, seg) == view.dir_bits else view.dir_bits
-        taken.append(store._allocate(8 << bits))
-        d = taken[2] + 8
+        taken.append((store._allocate(8 << bits), 8 << bits))
+        d = taken[2][0] + 8
         view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
         raise_for(lib.mmkv_dir_build(view, d, bits, seg, a, b), "directory build")
         if publish:
@@ -91,18 +91,18 @@ def split(store, view, seg: int, publish: bool = True) -> None:
                 failpoints.hit(b"split.before_meta")
     except BaseException:
         view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
-        for block in taken:
-            alloc.free(block)
+        for block, payload in taken:
+            alloc.free(block, payload)
         raise
-    old_dir = view.dir_off
+    old_dir, old_bits = view.dir_off, view.dir_bits
     if publish:
         store._write_meta(dir_off=d, dir_bits=bits)
         if failpoints.armed:
             failpoints.hit(b"split.after_meta")
     else:
         view.dir_off, view.dir_bits = d, bits
-    alloc.free(seg - 8)
-    alloc.free(old_dir - 8)
+    alloc.free(seg - 8, SEGMENT_BYTES)         # a size the header claims beyond these is damage:
+    alloc.free(old_dir - 8, 8 << old_bits)     # refused, never freeing the blocks after it
 
 
 def reserve(store, hashes, segments) -> None:
@@ -230,7 +230,7 @@ def rebuild(store, words: list) -> None:
     :raises DiskFullError: the file cannot grow for the new index; nothing changed.
     """
     live, alloc = store._view, store._alloc
-    old = blocks(store)
+    old = list(zip(blocks(store), needs(live)))
     view = ffi.new("struct mmkv_view *")
     view[0] = live[0]
     view.dir_off, view.dir_bits = create(store._allocate, lambda: live, lambda: store._words, alloc.free)
@@ -251,12 +251,12 @@ def rebuild(store, words: list) -> None:
             store._fm.sync(block, size)
     except BaseException:
         view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
-        for block, _ in blocks(store, view):
-            alloc.free(block)
+        for (block, _), need in zip(blocks(store, view), needs(view)):
+            alloc.free(block, need)
         raise
     store._write_meta(dir_off=view.dir_off, dir_bits=view.dir_bits)
-    for block, _ in old:
-        alloc.free(block)
+    for (block, _), need in old:
+        alloc.free(block, need)
 
 
 def audit(view) -> tuple:

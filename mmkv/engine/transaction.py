@@ -81,7 +81,8 @@ def commit(store, txn: Transaction) -> None:
         return
     v, alloc = store._view, store._alloc
     entries, lengths = [], []       # (new record, old record); (new len, old len) of key + value
-    taken = []                      # blocks allocated so far: freed on an error before the commit point
+    taken = []                      # (block, payload) allocated so far: freed on an error before the commit point
+    needs = []                      # payload bytes of each entry's old record (0: none)
     hashes, segments = [], set()    # of the new keys: the index needs a slot for each
     try:
         for k, op in txn.writes.items():
@@ -89,23 +90,27 @@ def commit(store, txn: Transaction) -> None:
             if rc not in (0, errno.ENOENT):
                 raise_for(rc, "lookup")
             old, old_len = (v.rec_off, len(k) + v.val_len) if rc == 0 else (0, 0)
+            old_need = RECORD_HEADER + pad8(len(k)) + v.val_len if rc == 0 else 0
             if op is _DELETE:
                 if old:
                     entries.append((0, old))
                     lengths.append((0, old_len))
+                    needs.append(old_need)
                 continue
             value, flags = op
             h = v.hash
             if not old:
                 hashes.append(h)
                 segments.add(v.seg)
-            b = store._allocate(RECORD_HEADER + pad8(len(k)) + len(value))        # 1. the new record
-            taken.append(b)
+            need = RECORD_HEADER + pad8(len(k)) + len(value)
+            b = store._allocate(need)                                                 # 1. the new record
+            taken.append((b, need))
             cap = alloc.block_size(b) - 8
             raise_for(lib.mmkv_record_write(store._view, b + 8, cap, h, k, len(k), value, len(value), flags),
                       "record write")
             entries.append((b + 8, old))
             lengths.append((len(k) + len(value), old_len))
+            needs.append(old_need)
         if not entries:
             return
         index.reserve(store, hashes, segments)                                    # 1b. room in the index
@@ -113,7 +118,7 @@ def commit(store, txn: Transaction) -> None:
             failpoints.hit(b"txn.after_records")
         body = b"".join(n.to_bytes(8, "little") + o.to_bytes(8, "little") for n, o in entries)
         jb = store._allocate(JOURNAL_HEADER + len(body))                          # 2. the journal
-        taken.append(jb)
+        taken.append((jb, JOURNAL_HEADER + len(body)))
         j = jb + 8
         mm = store._fm.mm
         mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + len(body)] = body
@@ -126,8 +131,8 @@ def commit(store, txn: Transaction) -> None:
         mm[j:j + JOURNAL_HEADER] = bytes(ffi.buffer(header))
         _barrier(store)
     except BaseException as exc:
-        for b in taken:
-            alloc.free(b)
+        for b, need in taken:
+            alloc.free(b, need)
         if isinstance(exc, DiskFullError) and len(txn.writes) == 1:
             _apply_alone(store, txn)
             return
@@ -141,7 +146,7 @@ def commit(store, txn: Transaction) -> None:
     _barrier(store)
     if failpoints.armed:
         failpoints.hit(b"txn.before_retire")
-    retire(store, entries, jb)                                                  # 5. retire, free
+    retire(store, entries, needs, taken[-1])                                    # 5. retire, free
     w = store._words
     keys = sum((1 if new else 0) - (1 if old else 0) for new, old in entries)
     live = sum(new_len - old_len for new_len, old_len in lengths)
@@ -158,13 +163,16 @@ def _apply_alone(store, txn: Transaction) -> None:
         store._put(k, op[0], op[1])
 
 
-def retire(store, entries, journal_block) -> None:
-    """Stop naming the journal, then free the replaced records and the journal block."""
+def retire(store, entries, needs, journal) -> None:
+    """Stop naming the journal, then free the replaced records (needs: the payload of each)
+    and the journal block (journal: (block, payload)).  A block whose header claims more
+    than its payload allows is damage: the free is refused (CorruptionError), never let
+    loose on the blocks after it."""
     store._write_meta(journal_off=0, journal_txn=0, durable=store._full)
-    for new, old in entries:
+    for (new, old), need in zip(entries, needs):
         if old:
-            store._alloc.free(old - 8)
-    store._alloc.free(journal_block)
+            store._alloc.free(old - 8, need)
+    store._alloc.free(*journal)
 
 
 def read_journal(store, meta):
