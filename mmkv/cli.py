@@ -37,7 +37,7 @@ def cmd_check(args) -> int:
         return 2
     try:
         with open_store(args.path, "w") as db:
-            recovered = getattr(db, "_last_recovery", None)
+            recovered = db.last_recovery
             report = db.check()
     except Error as exc:
         print(f"mmkv check: {args.path}: DAMAGED: {exc}", file=sys.stderr)

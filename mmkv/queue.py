@@ -72,7 +72,8 @@ import threading
 import time
 
 from .engine.shim import ffi, lib
-from .errors import ClosedError, Error, ForkedHandleError, NotACounterError, QueueEmpty, TooManyQueuesError
+from .errors import (ClosedError, Error, ForkedHandleError, NotACounterError, QueueEmpty, ReadOnlyError,
+                     TooManyQueuesError)
 from .engine.layout import HEADER_SIZE, NSEMS, OFF_SEMS, SEM_BYTES
 from .sequence import open_or_use, record_name
 
@@ -192,10 +193,11 @@ class Queue:
         self._db = None
         self._db, self._owned = open_or_use(path_or_store, sync, options)
         try:
-            self._db._writable()
+            if self._db.readonly:
+                raise ReadOnlyError(f"queue {self.name!r}: the store was opened with flag 'r'; a queue writes")
             with self._db.lock():
                 self.semaphore = self._assign_semaphore()
-                self._sem = _Semaphore(self._db._fd, self.semaphore)
+                self._sem = _Semaphore(self._db.engine.fd, self.semaphore)
                 self._reconcile()
         except BaseException:
             if self._sem is not None:
@@ -328,7 +330,7 @@ class Queue:
                 have_token = False         # a spare wake-up: the queue is empty, drop it
                 if deadline is not None and deadline <= time.monotonic():
                     raise QueueEmpty(f"queue {self.name!r}: no item within {timeout}s")
-                if self._db._depth and self._db._owner == threading.get_ident():
+                if self._db.lock_held():
                     raise Error(f"queue {self.name!r}: get would wait while this thread holds db.lock(), "
                                 "so no process could put; call get outside the lock, or with timeout=0")
                 if deadline is None:

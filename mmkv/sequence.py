@@ -133,7 +133,7 @@ class Sequence:
                 return
             try:
                 unused = self._end - self._next
-                if unused and not db._readonly:
+                if unused and not db.readonly:
                     with db.lock():
                         raw = db.get(self.key)
                         if raw is not None and int.from_bytes(raw, "little", signed=True) == self._end - 1:

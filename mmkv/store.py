@@ -17,17 +17,15 @@ import weakref
 from itertools import accumulate, chain
 from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
-from .engine import failpoints, index, recovery, transaction
+from .engine import index, recovery, transaction
+from .engine.core import Engine, timeout_ns
 from .engine.shim import ESTALE, ffi, lib, raise_for
-from .engine.allocator import Allocator
-from .errors import (TruncatedError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
+from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
-from .engine.layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, OFF_MUTEX, REC_COUNTER, RECORD_HEADER,
-                     REC_KEY_LEN_AT, SEGMENT_HEADER, SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, pad8, parse_identity, parse_meta)
-from .engine.mapping import FileMap, grow_file, next_size
+from .engine.layout import (CLEAN_MARK, HEADER_SIZE, MASK64, OFF_MUTEX, REC_COUNTER, SEGMENT_HEADER, STATE_WORD,
+                            record_size, slot_word)
 from .engine import opening
-from .engine.tunables import (FIT_SCAN, GET_BUFFER, INITIAL_FILE_SIZE, LARGE_BLOCK, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE,
-                       MAX_LOAD, MAX_VALUE_SIZE, OPEN_TIMEOUT)
+from .engine.tunables import GET_BUFFER, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE, MAX_VALUE_SIZE, OPEN_TIMEOUT
 
 SYNC_MODES = ("none", "full")
 FLAGS = ("r", "w", "c", "n")
@@ -43,8 +41,6 @@ _BATCH = 4096
 #: Errors a write raises before it changes anything (so no repair is needed).
 _CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
 
-#: Times an open starts over because another process replaced the file meanwhile.
-_OPEN_ATTEMPTS = 100
 
 _open_stores = weakref.WeakSet()
 log = logging.getLogger("mmkv")
@@ -62,13 +58,13 @@ def _after_fork_in_child():
         store._forked = True
         store._view = None
         try:
-            if store._fm is not None:
-                store._fm.close()
+            if store._engine is not None:
+                store._engine.close()
             if store._fd is not None:
                 os.close(store._fd)
         except OSError:
             pass
-        store._fm = store._words = None
+        store._engine = None
         store._fd = None
 
 
@@ -86,49 +82,6 @@ class _PerThread(threading.local):
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def timeout_ns(seconds) -> int:
-    """Nanoseconds for the shim: -1 (wait forever) for None or inf.
-
-    :raises ValueError: negative or NaN.  :raises TypeError: not a number.
-    """
-    if seconds is None:
-        return -1
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
-        raise TypeError(f"lock_timeout must be a number of seconds or None, not {type(seconds).__name__}")
-    if seconds != seconds or seconds < 0:
-        raise ValueError(f"lock_timeout must be >= 0 seconds or None, not {seconds}")
-    return -1 if seconds >= 1 << 32 else int(seconds * 1e9)   # 136 years: forever
-
-
-def reextension_limit(real_size: int, page: int) -> int:
-    """The largest file size a first opener may restore for a file shorter than its header says.
-
-    After a power loss the header can name a size whose growth never reached the disk (sync
-    "none" grows without syncing).  Three growth steps past the real size cover what such a
-    window can lose; a header that asks for more is damage, and an open must never
-    pre-allocate disk on the word of a damaged header.
-    """
-    size = real_size
-    for _ in range(3):
-        size = next_size(size, size, page)
-    return size
-
-
-def new_view(fm, ident, sync_full: bool, lock_timeout):
-    """A process-local view of a mapping for the shim (index fields are set from the meta)."""
-    v = ffi.new("struct mmkv_view *")
-    v.base, v.size = fm.base, fm.size
-    v.seed0, v.seed1 = ident.seed0, ident.seed1
-    v.pid = os.getpid()
-    v.lock_timeout_ns = timeout_ns(lock_timeout)
-    v.page_size = ident.page_size
-    v.large_block = LARGE_BLOCK
-    v.fit_scan = FIT_SCAN
-    v.max_count = int(SEGMENT_SLOTS * MAX_LOAD)
-    v.sync_full = int(sync_full)
-    return v
 
 
 def _as_bytes(obj, what: str) -> bytes:
@@ -160,8 +113,8 @@ class Store(MutableMapping):
         self.sync_mode = sync
         self._full = sync == "full"
         self._readonly = flag == "r"
-        self._view = None
-        self._fm = None
+        self._engine = None      # the mapped file beneath this handle (mmkv.engine.core.Engine)
+        self._view = None        # self._engine.view (one object for the handle's life), for the hot paths
         self._fd = None
         self._forked = False
         self._depth = 0          # db.lock() nesting in the owning thread
@@ -182,162 +135,54 @@ class Store(MutableMapping):
     # The protocol, its states and the interleavings considered: mmkv/opening.py.
 
     def _open(self, flag, mode, lock_timeout, open_timeout):
-        """Open (or create) the file and attach to it, following opening.py's protocol."""
+        """Open (or create) the file and attach to it: opening.open_store runs the protocol
+        and calls back _attach (header, mapping, first-opener recovery) at its step 5."""
         self._open_timeout = open_timeout
-        folder = os.path.dirname(self.path)
-        if not os.path.isdir(folder):   # dbm raises too; nothing is created
-            raise FileNotFoundError(errno.ENOENT, f"no such directory: {folder}", self.path)
-        created = False
-        for _ in range(_OPEN_ATTEMPTS):
-            fd = opening.open_existing(self.path, flag)
-            if fd is None:
-                if flag not in ("c", "n"):
-                    raise FileNotFoundError(errno.ENOENT, f"no store here (flag {flag!r} needs an existing file; "
-                                                          "nothing was created)", self.path)
-                self._create_file(mode, replace=False)      # False: another process created it first
-                created = True
-                continue
-            try:
-                opening.take_protocol_lock(fd, self.path, open_timeout)
-                if not opening.same_file(fd, self.path):    # replaced while we waited: start over
-                    os.close(fd)
-                    continue
-                first = opening.try_alone(fd)
-                if first and flag in ("c", "n") and (os.fstat(fd).st_size == 0 or (flag == "n" and not created)):
-                    self._create_file(mode, replace=True)   # waiting openers see a new inode: they start over
-                    created = True
-                    os.close(fd)
-                    continue
-                self._fd = fd
-                self._attach(lock_timeout, first)
-                opening.hold_attached(fd)
-                opening.release_protocol_lock(fd)
-            except BaseException:
-                self._detach()
-                self._fd = None
-                os.close(fd)                                 # releases both byte locks
-                raise
-            if flag == "n" and not first:
-                self.clear()
-            return
-        raise Error(f"could not open {self.path!r}: it was replaced {_OPEN_ATTEMPTS} times while opening; "
-                    "another process keeps recreating it")
 
-    def _create_file(self, mode, replace: bool):
-        """Build a new, empty store beside the path's target and give it the target's name:
-        atomically, and (replace false) only if no file has that name yet.  A symlink is followed.
-        Nothing is left behind on failure."""
-        target = os.path.realpath(self.path)
-        page = os.sysconf("SC_PAGE_SIZE")
-        tmp = opening.temporary_name(target)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            size = max(INITIAL_FILE_SIZE, HEADER_SIZE + page)
-            grow_file(fd, size)
-            ident = opening.new_identity(page)
-            opening.write_new_header(fd, ident, Meta(0, size, 0, 0))
-            fm = FileMap(fd, size)
-            try:
-                view = new_view(fm, ident, False, None)
-                alloc = Allocator(fm, view)
-                alloc.format(size - EPILOGUE_BYTES)
-                dir_off, dir_bits = index.create(alloc.alloc, lambda: view, lambda: fm.words)
-                raw = build_meta(Meta(1, size, dir_off, dir_bits), ident)
-                fm.mm[OFF_META[0]:OFF_META[0] + len(raw)] = raw
-                opening.init_locks(fm.base)
-                fm.words[_DIRTY] = CLEAN_MARK
-                fm.sync()
-            finally:
-                fm.close()
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        if opening.publish(tmp, target, replace):        # publish removes tmp whatever happens
-            opening.fsync_dir(target)
+        def attach(fd, first):
+            self._fd = fd
+            self._attach(lock_timeout, first)
+
+        def detach():
+            self._detach()
+            self._fd = None
+
+        fd, first = opening.open_store(self.path, flag, mode, open_timeout, attach, detach)
+        if flag == "n" and not first:
+            self.clear()
 
     def _attach(self, lock_timeout, first):
-        """Validate the header, map the file and, as first opener, reset locks and recover."""
-        fd = self._fd
-        # Without the store lock a writer may switch the meta while we read it: it writes the
-        # meta, then bumps the generation.  Reading the generation first, the meta second, the
-        # view can only be older than its generation says: reloaded at the first lock.  (Read
-        # the other way round, an old meta could pass for current and writes would go through
-        # a freed index: found by the kill harness with bystanders opening during writes.)
-        generation = int.from_bytes(os.pread(fd, 8, _GEN * 8), "little")
-        page0 = os.pread(fd, HEADER_SIZE, 0)
-        real = os.fstat(fd).st_size     # after the meta: a growth extends the file before its meta names it
-        self._ident = parse_identity(page0, real)
-        try:
-            meta, which = parse_meta(page0, self._ident, real)
-        except TruncatedError:
-            clean = int.from_bytes(page0[_DIRTY * 8:_DIRTY * 8 + 8], "little") == CLEAN_MARK
-            if not first or clean or self._readonly:
-                raise
-            # power loss after a growth: the header reached the disk, the new file size did
-            # not.  The missing tail was never durable: put it back (zeros) for recovery to
-            # drop whatever pointed into it.  A cleanly closed short file is real damage.
-            meta, which = parse_meta(page0, self._ident, 1 << 62)
-            if meta.file_size > reextension_limit(real, self._ident.page_size):
-                raise TruncatedError(f"file is {real} bytes but its header says {meta.file_size}: more than a "
-                                     "power loss can cut off; the file was cut short or its header is damaged")
-            grow_file(fd, meta.file_size)
-        self._fm = FileMap(fd, meta.file_size)
+        """Map the file (the engine validates the header) and, as first opener, reset the
+        locks and recover when the file was not closed cleanly or its state does not add up."""
+        eng = self._engine = Engine(self.path, self._fd, self._full)
         # the shim waits at most until it is time to report the holder; the rest is _acquire's
-        self._view = new_view(self._fm, self._ident, self._full,
-                              lock_timeout if self._report_after is None else self._report_after)
-        self._alloc = Allocator(self._fm, self._view)
+        eng.attach(lock_timeout if self._report_after is None else self._report_after, first, self._readonly)
+        self._view, self._alloc = eng.view, eng.alloc
         self._lock_timeout = lock_timeout
-        self._set_meta(meta, which)
-        self._view.generation = generation
         if first:
-            opening.init_locks(self._fm.base)
-            w = self._fm.words      # no lock holder now: the sequence word must be even
-            w[STATE_WORD["seq"]] = (w[STATE_WORD["seq"]] + 2) & _EVEN_U64   # a cache word: wraps
-            reason = ("the file was not closed cleanly" if self._fm.words[_DIRTY] != CLEAN_MARK else
-                      "its meta names a journal" if self._meta.journal_off else    # an unfinished commit
-                      "its counters are impossible" if not self._state_plausible() else None)
+            w = eng.words
+            opening.init_locks(eng.fm.base)
+            w[STATE_WORD["seq"]] = (w[STATE_WORD["seq"]] + 2) & _EVEN_U64   # no lock holder: even; wraps
+            reason = ("the file was not closed cleanly" if w[_DIRTY] != CLEAN_MARK else
+                      "its meta names a journal" if eng.meta.journal_off else    # an unfinished commit
+                      "its counters are impossible" if not eng.state_plausible() else None)
             if reason:
                 self._acquire()
                 try:
-                    recovery.recover(self, reason)
+                    recovery.recover(eng, reason)
                 finally:
                     self._release()
-            self._fm.words[_DIRTY] = 0     # "not clean" until the last handle closes
-            self._fm.sync(0, HEADER_SIZE)
-
-    def _state_plausible(self) -> bool:
-        """The state's counters (a cache) add up with the file size: trusted after a clean close."""
-        w, size = self._fm.words, self._fm.size
-        used, free = w[STATE_WORD["used_bytes"]], w[STATE_WORD["free_bytes"]]
-        heads, bitmap = STATE_WORD["free_heads"], w[STATE_WORD["free_bitmap"]]
-        return (used + free + HEAP_START + EPILOGUE_BYTES == size and w[_COUNT] <= size // RECORD_HEADER
-                and w[_LIVE] <= size and all(bool(bitmap >> c & 1) == bool(w[heads + c]) for c in range(NCLASSES)))
-
-    def _set_meta(self, meta: Meta, which: int):
-        """Adopt meta as current: remap if the file size changed, point the view at the index."""
-        fm, v = self._fm, self._view
-        if meta.file_size != fm.size:
-            fm.remap(meta.file_size)
-        self._meta, self._meta_slot = meta, which
-        self._alloc.end = meta.file_size - EPILOGUE_BYTES
-        self._words = fm.words
-        v.base, v.size = fm.base, fm.size
-        v.dir_off, v.dir_bits = meta.dir_off, meta.dir_bits
-        v.generation = fm.words[_GEN]
+            eng.words[_DIRTY] = 0          # "not clean" until the last handle closes
+            eng.fm.sync(0, HEADER_SIZE)
 
     def _reload(self):
         """Another process changed the meta (growth, new index): load it (under the lock)."""
-        page0 = self._fm.mm[:HEADER_SIZE]
-        meta, which = parse_meta(page0, self._ident, os.fstat(self._fd).st_size)
-        self._set_meta(meta, which)
+        self._engine.reload()
 
     def _detach(self):
-        if self._fm is not None:
-            self._fm.close()
-        self._fm = self._view = self._words = None
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = self._view = self._alloc = None
 
     def close(self) -> None:
         """Close the handle; the last handle on the file syncs it and marks it clean.
@@ -370,11 +215,12 @@ class Store(MutableMapping):
                                 "for recovery", self.path)
                     return
                 held = self._hold_for_close(view)
-                if held and opening.try_alone(fd) and not self._meta.journal_off:
-                    self._fm.sync()            # last one out: everything durable, then the clean mark
+                eng = self._engine
+                if held and opening.try_alone(fd) and not eng.meta.journal_off:
+                    eng.fm.sync()              # last one out: everything durable, then the clean mark
                     os.fsync(fd)
-                    self._fm.words[_DIRTY] = CLEAN_MARK
-                    self._fm.sync(0, HEADER_SIZE)
+                    eng.words[_DIRTY] = CLEAN_MARK
+                    eng.fm.sync(0, HEADER_SIZE)
             finally:
                 if held:
                     lib.mmkv_unlock(view)
@@ -399,9 +245,34 @@ class Store(MutableMapping):
         self._depth, self._owner = 1, threading.get_ident()
         if rc == errno.EOWNERDEAD:
             self._owner_died()                 # recovery; on failure it unlocks and raises
-        elif self._words[_GEN] != view.generation:
+        elif self._engine.stale():
             self._reload()                     # the meta as it is now (journal, file size)
         return True
+
+    # ================================================================ for mmkv's own layers
+    @property
+    def engine(self):
+        """The engine beneath this handle (``mmkv.engine.core.Engine``: mapping, view,
+        allocator, meta).  For mmkv's own Queue, CLI, tests and crash kit; not a stable API.
+        :raises ClosedError, ForkedHandleError: the handle is closed or was forked."""
+        if self._engine is None:
+            raise self._dead()
+        return self._engine
+
+    @property
+    def readonly(self) -> bool:
+        """True when the handle was opened with flag "r"."""
+        return self._readonly
+
+    @property
+    def last_recovery(self):
+        """What the last recovery run through this handle found (a RecoveryResult), or None."""
+        return None if self._engine is None else self._engine.last_recovery
+
+    def lock_held(self) -> bool:
+        """True when the calling thread holds the store lock through this handle (inside
+        ``lock()`` or ``transaction()``): a blocking wait there would deadlock."""
+        return bool(self._depth) and self._owner == threading.get_ident()
 
     def __enter__(self):
         return self
@@ -448,7 +319,7 @@ class Store(MutableMapping):
                 self._owner_died()
             else:
                 raise self._lock_error(rc)
-        if self._words[_GEN] != v.generation:
+        if self._engine.stale():
             try:
                 self._reload()
             except BaseException:
@@ -459,7 +330,7 @@ class Store(MutableMapping):
     def _lock_after_report(self, v):
         """The lock was not free within lock_report_after seconds: log who holds it and for how
         long, then wait for the rest of lock_timeout.  Returns the shim's result."""
-        w = self._words
+        w = self._engine.words
         pid, since = w[STATE_WORD["lock_pid"]], w[STATE_WORD["lock_since_ns"]]
         held = f"{(time.monotonic_ns() - since) / 1e9:.1f}s" if since else "an unknown time"
         log.warning("mmkv: %s: waited %.1fs for the lock; pid %s has held it for %s",
@@ -485,11 +356,11 @@ class Store(MutableMapping):
         v = self._view
         try:
             self._reload()
-            recovery.recover(self, "a process died holding the lock")
+            self._recover("a process died holding the lock")
         except BaseException:
             lib.mmkv_unlock(v)   # not consistent: every locker now gets ENOTRECOVERABLE until reopened
             raise
-        rc = lib.mmkv_mutex_consistent(self._fm.base + OFF_MUTEX)
+        rc = lib.mmkv_mutex_consistent(self._engine.fm.base + OFF_MUTEX)
         if rc:
             lib.mmkv_unlock(v)
             raise Error(f"cannot mark the store mutex consistent: {os.strerror(rc)}")
@@ -498,7 +369,7 @@ class Store(MutableMapping):
         if rc == errno.EBADF:            # close() has begun in another thread
             return self._dead()
         if rc == errno.ETIMEDOUT:
-            pid = self._words[STATE_WORD["lock_pid"]]
+            pid = self._engine.words[STATE_WORD["lock_pid"]]
             return LockTimeoutError(f"timed out after {self._lock_timeout}s waiting for the lock of "
                                     f"{self.path!r}, held by pid {pid}; raise lock_timeout or stop that process")
         if rc == errno.ENOTRECOVERABLE:
@@ -549,7 +420,7 @@ class Store(MutableMapping):
         if self._view is None:          # the block closed the handle: nothing was applied
             raise self._dead()
         try:
-            transaction.commit(self, txn)
+            transaction.commit(self._engine, txn, self._put, self._delete)
         except BaseException as exc:
             self._abort_write(exc)
             raise
@@ -634,7 +505,7 @@ class Store(MutableMapping):
         raise_for(rc, "lookup")
         # damaged bytes are never returned as a value (the fast path checks in C)
         raise_for(lib.mmkv_record_verify_contents(v, v.rec_off), f"record of key {bytes(k)[:40]!r}")
-        return self._fm.mm[v.val_off:v.val_off + v.val_len]
+        return self._engine.fm.mm[v.val_off:v.val_off + v.val_len]
 
     def __contains__(self, key):
         k = key if type(key) is bytes else _as_bytes(key, "key")
@@ -648,10 +519,9 @@ class Store(MutableMapping):
         """Number of keys (O(1), read under the lock; inside a transaction, counting its writes)."""
         self._acquire()
         try:
-            n = self._words[_COUNT]
-            if n > self._fm.size // RECORD_HEADER:     # a damaged cache word: recount
-                recovery.recover(self, "the key count is impossible")
-                n = self._words[_COUNT]
+            if not self._engine.count_plausible():     # a damaged cache word: recount
+                self._recover("the key count is impossible")
+            n = self._engine.words[_COUNT]
             if self._txn is not None:
                 for k, op in self._txn.writes.items():
                     exists = lib.mmkv_find(self._view, k, len(k)) == 0
@@ -660,27 +530,23 @@ class Store(MutableMapping):
         finally:
             self._release()
 
-    def _entries(self):
-        """Yield (segment, slot, record offset) for every key; caller holds the lock."""
-        return index.entries(self._view)
-
-    def _record_key(self, rec):
-        """Key bytes of the record at rec (already verified); caller holds the lock."""
-        klen = self._words[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
-        return self._fm.mm[rec + RECORD_HEADER:rec + RECORD_HEADER + klen]
+    def _recover(self, reason):
+        """Run recovery (lock held) and remember what it found."""
+        return recovery.recover(self._engine, reason)
 
     def _snapshot(self, with_values: bool):
         """All keys (or (key, value) pairs) as of one moment, read under one lock hold."""
         self._acquire()
         try:
-            mm, v, w, out, seen = self._fm.mm, self._view, self._words, [], set()
+            eng = self._engine
+            mm, v, w, out, seen = eng.fm.mm, self._view, self._engine.words, [], set()
             txn = self._txn.writes if self._txn is not None else {}
-            for seg, slot, rec in self._entries():
+            for seg, slot, rec in index.entries(v):
                 raise_for(lib.mmkv_record_verify(v, rec), f"record at {rec}")
-                key = self._record_key(rec)
+                key = eng.record_key(rec)
                 # a slot that is not its record's (wrong tag) or a key listed twice is damage: say
                 # so rather than list a stale or foreign value (lookups never reach such a slot)
-                if w[((seg + SEGMENT_HEADER) >> 3) + slot] != index.slot_word(v.hash, rec) or key in seen:
+                if w[((seg + SEGMENT_HEADER) >> 3) + slot] != slot_word(v.hash, rec) or key in seen:
                     raise CorruptionError(f"{self.path}: index slot {slot} of segment {seg} does not belong "
                                           "to its record (damage); db.recover() repairs the index")
                 seen.add(key)
@@ -747,7 +613,7 @@ class Store(MutableMapping):
         self._depth, self._owner = 1, threading.get_ident()
         failed = f"a write failed ({errno.errorcode.get(rc, rc)})"
         try:
-            recovery.recover(self, failed)
+            self._recover(failed)
         except Error as exc:
             raise CorruptionError(f"{self.path}: {failed} and recovery could not repair the store: {exc}") from exc
         finally:
@@ -772,7 +638,7 @@ class Store(MutableMapping):
         allocator half way, so recovery runs before the lock goes to another process."""
         if isinstance(exc, _CLEAN_ERRORS):
             return
-        recovery.recover(self, f"a write was interrupted by {type(exc).__name__}")
+        self._recover(f"a write was interrupted by {type(exc).__name__}")
 
     @staticmethod
     def _check_sizes(k, val):
@@ -805,69 +671,14 @@ class Store(MutableMapping):
         """
         if rc == errno.ENOSPC:
             if grew_for is k:
-                raise self._no_fit(RECORD_HEADER + pad8(len(k)) + len(val))
-            self._grow_file(RECORD_HEADER + pad8(len(k)) + len(val))
+                raise self._engine.no_fit(record_size(len(k), len(val)))
+            self._engine.grow(record_size(len(k), len(val)))
             return k
         if rc == errno.EAGAIN:
-            index.split(self, self._view, self._view.seg)
+            index.split(self._engine, self._view, self._view.seg)
         else:
             raise_for(rc, "put")
         return None
-
-    def _no_fit(self, payload):
-        return CorruptionError(f"allocator: no block of {payload} bytes right after the file grew to hold "
-                               "one: the free lists are damaged (recovery rebuilds them)")
-
-    def _allocate(self, payload):
-        """A block for payload bytes, growing the file once if none fits.  Caller holds the lock.
-
-        :raises DiskFullError: the file cannot grow.  :raises CorruptionError: none fits even
-            after the growth (damaged free lists).
-        """
-        b = self._alloc.alloc(payload)
-        if not b:
-            self._grow_file(payload)        # grows by at least payload + 2 pages: a block must fit
-            b = self._alloc.alloc(payload)
-            if not b:
-                raise self._no_fit(payload)
-        return b
-
-    def _grow_file(self, payload):
-        """Grow the file so a block of payload bytes fits, and tell the other processes.
-
-        Asks for the geometric step first and, on a full disk, for less, down to what the
-        block needs (see mapping.next_size).  Caller holds the lock.
-        :raises DiskFullError: not even the block's bytes are free on the disk; nothing changed.
-        """
-        fm = self._fm
-        page = self._ident.page_size
-        need = fm.size + payload + 2 * page + 64     # room for the page alignment of a large block
-        old_end = self._alloc.end
-        new_size = grow_file(self._fd, next_size(fm.size, need, page), minimum=need, page=page)
-        if failpoints.armed:
-            failpoints.hit(b"grow.after_fallocate")
-        # sync="full": the meta's msync (datasync of the header page) also makes the new file
-        # size durable (metadata needed to read the data is committed with it); an fdatasync
-        # would flush every dirty page of the file instead.  sync="none": no sync at all (it
-        # cost up to 150 ms at 1.3 GB: the journal commit waits for other dirty data); after a
-        # power loss the first opener re-extends a file shorter than its header (see _attach).
-        self._write_meta(durable=self._full, file_size=new_size)   # remaps; others remap on their next call
-        self._alloc.end = old_end
-        self._alloc.extend(new_size - EPILOGUE_BYTES)
-
-    def _write_meta(self, durable=True, **changes):
-        """Write the meta copy not in force (seq + 1), sync it (unless durable is false: a
-        sync="none" transaction), and bump the generation so other processes reload it."""
-        new = self._meta._replace(seq=self._meta.seq + 1, **changes)
-        which = 1 - self._meta_slot
-        raw = build_meta(new, self._ident)
-        self._fm.mm[OFF_META[which]:OFF_META[which] + len(raw)] = raw
-        if failpoints.armed:
-            failpoints.hit(b"meta.before_sync")
-        if durable:
-            self._fm.sync(0, HEADER_SIZE)
-        self._words[_GEN] = (self._words[_GEN] + 1) & MASK64   # any change will do: wrap at 2^64
-        self._set_meta(new, which)
 
     def __delitem__(self, key):
         """Remove key. :raises KeyError: key is absent."""
@@ -990,12 +801,12 @@ class Store(MutableMapping):
         if self._txn is not None:
             raise Error("clear() inside a transaction is not supported; call it outside")
         try:
-            index.rebuild(self, [])                          # a new empty index, switched in atomically
+            index.rebuild(self._engine, [])                  # a new empty index, switched in atomically
         except DiskFullError:                                # (rebuild gave back what it took)
             if not self._delete_until_index_fits():
                 return                                       # every key deleted: the old index stays
-        self._alloc.rebuild(index.blocks(self))              # every record and the old index: free
-        w = self._words
+        self._alloc.rebuild(index.blocks(self._engine))      # every record and the old index: free
+        w = self._engine.words
         w[_COUNT] = w[_LIVE] = 0
 
     def _delete_until_index_fits(self) -> bool:
@@ -1005,16 +816,16 @@ class Store(MutableMapping):
         Each delete is the plain crash-safe one (no allocation); a new index is tried again
         after every SEGMENT_BYTES // 4 bytes freed.  Caller holds the lock.
         """
-        alloc = self._alloc
-        victims = sorted(((alloc.block_size(rec - 8), rec) for _, _, rec in self._entries()), reverse=True)
+        eng = self._engine
+        victims = sorted(((eng.alloc.capacity(rec), rec) for _, _, rec in index.entries(self._view)), reverse=True)
         freed = 0
         for i, (size, rec) in enumerate(victims):
-            self._delete(bytes(self._record_key(rec)))    # frees only its own block: the others stay put
+            self._delete(bytes(eng.record_key(rec)))      # frees only its own block: the others stay put
             freed += size
             if freed >= index.SEGMENT_BYTES // 4 or i == len(victims) - 1:
                 freed = 0
                 try:
-                    index.rebuild(self, [])
+                    index.rebuild(eng, [])
                     return True
                 except DiskFullError:
                     pass
@@ -1072,7 +883,7 @@ class Store(MutableMapping):
         """Make every write so far durable (msync MS_SYNC of the whole file, then fsync)."""
         self._acquire()
         try:
-            self._fm.sync()
+            self._engine.fm.sync()
             os.fsync(self._fd)
         finally:
             self._release()
@@ -1086,7 +897,7 @@ class Store(MutableMapping):
         from .engine import checker      # imported on first use: the audit is not on any hot path
         self._acquire()
         try:
-            report = checker.audit(self)
+            report = checker.audit(self._engine)
         finally:
             self._release()
         if not report.ok:
@@ -1100,7 +911,7 @@ class Store(MutableMapping):
         self._writable()
         self._acquire()
         try:
-            return recovery.recover(self, "requested")
+            return self._recover("requested")
         finally:
             self._release()
 
@@ -1108,13 +919,13 @@ class Store(MutableMapping):
         """Counters and space figures, read under the lock (O(1) but for one free-list walk)."""
         self._acquire()
         try:
-            w = self._words
+            w = self._engine.words
             largest = self._alloc.largest_free()
             st = {name: w[STATE_WORD[name]] for name in ("count", "live_bytes", "used_bytes", "free_bytes",
                                                          "generation", "recoveries", "lock_pid")}
             st["keys"] = st.pop("count")
-            st["file_size"] = self._fm.size
-            st.update(index.shape(self))
+            st["file_size"] = self._engine.fm.size
+            st.update(index.shape(self._engine))
             st["load_factor"] = st["keys"] / st["index_slots"]
             st["largest_free_block"] = largest
             st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0

@@ -49,7 +49,7 @@ def index_blocks(db):
 
     Each size is checked against the heap's own header for that block."""
     with db.lock():
-        out = sorted(index.blocks(db))
+        out = sorted(index.blocks(db.engine))
         for b, size in out:
             assert db._alloc.block_size(b) == size, f"index block {b}: blocks() and the heap disagree on its size"
         return out
@@ -93,8 +93,8 @@ def record_blocks(db):
     """[(block offset, block size, key_len, val_len)] for every record the index points at."""
     out = []
     with db.lock():
-        w = db._words
-        for _, _, rec in db._entries():
+        w = db.engine.words
+        for _, _, rec in index.entries(db._view):
             b = rec - 8
             klen = w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
             vlen = w[(rec + REC_VAL_LEN_AT) >> 3]
@@ -134,20 +134,20 @@ def assert_accounting(db):
 
 def alloc(db, payload):
     """Allocate a block for payload bytes (growing the file when nothing fits); caller holds the lock."""
-    b = db._alloc.alloc(payload)
+    b = db._alloc.alloc_block(payload)
     if not b:
-        db._grow_file(payload)
-        b = db._alloc.alloc(payload)
+        db.engine.grow(payload)
+        b = db._alloc.alloc_block(payload)
     assert b, f"no block for {payload} bytes even after growing the file"
     return b
 
 
 def fill(db, b, n, tag):
-    db._fm.mm[b + 8:b + 8 + n] = bytes([tag & 0xFF]) * n
+    db.engine.fm.mm[b + 8:b + 8 + n] = bytes([tag & 0xFF]) * n
 
 
 def intact(db, b, n, tag):
-    return db._fm.mm[b + 8:b + 8 + n] == bytes([tag & 0xFF]) * n
+    return db.engine.fm.mm[b + 8:b + 8 + n] == bytes([tag & 0xFF]) * n
 
 
 def random_value(rng, lo, hi):
@@ -337,7 +337,7 @@ def _three_adjacent(db, payload=200):
 
 
 def _word(db, off):
-    return db._words[off >> 3]
+    return db.engine.words[off >> 3]
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations("ABC")), ids="".join)
@@ -346,7 +346,7 @@ def test_free_coalesces_in_any_order(db, order):
         A, B, C, D, s = _three_adjacent(db)
         blk = dict(A=A, B=B, C=C)
         for name in order:
-            db._alloc.free(blk[name])
+            db._alloc.free_block(blk[name])
             assert db._alloc.audit() == []
         blocks = list(db._alloc.blocks())
         assert (A, 3 * s, False) in blocks
@@ -356,7 +356,7 @@ def test_free_coalesces_in_any_order(db, order):
         assert _word(db, A) & BLOCK_PREV_ALLOC
         assert _word(db, A + 3 * s - 8) == 3 * s
         assert not _word(db, D) & BLOCK_PREV_ALLOC and _word(db, D) & BLOCK_ALLOC
-        db._alloc.free(D)
+        db._alloc.free_block(D)
         assert db._alloc.audit() == []
 
 
@@ -364,26 +364,26 @@ def test_free_middle_block_merges_both_neighbours(db):
     with db.lock():
         A, B, C, D, s = _three_adjacent(db, payload=1000)
         a = db._alloc
-        free_before = db._words[STATE_WORD["free_bytes"]]
-        a.free(A)
-        a.free(C)
+        free_before = db.engine.words[STATE_WORD["free_bytes"]]
+        a.free_block(A)
+        a.free_block(C)
         assert a.audit() == []
         blocks = list(a.blocks())
         assert (A, s, False) in blocks and (B, s, True) in blocks and (C, s, False) in blocks
         assert _word(db, A + s - 8) == s and _word(db, C + s - 8) == s          # footers
         assert not _word(db, B) & BLOCK_PREV_ALLOC and not _word(db, D) & BLOCK_PREV_ALLOC
         n_free = sum(1 for *_, u in blocks if not u)
-        a.free(B)
+        a.free_block(B)
         blocks = list(a.blocks())
         assert (A, 3 * s, False) in blocks
         assert sum(1 for *_, u in blocks if not u) == n_free - 1     # A and C became one block
         assert a.audit() == []
-        assert db._words[STATE_WORD["free_bytes"]] == free_before + 3 * s
+        assert db.engine.words[STATE_WORD["free_bytes"]] == free_before + 3 * s
         # the merged block is reusable as a whole
-        big = a.alloc(3 * s - 8)
+        big = a.alloc_block(3 * s - 8)
         assert big == A and a.block_size(big) == 3 * s
-        a.free(big)
-        a.free(D)
+        a.free_block(big)
+        a.free_block(D)
         assert a.audit() == []
 
 
@@ -392,18 +392,18 @@ def test_free_merges_left_only_and_right_only(db):
         before = list(db._alloc.blocks())
         A, B, C, D, s = _three_adjacent(db)
         a = db._alloc
-        a.free(A)
-        a.free(B)          # merges with the free block on its left
+        a.free_block(A)
+        a.free_block(B)          # merges with the free block on its left
         assert (A, 2 * s, False) in list(a.blocks()) and a.audit() == []
         # D was carved from the front of a free block; what is left of it lies right after D
         nxt = min([o for o, _, u in a.blocks() if u and o > D] + [a.end])
         assert (D + s, nxt - D - s, False) in list(a.blocks())
-        a.free(D)          # merges with the free block on its right (up to the next block in use)
+        a.free_block(D)          # merges with the free block on its right (up to the next block in use)
         assert a.audit() == []
         blocks = list(a.blocks())
         assert (D, nxt - D, False) in blocks
         assert not any(D < o < nxt for o, _, _ in blocks)
-        a.free(C)          # both sides free: the heap is as it was before the four allocations
+        a.free_block(C)          # both sides free: the heap is as it was before the four allocations
         assert a.audit() == []
         assert list(a.blocks()) == before
     _assert_only_index_left(db)
@@ -413,12 +413,12 @@ def test_double_free_of_a_lone_block_is_refused(db):
     with db.lock():
         A, B, C, D, s = _three_adjacent(db)
         a = db._alloc
-        a.free(B)
+        a.free_block(B)
         with pytest.raises(mmkv.CorruptionError):
-            a.free(B)
+            a.free_block(B)
         assert a.audit() == []
         for b in (A, C, D):
-            a.free(b)
+            a.free_block(b)
         assert a.audit() == []
 
 
@@ -428,15 +428,15 @@ def test_detected_double_free_leaves_the_heap_unchanged(db):
     with db.lock():
         A, B, C, D, s = _three_adjacent(db)
         a = db._alloc
-        a.free(A)
-        a.free(B)                 # coalesced into A; B's stale header still says "in use"
+        a.free_block(A)
+        a.free_block(B)                 # coalesced into A; B's stale header still says "in use"
         assert a.audit() == []
         with pytest.raises(mmkv.CorruptionError):
-            a.free(B)             # caught: its left footer does not match
+            a.free_block(B)             # caught: its left footer does not match
         assert a.audit() == []
         assert (A, 2 * s, False) in list(a.blocks())
         for b in (C, D):
-            a.free(b)
+            a.free_block(b)
         assert a.audit() == []
 
 
@@ -454,7 +454,7 @@ def test_large_allocations_have_page_aligned_payloads(db, payload):
         assert_disjoint([(b, db._alloc.block_size(b)) for b in bs + small])
         assert db._alloc.audit() == []
         for b in small + bs:
-            db._alloc.free(b)
+            db._alloc.free_block(b)
         assert db._alloc.audit() == []
 
 
@@ -516,7 +516,7 @@ def test_random_alloc_free_keeps_heap_sound(ops):
                         b = sorted(live)[arg % len(live)]
                         n, tag = live.pop(b)
                         assert intact(db, b, n, tag), f"payload of block {b} was overwritten"
-                        a.free(b)
+                        a.free_block(b)
                     assert a.audit() == []
                     in_use = {off: s for off, s, u in a.blocks() if u}
                     for b, (n, _) in live.items():
@@ -525,7 +525,7 @@ def test_random_alloc_free_keeps_heap_sound(ops):
                 for b, (n, tag) in live.items():
                     assert intact(db, b, n, tag), f"payload of block {b} was overwritten"
                 for b in list(live):
-                    a.free(b)
+                    a.free_block(b)
                 assert a.audit() == []
             db.check()
             _assert_only_index_left(db)

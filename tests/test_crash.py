@@ -10,6 +10,7 @@ import pytest
 
 import mmkv
 from mmkv.crashkit import torture
+from mmkv.engine import index
 from mmkv.engine.shim import lib
 
 
@@ -97,7 +98,7 @@ def test_killed_mid_split_and_mid_index_rebuild(path):
         assert all(db[b"s%d" % i] == b"v" for i in range(n))
         db.check()
         # damage one slot, then die half way through the index rebuild that repairs it
-        seg, slot, _ = next(db._entries())
+        seg, slot, _ = next(index.entries(db._view))
         with db.lock():
             assert lib.mmkv_slot_set(db._view, seg, slot, 0) == 0
     _die_at(path, "recover.mid_rebuild", "db.recover()\n")

@@ -82,7 +82,7 @@ def test_a_free_list_link_into_a_live_record_is_not_written_through(path):
         hole, victim = block_of(db, b"a3"), block_of(db, b"a7")
         del db[b"a3"]
         with db.lock():
-            w = db._words
+            w = db.engine.words
             assert w[HEADS + size_class(db._alloc.block_size(hole))] == hole   # it heads its list
             w[(hole + FREE_NEXT) >> 3] = victim
         try:
@@ -107,7 +107,7 @@ def test_a_free_list_cycle_met_by_a_large_put_ends_in_recovery(path):
         del db[b"big0"]
         with db.lock():
             c = size_class(db._alloc.block_size(hole))
-            w = db._words
+            w = db.engine.words
             assert w[HEADS + c] == hole and db._alloc.block_size(hole) < 70_000
             w[(hole + FREE_NEXT) >> 3] = hole         # a self-loop
             w[BITMAP] = 1 << c                        # only this list looks non-empty (a stale cache)
@@ -198,7 +198,7 @@ def test_stats_ends_a_free_list_cycle_at_its_second_step(path):
     with mmkv.open(path) as db:
         db[b"a"] = b"x" * 1000
         with db.lock():
-            w = db._words
+            w = db.engine.words
             c = w[BITMAP].bit_length() - 1
             tail = w[HEADS + c]
             w[(tail + FREE_NEXT) >> 3] = tail
@@ -222,7 +222,7 @@ def test_a_header_claiming_its_neighbour_costs_recovery_nothing(tmp_path):
         def swallow():
             with db.lock():
                 assert first + db._alloc.block_size(first) == second
-                db._words[first >> 3] += db._alloc.block_size(second)   # k2's block now covers k3's
+                db.engine.words[first >> 3] += db._alloc.block_size(second)   # k2's block now covers k3's
 
         swallow()
         result = db.recover()
@@ -233,7 +233,7 @@ def test_a_header_claiming_its_neighbour_costs_recovery_nothing(tmp_path):
             payload = 32 + 8 + 100                                   # record header, key, value
             assert db._alloc.most(first, payload) < db._alloc.block_size(first)
             with pytest.raises(mmkv.CorruptionError):
-                db._alloc.free(first, payload)
+                db._alloc.free_block(first, payload)
         db.recover()
         del db[b"k2"]
         assert db[b"k3"] == bytes([3]) * 100
@@ -244,14 +244,14 @@ def _second_slot_for(db, key, value):
     """Give key a second slot (an empty one a scan meets before key's own, which lookups never
     reach) pointing at a record of key with value, in a block of its own.  Returns that slot."""
     with db.lock():
-        v, w = db._view, db._words
+        v, w = db._view, db.engine.words
         assert lib.mmkv_find(v, key, len(key)) == 0
         seg, h = v.seg, v.hash
         slots = ((seg + SEGMENT_HEADER) >> 3)
         home = h & (SEGMENT_SLOTS - 1)
         if v.slot != home or home < 2 or w[slots + home - 1]:
             return None                                   # this key does not fit the test's layout
-        b = db._alloc.alloc(RECORD_HEADER + 8 + len(value))
+        b = db._alloc.alloc_block(RECORD_HEADER + 8 + len(value))
         assert lib.mmkv_record_write(v, b + 8, db._alloc.block_size(b) - 8, h, key, len(key), value,
                                      len(value), 0) == 0
         w[slots + home - 1] = index.slot_word(h, b + 8)   # before the home slot: lookups never see it
@@ -287,7 +287,7 @@ def test_a_key_in_two_slots_stops_iteration(path):
     with mmkv.open(path) as db:
         _key_in_two_slots(db)
         with db.lock(), pytest.raises(mmkv.CorruptionError, match="another slot holds"):
-            list(index.verified_records(db._view, db._words))
+            list(index.verified_records(db._view, db.engine.words))
         db.recover()
         db.check()
 
@@ -297,7 +297,7 @@ def test_a_slot_with_another_tag_stops_iteration(path):
         for i in range(20):
             db[b"k%d" % i] = b"v%d" % i
         with db.lock():
-            v, w = db._view, db._words
+            v, w = db._view, db.engine.words
             assert lib.mmkv_find(v, b"k7", 2) == 0
             at = ((v.seg + SEGMENT_HEADER) >> 3) + v.slot
             w[at] ^= 1 << 60                              # lookups of k7 now skip its slot
@@ -318,7 +318,7 @@ def _free_block_pair(db):
     del db[b"k07"], db[b"k03"]
     with db.lock():
         c = size_class(db._alloc.block_size(first))
-        assert db._words[HEADS + c] == first and db._words[(first + FREE_NEXT) >> 3] == second
+        assert db.engine.words[HEADS + c] == first and db.engine.words[(first + FREE_NEXT) >> 3] == second
     return first, second, block_of(db, b"k05")
 
 
@@ -332,7 +332,7 @@ def test_the_audit_fires_on_each_allocator_damage(path, damage, finding):
     with mmkv.open(path) as db:
         first, second, live = _free_block_pair(db)
         with db.lock():
-            w = db._words
+            w = db.engine.words
             if damage == "link into a live record":
                 w[(second + FREE_NEXT) >> 3] = live
             elif damage == "cycle":
@@ -444,7 +444,7 @@ def test_recovery_keeps_an_intact_record_whose_block_header_is_damaged(tmp_path,
             v = db._view
             assert mmkv.store.lib.mmkv_find(v, b"counter:17", 10) == 0
             block = v.rec_off - 8
-        db._words[block >> 3] = header                   # damage one word: the block's header
+        db.engine.words[block >> 3] = header                   # damage one word: the block's header
         db.recover()
         assert {k: db[k] for k in db} == {b"counter:%d" % i: (i + 1).to_bytes(8, "little") for i in range(20)}
         db.check()
@@ -463,7 +463,7 @@ def test_items_refuses_a_slot_that_is_not_its_records(path):
         for i in range(10):
             db[b"s%d" % i] = b"v%d" % i
         with db.lock():
-            v, w = db._view, db._words
+            v, w = db._view, db.engine.words
             assert mmkv.store.lib.mmkv_find(v, b"s2", 2) == 0
             seg, rec, home = v.seg, v.rec_off, v.slot
             base = (seg + SEGMENT_HEADER) >> 3
@@ -492,7 +492,7 @@ def test_a_file_longer_than_its_header_by_an_odd_length_grows_in_whole_pages(pat
         for i in range(40):                        # enough to grow the file past its header's size
             db[b"big%d" % i] = bytes([i]) * 30000
         assert db.stats()["file_size"] > size + (1 << 20)           # it grew past the odd length
-        assert db.stats()["file_size"] % db._ident.page_size == 0
+        assert db.stats()["file_size"] % db.engine.ident.page_size == 0
         db.check()
         assert db[b"a"] == b"1" and db[b"big39"] == bytes([39]) * 30000
 
@@ -511,7 +511,7 @@ def test_a_block_header_claiming_its_neighbour_is_not_freed_with_it(path, replac
         size = block_size(db, b)
         assert after == b + size                         # neighbours: the damage reaches counter:3
         with db.lock():
-            db._words[b >> 3] += size                    # the header claims counter:3's block too
+            db.engine.words[b >> 3] += size                    # the header claims counter:3's block too
         try:
             if replace == "transaction":
                 with db.transaction():

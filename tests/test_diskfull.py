@@ -501,7 +501,7 @@ def test_transaction_that_needs_a_split_splits_before_its_commit_point(mount, ca
             del db[b"k%06d" % 5]
     assert_sound(db, model)
     with db.lock():
-        assert db._meta.journal_off == 0
+        assert db.engine.meta.journal_off == 0
     db = reopen(disk, db, model, capsys)
     db[b"new1"] = model[b"new1"] = b"1"              # fits in the segment: no split
     assert_sound(db, model)

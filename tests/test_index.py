@@ -7,7 +7,7 @@ segment past int(SEGMENT_SLOTS * MAX_LOAD) keys splits it into two new segments 
 switches a new directory in through the meta.
 
 Every structural claim is checked from the raw words of the file: the directory entries,
-each segment's header {depth, prefix, count, reserved} at ``db._words[seg >> 3]``, and the
+each segment's header {depth, prefix, count, reserved} at ``db.engine.words[seg >> 3]``, and the
 key hash stored in every record.
 """
 import multiprocessing
@@ -37,12 +37,12 @@ KEY_HASH_AT = ffi.offsetof("struct mmkv_record", "key_hash")
 # ---------------------------------------------------------------- reading the index from the file
 def read_index(db):
     """(dir_bits, [segment offset of each directory entry], {segment: (depth, prefix, count, reserved)},
-    index.blocks(db)), read under the lock."""
+    index.blocks(db.engine)), read under the lock."""
     with db.lock():
-        v, w = db._view, db._words
+        v, w = db._view, db.engine.words
         bits = v.dir_bits
         directory = [w[(v.dir_off >> 3) + i] for i in range(1 << bits)]
-        blocks = index.blocks(db)
+        blocks = index.blocks(db.engine)
         headers = {}
         for b, _ in blocks[1:]:
             seg = b + 8
@@ -85,8 +85,8 @@ def assert_keys_in_their_segments(db):
     bits, directory, headers, _ = read_index(db)
     per_segment = dict.fromkeys(headers, 0)
     with db.lock():
-        w = db._words
-        for seg, slot, rec in db._entries():
+        w = db.engine.words
+        for seg, slot, rec in index.entries(db._view):
             h = w[(rec + KEY_HASH_AT) >> 3]
             depth, prefix, _, _ = headers[seg]
             assert directory[h >> (64 - bits) if bits else 0] == seg
@@ -105,7 +105,7 @@ def where(db, key):
 
 
 def key_hash(db, key):
-    return layout.siphash(db._ident.seed0, db._ident.seed1, key)
+    return layout.siphash(db.engine.ident.seed0, db.engine.ident.seed1, key)
 
 
 def _key(i):
@@ -202,7 +202,7 @@ def test_deletes_after_splits_keep_everything_reachable(db):
     depth, prefix, _, _ = headers[seg]
     with db.lock():
         base = (seg + SEGMENT_HEADER) >> 3
-        home = max(i for i in range(SEGMENT_SLOTS) if db._words[base + i] == 0)
+        home = max(i for i in range(SEGMENT_SLOTS) if db.engine.words[base + i] == 0)
     wrap = _keys_homed_at(db, prefix, depth, home, 4, b"wrap")
     for k in wrap:
         db[k] = k
@@ -228,12 +228,12 @@ def test_deletes_after_splits_keep_everything_reachable(db):
     for j, k in enumerate(keys[: 2 * len(keys) // 3]):
         s, slot = where(db, k)
         with db.lock():
-            nxt = db._words[((s + SEGMENT_HEADER) >> 3) + (slot + 1) % SEGMENT_SLOTS]
+            nxt = db.engine.words[((s + SEGMENT_HEADER) >> 3) + (slot + 1) % SEGMENT_SLOTS]
         del db[k]
         del model[k]
         if nxt:
             with db.lock():
-                shifted += db._words[((s + SEGMENT_HEADER) >> 3) + slot] == nxt
+                shifted += db.engine.words[((s + SEGMENT_HEADER) >> 3) + slot] == nxt
         if j % 5000 == 0:
             assert_index_consistent(db)
     assert shifted > 1000, f"only {shifted} deletes moved the next entry back into their slot"
@@ -258,7 +258,7 @@ def test_clear_after_splits_returns_to_one_segment(db):
     assert st_["index_slots"] == SEGMENT_SLOTS and st_["keys"] == 0 and st_["live_bytes"] == 0
     with db.lock():                                  # nothing but the fresh index is in use
         in_use = sorted((b, s) for b, s, used in db._alloc.blocks() if used)
-        assert in_use == sorted(index.blocks(db))
+        assert in_use == sorted(index.blocks(db.engine))
     assert _key(5) not in db and list(db) == []
     for i in range(20_000):                          # and it splits again from there
         db[_key(i)] = b"again"
@@ -282,14 +282,14 @@ def test_clear_succeeds_wherever_the_new_index_lands(db):
 def _displaced_pair(db):
     """(segment, slot, key at slot, key at slot + 1) where the second key's home lies at or before
     slot: zeroing slot breaks its probe chain.  Caller holds the lock."""
-    w = db._words
-    for seg, slot, rec in db._entries():
+    w = db.engine.words
+    for seg, slot, rec in index.entries(db._view):
         nxt = w[((seg + SEGMENT_HEADER) >> 3) + (slot + 1) % SEGMENT_SLOTS]
         if not nxt:
             continue
         nrec = nxt & SLOT_OFF_MASK
         if home_of(w[(nrec + KEY_HASH_AT) >> 3]) != (slot + 1) % SEGMENT_SLOTS:
-            return seg, slot, bytes(db._record_key(rec)), bytes(db._record_key(nrec))
+            return seg, slot, bytes(db.engine.record_key(rec)), bytes(db.engine.record_key(nrec))
     raise AssertionError("no displaced entry in the whole index")
 
 
@@ -335,7 +335,7 @@ def test_recovery_rebuilds_an_index_whose_segment_count_is_wrong(db):
     bits, directory, headers = assert_index_consistent(db)
     seg = directory[0]
     with db.lock():
-        db._words[(seg >> 3) + 2] += 1               # the header's count disagrees with its slots
+        db.engine.words[(seg >> 3) + 2] += 1               # the header's count disagrees with its slots
         assert index.audit(db._view) is not None
     with pytest.raises(mmkv.CorruptionError):
         db.check()
@@ -352,7 +352,7 @@ SPLIT_KILLER = textwrap.dedent("""
     import mmkv
     from mmkv.engine import index
     from mmkv.engine.allocator import Allocator
-    from mmkv.store import Store
+    from mmkv.engine.core import Engine
 
     path, point = sys.argv[1], sys.argv[2]
     out = os.fdopen(1, "w", buffering=1)
@@ -375,7 +375,7 @@ SPLIT_KILLER = textwrap.dedent("""
 
     index.lib = Lib(index.lib)
     switched = []
-    real_write_meta, real_free = Store._write_meta, Allocator.free
+    real_write_meta, real_free = Engine.write_meta, Allocator.free
 
     def write_meta(self, **changes):
         real_write_meta(self, **changes)
@@ -389,7 +389,7 @@ SPLIT_KILLER = textwrap.dedent("""
         if switched and point == "after-first-free":
             die()
 
-    Store._write_meta, Allocator.free = write_meta, free
+    Engine.write_meta, Allocator.free = write_meta, free
     db = mmkv.open(path)
     i = 0
     while True:

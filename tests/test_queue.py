@@ -382,7 +382,7 @@ def test_items_survive_close_and_reopen_of_every_handle(path, spawn):
     with mmkv.open(path) as db:
         index = [i for i in range(NSEMS) if db.get(SEM_PREFIX + b"%02d" % i) == b"queue:jobs"]
         assert len(index) == 1
-        sem = _Semaphore(db._fd, index[0])
+        sem = _Semaphore(db.engine.fd, index[0])
         raw_before = sem.value()
         sem.close()
         q = mmkv.Queue(db, "jobs")

@@ -260,7 +260,7 @@ def test_update_mapping_pairs_kwargs(db):
 
 def _index_block_count(db):
     with db.lock():
-        return len(index.blocks(db))
+        return len(index.blocks(db.engine))
 
 
 def test_clear(db):
@@ -437,7 +437,7 @@ def test_overwriting_one_key_does_not_grow_the_file(db):
     # in use: the index (directory and segment) and the two records (block + record header + padding
     # <= 93 bytes each)
     with db.lock():
-        index_bytes = sum(size for _, size in index.blocks(db))
+        index_bytes = sum(size for _, size in index.blocks(db.engine))
     assert st_["index_segments"] == 1
     assert st_["used_bytes"] <= index_bytes + (1 + 3000 + 93) + (5 + 100 + 93)
 

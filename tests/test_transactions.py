@@ -73,7 +73,7 @@ def test_the_index_splits_before_the_commit_point_never_while_the_journal_is_app
     real_split = index.split
 
     def split(store, view, seg, publish=True):
-        journal_named_at_split.append(store._meta.journal_off)
+        journal_named_at_split.append(store.meta.journal_off)
         return real_split(store, view, seg, publish)
 
     monkeypatch.setattr(index, "split", split)

@@ -62,8 +62,7 @@ from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..engine import failpoints, opening
-from .. import store as store_module
+from ..engine import failpoints, opening, tunables
 from ..errors import Error
 from ..engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES,
                      FREE_NEXT, FREE_PREV, HEADER_SIZE, HEAP_START, JOURNAL_HEADER, MASK64, NCLASSES, OFF_IDENTITY,
@@ -114,14 +113,15 @@ class Seed:
 @contextmanager
 def _pinned_identity(rnd, max_load=None):
     """New files get their hash key from rnd (not os.urandom), so seeds are reproducible."""
-    saved = opening.new_identity, store_module.MAX_LOAD
+    saved = opening.new_identity
     opening.new_identity = lambda page: Identity(page, rnd.getrandbits(64), rnd.getrandbits(64), 0)
-    if max_load is not None:
-        store_module.MAX_LOAD = max_load
+    load = tunables.set_max_load(max_load) if max_load is not None else None
     try:
         yield
     finally:
-        opening.new_identity, store_module.MAX_LOAD = saved
+        opening.new_identity = saved
+        if load is not None:
+            tunables.set_max_load(load)
 
 
 def _value(rnd, sizes):
@@ -874,7 +874,7 @@ def _child_case(path: str, seed: Seed, plan: Plan, model: Model, say) -> dict:
 
     try:
         if plan.low_load:
-            store_module.MAX_LOAD = LOW_LOAD
+            tunables.set_max_load(LOW_LOAD)
         mark("open")
         db = mmkv.open(path, plan.flag, lock_timeout=2.0, open_timeout=2.0)
         if plan.recover_first:
@@ -936,7 +936,7 @@ def _diagnose(db, k) -> str:
     from ..engine.shim import lib
     try:
         with db.lock():
-            v = db._view
+            v = db.engine.view
             if lib.mmkv_find(v, k, len(k)) == 0 and lib.mmkv_record_verify(v, v.rec_off):
                 return f" [{UNVERIFIED}]"
     except Exception:                     # noqa: BLE001 - a diagnosis only

@@ -358,8 +358,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _lower_split_threshold() -> None:
-    from .. import store as store_module
-    store_module.MAX_LOAD = TORTURE_MAX_LOAD
+    from ..engine import tunables
+    tunables.set_max_load(TORTURE_MAX_LOAD)
 
 
 # ---------------------------------------------------------------- the victim
@@ -783,14 +783,14 @@ class BarrierRecorder:
 
     def __init__(self, db):
         from ..engine.shim import ffi
-        self.fd, self.page = db._fd, db._ident.page_size
+        self.fd, self.page = db.engine.fd, db.engine.ident.page_size
         self.last = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
         self.first = self.last
         self.changes = []
         self.acked = []
         self._callback = ffi.callback("void(uint64_t, uint64_t)", self.barrier)
-        db._view.sync_hook = self._callback
-        db._fm.sync_hook = self.barrier
+        db.engine.view.sync_hook = self._callback
+        db.engine.fm.sync_hook = self.barrier
 
     def barrier(self, off=0, length=0):
         now = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
@@ -855,7 +855,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
     :raises AssertionError: a crash image lost an acknowledged write or failed check().
     """
     import mmkv
-    from .. import store as store_module
+    from ..engine import tunables
     rnd = random.Random(seed)
     summary = Counter()
     started = time.monotonic()
@@ -863,8 +863,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
     while summary["images"] < images:
         run += 1
         path = os.path.join(folder, f"power-{seed}-{run}.mmkv")
-        saved = store_module.MAX_LOAD
-        store_module.MAX_LOAD = TORTURE_MAX_LOAD
+        saved = tunables.set_max_load(TORTURE_MAX_LOAD)
         try:
             db = mmkv.open(path, sync=sync)
             recorder = BarrierRecorder(db)
@@ -881,7 +880,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
                 recorder.acked.append(len(recorder.changes))
             pending_end = recorder.pending()
         finally:
-            store_module.MAX_LOAD = saved
+            tunables.set_max_load(saved)
         # replay the barriers: durable state after barrier i, pages pending until barrier i + 1
         # one image per barrier: the durable state after i barriers, cut before barrier i + 1
         durable = bytearray(recorder.first)

@@ -14,6 +14,13 @@ Free lists are segregated by size class: exact classes of 16-byte steps up to
 of ``LARGE_BLOCK`` bytes or more take a separate path that returns a block whose
 payload starts on a page boundary, sized in whole pages.
 
+Callers see payload offsets, as with malloc: ``alloc`` returns the offset of the
+payload (the byte after the block's header) and ``free`` takes it back, with the
+payload size it was allocated for.  Block offsets and the header, link and footer
+words are this module's business alone (and the shim's allocator); the few callers
+that reason about whole blocks (recovery's overlap pass, the checker) get them from
+``claimed``/``blocks`` as opaque (offset, size) pairs.
+
 ``alloc`` and ``free`` run in the native shim (``mmkv_alloc``/``mmkv_free``):
 a measurement showed them at 60% of a put's time in Python.  This module keeps
 the rare paths: laying out a new heap, growing it, rebuilding every header and
@@ -25,7 +32,7 @@ import errno
 
 from .shim import ffi, lib, raise_for
 from ..errors import CorruptionError
-from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_NEXT, FREE_PREV, HEAP_START, MASK64,
+from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_NEXT, FREE_PREV, HEAP_START, MASK64,
                      NCLASSES, STATE_WORD)
 
 _HEADS = STATE_WORD["free_heads"]
@@ -45,7 +52,23 @@ def size_class(size: int) -> int:
 
 def block_size_for(payload: int) -> int:
     """Block size (header included, 16-aligned, at least the minimum) for a payload."""
-    return max(BLOCK_MIN, (payload + 8 + 15) & ~15)
+    return max(BLOCK_MIN, (payload + BLOCK_HEADER + 15) & ~15)
+
+
+def payload_of(b: int) -> int:
+    """The payload offset of the block at b."""
+    return b + BLOCK_HEADER
+
+
+def block_of(off: int) -> int:
+    """The block offset of the payload at off."""
+    return off - BLOCK_HEADER
+
+
+def span(off: int, payload: int) -> tuple:
+    """(start, length) of the bytes a payload of this size at off and its header occupy:
+    what must be durable before anything names the block."""
+    return off - BLOCK_HEADER, payload + BLOCK_HEADER
 
 
 class Allocator:
@@ -71,11 +94,17 @@ class Allocator:
         return CorruptionError(f"allocator: {what}; run 'mmkv check' on the file")
 
     def alloc(self, payload: int) -> int:
-        """Offset of a new block with at least ``payload`` bytes after its header, or 0 when
-        nothing fits (the caller grows the file with ``extend`` and retries).
+        """Payload offset of a new block of at least ``payload`` bytes, or 0 when nothing
+        fits (the caller grows the file with ``extend`` and retries).
 
         :raises CorruptionError: the free lists hold an impossible offset or size.
         """
+        b = self.alloc_block(payload)
+        return b + BLOCK_HEADER if b else 0
+
+    def alloc_block(self, payload: int) -> int:
+        """``alloc`` at the block level: the block's offset (its header), or 0.  For this
+        module and the allocator's own tests; the engine deals in payload offsets."""
         rc = lib.mmkv_alloc(self.view, payload, self._out)
         if rc == 0:
             return self._out[0]
@@ -83,27 +112,59 @@ class Allocator:
             return 0
         raise self._bad(f"allocating {payload} bytes failed ({errno.errorcode.get(rc, rc)})")
 
-    def free(self, b: int, payload: int | None = None) -> None:
-        """Return the block at b to the free lists, merging free neighbours.
+    def free(self, off: int, payload: int) -> None:
+        """Return the block whose payload is at off, allocated for ``payload`` bytes, to the
+        free lists, merging free neighbours.
 
-        With payload (what the block was allocated for), a header claiming more room than
-        such a block can have is refused: freeing it would free the blocks after it.
-        :raises CorruptionError: b is not an allocated block (double free, bad offset, a
+        A header claiming more room than a block for that payload can have is refused:
+        freeing it would free the blocks after it.
+        :raises CorruptionError: off is not an allocated block (double free, bad offset, a
             damaged size).
         """
+        if self.placement(off) is None:
+            raise self._bad(f"freeing payload {off}: not a block offset in the heap")
+        self.free_block(off - BLOCK_HEADER, payload)
+
+    def free_block(self, b: int, payload: int | None = None) -> None:
+        """``free`` at the block level (payload None: whatever the header says); see alloc_block."""
         rc = lib.mmkv_free(self.view, b) if payload is None else lib.mmkv_free_fitting(self.view, b, payload)
         if rc:
             raise self._bad(f"freeing block {b} failed ({errno.errorcode.get(rc, rc)}): double free or damage")
+
+    def capacity(self, off: int) -> int:
+        """Payload bytes the allocated block at off can hold (its size less the header)."""
+        return self.block_size(off - BLOCK_HEADER) - BLOCK_HEADER
 
     def most(self, b: int, payload: int) -> int:
         """The largest size a block at b allocated for payload bytes can have (see free)."""
         raise_for(lib.mmkv_alloc_bound(self.view, b, payload, self._out), "allocation bound")
         return self._out[0]
 
+    def most_for_size(self, b: int, least: int) -> int:
+        """``most`` for a block known only by the least size its contents fill."""
+        return self.most(b, least - BLOCK_HEADER)
+
     def block_size(self, b: int) -> int:
+        """Size of the block at b, from its header.  :raises CorruptionError: b is no block offset."""
         if b < HEAP_START or b >= self.end or (b - HEAP_START) & 15:
             raise self._bad(f"block offset {b} outside the heap or misaligned")
         return self.fm.words[b >> 3] & _SIZE_MASK
+
+    def placement(self, off: int):
+        """The block offset of a payload at off when that is a possible block offset (in the
+        heap, aligned), else None.  Nothing is read: the offset may come from damage."""
+        b = off - BLOCK_HEADER
+        return b if HEAP_START <= b < self.end and not (b - HEAP_START) & 15 else None
+
+    def claimed(self, b: int, least: int) -> int:
+        """The size of the block at b as its header claims it, when that is plausible for a
+        live block of at least ``least`` bytes (in use, 16-aligned, within the heap); else
+        ``least`` (a torn or damaged header must not shrink or grow what recovery keeps)."""
+        head = self.fm.words[b >> 3]
+        size = head & _SIZE_MASK
+        if not head & BLOCK_ALLOC or size < least or size & 15 or b + size > self.end:
+            return least
+        return size
 
     def largest_free(self) -> int:
         """Size of the largest free block: the biggest in the highest non-empty class.
@@ -141,7 +202,7 @@ class Allocator:
         w[old >> 3] = size | BLOCK_ALLOC | prev_alloc
         w[_USED] = (w[_USED] + size) & MASK64         # a cache: a damaged count must not raise
         self.end = new_end
-        self.free(old)                                # merges with a free last block
+        self.free_block(old)                         # merges with a free last block
 
     def format(self, end: int) -> None:
         """Lay out an empty heap ending at ``end``: one free block and the epilogue."""
@@ -193,7 +254,7 @@ class Allocator:
         w[_USED] = self.end - HEAP_START
         for b, _, gap in blocks:                       # ...then each gap freed: lists and bits follow
             if gap:
-                self.free(b)
+                self.free_block(b)
 
     def audit(self) -> list:
         """Every problem found in the heap and the free lists (empty when sound).

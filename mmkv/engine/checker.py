@@ -39,14 +39,16 @@ class Report:
         return "\n".join(lines)
 
 
-def audit(store) -> Report:
-    v, w, fm, alloc = store._view, store._words, store._fm, store._alloc
-    report = Report(store.path, file_size=fm.size)
+def audit(eng) -> Report:
+    """Audit the engine's file (lock held) and return the Report (never raises for damage:
+    every problem found is in ``report.problems``)."""
+    v, w, fm, alloc = eng.view, eng.words, eng.fm, eng.alloc
+    report = Report(eng.path, file_size=fm.size)
     # header
     try:
         page0 = fm.mm[:HEADER_SIZE]
         parse_identity(page0, fm.size)
-        meta, _ = parse_meta(page0, store._ident, os.fstat(store._fd).st_size)
+        meta, _ = parse_meta(page0, eng.ident, os.fstat(eng.fd).st_size)
         if meta.file_size != fm.size or meta.dir_off != v.dir_off or meta.dir_bits != v.dir_bits:
             report.problem("meta in force differs from the mapping in use")
     except CorruptionError as exc:
@@ -58,9 +60,9 @@ def audit(store) -> Report:
         report.problem(f"index: directory entry {fault[0]}, slot {fault[1]}: a segment breaks its "
                        "invariants (prefix, count, tag or probe order) or holds a bad record")
     try:
-        structure = index.blocks(store)
-        report.index_slots = index.shape(store)["index_slots"]
-        keep, drop = live_records(store)
+        structure = index.blocks(eng)
+        report.index_slots = index.shape(eng)["index_slots"]
+        keep, drop = live_records(eng)
     except CorruptionError as exc:
         report.problem(f"index: {exc}")
         return report

@@ -10,7 +10,8 @@ recovery frees them); a crash after it leaves the new one.
 A split touches one segment (at most MMKV_SEGMENT_SLOTS entries) and the
 directory (8 bytes per entry, 2^dir_bits entries), so the index grows without
 the pause of rehashing everything: a put never waits for more than one split.
-Callers hold the store lock.
+Callers hold the store lock.  Every function is handed the engine (mmkv.engine.core) or a
+view, never the Store; blocks are payload offsets from ``engine.allocate``.
 """
 import errno
 from bisect import bisect_left
@@ -19,21 +20,17 @@ from itertools import chain, repeat
 from .shim import ffi, lib, raise_for
 from ..errors import CorruptionError, LimitError
 from . import failpoints
-from .layout import (BLOCK_ALIGN, BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, REC_KEY_LEN_AT, RECORD_HEADER,
-                     SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_BITS, SLOT_OFF_MASK, TAG_SHIFT)
-
-
-def slot_word(key_hash: int, rec: int) -> int:
-    """The 8-byte slot that points at record rec of a key with this hash (tag | offset)."""
-    return ((key_hash >> TAG_SHIFT) & 0xFFFF) << SLOT_OFF_BITS | rec
+from .allocator import block_size_for
+from .layout import (RECORD_HEADER, SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_MASK, hash_tag,
+                     record_key_len, slot_tag, slot_word)  # noqa: F401 (index.slot_word)
 
 
 def create(allocate, view, words, free=None) -> tuple:
     """A new empty index (a one-entry directory and one segment): (dir_off, dir_bits).
 
-    ``allocate(payload)`` returns a block offset; ``view`` and ``words`` must
+    ``allocate(payload)`` returns a payload offset; ``view()`` and ``words()`` must
     describe the mapping after the allocations (allocate may grow the file).
-    ``free(block, payload)``, when given, returns the segment's block if the directory's
+    ``free(offset, payload)``, when given, returns the segment's block if the directory's
     allocation raises (DiskFullError), so a failed create leaves no block behind.
     """
     seg = allocate(SEGMENT_BYTES)
@@ -45,7 +42,6 @@ def create(allocate, view, words, free=None) -> tuple:
         raise
     if not seg or not d:
         raise CorruptionError("no room for a new index in a fresh heap")
-    seg, d = seg + 8, d + 8
     raise_for(lib.mmkv_segment_init(view(), seg, 0, 0), "segment init")
     words()[d >> 3] = seg
     return d, 0
@@ -55,7 +51,7 @@ def segment_depth(words, seg: int) -> int:
     return words[seg >> 3]
 
 
-def split(store, view, seg: int, publish: bool = True) -> None:
+def split(eng, view, seg: int, publish: bool = True) -> None:
     """Split the full segment seg of the index that view describes.
 
     With publish the new directory goes through a durable meta switch (the live
@@ -66,46 +62,44 @@ def split(store, view, seg: int, publish: bool = True) -> None:
     :raises LimitError: the segment holds keys whose hashes agree on 32 bits.
     :raises DiskFullError: the file cannot grow for the new blocks; nothing changed.
     """
-    live, alloc = store._view, store._alloc
-    taken = []                                  # (block, payload) of this split, freed on an error before the switch
+    taken = []                                  # (offset, payload) of this split, freed on an error before the switch
     try:
-        taken.append((store._allocate(SEGMENT_BYTES), SEGMENT_BYTES))     # may grow and remap the file...
-        taken.append((store._allocate(SEGMENT_BYTES), SEGMENT_BYTES))
-        a, b = taken[0][0] + 8, taken[1][0] + 8
-        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end   # ...so follow it
+        taken.append((eng.allocate(SEGMENT_BYTES), SEGMENT_BYTES))     # may grow and remap the file...
+        taken.append((eng.allocate(SEGMENT_BYTES), SEGMENT_BYTES))
+        (a, _), (b, _) = taken
+        eng.follow(view)                                                # ...so follow it
         rc = lib.mmkv_segment_split(view, seg, a, b)
         if rc == errno.E2BIG:
             raise LimitError("an index segment cannot split further: more than "
                              f"{view.max_count} keys share 32 hash bits")
         raise_for(rc, "segment split")
-        bits = view.dir_bits + 1 if segment_depth(store._words, seg) == view.dir_bits else view.dir_bits
-        taken.append((store._allocate(8 << bits), 8 << bits))
-        d = taken[2][0] + 8
-        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+        bits = view.dir_bits + 1 if segment_depth(eng.words, seg) == view.dir_bits else view.dir_bits
+        taken.append((eng.allocate(8 << bits), 8 << bits))
+        d = taken[2][0]
+        eng.follow(view)
         raise_for(lib.mmkv_dir_build(view, d, bits, seg, a, b), "directory build")
         if publish:
-            fm = store._fm
-            for block, size in ((a - 8, SEGMENT_BYTES + 8), (b - 8, SEGMENT_BYTES + 8), (d - 8, (8 << bits) + 8)):
-                fm.sync(block, size)            # the new pieces are durable before the meta names them
+            for off, payload in taken:
+                eng.make_durable(off, payload)   # the new pieces are durable before the meta names them
             if failpoints.armed:
                 failpoints.hit(b"split.before_meta")
     except BaseException:
-        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
-        for block, payload in taken:
-            alloc.free(block, payload)
+        eng.follow(view)
+        for off, payload in taken:
+            eng.free(off, payload)
         raise
     old_dir, old_bits = view.dir_off, view.dir_bits
     if publish:
-        store._write_meta(dir_off=d, dir_bits=bits)
+        eng.write_meta(dir_off=d, dir_bits=bits)
         if failpoints.armed:
             failpoints.hit(b"split.after_meta")
     else:
         view.dir_off, view.dir_bits = d, bits
-    alloc.free(seg - 8, SEGMENT_BYTES)         # a size the header claims beyond these is damage:
-    alloc.free(old_dir - 8, 8 << old_bits)     # refused, never freeing the blocks after it
+    eng.free(seg, SEGMENT_BYTES)               # a size the header claims beyond these is damage:
+    eng.free(old_dir, 8 << old_bits)           # refused, never freeing the blocks after it
 
 
-def reserve(store, hashes, segments) -> None:
+def reserve(eng, hashes, segments) -> None:
     """Split, now, every segment of the live index that inserting keys with these ``hashes``
     (absent from the index; ``segments``: the segments they fall in) would take above
     ``max_count``, so that the inserts themselves will need no new block.
@@ -117,40 +111,37 @@ def reserve(store, hashes, segments) -> None:
     index change that keeps the content.
     :raises DiskFullError, LimitError: from a split; the splits done stay (content unchanged).
     """
-    v = store._view
+    v = eng.view
     hashes = sorted(hashes)
     todo = list(segments)
     while todo:
         seg = todo.pop()
-        head = ffi.cast("struct mmkv_segment *", store._fm.base + seg)
+        head = ffi.cast("struct mmkv_segment *", eng.fm.base + seg)
         lo, hi = head.prefix << (64 - head.depth), (head.prefix + 1) << (64 - head.depth)
         if head.count + bisect_left(hashes, hi) - bisect_left(hashes, lo) <= v.max_count:
             continue
-        split(store, v, seg)
-        w, first = store._words, v.dir_off >> 3
+        split(eng, v, seg)
+        w, first = eng.words, v.dir_off >> 3
         for half in (lo, (lo + hi) >> 1):              # the two new segments, by the hashes they hold
             todo.append(w[first + (half >> (64 - v.dir_bits))])
 
 
-def blocks(store, view=None) -> list:
-    """[(block offset, block size)] of the directory and every segment, each once.
+def blocks(eng, view=None) -> list:
+    """[(block, block size)] of the directory and every segment, each once, as the
+    allocator places them (opaque pairs for recovery, the checker and durability).
 
     Sizes come from the block headers when they are plausible, else from what the
     structure needs (a torn header must not shrink what recovery keeps).
     :raises CorruptionError: the directory points outside the heap.
     """
-    v = view or store._view
-    w, end = store._words, store._alloc.end
+    v = view or eng.view
+    w, alloc = eng.words, eng.alloc
 
     def block(payload_off, need):
-        b = payload_off - BLOCK_HEADER
-        if b < HEAP_START or (b - HEAP_START) % BLOCK_ALIGN or payload_off + need > end:
+        b = alloc.placement(payload_off)
+        if b is None or payload_off + need > alloc.end:
             raise CorruptionError(f"index block at {payload_off} lies outside the heap")
-        head = w[b >> 3]
-        size = head & ~BLOCK_FLAGS
-        if not head & BLOCK_ALLOC or size < need + 8 or b + size > end or size & 15:
-            size = (need + 8 + 15) & ~15
-        return b, size
+        return b, alloc.claimed(b, block_size_for(need))
 
     out = [block(v.dir_off, 8 << v.dir_bits)]
     prev = None
@@ -158,6 +149,22 @@ def blocks(store, view=None) -> list:
         seg = w[(v.dir_off >> 3) + i]
         if seg != prev:
             out.append(block(seg, SEGMENT_BYTES))
+            prev = seg
+    return out
+
+
+def pieces(eng, view=None) -> list:
+    """[(payload offset, payload bytes)] of the directory and every segment, each once.
+    :raises CorruptionError: the directory points outside the heap (as blocks() does)."""
+    v = view or eng.view
+    blocks(eng, v)                      # the same walk, validating every offset first
+    w = eng.words
+    out = [(v.dir_off, 8 << v.dir_bits)]
+    prev = None
+    for i in range(1 << v.dir_bits):
+        seg = w[(v.dir_off >> 3) + i]
+        if seg != prev:
+            out.append((seg, SEGMENT_BYTES))
             prev = seg
     return out
 
@@ -182,7 +189,7 @@ def entries(view):
 
 def record_key(view, words, rec: int) -> bytes:
     """The key of the (verified) record at rec."""
-    klen = words[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
+    klen = record_key_len(words, rec)
     return ffi.unpack(ffi.cast("char *", view.base) + rec + RECORD_HEADER, klen)
 
 
@@ -201,7 +208,7 @@ def verified_records(view, words):
     for seg, slot, rec in entries(view):
         raise_for(lib.mmkv_record_verify(view, rec), f"record at {rec}")
         h = view.hash
-        if words[((seg + SEGMENT_HEADER) >> 3) + slot] >> SLOT_OFF_BITS != (h >> TAG_SHIFT) & 0xFFFF:
+        if slot_tag(words[((seg + SEGMENT_HEADER) >> 3) + slot]) != hash_tag(h):
             raise CorruptionError(f"index: segment {seg} slot {slot} does not carry its record's tag; "
                                   "run recover() on the store")
         same_hash = seen.setdefault(h, [])
@@ -213,14 +220,14 @@ def verified_records(view, words):
         yield rec
 
 
-def shape(store) -> dict:
+def shape(eng) -> dict:
     """Directory depth, segment count and total slots of the live index."""
-    v = store._view
-    segments = len(blocks(store)) - 1
+    v = eng.view
+    segments = len(blocks(eng)) - 1
     return {"index_depth": v.dir_bits, "index_segments": segments, "index_slots": segments * SEGMENT_SLOTS}
 
 
-def rebuild(store, words: list) -> None:
+def rebuild(eng, words: list) -> None:
     """Replace the live index with a new one holding exactly ``words`` (slot words).
 
     Built privately, made durable, then switched in by one meta write; the old
@@ -229,34 +236,33 @@ def rebuild(store, words: list) -> None:
     new index: the live index and the heap are as they were.
     :raises DiskFullError: the file cannot grow for the new index; nothing changed.
     """
-    live, alloc = store._view, store._alloc
-    old = list(zip(blocks(store), needs(live)))
+    live = eng.view
+    old = pieces(eng)
     view = ffi.new("struct mmkv_view *")
     view[0] = live[0]
-    view.dir_off, view.dir_bits = create(store._allocate, lambda: live, lambda: store._words, alloc.free)
+    view.dir_off, view.dir_bits = create(eng.allocate, lambda: eng.view, lambda: eng.words, eng.free)
     try:
         for i, word in enumerate(words):
             if failpoints.armed and i == len(words) // 2:
                 failpoints.hit(b"recover.mid_rebuild")
             while True:
-                view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+                eng.follow(view)
                 rc = lib.mmkv_index_insert(view, word)
                 if rc != errno.EAGAIN:
                     break
-                split(store, view, view.seg, publish=False)
+                split(eng, view, view.seg, publish=False)
             raise_for(rc, "index insert")
-        view.base, view.size = live.base, live.size
-        new = blocks(store, view)
-        for block, size in new:
-            store._fm.sync(block, size)
+        eng.follow(view)
+        for block, size in blocks(eng, view):
+            eng.fm.sync(block, size)
     except BaseException:
-        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
-        for (block, _), need in zip(blocks(store, view), needs(view)):
-            alloc.free(block, need)
+        eng.follow(view)
+        for off, need in pieces(eng, view):
+            eng.free(off, need)
         raise
-    store._write_meta(dir_off=view.dir_off, dir_bits=view.dir_bits)
-    for (block, _), need in old:
-        alloc.free(block, need)
+    eng.write_meta(dir_off=view.dir_off, dir_bits=view.dir_bits)
+    for off, need in old:
+        eng.free(off, need)
 
 
 def audit(view) -> tuple:

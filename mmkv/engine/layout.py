@@ -84,6 +84,32 @@ def record_size(key_len: int, val_len: int) -> int:
     return RECORD_HEADER + pad8(key_len) + val_len
 
 
+def slot_word(key_hash: int, rec: int) -> int:
+    """The 8-byte slot that points at record rec of a key with this hash (tag | offset)."""
+    return ((key_hash >> TAG_SHIFT) & 0xFFFF) << SLOT_OFF_BITS | rec
+
+
+def slot_tag(word: int) -> int:
+    """The tag (hash bits 16..31) a slot word carries."""
+    return word >> SLOT_OFF_BITS
+
+
+def hash_tag(key_hash: int) -> int:
+    """The tag a slot for a key with this hash must carry."""
+    return (key_hash >> TAG_SHIFT) & 0xFFFF
+
+
+def record_key_len(words, rec: int) -> int:
+    """The key length word of the record at rec (words: the mapping as 64-bit words)."""
+    return words[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
+
+
+def record_key(mm, words, rec: int):
+    """The key bytes (a slice of mm) of the record at rec; verify the record first."""
+    start = rec + RECORD_HEADER
+    return mm[start:start + record_key_len(words, rec)]
+
+
 def siphash(k0: int, k1: int, data) -> int:
     out = ffi.new("uint64_t *")
     buf = ffi.from_buffer(data)

@@ -19,7 +19,7 @@ locks byte ranges, so one file carries both locks.)
 States of the file on disk: ``clean`` (the state's ``dirty`` word holds CLEAN_MARK: the last
 closer synced everything and no lock holder died unrepaired) or ``dirty`` (anything else).
 
-Open (``Store.__init__``), each step with the protocol lock held from step 2 on:
+Open (``open_store``, called by ``Store.__init__``), each step with the protocol lock held from step 2 on:
 
 1. open the path (``O_NONBLOCK``: a FIFO never blocks; nothing is created here); ``fstat`` it and
    refuse anything but a regular file (``NotRegularFileError``).  Missing: ``"r"``/``"w"`` raise
@@ -254,3 +254,96 @@ def fsync_dir(path: str) -> None:
         os.fsync(d)
     finally:
         os.close(d)
+
+
+#: Times an open starts over because another process replaced the file meanwhile.
+OPEN_ATTEMPTS = 100
+
+
+def open_store(path: str, flag: str, mode: int, open_timeout: float, attach, detach) -> tuple:
+    """Run the open protocol above (steps 1 to 6) on the absolute path and return
+    (descriptor, first opener?).  ``attach(fd, first)`` is step 5 (validate, map, recover);
+    if it raises, ``detach()`` undoes it, the descriptor is closed (releasing both locks)
+    and the error propagates.  Blocks up to open_timeout for another process's open or close.
+
+    :raises FileNotFoundError: no directory, or no file and flag "r"/"w" (nothing created).
+    :raises NotRegularFileError: the path names a device, FIFO, socket or directory.
+    :raises LockTimeoutError: another open or close held the protocol lock past open_timeout.
+    :raises Error: the file was replaced OPEN_ATTEMPTS times while opening.
+    """
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):   # dbm raises too; nothing is created
+        raise FileNotFoundError(errno.ENOENT, f"no such directory: {folder}", path)
+    created = False
+    for _ in range(OPEN_ATTEMPTS):
+        fd = open_existing(path, flag)
+        if fd is None:
+            if flag not in ("c", "n"):
+                raise FileNotFoundError(errno.ENOENT, f"no store here (flag {flag!r} needs an existing file; "
+                                                      "nothing was created)", path)
+            create_store_file(path, mode, replace=False)    # False: another process created it first
+            created = True
+            continue
+        try:
+            take_protocol_lock(fd, path, open_timeout)
+            if not same_file(fd, path):                     # replaced while we waited: start over
+                os.close(fd)
+                continue
+            first = try_alone(fd)
+            if first and flag in ("c", "n") and (os.fstat(fd).st_size == 0 or (flag == "n" and not created)):
+                create_store_file(path, mode, replace=True)  # waiting openers see a new inode: they start over
+                created = True
+                os.close(fd)
+                continue
+            attach(fd, first)
+            hold_attached(fd)
+            release_protocol_lock(fd)
+        except BaseException:
+            detach()
+            os.close(fd)                                     # releases both byte locks
+            raise
+        return fd, first
+    raise Error(f"could not open {path!r}: it was replaced {OPEN_ATTEMPTS} times while opening; "
+                "another process keeps recreating it")
+
+
+def create_store_file(path: str, mode: int, replace: bool) -> None:
+    """Build a new, empty store beside the path's target and give it the target's name:
+    atomically, and (replace false) only if no file has that name yet.  A symlink is followed.
+    Nothing is left behind on failure.  :raises DiskFullError: no room for the first 256 KiB."""
+    from . import index
+    from .allocator import Allocator
+    from .core import new_view
+    from .layout import CLEAN_MARK, EPILOGUE_BYTES, STATE_WORD, Meta, build_meta
+    from .mapping import FileMap, grow_file
+    from .tunables import INITIAL_FILE_SIZE
+    target = os.path.realpath(path)
+    page = os.sysconf("SC_PAGE_SIZE")
+    tmp = temporary_name(target)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        size = max(INITIAL_FILE_SIZE, HEADER_SIZE + page)
+        grow_file(fd, size)
+        ident = new_identity(page)
+        write_new_header(fd, ident, Meta(0, size, 0, 0))
+        fm = FileMap(fd, size)
+        try:
+            view = new_view(fm, ident, False, None)
+            alloc = Allocator(fm, view)
+            alloc.format(size - EPILOGUE_BYTES)
+            dir_off, dir_bits = index.create(alloc.alloc, lambda: view, lambda: fm.words)   # a fresh heap: no growth
+            raw = build_meta(Meta(1, size, dir_off, dir_bits), ident)
+            fm.mm[OFF_META[0]:OFF_META[0] + len(raw)] = raw
+            init_locks(fm.base)
+            fm.words[STATE_WORD["dirty"]] = CLEAN_MARK
+            fm.sync()
+        finally:
+            fm.close()
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    if publish(tmp, target, replace):        # publish removes tmp whatever happens
+        fsync_dir(target)

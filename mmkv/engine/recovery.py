@@ -16,11 +16,10 @@ Steps, each safe to repeat if recovery itself is killed:
 from dataclasses import dataclass
 
 from . import index, transaction
-from .shim import lib
+from .shim import lib, raise_for
 from ..errors import CorruptionError
 from .allocator import block_size_for
-from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, HEAP_START, MASK64, REC_KEY_LEN_AT, SEGMENT_HEADER, SLOT_OFF_BITS, STATE_WORD,
-                     TAG_SHIFT, record_size)
+from .layout import MASK64, SEGMENT_HEADER, STATE_WORD, hash_tag, record_key_len, record_size, slot_tag, slot_word
 
 
 @dataclass
@@ -36,30 +35,28 @@ class RecoveryResult:
     journal: str = ""           # a committed transaction: "replayed", or "dropped" (unreadable journal)
 
 
-def live_records(store, result=None):
+def live_records(eng, result=None):
     """([(block, size, (segment, slot), key_len + val_len, slot word, least block size)],
     [(segment, slot) to drop]) for every slot whose record verifies.  Of two slots holding one
     record or one key, the one kept is the one lookups find (what gets and writes have used: the
     other may hold a stale record, freed and merged into a free block whose interior still reads
     as that record), else the first."""
-    v, w, end = store._view, store._words, store._alloc.end
+    v, w, alloc = eng.view, eng.words, eng.alloc
     keep, drop, by_rec, by_hash, at = [], [], set(), {}, {}
     for seg, slot, rec in index.entries(v):
         word = w[((seg + SEGMENT_HEADER) >> 3) + slot]
         # the record alone decides: its block header is allocator state, which recovery rewrites
         # (a damaged size word must not cost an intact record)
         rc = lib.mmkv_record_verify_contents(v, rec)
-        b = rec - 8
-        bad = rc or (word >> SLOT_OFF_BITS) != ((v.hash >> TAG_SHIFT) & 0xFFFF) or b < HEAP_START \
-            or (b - HEAP_START) & 15
-        if bad:
+        b = alloc.placement(rec)
+        if rc or slot_tag(word) != hash_tag(v.hash) or b is None:
             drop.append((seg, slot))
             if result:
                 result.dropped += 1
             continue
-        key = store._record_key(rec)
+        key = eng.record_key(rec)
         same = by_hash.setdefault(v.hash, [])
-        twin = rec if rec in by_rec else next((r for r in same if store._record_key(r) == key), None)
+        twin = rec if rec in by_rec else next((r for r in same if eng.record_key(r) == key), None)
         if twin is not None:
             if result:
                 result.duplicates += 1
@@ -73,37 +70,39 @@ def live_records(store, result=None):
             lib.mmkv_record_verify_contents(v, rec)     # v describes rec again
         by_rec.add(rec)
         same.append(rec)
-        klen = w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
+        klen = record_key_len(w, rec)
         least = block_size_for(record_size(klen, v.val_len))
-        head = w[b >> 3]
-        size = head & ~BLOCK_FLAGS
-        if not head & BLOCK_ALLOC or size < least or size & 15 or b + size > end:
-            size = least                                     # a damaged header: what the record fills
-        if b + size > end:
+        size = alloc.claimed(b, least)                       # a damaged header: what the record fills
+        if b + size > alloc.end:
             drop.append((seg, slot))
             if result:
                 result.dropped += 1
             continue
         at[rec] = len(keep)
-        keep.append((b, size, (seg, slot), klen + v.val_len, index.slot_word(v.hash, rec), least))
+        keep.append((b, size, (seg, slot), klen + v.val_len, slot_word(v.hash, rec), least))
+        # items: (block, size, (segment, slot), key + value bytes, slot word, least block size);
+        # blocks and sizes are the allocator's opaque pairs (allocator.placement/claimed)
     return [item for item in keep if item is not None], drop
 
 
-def recover(store, reason: str) -> RecoveryResult:
-    """Repair the store in place (caller holds the lock) and return what was found."""
+def recover(eng, reason: str) -> RecoveryResult:
+    """Repair the file in place (caller holds the lock) and return what was found; the
+    result is also left in ``eng.last_recovery``.
+    :raises CorruptionError: the index blocks themselves overlap, or the rebuilt index
+        fails its audit (the store is then beyond repair in place)."""
     result = RecoveryResult(reason)
-    v, alloc = store._view, store._alloc
-    result.journal = transaction.finish_committed(store)     # 0. a committed transaction is finished
-    keep, drop = live_records(store, result)
+    v, alloc = eng.view, eng.alloc
+    result.journal = transaction.finish_committed(eng)       # 0. a committed transaction is finished
+    keep, drop = live_records(eng, result)
     # overlaps: sort every live block by offset.  A block whose header claims more room than
     # lies before the next live block, but whose contents fit there, is trimmed (a damaged
     # size must not cost its neighbour); what still overlaps its predecessor goes.
     structure = [(b, s, None, 0, 0, block_size_for(need))
-                 for (b, s), need in zip(index.blocks(store), index.needs(v))]
+                 for (b, s), need in zip(index.blocks(eng), index.needs(v))]
     live, records, live_bytes = [], 0, 0
     for item in sorted(keep + structure, key=lambda it: (it[0], it[1])):
         b, s, where, n, _, least = item
-        if s > alloc.most(b, least - BLOCK_HEADER) or s < least:
+        if s > alloc.most_for_size(b, least) or s < least:
             # more than its allocation had, or less than its verified contents fill (a damaged
             # size word must not hand the tail of an intact record to the allocator): its own
             item = (b, least, *item[2:])
@@ -129,17 +128,17 @@ def recover(store, reason: str) -> RecoveryResult:
             records += 1
             live_bytes += n
     for seg, slot in drop:
-        lib.mmkv_slot_set(v, seg, slot, 0)
-    used_before = store._words[STATE_WORD["used_bytes"]]
+        raise_for(lib.mmkv_slot_set(v, seg, slot, 0), "recovery: slot clear")
+    used_before = eng.words[STATE_WORD["used_bytes"]]
     alloc.rebuild([(b, s) for b, s, *_ in live])
-    result.leaked_bytes = max(0, used_before - store._words[STATE_WORD["used_bytes"]])
+    result.leaked_bytes = max(0, used_before - eng.words[STATE_WORD["used_bytes"]])
     if drop or index.audit(v) is not None:
-        index.rebuild(store, [word for _, _, where, _, word, _ in live if where is not None])
+        index.rebuild(eng, [word for _, _, where, _, word, _ in live if where is not None])
         result.index_rebuilt = True
         fault = index.audit(v)
         if fault is not None:
             raise CorruptionError(f"recovery: the rebuilt index fails its audit at {fault}")
-    w = store._words
+    w = eng.words
     w[STATE_WORD["count"]] = records
     w[STATE_WORD["live_bytes"]] = live_bytes
     w[STATE_WORD["recoveries"]] = (w[STATE_WORD["recoveries"]] + 1) & MASK64
@@ -147,5 +146,5 @@ def recover(store, reason: str) -> RecoveryResult:
     # between writing a new meta (a growth, say) and bumping the generation that announces it
     w[STATE_WORD["generation"]] = (w[STATE_WORD["generation"]] + 1) & MASK64
     result.records = records
-    store._last_recovery = result
+    eng.last_recovery = result
     return result

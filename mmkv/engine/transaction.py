@@ -27,8 +27,7 @@ import errno
 from . import failpoints, index
 from .shim import ffi, lib, raise_for
 from ..errors import DiskFullError
-from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, REC_KEY_LEN_AT, RECORD_HEADER, STATE_WORD, pad8, siphash
-from .index import slot_word
+from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, STATE_WORD, record_key, record_size, siphash, slot_word
 
 _DELETE = None          # the buffered value of a deleted key
 
@@ -53,17 +52,11 @@ class Transaction:
         self.writes[k] = _DELETE
 
 
-def _journal_sum(store, entries_bytes) -> int:
-    return siphash(store._ident.seed0, store._ident.seed1, entries_bytes)
+def _journal_sum(eng, entries_bytes) -> int:
+    return siphash(eng.ident.seed0, eng.ident.seed1, entries_bytes)
 
 
-def _barrier(store):
-    """sync="full": everything written so far is on disk before the next step."""
-    if store._full:
-        store._fm.sync_file()
-
-
-def commit(store, txn: Transaction) -> None:
+def commit(eng, txn: Transaction, put_alone, delete_alone) -> None:
     """Apply txn's writes atomically (caller holds the lock).  Safe against a crash at any point.
 
     Everything that needs space happens before the commit point: the new records are
@@ -75,11 +68,13 @@ def commit(store, txn: Transaction) -> None:
     no journal: a lone ``del`` or ``pop`` in a transaction works on a full disk.  A
     transaction of several writes needs a journal block of 32 + 16 bytes per write
     (plus 8 of block header) in the file's free space or from the disk.
+    ``put_alone(k, value, flags)`` and ``delete_alone(k)`` are the plain writes of the
+    store (lock held) that carry out that fallback.
     :raises DiskFullError: no space for the records or the journal; nothing applied.
     """
     if not txn.writes:
         return
-    v, alloc = store._view, store._alloc
+    v = eng.view
     entries, lengths = [], []       # (new record, old record); (new len, old len) of key + value
     taken = []                      # (block, payload) allocated so far: freed on an error before the commit point
     needs = []                      # payload bytes of each entry's old record (0: none)
@@ -90,7 +85,7 @@ def commit(store, txn: Transaction) -> None:
             if rc not in (0, errno.ENOENT):
                 raise_for(rc, "lookup")
             old, old_len = (v.rec_off, len(k) + v.val_len) if rc == 0 else (0, 0)
-            old_need = RECORD_HEADER + pad8(len(k)) + v.val_len if rc == 0 else 0
+            old_need = record_size(len(k), v.val_len) if rc == 0 else 0
             if op is _DELETE:
                 if old:
                     entries.append((0, old))
@@ -102,99 +97,92 @@ def commit(store, txn: Transaction) -> None:
             if not old:
                 hashes.append(h)
                 segments.add(v.seg)
-            need = RECORD_HEADER + pad8(len(k)) + len(value)
-            b = store._allocate(need)                                                 # 1. the new record
-            taken.append((b, need))
-            cap = alloc.block_size(b) - 8
-            raise_for(lib.mmkv_record_write(store._view, b + 8, cap, h, k, len(k), value, len(value), flags),
-                      "record write")
-            entries.append((b + 8, old))
+            need = record_size(len(k), len(value))
+            rec = eng.allocate(need)                                                  # 1. the new record
+            taken.append((rec, need))
+            raise_for(lib.mmkv_record_write(eng.view, rec, eng.alloc.capacity(rec), h, k, len(k), value,
+                                            len(value), flags), "record write")
+            entries.append((rec, old))
             lengths.append((len(k) + len(value), old_len))
             needs.append(old_need)
         if not entries:
             return
-        index.reserve(store, hashes, segments)                                    # 1b. room in the index
+        index.reserve(eng, hashes, segments)                                    # 1b. room in the index
         if failpoints.armed:
             failpoints.hit(b"txn.after_records")
         body = b"".join(n.to_bytes(8, "little") + o.to_bytes(8, "little") for n, o in entries)
-        jb = store._allocate(JOURNAL_HEADER + len(body))                          # 2. the journal
-        taken.append((jb, JOURNAL_HEADER + len(body)))
-        j = jb + 8
-        mm = store._fm.mm
+        j = eng.allocate(JOURNAL_HEADER + len(body))                              # 2. the journal
+        taken.append((j, JOURNAL_HEADER + len(body)))
+        mm = eng.fm.mm
         mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + len(body)] = body
         if failpoints.armed:
             failpoints.hit(b"txn.mid_journal")
-        txn_id = (store._meta.seq + 1) & MASK64     # the meta write that names it; seq wraps
+        txn_id = (eng.meta.seq + 1) & MASK64     # the meta write that names it; seq wraps
         header = ffi.new("struct mmkv_journal *")
         header.magic, header.txn, header.count, header.checksum = JOURNAL_MAGIC, txn_id, len(entries), \
-            _journal_sum(store, body)
+            _journal_sum(eng, body)
         mm[j:j + JOURNAL_HEADER] = bytes(ffi.buffer(header))
-        _barrier(store)
+        eng.barrier()
     except BaseException as exc:
-        for b, need in taken:
-            alloc.free(b, need)
+        for off, need in taken:
+            eng.free(off, need)
         if isinstance(exc, DiskFullError) and len(txn.writes) == 1:
-            _apply_alone(store, txn)
+            (k, op), = txn.writes.items()          # one write: its own single commit point
+            if op is _DELETE:
+                delete_alone(k)
+            else:
+                put_alone(k, op[0], op[1])
             return
         raise
     if failpoints.armed:
         failpoints.hit(b"txn.after_journal")
-    store._write_meta(journal_off=j, journal_txn=txn_id, durable=store._full)   # 3. COMMIT POINT
+    eng.write_meta(journal_off=j, journal_txn=txn_id, durable=eng.full)         # 3. COMMIT POINT
     if failpoints.armed:
         failpoints.hit(b"txn.after_commit")
-    replay(store, entries)                                                       # 4. apply
-    _barrier(store)
+    replay(eng, entries)                                                         # 4. apply
+    eng.barrier()
     if failpoints.armed:
         failpoints.hit(b"txn.before_retire")
-    retire(store, entries, needs, taken[-1])                                    # 5. retire, free
-    w = store._words
+    retire(eng, entries, needs, taken[-1])                                    # 5. retire, free
+    w = eng.words
     keys = sum((1 if new else 0) - (1 if old else 0) for new, old in entries)
     live = sum(new_len - old_len for new_len, old_len in lengths)
     for word, delta in ((STATE_WORD["count"], keys), (STATE_WORD["live_bytes"], live)):
         w[word] = (w[word] + delta) & MASK64      # counters are a cache (recovery recounts): wrap, never raise
 
 
-def _apply_alone(store, txn: Transaction) -> None:
-    """Apply a transaction of one write as a plain write (its own single commit point)."""
-    (k, op), = txn.writes.items()
-    if op is _DELETE:
-        store._delete(k)
-    else:
-        store._put(k, op[0], op[1])
-
-
-def retire(store, entries, needs, journal) -> None:
+def retire(eng, entries, needs, journal) -> None:
     """Stop naming the journal, then free the replaced records (needs: the payload of each)
     and the journal block (journal: (block, payload)).  A block whose header claims more
     than its payload allows is damage: the free is refused (CorruptionError), never let
     loose on the blocks after it."""
-    store._write_meta(journal_off=0, journal_txn=0, durable=store._full)
+    eng.write_meta(journal_off=0, journal_txn=0, durable=eng.full)
     for (new, old), need in zip(entries, needs):
         if old:
-            store._alloc.free(old - 8, need)
-    store._alloc.free(*journal)
+            eng.free(old, need)
+    eng.free(*journal)
 
 
-def read_journal(store, meta):
+def read_journal(eng, meta):
     """The entries of the journal the meta names, or None when it fails its checks."""
     j = meta.journal_off
-    w, end = store._words, store._alloc.end
+    w, end = eng.words, eng.alloc.end
     if j % 8 or j + JOURNAL_HEADER > end:
         return None
-    header = ffi.cast("struct mmkv_journal *", store._fm.base + j)
+    header = ffi.cast("struct mmkv_journal *", eng.fm.base + j)
     n = header.count
     if header.magic != JOURNAL_MAGIC or header.txn != meta.journal_txn or n > (end - j) // 16:
         return None
-    body = store._fm.mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + 16 * n]
-    if header.checksum != _journal_sum(store, body):
+    body = eng.fm.mm[j + JOURNAL_HEADER:j + JOURNAL_HEADER + 16 * n]
+    if header.checksum != _journal_sum(eng, body):
         return None
     base = (j + JOURNAL_HEADER) >> 3
     return [(w[base + 2 * i], w[base + 2 * i + 1]) for i in range(n)]
 
 
-def replay(store, entries) -> None:
+def replay(eng, entries) -> None:
     """Make the index say what the journal says (idempotent; caller holds the lock)."""
-    v = store._view
+    v = eng.view
     for i, (new, old) in enumerate(entries):
         if failpoints.armed and i == len(entries) // 2:
             failpoints.hit(b"txn.mid_apply")
@@ -204,9 +192,8 @@ def replay(store, entries) -> None:
             #      change is dropped: a recent write);  old: the delete was applied already
             continue
         h = v.hash
-        klen = store._words[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
-        key = store._fm.mm[rec + RECORD_HEADER:rec + RECORD_HEADER + klen]
-        rc = lib.mmkv_find(v, key, klen)
+        key = record_key(eng.fm.mm, eng.words, rec)
+        rc = lib.mmkv_find(v, key, len(key))
         if rc not in (0, errno.ENOENT):
             raise_for(rc, "lookup")
         if not new:
@@ -217,22 +204,22 @@ def replay(store, entries) -> None:
                 raise_for(lib.mmkv_slot_set(v, v.seg, v.slot, slot_word(h, new)), "slot write")
         else:
             while (rc := lib.mmkv_index_insert(v, slot_word(h, new))) == errno.EAGAIN:
-                index.split(store, v, v.seg)
+                index.split(eng, v, v.seg)
             raise_for(rc, "index insert")
 
 
-def finish_committed(store) -> str:
+def finish_committed(eng) -> str:
     """Recovery's first step: finish the transaction the meta names, if any.
 
     Returns "" (none), "replayed", or "dropped" (its journal failed its checks:
     possible only after power loss in sync="none", or damage).
     """
-    meta = store._meta
+    meta = eng.meta
     if not meta.journal_off:
         return ""
-    entries = read_journal(store, meta)
+    entries = read_journal(eng, meta)
     if entries is not None:
-        replay(store, entries)
-        store._fm.sync()
-    store._write_meta(journal_off=0, journal_txn=0)
+        replay(eng, entries)
+        eng.fm.sync()
+    eng.write_meta(journal_off=0, journal_txn=0)
     return "replayed" if entries is not None else "dropped"

@@ -25,3 +25,17 @@ GROW_STEP_MAX = 1 << 30
 LARGE_BLOCK = 64 * 1024
 #: Blocks a first-fit scan of one free list may inspect before taking a larger class.
 FIT_SCAN = 32
+
+
+def set_max_load(load: float) -> float:
+    """Testing hook: handles opened from now on split an index segment above this load
+    (a tiny load makes splits, rebuilds and deep directories happen with a few hundred keys);
+    returns the previous value, to restore.  Only the crash kit and the tests call it.
+
+    :raises ValueError: load is not in (0, 1].
+    """
+    global MAX_LOAD
+    if not 0 < load <= 1:
+        raise ValueError(f"load must be in (0, 1], not {load}")
+    old, MAX_LOAD = MAX_LOAD, load
+    return old

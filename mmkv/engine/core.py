@@ -1,0 +1,264 @@
+"""Engine: the mapped file and its roots, and the steps every structure is built from.
+
+One ``Engine`` per open handle owns the file descriptor, the mapping, the process-local
+view the shim reads (``struct mmkv_view``), the allocator, the identity, the meta in force
+and the sync mode.  The index, the journal, recovery and the checker are handed the engine
+(never the ``Store``) and call only downward: allocate, free, grow, write the meta, make a
+range durable.  ``Store`` adds the API, the lock and the transaction buffer on top.
+
+Concurrency: every method that reads or writes the heap or the meta runs with the store
+lock held by the caller (``Store`` takes it); the engine itself never locks, never waits and
+never calls back up.  A growth or a new meta bumps the file's generation word; other handles
+compare it with ``view.generation`` when they lock and ``reload`` then.
+
+Commit orders: the table "Commit orders" in the README lists every ordering protocol (put,
+delete, incr, transaction, split, index rebuild, growth, clear) with its steps; each
+function here that is a step of one says so.
+"""
+import os
+
+from . import failpoints
+from .allocator import Allocator, span
+from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, RECORD_HEADER,
+                     SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, parse_identity, parse_meta, record_key)
+from .mapping import FileMap, grow_file, next_size
+from .shim import ffi
+from . import tunables
+from .tunables import FIT_SCAN, LARGE_BLOCK
+from ..errors import CorruptionError, TruncatedError
+
+_GEN = STATE_WORD["generation"]
+_COUNT = STATE_WORD["count"]
+_LIVE = STATE_WORD["live_bytes"]
+
+
+def timeout_ns(seconds) -> int:
+    """Nanoseconds for the shim: -1 (wait forever) for None or inf.
+
+    :raises ValueError: negative or NaN.  :raises TypeError: not a number.
+    """
+    if seconds is None:
+        return -1
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise TypeError(f"lock_timeout must be a number of seconds or None, not {type(seconds).__name__}")
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"lock_timeout must be >= 0 seconds or None, not {seconds}")
+    return -1 if seconds >= 1 << 32 else int(seconds * 1e9)   # 136 years: forever
+
+
+def new_view(fm, ident, sync_full: bool, lock_timeout):
+    """A process-local view of a mapping for the shim (index fields are set from the meta)."""
+    v = ffi.new("struct mmkv_view *")
+    v.base, v.size = fm.base, fm.size
+    v.seed0, v.seed1 = ident.seed0, ident.seed1
+    v.pid = os.getpid()
+    v.lock_timeout_ns = timeout_ns(lock_timeout)
+    v.page_size = ident.page_size
+    v.large_block = LARGE_BLOCK
+    v.fit_scan = FIT_SCAN
+    v.max_count = int(SEGMENT_SLOTS * tunables.MAX_LOAD)   # read at each open: see tunables.testing_load
+    v.sync_full = int(sync_full)
+    return v
+
+
+def reextension_limit(real_size: int, page: int) -> int:
+    """The largest file size a first opener may restore for a file shorter than its header says.
+
+    After a power loss the header can name a size whose growth never reached the disk (sync
+    "none" grows without syncing).  Three growth steps past the real size cover what such a
+    window can lose; a header that asks for more is damage, and an open must never
+    pre-allocate disk on the word of a damaged header.
+    """
+    size = real_size
+    for _ in range(3):
+        size = next_size(size, size, page)
+    return size
+
+
+class Engine:
+    """The mapped file of one handle: mapping, view, allocator, identity, meta in force.
+
+    Attributes the layers above read: ``path``, ``fd``, ``fm`` (the mapping), ``words``
+    (the mapping as 64-bit words), ``view``, ``alloc``, ``ident``, ``meta``, ``full``
+    (sync="full"), ``last_recovery`` (what the last recovery found, or None).
+    """
+
+    def __init__(self, path: str, fd: int, full: bool):
+        self.path, self.fd, self.full = path, fd, full
+        self.fm = self.view = self.words = self.alloc = None
+        self.ident = self.meta = None
+        self.meta_slot = 0
+        self.last_recovery = None
+
+    # ------------------------------------------------------------ attach, meta
+    def attach(self, view_timeout, first: bool, readonly: bool) -> None:
+        """Validate the header and map the file.  ``first``: no other handle is open (the
+        caller holds the open protocol's exclusive lock), so a file cut short by a power
+        loss after a growth may be re-extended.
+
+        :raises NotMmkvFileError, VersionError, ChecksumError, CorruptionError, TruncatedError:
+            the header is not a sound mmkv header for a file of this size.
+        """
+        fd = self.fd
+        # Without the store lock a writer may switch the meta while we read it: it writes the
+        # meta, then bumps the generation.  Reading the generation first, the meta second, the
+        # view can only be older than its generation says: reloaded at the first lock.  (Read
+        # the other way round, an old meta could pass for current and writes would go through
+        # a freed index: found by the kill harness with bystanders opening during writes.)
+        generation = int.from_bytes(os.pread(fd, 8, _GEN * 8), "little")
+        page0 = os.pread(fd, HEADER_SIZE, 0)
+        real = os.fstat(fd).st_size     # after the meta: a growth extends the file before its meta names it
+        self.ident = parse_identity(page0, real)
+        try:
+            meta, which = parse_meta(page0, self.ident, real)
+        except TruncatedError:
+            if not first or self.closed_cleanly(page0) or readonly:
+                raise
+            # power loss after a growth: the header reached the disk, the new file size did
+            # not.  The missing tail was never durable: put it back (zeros) for recovery to
+            # drop whatever pointed into it.  A cleanly closed short file is real damage.
+            meta, which = parse_meta(page0, self.ident, 1 << 62)
+            if meta.file_size > reextension_limit(real, self.ident.page_size):
+                raise TruncatedError(f"file is {real} bytes but its header says {meta.file_size}: more than a "
+                                     "power loss can cut off; the file was cut short or its header is damaged")
+            grow_file(fd, meta.file_size)
+        self.fm = FileMap(fd, meta.file_size)
+        self.view = new_view(self.fm, self.ident, self.full, view_timeout)
+        self.alloc = Allocator(self.fm, self.view)
+        self.set_meta(meta, which)
+        self.view.generation = generation
+
+    @staticmethod
+    def closed_cleanly(page0: bytes) -> bool:
+        dirty = STATE_WORD["dirty"] * 8
+        return int.from_bytes(page0[dirty:dirty + 8], "little") == CLEAN_MARK
+
+    def set_meta(self, meta: Meta, which: int) -> None:
+        """Adopt meta as current: remap if the file size changed, point the view at the index."""
+        fm, v = self.fm, self.view
+        if meta.file_size != fm.size:
+            fm.remap(meta.file_size)
+        self.meta, self.meta_slot = meta, which
+        self.alloc.end = meta.file_size - EPILOGUE_BYTES
+        self.words = fm.words
+        v.base, v.size = fm.base, fm.size
+        v.dir_off, v.dir_bits = meta.dir_off, meta.dir_bits
+        v.generation = fm.words[_GEN]
+
+    def stale(self) -> bool:
+        """Another handle changed the meta since this one last loaded it (lock held)."""
+        return self.words[_GEN] != self.view.generation
+
+    def reload(self) -> None:
+        """Another process changed the meta (growth, new index): load it (lock held).
+        :raises CorruptionError: neither meta copy is sound."""
+        page0 = self.fm.mm[:HEADER_SIZE]
+        meta, which = parse_meta(page0, self.ident, os.fstat(self.fd).st_size)
+        self.set_meta(meta, which)
+
+    def write_meta(self, durable: bool = True, **changes) -> None:
+        """Write the meta copy not in force (seq + 1), sync it (unless durable is false: a
+        sync="none" step), and bump the generation so other processes reload it.
+
+        The one commit point of every structural change (growth, split, rebuild, clear,
+        a transaction): see "Commit orders" in the README.
+        """
+        new = self.meta._replace(seq=(self.meta.seq + 1) & MASK64, **changes)
+        which = 1 - self.meta_slot
+        raw = build_meta(new, self.ident)
+        self.fm.mm[OFF_META[which]:OFF_META[which] + len(raw)] = raw
+        if failpoints.armed:
+            failpoints.hit(b"meta.before_sync")
+        if durable:
+            self.fm.sync(0, HEADER_SIZE)
+        self.words[_GEN] = (self.words[_GEN] + 1) & MASK64   # any change will do: wrap at 2^64
+        self.set_meta(new, which)
+
+    def state_plausible(self) -> bool:
+        """The state's counters (a cache) add up with the file size: trusted after a clean close."""
+        w, size = self.words, self.fm.size
+        used, free = w[STATE_WORD["used_bytes"]], w[STATE_WORD["free_bytes"]]
+        heads, bitmap = STATE_WORD["free_heads"], w[STATE_WORD["free_bitmap"]]
+        return (used + free + HEAP_START + EPILOGUE_BYTES == size and w[_COUNT] <= size // RECORD_HEADER
+                and w[_LIVE] <= size and all(bool(bitmap >> c & 1) == bool(w[heads + c]) for c in range(NCLASSES)))
+
+    def count_plausible(self) -> bool:
+        """The key count could be true of a file this size (else recovery recounts)."""
+        return self.words[_COUNT] <= self.fm.size // RECORD_HEADER
+
+    # ------------------------------------------------------------ space
+    def allocate(self, payload: int) -> int:
+        """Payload offset of a new block of payload bytes, growing the file once if none fits.
+
+        Growth may remap: a caller holding a private view copies ``follow`` afterwards.
+        :raises DiskFullError: the file cannot grow; nothing changed.  :raises CorruptionError:
+            none fits even after the growth (damaged free lists).
+        """
+        off = self.alloc.alloc(payload)
+        if not off:
+            self.grow(payload)          # grows by at least payload + 2 pages: a block must fit
+            off = self.alloc.alloc(payload)
+            if not off:
+                raise self.no_fit(payload)
+        return off
+
+    def free(self, off: int, payload: int) -> None:
+        """Give back the block at payload offset off, allocated for payload bytes.
+        :raises CorruptionError: its header claims more (damage): nothing is freed."""
+        self.alloc.free(off, payload)
+
+    def grow(self, payload: int) -> None:
+        """Grow the file so a block of payload bytes fits, and tell the other processes.
+
+        Asks for the geometric step first and, on a full disk, for less, down to what the
+        block needs (see mapping.next_size).  Order ("growth" in the README's commit orders):
+        fallocate, then the meta naming the new size, then the heap's new free block.
+        :raises DiskFullError: not even the block's bytes are free on the disk; nothing changed.
+        """
+        fm = self.fm
+        page = self.ident.page_size
+        need = fm.size + payload + 2 * page + 64     # room for the page alignment of a large block
+        old_end = self.alloc.end
+        new_size = grow_file(self.fd, next_size(fm.size, need, page), minimum=need, page=page)
+        if failpoints.armed:
+            failpoints.hit(b"grow.after_fallocate")
+        # sync="full": the meta's msync (datasync of the header page) also makes the new file
+        # size durable (metadata needed to read the data is committed with it); an fdatasync
+        # would flush every dirty page of the file instead.  sync="none": no sync at all (it
+        # cost up to 150 ms at 1.3 GB: the journal commit waits for other dirty data); after a
+        # power loss the first opener re-extends a file shorter than its header (see attach).
+        self.write_meta(durable=self.full, file_size=new_size)   # remaps; others remap on their next call
+        self.alloc.end = old_end
+        self.alloc.extend(new_size - EPILOGUE_BYTES)
+
+    @staticmethod
+    def no_fit(payload: int) -> CorruptionError:
+        return CorruptionError(f"allocator: no block of {payload} bytes right after the file grew to hold "
+                               "one: the free lists are damaged (recovery rebuilds them)")
+
+    def follow(self, view) -> None:
+        """Point a private view (an index under construction) at the current mapping: an
+        allocation may have grown and remapped the file."""
+        live = self.view
+        view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
+
+    # ------------------------------------------------------------ durability, decoding
+    def make_durable(self, off: int, payload: int) -> None:
+        """msync the block at payload offset off (header and payload): a barrier before the
+        meta names it.  Synchronous in both sync modes (structural steps are rare)."""
+        self.fm.sync(*span(off, payload))
+
+    def barrier(self) -> None:
+        """sync="full": everything written so far is on disk before the next step."""
+        if self.full:
+            self.fm.sync_file()
+
+    def record_key(self, rec: int):
+        """Key bytes (a memoryview) of the verified record at rec."""
+        return record_key(self.fm.mm, self.words, rec)
+
+    def close(self) -> None:
+        """Drop the mapping (the descriptor is the caller's)."""
+        if self.fm is not None:
+            self.fm.close()
+        self.fm = self.view = self.words = None
