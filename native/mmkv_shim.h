@@ -1,11 +1,66 @@
 /*
- * mmkv native shim: mechanisms on raw mapped memory, no policy.
+ * mmkv native shim: the C core under the Python engine.
+ *
+ * Two kinds of function.  Mechanisms on raw mapped memory: the robust mutex and
+ * semaphores, msync/madvise/fallocate, file locks, atomics, SipHash, records,
+ * index probing and rebuilding, the layout table.  And the measured hot paths:
+ * lookup and get, the allocator's alloc and free, and the fused writes
+ * (mmkv_put, mmkv_put_many, mmkv_delete, mmkv_incr), which take the store lock
+ * (with take_lock), allocate, write, switch the slot, free, and order their
+ * msyncs for sync_full (record before slot).  The structural policy stays in
+ * Python: when to split a segment or double the directory, when and how far to
+ * grow the file, when to run recovery and what it keeps, transactions.
  *
  * Every function returns 0 or an errno value (results go through out
- * parameters); none prints, aborts or allocates.  Offsets that come from the
- * file are bounds-checked against the mapping size; a bad one gives EBADMSG.
- * Like mmkv_layout.h, this header is also parsed by cffi's cdef.
+ * parameters); none prints, aborts or allocates process memory.  Offsets that
+ * come from the file are bounds-checked against the mapping size; a bad one
+ * gives EBADMSG.  Like mmkv_layout.h, this header is also parsed by cffi's
+ * cdef, after mmkv_layout.h (whose constants and structs it uses); so it holds
+ * only declarations cdef accepts.  The implementation is split by job over
+ * native/mmkv_*.c, which share native/mmkv_internal.h (not part of the cdef).
  */
+
+/*
+ * Process-local description of one mapping, passed to the shim's hot paths.
+ * Never stored in the file.  The shim bounds-checks every offset it reads
+ * from the file against size.
+ */
+struct mmkv_view {
+    uint8_t *base;           /* start of the mapping */
+    uint64_t size;           /* bytes mapped */
+    uint64_t dir_off;        /* the index directory ... */
+    uint64_t dir_bits;       /* ... of 2^dir_bits entries */
+    uint64_t seed0;
+    uint64_t seed1;
+    uint64_t generation;     /* state.generation when this view was loaded */
+    int64_t lock_timeout_ns; /* < 0: wait forever */
+    int64_t pid;             /* this process, recorded as lock holder */
+    uint64_t heap_end;       /* offset of the epilogue word: blocks lie in [MMKV_HEAP_START, heap_end) */
+    uint64_t page_size;
+    uint64_t large_block;    /* allocations of at least this many bytes are page-aligned */
+    uint64_t fit_scan;       /* blocks a first-fit scan of one free list may inspect */
+    uint64_t max_count;      /* an insert that would take a segment's count above this returns EAGAIN (split it) */
+    uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
+    uint32_t closing;        /* set by mmkv_view_close: mmkv_lock, mmkv_get and the take_lock writes then return EBADF */
+    uint64_t active;         /* threads inside mmkv_lock or mmkv_get, which run without the store lock (see mmkv_view_close) */
+    void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
+    /* results of the last lookup */
+    uint64_t hash;           /* siphash of the key */
+    uint64_t seg;            /* offset of the key's segment */
+    uint64_t slot;           /* slot (in the segment) holding the key, or the first empty slot */
+    uint64_t rec_off;        /* record offset, 0 when absent */
+    uint64_t val_off;        /* value offset inside the mapping */
+    uint64_t val_len;
+    uint32_t rec_flags;
+    uint32_t probes;         /* slots examined */
+};
+
+/* Per-thread output of mmkv_get: the value is copied into buf when it fits. */
+struct mmkv_getbuf {
+    uint8_t *buf;
+    uint64_t cap;
+    uint64_t val_len;        /* length of the value found (also when it did not fit) */
+};
 
 /* Error codes the Python side needs by name (values from <errno.h>). */
 #define MMKV_ESTALE 116        /* the mapping is older than the header says: remap */
@@ -98,12 +153,16 @@ int mmkv_alloc_bound(struct mmkv_view *v, uint64_t off, uint64_t payload, uint64
 int mmkv_size_class(uint64_t size, uint32_t *cls);   /* the free list a block of this size belongs on */
 
 /*
- * Fused writes: lookup, allocate, write, switch the slot, free, count; with
- * take_lock they also lock (checking the view is current) and unlock.  After
- * 0, ENOENT, EAGAIN (grow the index first), ENOSPC (grow the file first),
- * ERANGE (counter overflow), MMKV_ESTALE (remap) or a lock error, nothing
- * changed and the lock is released.  After EOWNERDEAD or any other error the
- * lock is still held: the caller repairs (recovery) and unlocks.
+ * Fused writes: lookup, allocate, write, switch the slot, free, count, with the
+ * msyncs of sync_full in commit order (the record, then the slot that makes it
+ * live).  Without take_lock the caller holds the lock and keeps it whatever
+ * the result.  With take_lock they also lock (checking the view is current)
+ * and unlock: after 0 (done) or ENOENT, EAGAIN (split the key's segment
+ * first: v->seg names it), ENOSPC (grow the file first), ERANGE (counter
+ * overflow), MMKV_ESTALE (remap) or a lock error other than EOWNERDEAD
+ * (nothing changed), the lock is released.  After EOWNERDEAD or any other
+ * error (EBADMSG, an msync failure) the lock is still held: the caller
+ * repairs (recovery) and unlocks.
  */
 int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
              uint32_t flags, int take_lock);
