@@ -1,8 +1,8 @@
 /*
- * mmkv native shim: the free-list allocator's hot paths (mmkv_layout.h declares
- * the blocks, mmkv_internal.h holds the only arithmetic on their parts, and
- * mmkv/engine/allocator.py documents the design and keeps the rare paths:
- * formatting, growth, rebuild and audit).  Every
+ * mmkv native shim: the free-list allocator's hot paths.  mmkv_layout.h
+ * declares the blocks and their invariants, mmkv_internal.h holds the only
+ * arithmetic on their parts, and mmkv/engine/allocator.py documents the design
+ * and keeps the rare paths: formatting, growth, rebuild and audit.  Every
  * offset and size read from the file is checked; a bad one gives EBADMSG and
  * the Python side runs recovery, which rebuilds the lists from the index.
  *
@@ -32,7 +32,7 @@ static unsigned size_class(uint64_t size)
 
 int mmkv_size_class(uint64_t size, uint32_t *cls)
 {
-    if (size < MMKV_BLOCK_MIN || size & 15)
+    if (size < MMKV_BLOCK_MIN || size & ALIGN_MASK)
         return EINVAL;
     *cls = size_class(size);
     return 0;
@@ -41,17 +41,17 @@ int mmkv_size_class(uint64_t size, uint32_t *cls)
 static int heap_ok(const struct mmkv_view *v)
 {
     return v->size >= MMKV_HEADER_SIZE && v->heap_end >= MMKV_HEAP_START && v->heap_end <= epilogue_of(v->size) &&
-           ((v->heap_end - MMKV_HEAP_START) & 15) == 0;
+           ((v->heap_end - MMKV_HEAP_START) & ALIGN_MASK) == 0;
 }
 
 static int block_ok(const struct mmkv_view *v, uint64_t b)
 {
-    return b >= MMKV_HEAP_START && b < v->heap_end && ((b - MMKV_HEAP_START) & 15) == 0;
+    return b >= MMKV_HEAP_START && b < v->heap_end && ((b - MMKV_HEAP_START) & ALIGN_MASK) == 0;
 }
 
 static int size_ok(const struct mmkv_view *v, uint64_t b, uint64_t size)
 {
-    return size >= MMKV_BLOCK_MIN && !(size & 15) && size <= v->heap_end - b;
+    return size >= MMKV_BLOCK_MIN && !(size & ALIGN_MASK) && size <= v->heap_end - b;
 }
 
 /* More steps than any walk of the free lists can take: every block holds MMKV_BLOCK_MIN bytes. */
@@ -192,7 +192,7 @@ static int take_aligned(const struct mmkv_view *v, struct mmkv_state *st, uint64
 static int alloc_large(const struct mmkv_view *v, struct mmkv_state *st, uint64_t size, uint64_t *out)
 {
     uint64_t page = v->page_size, b, s;
-    if (!page || (page & (page - 1)) || page % 16)
+    if (!page || (page & (page - 1)) || page % MMKV_BLOCK_ALIGN)
         return EINVAL;
     size = (size + page - 1) & ~(page - 1);
     /* any block of a class above that of size + page + MIN fits whatever its alignment: O(1) */
@@ -292,7 +292,7 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
     uint64_t prev_alloc = head & MMKV_BLOCK_PREV_ALLOC, p = 0, psize = 0;
     if (!prev_alloc) {
         psize = *word(v, footer_before(b));
-        if (psize > b - MMKV_HEAP_START || psize < MMKV_BLOCK_MIN || psize & 15)
+        if (psize > b - MMKV_HEAP_START || psize < MMKV_BLOCK_MIN || psize & ALIGN_MASK)
             return EBADMSG;
         p = b - psize;
         uint64_t s;

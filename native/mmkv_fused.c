@@ -147,7 +147,7 @@ int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t de
         rc = ENOENT; /* a plain 8-byte value or another type: the general path decides */
     if (rc == 0) {   /* updated in place: its block and checksum must hold, or recovery drops it */
         uint64_t head = *word(v, block_of(l.rec_off));
-        if (!(head & MMKV_BLOCK_ALLOC) || !block_holds(head & SIZE_MASK, REC_HDR + PAD8(klen) + 8) ||
+        if (!(head & MMKV_BLOCK_ALLOC) || !block_holds(head & SIZE_MASK, REC_HDR + PAD8(klen) + sizeof(int64_t)) ||
             l.rec->val_len != 8 || l.rec->checksum != record_sum(v, l.rec))
             rc = EBADMSG;
     }

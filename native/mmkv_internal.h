@@ -69,9 +69,6 @@ MMKV_INTERNAL uint64_t siphash24(uint64_t k0, uint64_t k1, const uint8_t *data, 
 #define PAD8(n) (((n) + 7) & ~(uint64_t)7)
 /* The record checksum covers the record from key_hash on (the checksum word itself excluded). */
 #define REC_SUM_FROM ((uint64_t)offsetof(struct mmkv_record, key_hash))
-/* Keys for the record checksum, distinct from the key-hash keys. */
-#define SUM_K0 0x6d6d6b762d726563ULL /* "mmkv-rec" */
-#define SUM_K1 0x636865636b73756dULL /* "checksum" */
 
 MMKV_INTERNAL uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r);
 
@@ -110,7 +107,8 @@ static inline struct mmkv_state *state_of(const struct mmkv_view *v)
  * offset by hand.  Offsets are byte offsets into the mapping.
  */
 
-#define SIZE_MASK (~(uint64_t)MMKV_BLOCK_FLAGS)
+#define SIZE_MASK (~(uint64_t)MMKV_BLOCK_FLAGS)         /* header word -> block size */
+#define ALIGN_MASK ((uint64_t)MMKV_BLOCK_ALIGN - 1)     /* bits that are 0 in a block size and in b - MMKV_HEAP_START */
 
 /* The 8-byte word at off; the caller has checked off. */
 static inline uint64_t *word(const struct mmkv_view *v, uint64_t off) { return (uint64_t *)(v->base + off); }

@@ -23,7 +23,7 @@
 /* Format constants. */
 #define MMKV_MAGIC 0x1a0a0d564b4d4d89      /* bytes 89 'M' 'M' 'K' 'V' \r \n 1a */
 #define MMKV_VERSION 1                     /* bump on any incompatible layout change */
-#define MMKV_HEADER_SIZE 4096              /* page 0; the heap starts here */
+#define MMKV_HEADER_SIZE 4096              /* page 0; a padding word and the heap follow it */
 #define MMKV_OFF_IDENTITY 0                /* sector 0: written once at creation */
 #define MMKV_OFF_META0 512                 /* sector 1: meta copy A */
 #define MMKV_OFF_META1 1024                /* sector 2: meta copy B */
@@ -107,6 +107,9 @@ struct mmkv_free_block {
 /* Record flags. */
 #define MMKV_REC_COUNTER 1                 /* value is an 8-byte signed counter, updated in place;
                                               the checksum then covers header and key only */
+/* The record checksum's SipHash key is the file's seed xor these (distinct from the key-hash key). */
+#define MMKV_REC_SUM_K0 0x6d6d6b762d726563  /* "mmkv-rec" as a big-endian word */
+#define MMKV_REC_SUM_K1 0x636865636b73756d  /* "checksum" as a big-endian word */
 
 /*
  * Identity: written once when the file is created, never again.
@@ -205,8 +208,10 @@ struct mmkv_locks {
  * padding to 8 bytes, then the value.  Never overwritten while live, except
  * the 8-byte value of a MMKV_REC_COUNTER record.
  * Invariants: 32 + pad8(key_len) + val_len fits in the block's payload,
- * key_hash == siphash(file seed, key), checksum == siphash over the record
- * from key_hash to the end of the value (to the end of the key for counters).
+ * key_hash == siphash(file seed, key), checksum == siphash keyed with
+ * (seed0 ^ MMKV_REC_SUM_K0, seed1 ^ MMKV_REC_SUM_K1) over the record from
+ * key_hash to the end of the value (to the end of the key and its padding for
+ * counters).
  */
 struct mmkv_record {
     uint64_t checksum;

@@ -112,7 +112,8 @@ int mmkv_atomic_cas(uint8_t *base, uint64_t size, uint64_t off, uint64_t *expect
 /* SipHash-2-4 of data keyed with (k0, k1). */
 int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, uint64_t *out);
 
-/* Index and records: the hot loops, all bounds-checked against view->size. */
+/* Index and records: the hot loops, all bounds-checked against view->size.  A record's offset
+   (off below, a slot's low bits) is the payload offset of the block that holds it. */
 int mmkv_lock(struct mmkv_view *v);     /* robust lock + holder bookkeeping; 0, EOWNERDEAD, ETIMEDOUT, ...;
                                            EBADF once mmkv_view_close has begun */
 int mmkv_lock_final(struct mmkv_view *v);  /* mmkv_lock for the closer itself (ignores closing) */
@@ -120,9 +121,11 @@ int mmkv_view_close(struct mmkv_view *v);  /* refuse new unlocked calls on v (EB
 int mmkv_unlock(struct mmkv_view *v);
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent */
 int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
-                                        /* lock, find, copy, unlock, writing only *g (so threads sharing v
-                                           are safe): 0, ENOENT, ENOBUFS (g->val_len set), MMKV_ESTALE
-                                           (remap), EBADF (closing) or a lock error; on EOWNERDEAD the lock is held */
+                                        /* find and copy, writing only *g (so threads sharing v are safe):
+                                           without the lock when no holder is active before or after the read
+                                           (state.seq even and unchanged), else under the lock; 0, ENOENT,
+                                           ENOBUFS (g->val_len set), MMKV_ESTALE (remap), EBADF (closing) or
+                                           a lock error; on EOWNERDEAD the lock is held */
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */
@@ -141,7 +144,8 @@ int mmkv_dir_build(struct mmkv_view *v, uint64_t new_off, uint64_t new_bits, uin
 int mmkv_index_insert(struct mmkv_view *v, uint64_t word);  /* rebuild: EAGAIN when v->seg must split first */
 int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slot);  /* EBADMSG at the first fault */
 
-/* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap. */
+/* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap.  Offsets named off
+   or out are block offsets (the block's header word; its payload starts MMKV_BLOCK_HEADER later). */
 int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out);   /* ENOSPC: nothing fits, grow */
 int mmkv_free(struct mmkv_view *v, uint64_t off);
 int mmkv_free_fitting(struct mmkv_view *v, uint64_t off, uint64_t payload);
