@@ -1,24 +1,29 @@
 /*
  * mmkv on-disk layout: the one definition of every struct stored in the file.
  *
- * This header is read twice: by the C compiler (through mmkv_shim.c) and by
- * cffi's cdef (through native/build_ffi.py), so it must stay in the subset of C
- * that cdef parses: fixed-width integer fields, plain integer #defines, no
- * expressions, no includes.  mmkv/layout.py takes every offset and size from
- * the compiled module, and tests/test_layout.py checks them against offsetof()
- * as the C compiler computed it.
+ * This header is read twice: by the C compiler (each native/mmkv_*.c file includes
+ * it through native/mmkv_internal.h) and by cffi's cdef (native/build_ffi.py
+ * feeds it, then mmkv_shim.h, to cdef), so it must stay in the subset of C that
+ * cdef parses: fixed-width integer fields, plain integer #defines, no
+ * expressions, no includes.  mmkv/engine/layout.py takes every offset, size and
+ * constant from the compiled module, and tests/test_layout.py checks them
+ * against offsetof() as the C compiler computed it.  Structs that never reach
+ * the file (struct mmkv_view, struct mmkv_getbuf) live in mmkv_shim.h.
  *
  * Every integer is little-endian and naturally aligned.  The file is:
  *
- *   [0, 4096)       header page: identity, meta A, meta B, state, lock area
- *   [4096, size)    heap: blocks managed by the allocator (records, index
- *                   tables, journal), ending with an 8-byte epilogue word
+ *   [0, 4096)          header page: identity, meta A, meta B, state, lock area
+ *   [4096, 4104)       one padding word, always 0 (never read: the first
+ *                      block's PREV_ALLOC bit is always set)
+ *   [4104, size - 8)   heap: blocks managed by the allocator (records, index
+ *                      segments and directories, journals), tiling it exactly
+ *   [size - 8, size)   the epilogue word
  */
 
 /* Format constants. */
 #define MMKV_MAGIC 0x1a0a0d564b4d4d89      /* bytes 89 'M' 'M' 'K' 'V' \r \n 1a */
 #define MMKV_VERSION 1                     /* bump on any incompatible layout change */
-#define MMKV_HEADER_SIZE 4096              /* page 0; the heap starts here */
+#define MMKV_HEADER_SIZE 4096              /* page 0; a padding word and the heap follow it */
 #define MMKV_OFF_IDENTITY 0                /* sector 0: written once at creation */
 #define MMKV_OFF_META0 512                 /* sector 1: meta copy A */
 #define MMKV_OFF_META1 1024                /* sector 2: meta copy B */
@@ -29,16 +34,60 @@
 #define MMKV_MUTEX_BYTES 64                /* room reserved for one pthread_mutex_t */
 #define MMKV_SEM_BYTES 32                  /* room reserved for one sem_t */
 
-/* Block header word: size in bytes (multiple of 16) | flag bits. */
-#define MMKV_BLOCK_ALLOC 1                 /* block is in use */
-#define MMKV_BLOCK_PREV_ALLOC 2            /* the block before this one is in use */
-#define MMKV_BLOCK_FLAGS 15                /* low bits that are not part of the size */
+/*
+ * The heap: blocks, owned by the allocator (native/mmkv_alloc.c for the hot
+ * paths, mmkv/engine/allocator.py for formatting, growth, rebuild and audit).
+ *
+ * Blocks tile [MMKV_HEAP_START, epilogue) with no gap.  A block at offset b of
+ * `size` bytes is:
+ *
+ *   b                          header word: size | flags
+ *   b + MMKV_BLOCK_HEADER      payload (16-aligned: b is 8 below a multiple of 16)
+ *
+ * Header word invariants: size = word & ~MMKV_BLOCK_FLAGS is a multiple of
+ * MMKV_BLOCK_ALIGN, at least MMKV_BLOCK_MIN, and b + size <= the epilogue;
+ * MMKV_BLOCK_ALLOC is set when the block is in use; MMKV_BLOCK_PREV_ALLOC is
+ * set exactly when the block before b is in use (always set on the first block);
+ * no other flag bit is set.
+ *
+ * A free block (ALLOC clear) is laid out as struct mmkv_free_block: the header,
+ * then the links of the doubly linked free list of its size class (byte offsets
+ * of other free blocks: next, 0 at the end of the list; prev, 0 at the head,
+ * which state.free_heads[class] names), and a footer: a copy of its size in its
+ * last word, at b + size - MMKV_FREE_FOOTER, so that a block freed after it can
+ * find its start.  Two free blocks are never neighbours (freeing merges them),
+ * so the block after a free one is in use and has PREV_ALLOC clear.  Blocks in
+ * use have no footer: their last word belongs to the payload.
+ *
+ * The epilogue word (MMKV_EPILOGUE_BYTES, at file size - MMKV_EPILOGUE_BYTES,
+ * which the engine calls heap_end) is a header of size 0 with MMKV_BLOCK_ALLOC
+ * set and MMKV_BLOCK_PREV_ALLOC telling whether the last block is in use: the
+ * heap's walks stop there, and a free last block never merges past it.
+ * Growing the file turns the old epilogue into a block and writes a new one.
+ */
+#define MMKV_HEAP_START 4104               /* first block header: MMKV_HEADER_SIZE + MMKV_BLOCK_HEADER, so payloads are 16-aligned */
+#define MMKV_BLOCK_HEADER 8                /* bytes of a block's header word; the payload follows it */
+#define MMKV_BLOCK_ALLOC 1                 /* header flag: block is in use */
+#define MMKV_BLOCK_PREV_ALLOC 2            /* header flag: the block before this one is in use */
+#define MMKV_BLOCK_FLAGS 15                /* low bits of the header that are not part of the size */
 #define MMKV_BLOCK_ALIGN 16                /* every block size is a multiple of this */
 #define MMKV_BLOCK_MIN 32                  /* header + two links + footer */
-#define MMKV_EXACT_CLASSES 31              /* classes 0..30 hold blocks of exactly 32, 48, ..., 512 bytes */
-#define MMKV_EXACT_MAX 512                 /* classes from 31 on hold one power of two each: (2^(c-22), 2^(c-21)] */
 #define MMKV_FREE_NEXT 8                   /* free block: byte offset of the next link (0: end of list) */
 #define MMKV_FREE_PREV 16                  /* free block: byte offset of the previous link (0: list head) */
+#define MMKV_FREE_FOOTER 8                 /* free block: its footer (size copy) starts this many bytes before its end */
+#define MMKV_EPILOGUE_BYTES 8              /* the epilogue word, the last bytes of the file */
+#define MMKV_EXACT_CLASSES 31              /* classes 0..30 hold blocks of exactly 32, 48, ..., 512 bytes */
+#define MMKV_EXACT_MAX 512                 /* classes from 31 on hold one power of two each: (2^(c-22), 2^(c-21)] */
+
+/* The fixed start of a free block (see above); its footer follows at its end. */
+struct mmkv_free_block {
+    uint64_t header;         /* size | flags, MMKV_BLOCK_ALLOC clear */
+    uint64_t next;           /* MMKV_FREE_NEXT: next block of the same list, 0 at the end */
+    uint64_t prev;           /* MMKV_FREE_PREV: previous block of the same list, 0 at the head */
+};
+
+/* State.dirty after a clean close by the last handle ("mkvclean" as little-endian bytes). */
+#define MMKV_CLEAN_MARK 0x6e61656c63766b6d
 
 /*
  * The index: extendible hashing.  A directory of 2^dir_bits segment offsets;
@@ -58,6 +107,9 @@
 /* Record flags. */
 #define MMKV_REC_COUNTER 1                 /* value is an 8-byte signed counter, updated in place;
                                               the checksum then covers header and key only */
+/* The record checksum's SipHash key is the file's seed xor these (distinct from the key-hash key). */
+#define MMKV_REC_SUM_K0 0x6d6d6b762d726563  /* "mmkv-rec" as a big-endian word */
+#define MMKV_REC_SUM_K1 0x636865636b73756d  /* "checksum" as a big-endian word */
 
 /*
  * Identity: written once when the file is created, never again.
@@ -100,12 +152,13 @@ struct mmkv_meta {
  */
 struct mmkv_state {
     uint64_t generation;     /* bumped when meta changes: readers remap / reload */
-    uint64_t dirty;          /* MMKV clean mark (mmkv/layout.py CLEAN_MARK) after a clean last close;
-                                0 while the file is open or after a crash: recovery runs on the next first open */
+    uint64_t dirty;          /* MMKV_CLEAN_MARK after a clean close by the last handle; 0 while the file is
+                                open; anything but the mark (a crash, a torn sector) makes the next first
+                                open run recovery */
     uint64_t count;          /* live keys */
     uint64_t live_bytes;     /* sum of key and value lengths of live records */
     uint64_t used_bytes;     /* bytes in allocated blocks, headers included */
-    uint64_t free_bytes;     /* bytes in free blocks */
+    uint64_t free_bytes;     /* bytes in free blocks; used + free + MMKV_HEAP_START + MMKV_EPILOGUE_BYTES = file size */
     uint64_t free_bitmap;    /* bit c set when free_heads[c] may be non-empty */
     uint64_t lock_pid;       /* pid of the current lock holder, 0 if none */
     uint64_t lock_since_ns;  /* CLOCK_MONOTONIC time the holder took the lock */
@@ -115,13 +168,6 @@ struct mmkv_state {
     uint64_t free_heads[64]; /* MMKV_NCLASSES heads of doubly linked free lists */
 };
 
-/*
- * Index segment header, followed by MMKV_SEGMENT_SLOTS 8-byte slots.
- * Invariants: the segment holds exactly the keys whose top `depth` hash bits
- * equal `prefix`; the directory entries [prefix << (dir_bits - depth),
- * (prefix + 1) << (dir_bits - depth)) and no others point at it; `count` is
- * the number of slots in use; every entry is reachable by probing from its home.
- */
 /*
  * Transaction journal, in a block of its own: a header and `count` entries of
  * (new record, old record).  An entry with new != 0 makes new's key point at
@@ -137,6 +183,13 @@ struct mmkv_journal {
     uint64_t checksum;
 };
 
+/*
+ * Index segment header, followed by MMKV_SEGMENT_SLOTS 8-byte slots.
+ * Invariants: the segment holds exactly the keys whose top `depth` hash bits
+ * equal `prefix`; the directory entries [prefix << (dir_bits - depth),
+ * (prefix + 1) << (dir_bits - depth)) and no others point at it; `count` is
+ * the number of slots in use; every entry is reachable by probing from its home.
+ */
 struct mmkv_segment {
     uint64_t depth;
     uint64_t prefix;
@@ -155,8 +208,10 @@ struct mmkv_locks {
  * padding to 8 bytes, then the value.  Never overwritten while live, except
  * the 8-byte value of a MMKV_REC_COUNTER record.
  * Invariants: 32 + pad8(key_len) + val_len fits in the block's payload,
- * key_hash == siphash(file seed, key), checksum == siphash over the record
- * from key_hash to the end of the value (to the end of the key for counters).
+ * key_hash == siphash(file seed, key), checksum == siphash keyed with
+ * (seed0 ^ MMKV_REC_SUM_K0, seed1 ^ MMKV_REC_SUM_K1) over the record from
+ * key_hash to the end of the value (to the end of the key and its padding for
+ * counters).
  */
 struct mmkv_record {
     uint64_t checksum;
@@ -164,48 +219,4 @@ struct mmkv_record {
     uint32_t key_len;
     uint32_t flags;
     uint64_t val_len;
-};
-
-/*
- * Process-local description of one mapping, passed to the shim's hot paths.
- * Never stored in the file.  The shim bounds-checks every offset it reads
- * from the file against size.
- */
-struct mmkv_view {
-    uint8_t *base;           /* start of the mapping */
-    uint64_t size;           /* bytes mapped */
-    uint64_t dir_off;        /* the index directory ... */
-    uint64_t dir_bits;       /* ... of 2^dir_bits entries */
-    uint64_t seed0;
-    uint64_t seed1;
-    uint64_t generation;     /* state.generation when this view was loaded */
-    int64_t lock_timeout_ns; /* < 0: wait forever */
-    int64_t pid;             /* this process, recorded as lock holder */
-    uint64_t heap_end;       /* offset of the epilogue word: blocks lie in [MMKV_HEAP_START, heap_end) */
-    uint64_t page_size;
-    uint64_t large_block;    /* allocations of at least this many bytes are page-aligned */
-    uint64_t fit_scan;       /* blocks a first-fit scan of one free list may inspect */
-    uint64_t max_count;      /* an insert that would take a segment's count above this returns EAGAIN (split it) */
-    uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
-    uint32_t closing;        /* set by mmkv_view_close: calls that would touch the mapping return EBADF */
-    uint64_t active;         /* threads inside a call that may run without the store lock (see mmkv_view_close) */
-    void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
-    /* results of the last lookup */
-    uint64_t hash;           /* siphash of the key */
-    uint64_t seg;            /* offset of the key's segment */
-    uint64_t slot;           /* slot (in the segment) holding the key, or the first empty slot */
-    uint64_t rec_off;        /* record offset, 0 when absent */
-    uint64_t val_off;        /* value offset inside the mapping */
-    uint64_t val_len;
-    uint32_t rec_flags;
-    uint32_t probes;         /* slots examined */
-};
-
-#define MMKV_HEAP_START 4104              /* first block header: MMKV_HEADER_SIZE + 8, so payloads are 16-aligned */
-
-/* Per-thread output of mmkv_get: the value is copied into buf when it fits. */
-struct mmkv_getbuf {
-    uint8_t *buf;
-    uint64_t cap;
-    uint64_t val_len;        /* length of the value found (also when it did not fit) */
 };

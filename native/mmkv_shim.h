@@ -1,11 +1,66 @@
 /*
- * mmkv native shim: mechanisms on raw mapped memory, no policy.
+ * mmkv native shim: the C core under the Python engine.
+ *
+ * Two kinds of function.  Mechanisms on raw mapped memory: the robust mutex and
+ * semaphores, msync/madvise/fallocate, file locks, atomics, SipHash, records,
+ * index probing and rebuilding, the layout table.  And the measured hot paths:
+ * lookup and get, the allocator's alloc and free, and the fused writes
+ * (mmkv_put, mmkv_put_many, mmkv_delete, mmkv_incr), which take the store lock
+ * (with take_lock), allocate, write, switch the slot, free, and order their
+ * msyncs for sync_full (record before slot).  The structural policy stays in
+ * Python: when to split a segment or double the directory, when and how far to
+ * grow the file, when to run recovery and what it keeps, transactions.
  *
  * Every function returns 0 or an errno value (results go through out
- * parameters); none prints, aborts or allocates.  Offsets that come from the
- * file are bounds-checked against the mapping size; a bad one gives EBADMSG.
- * Like mmkv_layout.h, this header is also parsed by cffi's cdef.
+ * parameters); none prints, aborts or allocates process memory.  Offsets that
+ * come from the file are bounds-checked against the mapping size; a bad one
+ * gives EBADMSG.  Like mmkv_layout.h, this header is also parsed by cffi's
+ * cdef, after mmkv_layout.h (whose constants and structs it uses); so it holds
+ * only declarations cdef accepts.  The implementation is split by job over
+ * native/mmkv_*.c, which share native/mmkv_internal.h (not part of the cdef).
  */
+
+/*
+ * Process-local description of one mapping, passed to the shim's hot paths.
+ * Never stored in the file.  The shim bounds-checks every offset it reads
+ * from the file against size.
+ */
+struct mmkv_view {
+    uint8_t *base;           /* start of the mapping */
+    uint64_t size;           /* bytes mapped */
+    uint64_t dir_off;        /* the index directory ... */
+    uint64_t dir_bits;       /* ... of 2^dir_bits entries */
+    uint64_t seed0;
+    uint64_t seed1;
+    uint64_t generation;     /* state.generation when this view was loaded */
+    int64_t lock_timeout_ns; /* < 0: wait forever */
+    int64_t pid;             /* this process, recorded as lock holder */
+    uint64_t heap_end;       /* offset of the epilogue word: blocks lie in [MMKV_HEAP_START, heap_end) */
+    uint64_t page_size;
+    uint64_t large_block;    /* allocations of at least this many bytes are page-aligned */
+    uint64_t fit_scan;       /* blocks a first-fit scan of one free list may inspect */
+    uint64_t max_count;      /* an insert that would take a segment's count above this returns EAGAIN (split it) */
+    uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
+    uint32_t closing;        /* set by mmkv_view_close: mmkv_lock, mmkv_get and the take_lock writes then return EBADF */
+    uint64_t active;         /* threads inside mmkv_lock or mmkv_get, which run without the store lock (see mmkv_view_close) */
+    void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
+    /* results of the last lookup */
+    uint64_t hash;           /* siphash of the key */
+    uint64_t seg;            /* offset of the key's segment */
+    uint64_t slot;           /* slot (in the segment) holding the key, or the first empty slot */
+    uint64_t rec_off;        /* record offset, 0 when absent */
+    uint64_t val_off;        /* value offset inside the mapping */
+    uint64_t val_len;
+    uint32_t rec_flags;
+    uint32_t probes;         /* slots examined */
+};
+
+/* Per-thread output of mmkv_get: the value is copied into buf when it fits. */
+struct mmkv_getbuf {
+    uint8_t *buf;
+    uint64_t cap;
+    uint64_t val_len;        /* length of the value found (also when it did not fit) */
+};
 
 /* Error codes the Python side needs by name (values from <errno.h>). */
 #define MMKV_ESTALE 116        /* the mapping is older than the header says: remap */
@@ -57,7 +112,8 @@ int mmkv_atomic_cas(uint8_t *base, uint64_t size, uint64_t off, uint64_t *expect
 /* SipHash-2-4 of data keyed with (k0, k1). */
 int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, uint64_t *out);
 
-/* Index and records: the hot loops, all bounds-checked against view->size. */
+/* Index and records: the hot loops, all bounds-checked against view->size.  A record's offset
+   (off below, a slot's low bits) is the payload offset of the block that holds it. */
 int mmkv_lock(struct mmkv_view *v);     /* robust lock + holder bookkeeping; 0, EOWNERDEAD, ETIMEDOUT, ...;
                                            EBADF once mmkv_view_close has begun */
 int mmkv_lock_final(struct mmkv_view *v);  /* mmkv_lock for the closer itself (ignores closing) */
@@ -65,9 +121,11 @@ int mmkv_view_close(struct mmkv_view *v);  /* refuse new unlocked calls on v (EB
 int mmkv_unlock(struct mmkv_view *v);
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent */
 int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
-                                        /* lock, find, copy, unlock, writing only *g (so threads sharing v
-                                           are safe): 0, ENOENT, ENOBUFS (g->val_len set), MMKV_ESTALE
-                                           (remap), EBADF (closing) or a lock error; on EOWNERDEAD the lock is held */
+                                        /* find and copy, writing only *g (so threads sharing v are safe):
+                                           without the lock when no holder is active before or after the read
+                                           (state.seq even and unchanged), else under the lock; 0, ENOENT,
+                                           ENOBUFS (g->val_len set), MMKV_ESTALE (remap), EBADF (closing) or
+                                           a lock error; on EOWNERDEAD the lock is held */
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */
@@ -86,7 +144,8 @@ int mmkv_dir_build(struct mmkv_view *v, uint64_t new_off, uint64_t new_bits, uin
 int mmkv_index_insert(struct mmkv_view *v, uint64_t word);  /* rebuild: EAGAIN when v->seg must split first */
 int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slot);  /* EBADMSG at the first fault */
 
-/* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap. */
+/* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap.  Offsets named off
+   or out are block offsets (the block's header word; its payload starts MMKV_BLOCK_HEADER later). */
 int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out);   /* ENOSPC: nothing fits, grow */
 int mmkv_free(struct mmkv_view *v, uint64_t off);
 int mmkv_free_fitting(struct mmkv_view *v, uint64_t off, uint64_t payload);
@@ -98,12 +157,16 @@ int mmkv_alloc_bound(struct mmkv_view *v, uint64_t off, uint64_t payload, uint64
 int mmkv_size_class(uint64_t size, uint32_t *cls);   /* the free list a block of this size belongs on */
 
 /*
- * Fused writes: lookup, allocate, write, switch the slot, free, count; with
- * take_lock they also lock (checking the view is current) and unlock.  After
- * 0, ENOENT, EAGAIN (grow the index first), ENOSPC (grow the file first),
- * ERANGE (counter overflow), MMKV_ESTALE (remap) or a lock error, nothing
- * changed and the lock is released.  After EOWNERDEAD or any other error the
- * lock is still held: the caller repairs (recovery) and unlocks.
+ * Fused writes: lookup, allocate, write, switch the slot, free, count, with the
+ * msyncs of sync_full in commit order (the record, then the slot that makes it
+ * live).  Without take_lock the caller holds the lock and keeps it whatever
+ * the result.  With take_lock they also lock (checking the view is current)
+ * and unlock: after 0 (done) or ENOENT, EAGAIN (split the key's segment
+ * first: v->seg names it), ENOSPC (grow the file first), ERANGE (counter
+ * overflow), MMKV_ESTALE (remap) or a lock error other than EOWNERDEAD
+ * (nothing changed), the lock is released.  After EOWNERDEAD or any other
+ * error (EBADMSG, an msync failure) the lock is still held: the caller
+ * repairs (recovery) and unlocks.
  */
 int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
              uint32_t flags, int take_lock);

@@ -29,12 +29,12 @@ BLOCK_FLAGS = lib.MMKV_BLOCK_FLAGS
 BLOCK_ALIGN = lib.MMKV_BLOCK_ALIGN
 BLOCK_MIN = lib.MMKV_BLOCK_MIN
 #: First block header; blocks start 8 bytes below a 16-byte boundary so that payloads are 16-aligned.
-HEAP_START = HEADER_SIZE + 8
+HEAP_START = lib.MMKV_HEAP_START
 #: The epilogue word sits in the last 8 bytes of the file.
-EPILOGUE_BYTES = 8
+EPILOGUE_BYTES = lib.MMKV_EPILOGUE_BYTES
 #: Bytes of a block's header word (size | flags); the payload follows it, and a free block
 #: repeats its size in its last word (the footer).
-BLOCK_HEADER = 8
+BLOCK_HEADER = lib.MMKV_BLOCK_HEADER
 FREE_NEXT = lib.MMKV_FREE_NEXT           #: free block: byte offset of the next link (0: end of list)
 FREE_PREV = lib.MMKV_FREE_PREV           #: free block: byte offset of the previous link (0: list head)
 #: Words of the file are unsigned 64-bit: arithmetic on a state word wraps with this mask
@@ -60,7 +60,7 @@ JOURNAL_MAGIC = lib.MMKV_JOURNAL_MAGIC
 JOURNAL_HEADER = ffi.sizeof("struct mmkv_journal")
 #: The state's ``dirty`` word holds this while the file is closed cleanly; anything else
 #: (zero from a torn sector included) means recovery must run on the next first open.
-CLEAN_MARK = 0x6e61656c63766b6d   # "mkvclean"
+CLEAN_MARK = lib.MMKV_CLEAN_MARK   # "mkvclean"
 
 _ID_SUM_AT = ffi.offsetof("struct mmkv_identity", "checksum")
 _META_SUM_AT = ffi.offsetof("struct mmkv_meta", "checksum")

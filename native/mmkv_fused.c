@@ -1,0 +1,170 @@
+/*
+ * mmkv native shim: the fused writes, one C call per put, delete or counter
+ * increment on the hot path.  Each one looks the key up, allocates, writes the record, switches the
+ * slot, frees the old block and keeps the state's counters; with take_lock it
+ * also takes and releases the store lock.  With sync_full its msyncs follow
+ * the commit order of put_locked: the record, then the slot that makes it live.
+ * What they cannot do alone (split a segment: EAGAIN; grow the file: ENOSPC;
+ * repair: EBADMSG, EOWNERDEAD) they hand back to the Python engine.
+ */
+#define _GNU_SOURCE
+#include "mmkv_internal.h"
+
+/* Take the lock and check the view is current; MMKV_ESTALE (unlocked) when it is not. */
+static int lock_current(struct mmkv_view *v)
+{
+    int rc = mmkv_lock(v);
+    if (rc)
+        return rc;
+    if (__atomic_load_n(&state_of(v)->generation, __ATOMIC_ACQUIRE) != v->generation) {
+        mmkv_unlock(v);
+        return MMKV_ESTALE;
+    }
+    return 0;
+}
+
+/* Results after which a fused call has changed nothing and released the lock. */
+static int clean_result(int rc)
+{
+    return rc == 0 || rc == ENOENT || rc == EAGAIN || rc == ENOSPC || rc == ERANGE;
+}
+
+static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
+{
+    if (!v->sync_full)
+        return 0;
+    FAILPOINT("sync.before");
+    int rc = mmkv_msync(v->base, v->size, off, len, MMKV_SYNC_SYNC);
+    if (!rc && v->sync_hook)
+        v->sync_hook(off, len);
+    FAILPOINT("sync.after");
+    return rc;
+}
+
+static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+                      uint32_t flags)
+{
+    struct lookup l;
+    struct mmkv_state *st = state_of(v);
+    if (klen > UINT32_MAX || vlen > (1ULL << 47))
+        return EINVAL;
+    int rc = lookup(v, key, klen, &l);
+    if (rc && rc != ENOENT)
+        return rc;
+    if (rc == ENOENT && l.segment->count + 1 > v->max_count) {
+        v->seg = l.seg;
+        return EAGAIN; /* split the segment first */
+    }
+    uint64_t need = REC_HDR + PAD8(klen) + vlen, b;
+    if ((rc = mmkv_alloc(v, need, &b)))
+        return rc;  /* ENOSPC: nothing changed, grow the file */
+    uint64_t rec = payload_of(b), cap = capacity_of(*word(v, b) & SIZE_MASK);
+    uint64_t old_vlen = l.rec ? l.rec->val_len : 0, *slots = seg_slots(l.segment);
+    if ((rc = mmkv_record_write(v, rec, cap, l.hash, key, klen, val, vlen, flags)) ||
+        (rc = sync_range(v, b, rec + need - b))) /* 1. the record (and its block header) is durable ... */
+        return mmkv_free(v, b) ? EBADMSG : rc;
+    FAILPOINT("put.after_record");
+    __atomic_store_n(&slots[l.slot], slot_word(l.hash, rec), __ATOMIC_RELEASE);
+    if ((rc = sync_range(v, l.seg + SEG_HDR + 8 * l.slot, 8)))  /* 2. ... before the slot that makes it live */
+        return rc;
+    FAILPOINT("put.after_slot");
+    if (l.rec) {                                  /* 3. the old record's block is free */
+        if ((rc = mmkv_free_fitting(v, block_of(l.rec_off), REC_HDR + PAD8(klen) + old_vlen)))
+            return rc;
+        st->live_bytes -= klen + old_vlen;
+    } else {
+        l.segment->count++;
+        st->count++;
+    }
+    st->live_bytes += klen + vlen;
+    return 0;
+}
+
+int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+             uint32_t flags, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v)))
+        return rc;
+    rc = put_locked(v, key, klen, val, vlen, flags);
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
+int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, const uint8_t *vals,
+                  const uint64_t *val_ends, uint64_t n, uint64_t *done)
+{
+    for (uint64_t i = *done; i < n; i++) {
+        uint64_t k0 = i ? key_ends[i - 1] : 0, v0 = i ? val_ends[i - 1] : 0;
+        if (key_ends[i] < k0 || val_ends[i] < v0)
+            return EINVAL;
+        int rc = put_locked(v, keys + k0, key_ends[i] - k0, vals + v0, val_ends[i] - v0, 0);
+        if (rc) {
+            *done = i;
+            return rc;
+        }
+    }
+    *done = n;
+    return 0;
+}
+
+int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v)))
+        return rc;
+    struct lookup l;
+    struct mmkv_state *st = state_of(v);
+    rc = lookup(v, key, klen, &l);
+    if (rc == 0) {
+        uint64_t first = l.slot, vlen = l.rec->val_len, slots = l.seg + SEG_HDR;
+        rc = mmkv_slot_delete(v, l.seg, l.slot);
+        if (!rc && v->sync_full) {                /* slots [first, v->slot] changed, maybe wrapping */
+            if (v->slot >= first)
+                rc = sync_range(v, slots + 8 * first, 8 * (v->slot - first + 1));
+            else if (!(rc = sync_range(v, slots + 8 * first, 8 * (MMKV_SEGMENT_SLOTS - first))))
+                rc = sync_range(v, slots, 8 * (v->slot + 1));
+        }
+        if (!rc && !(rc = mmkv_free_fitting(v, block_of(l.rec_off), REC_HDR + PAD8(klen) + vlen))) {
+            st->count--;
+            st->live_bytes -= klen + vlen;
+        }
+    }
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
+int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v)))
+        return rc;
+    struct lookup l;
+    rc = lookup(v, key, klen, &l);
+    if (rc == 0 && !(l.rec->flags & MMKV_REC_COUNTER))
+        rc = ENOENT; /* a plain 8-byte value or another type: the general path decides */
+    if (rc == 0) {   /* updated in place: its block and checksum must hold, or recovery drops it */
+        uint64_t head = *word(v, block_of(l.rec_off));
+        if (!(head & MMKV_BLOCK_ALLOC) || !block_holds(head & SIZE_MASK, REC_HDR + PAD8(klen) + sizeof(int64_t)) ||
+            l.rec->val_len != 8 || l.rec->checksum != record_sum(v, l.rec))
+            rc = EBADMSG;
+    }
+    if (rc == 0) {
+        uint64_t off = l.rec_off + REC_HDR + PAD8((uint64_t)l.rec->key_len);
+        int64_t *p = (int64_t *)(v->base + off), now;
+        if (__builtin_add_overflow(__atomic_load_n(p, __ATOMIC_ACQUIRE), delta, &now)) {
+            rc = ERANGE;
+        } else {
+            FAILPOINT("incr.before_store");
+            __atomic_store_n(p, now, __ATOMIC_RELEASE); /* one aligned 8-byte store: never torn */
+            *result = now;
+            rc = sync_range(v, off, 8);
+        }
+    }
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+

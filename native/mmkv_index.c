@@ -1,0 +1,557 @@
+/*
+ * mmkv native shim: records (write, verify), the index (lookup, slots,
+ * segments, the directory, rebuild and audit), and the lock with the read
+ * path that uses it (mmkv_lock, mmkv_get, mmkv_view_close).
+ */
+#define _GNU_SOURCE
+#include "mmkv_internal.h"
+
+/* ---------------------------------------------------------------- records */
+
+/* The record at off, if its header and body lie inside the mapping. */
+static const struct mmkv_record *record_at(const struct mmkv_view *v, uint64_t off)
+{
+    if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, REC_HDR))
+        return NULL;
+    const struct mmkv_record *r = (const struct mmkv_record *)(v->base + off);
+    uint64_t body = PAD8((uint64_t)r->key_len);
+    if (!range_ok(v->size, off + REC_HDR, body) || !range_ok(v->size, off + REC_HDR + body, r->val_len))
+        return NULL;
+    return r;
+}
+
+uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r)
+{
+    uint64_t len = REC_HDR - REC_SUM_FROM + PAD8((uint64_t)r->key_len);
+    if (!(r->flags & MMKV_REC_COUNTER))
+        len += r->val_len;
+    return siphash24(v->seed0 ^ MMKV_REC_SUM_K0, v->seed1 ^ MMKV_REC_SUM_K1, (const uint8_t *)r + REC_SUM_FROM, len);
+}
+
+static void fill_result(struct mmkv_view *v, uint64_t off, const struct mmkv_record *r)
+{
+    v->rec_off = off;
+    v->hash = r->key_hash;
+    v->val_off = off + REC_HDR + PAD8((uint64_t)r->key_len);
+    v->val_len = r->val_len;
+    v->rec_flags = r->flags;
+}
+
+int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash, const uint8_t *key,
+                      uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags)
+{
+    uint64_t kpad = PAD8(klen);
+    if (klen > UINT32_MAX || off % 8 || off < MMKV_HEADER_SIZE || (flags & MMKV_REC_COUNTER && vlen != 8))
+        return EINVAL;
+    if (kpad < klen || vlen > UINT64_MAX - REC_HDR - kpad || REC_HDR + kpad + vlen > cap ||
+        !range_ok(v->size, off, cap))
+        return EINVAL;
+    struct mmkv_record *r = (struct mmkv_record *)(v->base + off);
+    uint8_t *body = v->base + off + REC_HDR;
+    r->key_hash = hash;
+    r->key_len = (uint32_t)klen;
+    r->flags = flags;
+    r->val_len = vlen;
+    if (klen)
+        memcpy(body, key, klen);
+    memset(body + klen, 0, kpad - klen);
+    if (vlen)
+        memcpy(body + kpad, val, vlen);
+    r->checksum = record_sum(v, r);
+    fill_result(v, off, r);
+    return 0;
+}
+
+/* The record at off, whatever its block header says: bounds, flags, checksum, key hash. */
+static int record_contents_ok(struct mmkv_view *v, uint64_t off, uint64_t room)
+{
+    const struct mmkv_record *r = record_at(v, off);
+    if (!r)
+        return EBADMSG;
+    uint64_t need = REC_HDR + PAD8((uint64_t)r->key_len) + r->val_len;
+    if (need > room || (r->flags & ~(uint32_t)MMKV_REC_COUNTER) ||
+        (r->flags & MMKV_REC_COUNTER && r->val_len != 8))
+        return EBADMSG;
+    if (r->checksum != record_sum(v, r))
+        return EBADMSG;
+    uint64_t h = siphash24(v->seed0, v->seed1, (const uint8_t *)r + REC_HDR, r->key_len);
+    if (h != r->key_hash)
+        return EBADMSG;
+    fill_result(v, off, r);
+    return 0;
+}
+
+int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
+{
+    if (off < payload_of(MMKV_HEADER_SIZE) || off % 8 || !range_ok(v->size, block_of(off), MMKV_BLOCK_HEADER))
+        return EBADMSG;
+    uint64_t head = *word(v, block_of(off));
+    uint64_t bsize = head & SIZE_MASK;
+    if (!(head & MMKV_BLOCK_ALLOC) || bsize < MMKV_BLOCK_MIN || !range_ok(v->size, block_of(off), bsize))
+        return EBADMSG;
+    return record_contents_ok(v, off, capacity_of(bsize));
+}
+
+int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off)
+{
+    if (off < payload_of(MMKV_HEADER_SIZE) || off % 8 || off >= v->size)
+        return EBADMSG;
+    return record_contents_ok(v, off, v->size - off);
+}
+
+/* ---------------------------------------------------------------- index */
+
+/* SEG_HDR, SEG_BYTES, tag_of, slot_word and seg_slots are in mmkv_internal.h (the fused writes use them). */
+
+/* The directory, if its root lies inside the mapping. */
+static const uint64_t *directory(const struct mmkv_view *v)
+{
+    if (v->dir_bits > MMKV_DIR_MAX_BITS || v->dir_off % 8 || v->dir_off < MMKV_HEADER_SIZE ||
+        v->dir_off > v->size || (1ULL << v->dir_bits) > (v->size - v->dir_off) / 8)
+        return NULL;
+    return (const uint64_t *)(v->base + v->dir_off);
+}
+
+static uint64_t dir_index(const struct mmkv_view *v, uint64_t hash)
+{
+    return v->dir_bits ? hash >> (64 - v->dir_bits) : 0;
+}
+
+/* The segment at off, if it lies inside the mapping and its header is plausible. */
+static struct mmkv_segment *segment_at(const struct mmkv_view *v, uint64_t off)
+{
+    if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, SEG_BYTES))
+        return NULL;
+    /* a segment is the payload of a block in use that holds it: a directory entry pointing
+       anywhere else (into another segment, a record) is damage, not a segment */
+    uint64_t head = *word(v, block_of(off)), bsize = head & SIZE_MASK;
+    if (!(head & MMKV_BLOCK_ALLOC) || !block_holds(bsize, SEG_BYTES) || bsize > v->size - block_of(off))
+        return NULL;
+    struct mmkv_segment *s = (struct mmkv_segment *)(v->base + off);
+    if (s->depth > v->dir_bits || s->count > MMKV_SEGMENT_SLOTS || s->prefix >> s->depth)
+        return NULL;
+    return s;
+}
+
+/* struct lookup is declared in mmkv_internal.h (the fused writes look up too). */
+int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out)
+{
+    const uint64_t *dir = directory(v);
+    if (!dir)
+        return EBADMSG;
+    uint64_t h = siphash24(v->seed0, v->seed1, key, klen);
+    out->hash = h;
+    out->rec_off = 0;
+    out->rec = NULL;
+    out->seg = dir[dir_index(v, h)];
+    struct mmkv_segment *seg = out->segment = segment_at(v, out->seg);
+    if (!seg)
+        return EBADMSG;
+    uint64_t *slots = seg_slots(seg), tag = tag_of(h), i = h & SEG_MASK;
+    for (out->probes = 1; out->probes <= MMKV_SEGMENT_SLOTS; out->probes++, i = (i + 1) & SEG_MASK) {
+        uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
+        if (w == 0) {
+            out->slot = i;
+            return ENOENT;
+        }
+        if (w >> MMKV_SLOT_OFF_BITS != tag)
+            continue;
+        uint64_t off = w & MMKV_SLOT_OFF_MASK;
+        const struct mmkv_record *r = record_at(v, off);
+        if (!r)
+            return EBADMSG;
+        if (r->key_hash == h && r->key_len == klen && memcmp((const uint8_t *)r + REC_HDR, key, klen) == 0) {
+            out->slot = i;
+            out->rec_off = off;
+            out->rec = r;
+            return 0;
+        }
+    }
+    return EBADMSG; /* a full segment never happens: the engine splits it first */
+}
+
+int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
+{
+    struct lookup l;
+    int rc = lookup(v, key, klen, &l);
+    v->hash = l.hash;
+    v->probes = (uint32_t)l.probes;
+    if (rc == ENOENT || rc == 0) {
+        v->seg = l.seg;
+        v->slot = l.slot;
+        v->rec_off = 0;
+        if (rc == 0)
+            fill_result(v, l.rec_off, l.rec);
+    }
+    return rc;
+}
+
+int mmkv_slot_set(struct mmkv_view *v, uint64_t seg_off, uint64_t slot, uint64_t word)
+{
+    struct mmkv_segment *seg = segment_at(v, seg_off);
+    if (!seg || slot >= MMKV_SEGMENT_SLOTS || (word & MMKV_SLOT_OFF_MASK) % 8)
+        return EINVAL;
+    __atomic_store_n(&seg_slots(seg)[slot], word, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Home slot of the entry w, from the hash stored in its record. */
+static int home_of(const struct mmkv_view *v, uint64_t w, uint64_t *home)
+{
+    const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
+    if (!r)
+        return EBADMSG;
+    *home = r->key_hash & SEG_MASK;
+    return 0;
+}
+
+/*
+ * Backward-shift deletion inside one segment.  Every store is one aligned
+ * 8-byte write and no slot becomes empty before the last one, so a process
+ * killed half way leaves each live entry reachable, some of them twice
+ * (recovery dedups).  v->slot is left at the last slot changed.
+ */
+int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg_off, uint64_t slot)
+{
+    struct mmkv_segment *seg = segment_at(v, seg_off);
+    if (!seg || slot >= MMKV_SEGMENT_SLOTS)
+        return EINVAL;
+    uint64_t *slots = seg_slots(seg), hole = slot, j = slot;
+    for (uint64_t n = 1; n < MMKV_SEGMENT_SLOTS; n++) {
+        j = (j + 1) & SEG_MASK;
+        uint64_t w = __atomic_load_n(&slots[j], __ATOMIC_ACQUIRE);
+        if (w == 0)
+            break;
+        uint64_t home;
+        if (home_of(v, w, &home))
+            return EBADMSG;
+        /* the entry at j may fill the hole unless its home lies cyclically in (hole, j] */
+        int stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+        if (stays)
+            continue;
+        __atomic_store_n(&slots[hole], w, __ATOMIC_RELEASE);
+        hole = j;
+        FAILPOINT("delete.mid_shift");
+    }
+    __atomic_store_n(&slots[hole], 0, __ATOMIC_RELEASE);
+    if (seg->count)
+        seg->count--;
+    v->slot = hole;
+    return 0;
+}
+
+/*
+ * Next slot in use at or after the cursor (directory entry * MMKV_SEGMENT_SLOTS
+ * + slot), visiting each segment once (its directory entries are contiguous).
+ */
+int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64_t *seg_off, uint64_t *word)
+{
+    const uint64_t *dir = directory(v);
+    if (!dir)
+        return EBADMSG;
+    uint64_t entries = 1ULL << v->dir_bits;
+    for (uint64_t d = cursor / MMKV_SEGMENT_SLOTS; d < entries; d++, cursor = d * MMKV_SEGMENT_SLOTS) {
+        if (d > 0 && dir[d - 1] == dir[d])
+            continue;
+        struct mmkv_segment *seg = segment_at(v, dir[d]);
+        if (!seg)
+            return EBADMSG;
+        for (uint64_t i = cursor % MMKV_SEGMENT_SLOTS; i < MMKV_SEGMENT_SLOTS; i++) {
+            uint64_t w = __atomic_load_n(&seg_slots(seg)[i], __ATOMIC_ACQUIRE);
+            if (w) {
+                *found = d * MMKV_SEGMENT_SLOTS + i;
+                *seg_off = dir[d];
+                *word = w;
+                return 0;
+            }
+        }
+    }
+    return ENOENT;
+}
+
+/* Put the entry w (whose record has hash h) into seg by linear probing. */
+static int seg_insert(struct mmkv_segment *seg, uint64_t h, uint64_t w)
+{
+    uint64_t *slots = seg_slots(seg), i = h & SEG_MASK;
+    for (uint64_t n = 0; n < MMKV_SEGMENT_SLOTS; n++, i = (i + 1) & SEG_MASK)
+        if (!slots[i]) {
+            slots[i] = w;
+            seg->count++;
+            return 0;
+        }
+    return ENOSPC;
+}
+
+int mmkv_segment_init(struct mmkv_view *v, uint64_t off, uint64_t depth, uint64_t prefix)
+{
+    if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, SEG_BYTES) || depth > MMKV_DIR_MAX_BITS ||
+        (depth < 64 && prefix >> depth))
+        return EINVAL;
+    memset(v->base + off, 0, SEG_BYTES);
+    struct mmkv_segment *s = (struct mmkv_segment *)(v->base + off);
+    s->depth = depth;
+    s->prefix = prefix;
+    return 0;
+}
+
+int mmkv_segment_split(struct mmkv_view *v, uint64_t old_off, uint64_t a_off, uint64_t b_off)
+{
+    struct mmkv_segment *old = segment_at(v, old_off);
+    if (!old || old->depth >= MMKV_DIR_MAX_BITS)
+        return old ? E2BIG : EBADMSG;
+    uint64_t d = old->depth;
+    int rc = mmkv_segment_init(v, a_off, d + 1, old->prefix << 1);
+    if (!rc)
+        rc = mmkv_segment_init(v, b_off, d + 1, old->prefix << 1 | 1);
+    if (rc)
+        return rc;
+    struct mmkv_segment *half[2] = {(struct mmkv_segment *)(v->base + a_off),
+                                    (struct mmkv_segment *)(v->base + b_off)};
+    for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++) {
+        uint64_t w = seg_slots(old)[i];
+        if (!w)
+            continue;
+        const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
+        if (!r)
+            return EBADMSG;
+        if ((rc = seg_insert(half[(r->key_hash >> (63 - d)) & 1], r->key_hash, w)))
+            return rc;
+    }
+    return 0;
+}
+
+int mmkv_dir_build(struct mmkv_view *v, uint64_t new_off, uint64_t new_bits, uint64_t old_seg, uint64_t a_off,
+                   uint64_t b_off)
+{
+    const uint64_t *dir = directory(v);
+    struct mmkv_segment *old = segment_at(v, old_seg);
+    if (!dir || !old || new_bits > MMKV_DIR_MAX_BITS || (new_bits != v->dir_bits && new_bits != v->dir_bits + 1) ||
+        old->depth >= new_bits || new_off % 8 || new_off < MMKV_HEADER_SIZE || new_off > v->size ||
+        (1ULL << new_bits) > (v->size - new_off) / 8)
+        return EINVAL;
+    uint64_t *out = (uint64_t *)(v->base + new_off), shift = new_bits - 1 - old->depth;
+    for (uint64_t i = 0; i < (1ULL << new_bits); i++) {
+        uint64_t e = dir[new_bits == v->dir_bits ? i : i >> 1];
+        out[i] = e == old_seg ? ((i >> shift) & 1 ? b_off : a_off) : e;
+    }
+    return 0;
+}
+
+int mmkv_index_insert(struct mmkv_view *v, uint64_t word)
+{
+    const uint64_t *dir = directory(v);
+    const struct mmkv_record *r = record_at(v, word & MMKV_SLOT_OFF_MASK);
+    if (!dir || !r)
+        return EBADMSG;
+    v->seg = dir[dir_index(v, r->key_hash)];
+    struct mmkv_segment *seg = segment_at(v, v->seg);
+    if (!seg)
+        return EBADMSG;
+    if (seg->count + 1 > v->max_count)
+        return EAGAIN;
+    return seg_insert(seg, r->key_hash, word);
+}
+
+/* Check one segment: header, counts, tags, prefixes and the probe invariant. */
+static int audit_segment(const struct mmkv_view *v, struct mmkv_segment *seg, uint64_t *bad_slot)
+{
+    uint64_t *slots = seg_slots(seg), start = MMKV_SEGMENT_SLOTS, used = 0;
+    for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++)
+        if (!slots[i]) {
+            start = i;
+            break;
+        }
+    *bad_slot = 0;
+    if (start == MMKV_SEGMENT_SLOTS)
+        return EBADMSG; /* no empty slot: probing would never end */
+    uint64_t run_start = 1;
+    for (uint64_t k = 1; k <= MMKV_SEGMENT_SLOTS; k++) {
+        uint64_t i = (start + k) & SEG_MASK, w = slots[i];
+        if (!w) {
+            run_start = k + 1;
+            continue;
+        }
+        used++;
+        *bad_slot = i;
+        const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
+        if (!r || tag_of(r->key_hash) != w >> MMKV_SLOT_OFF_BITS)
+            return EBADMSG;
+        if (seg->depth && r->key_hash >> (64 - seg->depth) != seg->prefix)
+            return EBADMSG; /* the key belongs to another segment */
+        uint64_t dist = (i - (r->key_hash & SEG_MASK)) & SEG_MASK;
+        if (dist > k - run_start)
+            return EBADMSG; /* unreachable: an empty slot lies between its home and it */
+    }
+    *bad_slot = MMKV_SEGMENT_SLOTS;
+    return used == seg->count ? 0 : EBADMSG;
+}
+
+int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slot)
+{
+    const uint64_t *dir = directory(v);
+    *bad_entry = *bad_slot = 0;
+    if (!dir)
+        return EBADMSG;
+    uint64_t entries = 1ULL << v->dir_bits;
+    for (uint64_t d = 0; d < entries;) {
+        *bad_entry = d;
+        struct mmkv_segment *seg = segment_at(v, dir[d]);
+        if (!seg)
+            return EBADMSG;
+        uint64_t span = 1ULL << (v->dir_bits - seg->depth); /* entries that must point here */
+        if (d != seg->prefix * span)
+            return EBADMSG;
+        for (uint64_t k = 1; k < span; k++)
+            if (dir[d + k] != dir[d])
+                return EBADMSG;
+        if (d + span < entries && dir[d + span] == dir[d])
+            return EBADMSG;
+        int rc = audit_segment(v, seg, bad_slot);
+        if (rc)
+            return rc;
+        d += span;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- lock + get */
+
+/*
+ * The sequence word makes a lock-free read path safe: whoever holds the lock
+ * keeps state->seq odd (set on lock, even again on unlock), so a reader that
+ * saw the same even value before and after its read saw no change at all.
+ * After a holder died the word is still odd; the next locker keeps it odd
+ * (and different) until its repair is done.
+ */
+static void seq_enter(struct mmkv_state *s)
+{
+    uint64_t q = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->seq, (q + 1) | 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the odd value is visible before any change */
+}
+
+static void seq_leave(struct mmkv_state *s)
+{
+    uint64_t q = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->seq, (q + 1) & ~(uint64_t)1, __ATOMIC_RELEASE); /* after every change */
+}
+
+/*
+ * Closing a handle while other threads use it.  The calls that may touch the mapping without
+ * holding the store lock (mmkv_lock while it waits, mmkv_get) count themselves in v->active for
+ * their whole duration and refuse (EBADF) once v->closing is set; the fused writes with take_lock
+ * take the lock through mmkv_lock, so they refuse likewise.  Every other call runs with the store
+ * lock held, which the closer takes (mmkv_lock_final) before it unmaps.  Both sides use
+ * sequentially consistent operations: a caller that incremented active before closing was set
+ * is waited for, one that comes later sees closing.
+ */
+static int enter(struct mmkv_view *v)
+{
+    __atomic_add_fetch(&v->active, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&v->closing, __ATOMIC_SEQ_CST)) {
+        __atomic_sub_fetch(&v->active, 1, __ATOMIC_SEQ_CST);
+        return 0;
+    }
+    return 1;
+}
+
+static void leave(struct mmkv_view *v) { __atomic_sub_fetch(&v->active, 1, __ATOMIC_SEQ_CST); }
+
+int mmkv_view_close(struct mmkv_view *v)
+{
+    __atomic_store_n(&v->closing, 1, __ATOMIC_SEQ_CST);
+    struct timespec nap = {0, 50000};
+    while (__atomic_load_n(&v->active, __ATOMIC_SEQ_CST))
+        nanosleep(&nap, NULL); /* each such call ends within its lock timeout */
+    return 0;
+}
+
+static int lock_holder(struct mmkv_view *v)
+{
+    if (v->size < MMKV_HEADER_SIZE)
+        return EINVAL;
+    int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
+    if (rc == 0 || rc == EOWNERDEAD) {
+        struct mmkv_state *s = state_of(v);
+        seq_enter(s);
+        __atomic_store_n(&s->lock_pid, (uint64_t)v->pid, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->lock_since_ns, (uint64_t)now_ns(CLOCK_MONOTONIC), __ATOMIC_RELAXED);
+    }
+    return rc;
+}
+
+int mmkv_lock(struct mmkv_view *v)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = lock_holder(v);
+    leave(v);
+    return rc;
+}
+
+int mmkv_lock_final(struct mmkv_view *v) { return lock_holder(v); }
+
+int mmkv_unlock(struct mmkv_view *v)
+{
+    if (v->size < MMKV_HEADER_SIZE)
+        return EINVAL;
+    struct mmkv_state *s = state_of(v);
+    __atomic_store_n(&s->lock_pid, 0, __ATOMIC_RELAXED);
+    seq_leave(s);
+    return mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
+}
+
+/* Look key up and copy its value into g; the caller makes sure nothing changes meanwhile. */
+static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+{
+    struct lookup l;
+    int rc = lookup(v, key, klen, &l);
+    if (rc == 0 && l.rec->checksum != record_sum(v, l.rec))
+        rc = EBADMSG; /* damaged bytes are never returned as a value */
+    if (rc == 0) {
+        uint64_t n = l.rec->val_len;
+        g->val_len = n;
+        if (n <= g->cap)
+            memcpy(g->buf, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), n);
+        else
+            rc = ENOBUFS;
+    }
+    return rc;
+}
+
+static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+{
+    if (v->size < MMKV_HEADER_SIZE)
+        return EINVAL;
+    struct mmkv_state *st = state_of(v);
+    /* lock-free first: valid when no lock holder was active before, during or after the read.
+       Every offset is bounds-checked, so a read racing a writer can only be wrong, never unsafe,
+       and a wrong one is thrown away by the sequence check. */
+    uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
+    if (!(s1 & 1) && __atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) == v->generation) {
+        int rc = get_into(v, key, klen, g);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && rc != EBADMSG)
+            return rc;
+    }
+    /* a writer was active: take the lock (no holder bookkeeping: a reader holds it briefly) */
+    int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
+    if (rc)
+        return rc; /* EOWNERDEAD: still held, the caller recovers */
+    if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
+        rc = MMKV_ESTALE;
+    else
+        rc = get_into(v, key, klen, g);
+    mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
+    return rc;
+}
+
+int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = get_entered(v, key, klen, g);
+    leave(v);
+    return rc;
+}
+

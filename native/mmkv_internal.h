@@ -1,0 +1,141 @@
+/*
+ * mmkv native shim, internal: what the native/mmkv_*.c files share with each
+ * other and nobody else.  Not part of cffi's cdef (that is mmkv_layout.h +
+ * mmkv_shim.h only), so it may use the whole of C.
+ *
+ * The files, one job each:
+ *   mmkv_sys.c     failpoints, time, mutex, semaphores, memory and file, atomics
+ *   mmkv_hash.c    SipHash-2-4
+ *   mmkv_index.c   records, the index (lookup, slots, segments, directory), lock + get
+ *   mmkv_alloc.c   the free-list allocator's hot paths
+ *   mmkv_fused.c   the fused writes (put, put_many, delete, incr)
+ *   mmkv_shim.c    compile-time checks of the layout, the layout table
+ *
+ * Every file defines _GNU_SOURCE and includes this header first.  Functions
+ * shared between files are declared here with MMKV_INTERNAL (hidden: not
+ * exported from the compiled module); small helpers are static inline here.
+ */
+#ifndef MMKV_INTERNAL_H
+#define MMKV_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#error "define _GNU_SOURCE before including mmkv_internal.h"
+#endif
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "mmkv_layout.h"
+#include "mmkv_shim.h"
+
+#define MMKV_INTERNAL __attribute__((visibility("hidden")))
+
+/* ---------------------------------------------------------------- failpoints (mmkv_sys.c) */
+
+MMKV_INTERNAL extern int mmkv_fp_armed;   /* 1 while a failpoint is armed */
+
+/* A named crash point (see mmkv_failpoint_set); unarmed, one predictable branch. */
+#define FAILPOINT(name)                                                                            \
+    do {                                                                                           \
+        if (__builtin_expect(mmkv_fp_armed, 0))                                                    \
+            mmkv_failpoint_hit(name);                                                              \
+    } while (0)
+
+/* ---------------------------------------------------------------- time, bounds */
+
+static inline int64_t now_ns(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* [off, off + len) lies inside [0, size), without overflow. */
+static inline int range_ok(uint64_t size, uint64_t off, uint64_t len)
+{
+    return off <= size && len <= size - off;
+}
+
+/* ---------------------------------------------------------------- SipHash (mmkv_hash.c) */
+
+MMKV_INTERNAL uint64_t siphash24(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len);
+
+/* ---------------------------------------------------------------- records (mmkv_index.c) */
+
+#define REC_HDR ((uint64_t)sizeof(struct mmkv_record))
+#define PAD8(n) (((n) + 7) & ~(uint64_t)7)
+/* The record checksum covers the record from key_hash on (the checksum word itself excluded). */
+#define REC_SUM_FROM ((uint64_t)offsetof(struct mmkv_record, key_hash))
+
+MMKV_INTERNAL uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r);
+
+/* ---------------------------------------------------------------- index (mmkv_index.c) */
+
+#define SEG_HDR ((uint64_t)sizeof(struct mmkv_segment))
+#define SEG_MASK ((uint64_t)MMKV_SEGMENT_SLOTS - 1)
+#define SEG_BYTES (SEG_HDR + 8 * (uint64_t)MMKV_SEGMENT_SLOTS)
+
+static inline uint64_t tag_of(uint64_t hash) { return (hash >> MMKV_TAG_SHIFT) & 0xffff; }
+static inline uint64_t slot_word(uint64_t hash, uint64_t off) { return tag_of(hash) << MMKV_SLOT_OFF_BITS | off; }
+static inline uint64_t *seg_slots(struct mmkv_segment *s) { return (uint64_t *)(s + 1); }
+
+/* Result of a lookup, kept off the shared view so that concurrent readers do not race. */
+struct lookup {
+    uint64_t hash, seg, slot, rec_off, probes;
+    struct mmkv_segment *segment;
+    const struct mmkv_record *rec;
+};
+
+/* Find key: 0 (found: rec, rec_off, slot), ENOENT (absent: slot is the first empty one) or
+   EBADMSG; hash, seg and segment are set whenever the key's segment was reached. */
+MMKV_INTERNAL int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out);
+
+/* ---------------------------------------------------------------- lock + get (mmkv_index.c) */
+
+static inline struct mmkv_state *state_of(const struct mmkv_view *v)
+{
+    return (struct mmkv_state *)(v->base + MMKV_OFF_STATE);
+}
+
+/* ---------------------------------------------------------------- heap blocks (mmkv_alloc.c) */
+/*
+ * The one place that knows where a block's parts lie (mmkv_layout.h describes
+ * them): no other code adds or subtracts a block header, a footer or a link
+ * offset by hand.  Offsets are byte offsets into the mapping.
+ */
+
+#define SIZE_MASK (~(uint64_t)MMKV_BLOCK_FLAGS)         /* header word -> block size */
+#define ALIGN_MASK ((uint64_t)MMKV_BLOCK_ALIGN - 1)     /* bits that are 0 in a block size and in b - MMKV_HEAP_START */
+
+/* The 8-byte word at off; the caller has checked off. */
+static inline uint64_t *word(const struct mmkv_view *v, uint64_t off) { return (uint64_t *)(v->base + off); }
+
+/* The payload of the block at b. */
+static inline uint64_t payload_of(uint64_t b) { return b + MMKV_BLOCK_HEADER; }
+/* The block whose payload starts at p (p >= MMKV_BLOCK_HEADER, checked by the caller). */
+static inline uint64_t block_of(uint64_t p) { return p - MMKV_BLOCK_HEADER; }
+/* Bytes of payload in a block of size bytes (size >= MMKV_BLOCK_HEADER). */
+static inline uint64_t capacity_of(uint64_t size) { return size - MMKV_BLOCK_HEADER; }
+/* A block of size bytes has room for payload bytes. */
+static inline int block_holds(uint64_t size, uint64_t payload) { return size >= payload + MMKV_BLOCK_HEADER; }
+/* The size of the block that holds payload bytes: header added, rounded up to the alignment,
+   at least MMKV_BLOCK_MIN. */
+static inline uint64_t block_size_for(uint64_t payload)
+{
+    uint64_t size = (payload + MMKV_BLOCK_HEADER + MMKV_BLOCK_ALIGN - 1) & ~(uint64_t)(MMKV_BLOCK_ALIGN - 1);
+    return size < MMKV_BLOCK_MIN ? MMKV_BLOCK_MIN : size;
+}
+/* The footer word of the free block [b, b + size). */
+static inline uint64_t footer_of(uint64_t b, uint64_t size) { return b + size - MMKV_FREE_FOOTER; }
+/* The footer of the block that ends where b starts (meaningful when it is free). */
+static inline uint64_t footer_before(uint64_t b) { return b - MMKV_FREE_FOOTER; }
+/* The next and previous links of the free block at b. */
+static inline uint64_t next_link(uint64_t b) { return b + MMKV_FREE_NEXT; }
+static inline uint64_t prev_link(uint64_t b) { return b + MMKV_FREE_PREV; }
+/* The epilogue word of a mapping of size bytes (size >= MMKV_EPILOGUE_BYTES). */
+static inline uint64_t epilogue_of(uint64_t size) { return size - MMKV_EPILOGUE_BYTES; }
+
+#endif /* MMKV_INTERNAL_H */
