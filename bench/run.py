@@ -152,6 +152,8 @@ def log(msg: str) -> None:
 
 # ===================================================================== run context and results
 class Run:
+    """One run: its settings, the systems available, and every figure, note and failure recorded so far."""
+
     def __init__(self, args, size, avail, workdir):
         self.args = args
         self.size = size
@@ -471,12 +473,14 @@ def wl_counter(run, workload):
 
 
 # ===================================================================== workload 8: open
-# The open workload's child: a fresh interpreter imports the adapters (before its clock starts), then
-# the system's module (import_s), then opens the store and reads one key (open_get_s).
+# The open workload's child: a fresh interpreter imports bench/adapters.py (before its clock starts; the
+# parent's wall time includes it, about 2 ms), then the system's module (import_s), then opens the store
+# and reads one key (open_get_s).
 OPEN_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import adapters
+del sys.path[0]
 system, path, k = sys.argv[2], sys.argv[3], sys.argv[4].encode()
 store = adapters.ADAPTERS[system]
 t_start = time.perf_counter()
