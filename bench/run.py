@@ -57,6 +57,16 @@ repeat by repeat, in one process; each timed loop runs with the garbage collecto
 the median of the repeats.  Stores live in one temporary folder on one filesystem (recorded in the
 JSON), and the open workload reads files that were just written (warm page cache).  Ratios:
 throughput mmkv/peer, times and sizes peer/mmkv, so a ratio above 1 always means mmkv is better.
+
+Where things are:
+
+- this file: the command line, the workloads (``wl_*``, what each one times and checks), the timing
+  helpers (``timed``, ``rate_runs``), the run's record of figures and failures (``Run``) and the
+  machine description;
+- ``bench/adapters.py``: one adapter class per system (how it builds, opens, gets, puts, deletes,
+  batches, does the shared counter and is opened in a fresh process), and the redis-server the run
+  starts; a workload only ever calls the common interface;
+- ``bench/report.py``: the markdown table, the JSON file and the ratio chart made from the results.
 """
 import argparse
 import gc
@@ -68,7 +78,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -76,6 +85,11 @@ import sys
 import tempfile
 import time
 import traceback
+
+# bench/ is sys.path[0] when this file runs as a script
+import report
+from adapters import ADAPTERS, SETTINGS, RedisServer, RedisStore, availability
+from report import fmt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -89,21 +103,8 @@ SIZES = {
                   scale_n=100_000),
 }
 
-LMDB_MAP_SIZE = 16 << 30
 VALUE_SIZE = 100          # bytes, unless a workload says otherwise
 CHUNK = 100_000           # keys per chunk when building big stores
-
-# Every system, in table order.  "module" must import for the system to run.
-SYSTEMS = {
-    "mmkv": dict(module="mmkv", label="mmkv"),
-    "lmdb": dict(module="lmdb", label="lmdb"),
-    "lmdb-reused-txn": dict(module="lmdb", label="lmdb (reused txn)"),
-    "sqlite": dict(module="sqlite3", label="sqlite"),
-    "diskcache": dict(module="diskcache", label="diskcache"),
-    "dict": dict(module=None, label="dict"),
-    "mp.Value": dict(module="multiprocessing", label="mp.Value"),
-    "redis": dict(module="redis", label="redis"),
-}
 
 # Which systems take part in each workload (those available on the machine run).
 PARTICIPANTS = {
@@ -149,295 +150,10 @@ def log(msg: str) -> None:
         pass
 
 
-# ===================================================================== availability
-def availability():
-    """{system: None if it can run here, else the reason it is skipped}."""
-    out = {}
-    for name, spec in SYSTEMS.items():
-        mod = spec["module"]
-        if mod is None:
-            out[name] = None
-            continue
-        try:
-            importlib.import_module(mod)
-            out[name] = None
-        except Exception as exc:      # not installed, or broken
-            out[name] = f"module {mod!r} is not importable ({type(exc).__name__}: {exc})"
-    if out["redis"] is None and shutil.which("redis-server") is None:
-        out["redis"] = "no redis-server on PATH"
-    return out
-
-
-# ===================================================================== redis server
-class RedisServer:
-    """A throw-away redis-server on a free loopback port, no persistence."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.proc = None
-        self.port = None
-        self.version = None
-
-    def start(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.folder, "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except Exception:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("redis-server did not come up")
-                time.sleep(0.05)
-        self.version = client.info("server").get("redis_version")
-        client.close()
-
-    def stop(self):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-REDIS_PORT = None      # set while the server runs
-
-
-# ===================================================================== adapters
-# Each adapter owns one store in its own folder.  The *_loop methods are the timed bodies: the
-# idiomatic per-call API of the system, with attribute look-ups hoisted out of the loop.
-class MappingStore:
-    """Adapter for anything dict-like: the loops are the plain mapping protocol."""
-
-    def __init__(self, folder, mapping):
-        self.folder = folder
-        self.m = mapping
-
-    def get_loop(self, keys):
-        m = self.m
-        for k in keys:
-            m[k]
-
-    def absent_loop(self, keys):
-        get = self.m.get
-        for k in keys:
-            get(k)
-
-    def put_loop(self, items):
-        m = self.m
-        for k, v in items:
-            m[k] = v
-
-    def batch(self, mapping):
-        self.m.update(mapping)
-
-    def delete_loop(self, keys):
-        m = self.m
-        for k in keys:
-            del m[k]
-
-    def fetch(self, k):
-        return self.m.get(k)
-
-    def count(self):
-        return len(self.m)
-
-    def close(self):
-        self.m = None
-
-
-class MmkvStore(MappingStore):
-    def __init__(self, folder, sync="none"):
-        import mmkv
-        self.path = os.path.join(folder, "store.mmkv")
-        super().__init__(folder, mmkv.open(self.path, "n", sync=sync))
-        self.db = self.m
-
-    def close(self):
-        self.db.close()
-        super().close()
-
-
-class LmdbStore:
-    def __init__(self, folder, sync="none"):
-        import lmdb
-        self.folder = folder
-        durable = sync == "full"
-        self.env = lmdb.open(os.path.join(folder, "lmdb"), map_size=LMDB_MAP_SIZE, sync=durable,
-                             metasync=durable)
-
-    def get_loop(self, keys):
-        begin = self.env.begin
-        for k in keys:
-            with begin() as txn:
-                txn.get(k)
-
-    absent_loop = get_loop      # txn.get returns None for an absent key
-
-    def put_loop(self, items):
-        begin = self.env.begin
-        for k, v in items:
-            with begin(write=True) as txn:
-                txn.put(k, v)
-
-    def batch(self, mapping):
-        with self.env.begin(write=True) as txn:
-            txn.cursor().putmulti(mapping.items())
-
-    def delete_loop(self, keys):
-        begin = self.env.begin
-        for k in keys:
-            with begin(write=True) as txn:
-                txn.delete(k)
-
-    def fetch(self, k):
-        with self.env.begin() as txn:
-            return txn.get(k)
-
-    def count(self):
-        return self.env.stat()["entries"]
-
-    def close(self):
-        self.env.close()
-
-
-class LmdbReusedTxnStore(LmdbStore):
-    def get_loop(self, keys):
-        with self.env.begin() as txn:
-            get = txn.get
-            for k in keys:
-                get(k)
-
-    absent_loop = get_loop
-
-
-SQL_GET = "SELECT v FROM kv WHERE k = ?"
-SQL_PUT = "INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)"
-SQL_DEL = "DELETE FROM kv WHERE k = ?"
-
-
-class SqliteStore:
-    def __init__(self, folder, sync="none"):
-        self.folder = folder
-        self.path = os.path.join(folder, "store.sqlite")
-        self.con = sqlite3.connect(self.path, isolation_level=None)      # autocommit: a statement = a txn
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute("PRAGMA synchronous=" + ("FULL" if sync == "full" else "OFF"))
-        self.con.execute("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
-
-    def get_loop(self, keys):
-        ex = self.con.execute
-        for k in keys:
-            ex(SQL_GET, (k,)).fetchone()
-
-    absent_loop = get_loop
-
-    def put_loop(self, items):
-        ex = self.con.execute
-        for kv in items:
-            ex(SQL_PUT, kv)
-
-    def batch(self, mapping):
-        self.con.execute("BEGIN")
-        self.con.executemany(SQL_PUT, mapping.items())
-        self.con.execute("COMMIT")
-
-    def delete_loop(self, keys):
-        ex = self.con.execute
-        for k in keys:
-            ex(SQL_DEL, (k,))
-
-    def fetch(self, k):
-        row = self.con.execute(SQL_GET, (k,)).fetchone()
-        return row[0] if row else None
-
-    def count(self):
-        return self.con.execute("SELECT count(*) FROM kv").fetchone()[0]
-
-    def close(self):
-        self.con.close()
-
-
-class DiskCacheStore(MappingStore):
-    def __init__(self, folder, sync="none"):
-        import diskcache
-        super().__init__(folder, diskcache.Cache(os.path.join(folder, "diskcache")))
-        self.cache = self.m
-
-    def batch(self, mapping):
-        c = self.cache
-        with c.transact():
-            for k, v in mapping.items():
-                c[k] = v
-
-    def close(self):
-        self.cache.close()
-        super().close()
-
-
-class DictStore(MappingStore):
-    def __init__(self, folder, sync="none"):
-        super().__init__(folder, {})
-
-
-class RedisStore:
-    def __init__(self, folder, sync="none"):
-        import redis
-        self.folder = folder
-        self.r = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
-        self.r.flushall()
-
-    def get_loop(self, keys):
-        get = self.r.get
-        for k in keys:
-            get(k)
-
-    absent_loop = get_loop
-
-    def put_loop(self, items):
-        put = self.r.set
-        for k, v in items:
-            put(k, v)
-
-    def batch(self, mapping):
-        self.r.mset(mapping)
-
-    def delete_loop(self, keys):
-        delete = self.r.delete
-        for k in keys:
-            delete(k)
-
-    def fetch(self, k):
-        return self.r.get(k)
-
-    def count(self):
-        return self.r.dbsize()
-
-    def close(self):
-        self.r.flushall()
-        self.r.close()
-
-
-ADAPTERS = {"mmkv": MmkvStore, "lmdb": LmdbStore, "lmdb-reused-txn": LmdbReusedTxnStore, "sqlite": SqliteStore,
-            "diskcache": DiskCacheStore, "dict": DictStore, "redis": RedisStore}
-
-
 # ===================================================================== run context and results
 class Run:
+    """One run: its settings, the systems available, and every figure, note and failure recorded so far."""
+
     def __init__(self, args, size, avail, workdir):
         self.args = args
         self.size = size
@@ -681,65 +397,10 @@ def wl_durable_put(run, workload):
 
 
 # ===================================================================== workload 7: counter
-COUNTER_KEY = b"counter"
-
-
-def counter_child(system, target, port, n, barrier, queue):
+def counter_child(system, target, n, barrier, queue):
     """Body of one incrementing process: open own handle, wait for the others, increment n times."""
     try:
-        if system == "mmkv":
-            import mmkv
-            db = mmkv.open(target, "w")
-            incr = db.incr
-
-            def step():
-                incr(COUNTER_KEY)
-            close = db.close
-        elif system == "lmdb":
-            import lmdb
-            env = lmdb.open(target, map_size=LMDB_MAP_SIZE, sync=False, metasync=False)
-            begin = env.begin
-
-            def step():
-                with begin(write=True) as txn:
-                    txn.put(COUNTER_KEY, b"%d" % (int(txn.get(COUNTER_KEY)) + 1))
-            close = env.close
-        elif system == "sqlite":
-            con = sqlite3.connect(target, isolation_level=None, timeout=120)
-            con.execute("PRAGMA synchronous=OFF")
-            ex = con.execute
-
-            def step():
-                ex("UPDATE counters SET v = v + 1 WHERE k = ?", (COUNTER_KEY,))
-            close = con.close
-        elif system == "diskcache":
-            import diskcache
-            cache = diskcache.Cache(target, timeout=120)
-            incr = cache.incr
-
-            def step():
-                incr(COUNTER_KEY)
-            close = cache.close
-        elif system == "redis":
-            import redis
-            r = redis.Redis(host="127.0.0.1", port=port)
-            incr = r.incr
-
-            def step():
-                incr(COUNTER_KEY)
-            close = r.close
-        elif system == "mp.Value":
-            value = target
-            lock = value.get_lock()
-
-            def step():
-                with lock:
-                    value.value += 1
-
-            def close():
-                pass
-        else:
-            raise ValueError(system)
+        step, close = ADAPTERS[system].counter_open(target)
         barrier.wait(120)
         gc.disable()
         t0 = time.perf_counter()
@@ -750,79 +411,6 @@ def counter_child(system, target, port, n, barrier, queue):
         queue.put((t0, t1, None))
     except BaseException as exc:
         queue.put((None, None, f"{type(exc).__name__}: {exc}"))
-
-
-def counter_setup(run, system):
-    """Create the shared counter at 0; returns (target for the children, folder, read_final())."""
-    folder = run.folder(f"counter-{system}")
-    if system == "mmkv":
-        import mmkv
-        path = os.path.join(folder, "store.mmkv")
-        with mmkv.open(path, "n") as db:
-            db.incr(COUNTER_KEY, 0)
-
-        def final():
-            with mmkv.open(path, "w") as db:
-                return db.incr(COUNTER_KEY, 0)
-        return path, folder, final
-    if system == "lmdb":
-        import lmdb
-        path = os.path.join(folder, "lmdb")
-        env = lmdb.open(path, map_size=LMDB_MAP_SIZE, sync=False, metasync=False)
-        with env.begin(write=True) as txn:
-            txn.put(COUNTER_KEY, b"0")
-        env.close()
-
-        def final():
-            env = lmdb.open(path, map_size=LMDB_MAP_SIZE)
-            with env.begin() as txn:
-                v = int(txn.get(COUNTER_KEY))
-            env.close()
-            return v
-        return path, folder, final
-    if system == "sqlite":
-        path = os.path.join(folder, "store.sqlite")
-        con = sqlite3.connect(path, isolation_level=None)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("CREATE TABLE counters (k BLOB PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID")
-        con.execute("INSERT INTO counters VALUES (?, 0)", (COUNTER_KEY,))
-        con.close()
-
-        def final():
-            con = sqlite3.connect(path)
-            v = con.execute("SELECT v FROM counters WHERE k = ?", (COUNTER_KEY,)).fetchone()[0]
-            con.close()
-            return v
-        return path, folder, final
-    if system == "diskcache":
-        import diskcache
-        path = os.path.join(folder, "diskcache")
-        with diskcache.Cache(path) as c:
-            c.set(COUNTER_KEY, 0)
-
-        def final():
-            with diskcache.Cache(path) as c:
-                return c.get(COUNTER_KEY)
-        return path, folder, final
-    if system == "redis":
-        import redis
-        r = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
-        r.flushall()
-        r.set(COUNTER_KEY, 0)
-        r.close()
-
-        def final():
-            r = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
-            v = int(r.get(COUNTER_KEY))
-            r.flushall()
-            r.close()
-            return v
-        return None, folder, final
-    if system == "mp.Value":
-        import multiprocessing
-        value = multiprocessing.get_context("fork").Value("q", 0)
-        return value, folder, lambda: value.value
-    raise ValueError(system)
 
 
 def wl_counter(run, workload):
@@ -838,9 +426,10 @@ def wl_counter(run, workload):
         for s in list(alive):
             folder = None
             try:
-                target, folder, final = counter_setup(run, s)
+                folder = run.folder(f"counter-{s}")
+                target, final = ADAPTERS[s].counter_setup(folder)
                 barrier, queue = ctx.Barrier(procs + 1), ctx.Queue()
-                children = [ctx.Process(target=counter_child, args=(s, target, REDIS_PORT, per, barrier, queue))
+                children = [ctx.Process(target=counter_child, args=(s, target, per, barrier, queue))
                             for _ in range(procs)]
                 for c in children:
                     c.start()
@@ -884,66 +473,32 @@ def wl_counter(run, workload):
 
 
 # ===================================================================== workload 8: open
+# The open workload's child: a fresh interpreter imports bench/adapters.py (before its clock starts; the
+# parent's wall time includes it, about 2 ms), then the system's module (import_s), then opens the store
+# and reads one key (open_get_s).
 OPEN_CHILD = r"""
 import json, resource, sys, time
-system, path, k = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+sys.path.insert(0, sys.argv[1])
+import adapters
+del sys.path[0]
+system, path, k = sys.argv[2], sys.argv[3], sys.argv[4].encode()
+store = adapters.ADAPTERS[system]
 t_start = time.perf_counter()
-if system == "mmkv":
-    import mmkv
-    t0 = time.perf_counter()
-    db = mmkv.open(path, "r")
-    v = db[k]
-    t1 = time.perf_counter()
-    db.close()
-elif system == "lmdb":
-    import lmdb
-    t0 = time.perf_counter()
-    env = lmdb.open(path, readonly=True)
-    with env.begin() as txn:
-        v = txn.get(k)
-    t1 = time.perf_counter()
-    env.close()
-elif system == "sqlite":
-    import sqlite3
-    t0 = time.perf_counter()
-    con = sqlite3.connect(path)
-    v = con.execute("SELECT v FROM kv WHERE k = ?", (k,)).fetchone()[0]
-    t1 = time.perf_counter()
-    con.close()
+store.open_import()
+t0 = time.perf_counter()
+v, close = store.open_get(path, k)
+t1 = time.perf_counter()
+close()
 print(json.dumps({"open_get_s": t1 - t0, "import_s": t0 - t_start, "value_len": len(v),
                   "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
-def build_store(run, system, n, folder):
+def build_store(system, n, folder):
     """A store of keys key(0..n-1) with random 100-byte values, built in chunks; returns its path."""
-    if system == "mmkv":
-        import mmkv
-        path = os.path.join(folder, "store.mmkv")
-        with mmkv.open(path, "n") as db:
-            for start in range(0, n, CHUNK):
-                db.update({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))})
-            if len(db) != n:
-                raise AssertionError(f"{len(db)} keys after building {n}")
-        return path
-    if system == "lmdb":
-        import lmdb
-        path = os.path.join(folder, "lmdb")
-        env = lmdb.open(path, map_size=LMDB_MAP_SIZE, sync=False, metasync=False)
-        for start in range(0, n, CHUNK):
-            with env.begin(write=True) as txn:
-                txn.cursor().putmulti([(key(i), os.urandom(VALUE_SIZE)) for i in range(start, min(n, start + CHUNK))])
-        env.sync(True)
-        env.close()
-        return path
-    if system == "sqlite":
-        st = SqliteStore(folder)
-        for start in range(0, n, CHUNK):
-            st.batch({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))})
-        st.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        st.close()
-        return st.path
-    raise ValueError(system)
+    chunks = ({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))}
+              for start in range(0, n, CHUNK))
+    return ADAPTERS[system].build(folder, chunks)
 
 
 def wl_open(run, workload):
@@ -961,7 +516,7 @@ def wl_open(run, workload):
                 t = time.perf_counter()
                 folder = run.folder(f"open-{s}-{n}")
                 made.append(folder)
-                paths[(s, n)] = build_store(run, s, n, folder)
+                paths[(s, n)] = build_store(s, n, folder)
                 log(f"  built {n:,}-key {s} store in {time.perf_counter() - t:.1f} s")
         except Exception as exc:
             run.fail(workload, s, f"building {n:,} keys: {type(exc).__name__}: {exc}")
@@ -973,7 +528,7 @@ def wl_open(run, workload):
             k = key(rng.randrange(n)).decode()
             try:
                 t = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-c", OPEN_CHILD, s, path, k], capture_output=True,
+                proc = subprocess.run([sys.executable, "-c", OPEN_CHILD, HERE, s, path, k], capture_output=True,
                                       text=True, timeout=300)
                 dt = time.perf_counter() - t
                 if proc.returncode:
@@ -1075,8 +630,9 @@ def wl_space(run, workload):
             app, alloc, files = tree_bytes(ad.folder)
             after_churn[s] = summarize([app / logical], bytes=app, allocated_bytes=alloc, logical_bytes=logical,
                                        keys=len(live), files=files)
-            if s == "mmkv":
-                after_churn[s]["stats"] = ad.db.stats()
+            stats = ad.stats()
+            if stats is not None:           # the store's own account (mmkv: db.stats())
+                after_churn[s]["stats"] = stats
             ad.close()
             after_churn[s]["bytes_after_close"] = tree_bytes(ad.folder)[0]
             ad = None
@@ -1279,171 +835,6 @@ def machine_info(workdir, avail, redis_version):
                 versions=versions, git_commit=commit, mmkv_uncommitted_changes=dirty)
 
 
-# ===================================================================== output
-def fmt(v, unit):
-    if v is None:
-        return "-"
-    if unit == "ops/s":
-        return f"{v:,.0f}"
-    if unit in ("ms", "us"):
-        return f"{v:,.3f}" if v < 1 else (f"{v:,.2f}" if v < 100 else f"{v:,.0f}")
-    if unit == "x":
-        return f"{v:.2f}"
-    if unit == "MB":
-        return f"{v:,.1f}"
-    if unit == "B":
-        return f"{v:,.1f}"
-    return f"{v:.4g}"
-
-
-def fmt_ratio(r):
-    if r >= 10:
-        return f"×{r:.1f}"
-    return f"×{r:.2f}" if r >= 0.1 else f"×{r:.2g}"
-
-
-def columns(results):
-    present = set()
-    for wl in results.values():
-        for m in wl["metrics"]:
-            present.update(m["values"])
-    return [s for s in SYSTEMS if s in present]
-
-
-def markdown(doc):
-    res = doc["workloads"]
-    cols = columns(res)
-    mach = doc["machine"]
-    lines = [f"# mmkv benchmark{' (quick)' if doc['config']['quick'] else ''}", ""]
-    lines.append(f"{mach['cpu']}, {mach['cores']} cores, "
-                 f"{(mach['memory_bytes'] or 0) / 2**30:.0f} GiB, {mach['platform']}, Python {mach['python']}, "
-                 f"stores on {mach['filesystem']['type']} ({mach['filesystem']['mount']}); mmkv commit "
-                 f"{mach['git_commit'] or '?'}; run took {doc['duration_s'] / 60:.1f} min; median of "
-                 f"{doc['config']['repeats']} repeats; 1-min load average {doc['load_averages']['start'][0]} "
-                 f"at the start, {doc['load_averages']['end'][0]} at the end.")
-    if mach.get("mmkv_uncommitted_changes"):
-        lines.append("")
-        lines.append("Measured with uncommitted changes in: " + ", ".join(mach["mmkv_uncommitted_changes"]) + ".")
-    lines.append("")
-    lines.append("Each peer's cell is its figure followed by the **mmkv/peer ratio: above 1 means mmkv is better** "
-                 "(throughput: mmkv ÷ peer; times and sizes: peer ÷ mmkv).")
-    lines.append("")
-    head = ["workload", "metric", "unit"] + [SYSTEMS[c]["label"] for c in cols]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * len(cols)) + "|")
-    for name in TABLE_ORDER:
-        if name not in res:
-            continue
-        for m in res[name]["metrics"]:
-            unit_label = {"x": "× logical", "us": "µs"}.get(m["unit"], m["unit"])
-            row = [name, m["label"], unit_label]
-            for c in cols:
-                v = m["values"].get(c)
-                if v is None:
-                    row.append("")
-                    continue
-                cell = fmt(v.get("median"), m["unit"])
-                if v.get("exact") is False:
-                    cell = f"FAIL (count {v['final_counts']}, expected {v['expected']})"
-                elif c in m["ratios"]:
-                    cell += f" ({fmt_ratio(m['ratios'][c])})"
-                row.append(cell)
-            lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    lines.append("Units: ops/s = operations per second (higher is better); ms, µs = time (lower is better); "
-                 "× logical = bytes on disk per live logical byte (lower is better); MB = 10^6 bytes.")
-    lines.append("")
-    notes = [(name, n) for name in TABLE_ORDER if name in res for n in res[name]["notes"]]
-    if notes:
-        lines.append("## Notes")
-        lines.append("")
-        for name, n in notes:
-            lines.append(f"- **{name}**: {n}")
-        lines.append("")
-    lines.append("## Settings")
-    lines.append("")
-    for s in doc["settings"]:
-        lines.append(f"- {s}")
-    lines.append("")
-    if doc["skipped"]:
-        lines.append("## Skipped peers")
-        lines.append("")
-        for s, why in doc["skipped"].items():
-            lines.append(f"- {s}: {why}")
-        lines.append("")
-    lines.append("## Failures")
-    lines.append("")
-    if doc["failures"]:
-        for f in doc["failures"]:
-            lines.append(f"- {f['workload']} / {f['system']}: {f['message']}")
-    else:
-        lines.append("None: every read-back, count and final counter value checked out.")
-    lines.append("")
-    return "\n".join(lines)
-
-
-SETTINGS = [
-    "mmkv: mmkv.open(path, \"n\", sync=\"none\") (sync=\"full\" for durable_put); gets use db[k], absent gets "
-    "db.get(k).",
-    "lmdb: lmdb.open(dir, map_size=16 GiB, sync=False, metasync=False): commits do not fsync "
-    "(sync=True, metasync=True for durable_put); a transaction per call, and for gets also one reused read "
-    "transaction.",
-    "sqlite: journal_mode=WAL, synchronous=OFF (FULL for durable_put), autocommit, "
-    "kv(k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID, one statement per call.",
-    "diskcache: Cache(dir) defaults (SQLite WAL, synchronous=NORMAL: no fsync per commit).",
-    "dict: a plain in-process dict (persists nothing; the floor of a Python call).",
-    "redis: redis-server on 127.0.0.1, persistence off (--save '' --appendonly no), redis-py client, one "
-    "round trip per call.",
-    "mp.Value: multiprocessing.Value('q') with its lock (counter only).",
-]
-
-
-def chart(doc, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
-    except Exception as exc:
-        return f"chart skipped: matplotlib is not importable ({exc})"
-    res = doc["workloads"]
-    rows, labels = [], []
-    cols = [c for c in columns(res) if c != "mmkv"]
-    for name in TABLE_ORDER:
-        for m in res.get(name, {}).get("metrics", []):
-            if m["ratios"]:
-                rows.append([m["ratios"].get(c) for c in cols])
-                labels.append(f"{name}: {m['label']}")
-    if not rows or not cols:
-        return "chart skipped: no ratios"
-    used = [j for j in range(len(cols)) if any(r[j] is not None for r in rows)]
-    cols = [cols[j] for j in used]
-    rows = [[r[j] for j in used] for r in rows]
-    import math as _m
-    vals = [v for r in rows for v in r if v]
-    span = max(2.0, max(abs(_m.log10(v)) for v in vals))
-    data = [[v if v else float("nan") for v in r] for r in rows]
-    fig_h = 1.2 + 0.42 * len(rows)
-    fig, ax = plt.subplots(figsize=(3.2 + 1.25 * len(cols) + 3.5, fig_h))
-    im = ax.imshow(data, cmap="RdYlGn", norm=LogNorm(vmin=10 ** -span, vmax=10 ** span), aspect="auto")
-    ax.set_xticks(range(len(cols)), [SYSTEMS[c]["label"] for c in cols], rotation=20, ha="right")
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    for i, r in enumerate(rows):
-        for j, v in enumerate(r):
-            if v:
-                ax.text(j, i, fmt_ratio(v), ha="center", va="center", fontsize=8)
-    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cb.set_label("mmkv / peer (log scale)")
-    title = "mmkv vs peers: ratio > 1 (green) means mmkv is better"
-    if doc["config"]["quick"]:
-        title += " (quick run)"
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
-
-
 # ===================================================================== main
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Benchmark mmkv against its peers (see the module docstring).")
@@ -1486,13 +877,12 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="mmkv-bench-", dir=base)
     run = Run(args, size, avail, workdir)
     server = None
-    global REDIS_PORT
     try:
         if avail["redis"] is None and any("redis" in PARTICIPANTS[w] for w in selected):
             server = RedisServer(workdir)
             try:
                 server.start()
-                REDIS_PORT = server.port
+                RedisStore.port = server.port
                 log(f"redis-server {server.version} on 127.0.0.1:{server.port}")
             except Exception as exc:
                 avail["redis"] = f"redis-server failed to start: {exc}"
@@ -1513,7 +903,7 @@ def main(argv=None):
     finally:
         if server:
             server.stop()
-        REDIS_PORT = None
+        RedisStore.port = None
         if not args.keep:
             remove(workdir)
     doc = dict(
@@ -1528,19 +918,10 @@ def main(argv=None):
         load_averages=dict(run.load, end=[round(x, 2) for x in os.getloadavg()]),
         duration_s=time.perf_counter() - started,
     )
-    os.makedirs(args.out, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    md = markdown(doc)
-    with open(os.path.join(args.out, f"results{suffix}.md"), "w") as f:
-        f.write(md)
-    png = os.path.join(args.out, f"ratios{suffix}.png")
-    why = chart(doc, png)
-    doc["chart"] = None if why else os.path.basename(png)
+    md, why = report.write(doc, args.out)
     if why:
-        doc["chart_note"] = why
         log(f"note: {why}")
-    with open(os.path.join(args.out, f"results{suffix}.json"), "w") as f:
-        json.dump(doc, f, indent=1, default=str)
+    suffix = "-quick" if args.quick else ""
     print(md)
     log(f"wrote {args.out}/results{suffix}.md, results{suffix}.json" + ("" if why else f", ratios{suffix}.png")
         + f" in {doc['duration_s']:.0f} s")
