@@ -71,7 +71,7 @@ import os
 import threading
 import time
 
-from .engine.shim import ffi, lib
+from .engine.shim import error_for, ffi, lib
 from .errors import (ClosedError, Error, ForkedHandleError, NotACounterError, QueueEmpty, ReadOnlyError,
                      TooManyQueuesError)
 from .engine.layout import HEADER_SIZE, NSEMS, OFF_SEMS, SEM_BYTES
@@ -137,13 +137,13 @@ class _Semaphore:
     def post(self) -> None:
         rc = lib.mmkv_sem_post(self.ptr)
         if rc and rc != errno.EOVERFLOW:   # 2**31 - 1 wake-ups pending: enough for anyone
-            raise Error(f"sem_post failed: {os.strerror(rc)} (errno {rc})")
+            raise error_for(rc, "sem_post")
 
     def trywait(self) -> bool:
         rc = lib.mmkv_sem_trywait(self.ptr)
         if rc in (0, errno.EAGAIN):
             return rc == 0
-        raise Error(f"sem_trywait failed: {os.strerror(rc)} (errno {rc})")
+        raise error_for(rc, "sem_trywait")
 
     def wait(self, timeout_ns: int) -> int:
         """0 (took a wake-up), ETIMEDOUT or EINTR; < 0 waits forever."""
@@ -153,12 +153,12 @@ class _Semaphore:
             rc = lib.mmkv_sem_timedwait(self.ptr, timeout_ns)
         if rc in (0, errno.ETIMEDOUT, errno.EINTR):
             return rc
-        raise Error(f"sem_wait failed: {os.strerror(rc)} (errno {rc})")
+        raise error_for(rc, "sem_wait")
 
     def value(self) -> int:
         rc = lib.mmkv_sem_value(self.ptr, self._out)
         if rc:
-            raise Error(f"sem_getvalue failed: {os.strerror(rc)} (errno {rc})")
+            raise error_for(rc, "sem_getvalue")
         return self._out[0]
 
     def close(self) -> None:

@@ -1,28 +1,36 @@
 """Store: the dict-like handle on one mmkv file.
 
-Concurrency: every operation takes the file's robust, process-shared mutex for
-its whole duration, so each call is atomic with respect to every other process
-and thread; a write is visible to all other handles as soon as the call
-returns.  A handle may be used from several threads (calls are serialised); it
-must not be used after ``fork`` (ForkedHandleError: open the store again in
-the child).  Two handles on the same file in one thread must not be nested
-inside ``db.lock()``: the second would wait for the first.
+Concurrency: every write takes the file's robust, process-shared mutex for its whole
+duration, so each call is atomic with respect to every other process and thread, and a
+write is visible to all other handles as soon as the call returns.  Reads of one key
+(``db[k]``, ``get``) are lock-free while no writer is active (a sequence word tells them to
+retry, see ``mmkv_get``) and otherwise wait for the lock; reads of many keys (iteration,
+``len``, ``items``) take the lock while they collect.  A handle may be used from several
+threads; it must not be used after ``fork`` (ForkedHandleError: open the store again in
+the child).  Two handles on the same file in one thread must not be nested inside
+``db.lock()``: the second would wait for the first.
+
+Every call that locks may raise LockTimeoutError (another process held the lock longer
+than lock_timeout; the message names its pid), ClosedError (the handle is closed, also by
+another thread) or ForkedHandleError; every write raises ReadOnlyError on a handle opened
+with flag "r", and CorruptionError when the file is damaged beyond what recovery repairs in
+place.  The docstrings below name only what a call adds to these.
 """
 import errno
 import os
 import logging
 import threading
-import time
 import weakref
 from itertools import accumulate, chain
 from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
 from .engine import index, recovery, transaction
 from .engine.core import Engine, timeout_ns
-from .engine.shim import ESTALE, ffi, lib, raise_for
+from .engine.locking import StoreLock
+from .engine.shim import ffi, lib, raise_for
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      LockTimeoutError, NotACounterError, ReadOnlyError)
-from .engine.layout import (CLEAN_MARK, HEADER_SIZE, MASK64, OFF_MUTEX, REC_COUNTER, SEGMENT_HEADER, STATE_WORD,
+from .engine.layout import (CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, SEGMENT_HEADER, STATE_WORD,
                             record_size, slot_word)
 from .engine import opening
 from .engine.tunables import GET_BUFFER, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE, MAX_VALUE_SIZE, OPEN_TIMEOUT
@@ -77,7 +85,6 @@ class _PerThread(threading.local):
         self.out = ffi.new("struct mmkv_getbuf *")
         self.out.buf, self.out.cap = self.mem, GET_BUFFER
         self.i64 = ffi.new("int64_t *")
-        self.waited = False         # a fused call timed out at lock_report_after: see _acquire
 
 
 if hasattr(os, "register_at_fork"):
@@ -117,10 +124,8 @@ class Store(MutableMapping):
         self._view = None        # self._engine.view (one object for the handle's life), for the hot paths
         self._fd = None
         self._forked = False
-        self._depth = 0          # db.lock() nesting in the owning thread
-        self._owner = None
+        self._lock = None        # the StoreLock (mmkv.engine.locking), made at attach
         self._txn = None         # the transaction in progress on this handle
-        self._lock_reports = 0   # times this handle logged a long lock holder
         self._local = _PerThread()
         self._close_guard = threading.Lock()
         timeout_ns(lock_timeout)    # reject bad timeouts before touching anything
@@ -158,7 +163,7 @@ class Store(MutableMapping):
         # the shim waits at most until it is time to report the holder; the rest is _acquire's
         eng.attach(lock_timeout if self._report_after is None else self._report_after, first, self._readonly)
         self._view, self._alloc = eng.view, eng.alloc
-        self._lock_timeout = lock_timeout
+        self._lock = StoreLock(eng, lock_timeout, self._report_after, self._dead)
         if first:
             w = eng.words
             opening.init_locks(eng.fm.base)
@@ -214,7 +219,7 @@ class Store(MutableMapping):
                     log.warning("mmkv: %s: closing without the open/close lock; the file stays marked "
                                 "for recovery", self.path)
                     return
-                held = self._hold_for_close(view)
+                held = self._lock.take_for_close()
                 eng = self._engine
                 if held and opening.try_alone(fd) and not eng.meta.journal_off:
                     eng.fm.sync()              # last one out: everything durable, then the clean mark
@@ -224,30 +229,11 @@ class Store(MutableMapping):
             finally:
                 if held:
                     lib.mmkv_unlock(view)
-                self._depth, self._owner = 0, None
+                self._lock.forget()
                 self._detach()
                 self._fd = None
                 os.close(fd)                   # releases the protocol and attached locks
                 _open_stores.discard(self)
-
-    def _hold_for_close(self, view) -> bool:
-        """Take the store mutex for close (True), repairing a dead holder's work; False when
-        another process holds it past lock_timeout (this handle's own threads are waited for)."""
-        if self._depth and self._owner == threading.get_ident():
-            return True                        # close() inside this thread's lock() block
-        while True:
-            rc = lib.mmkv_lock_final(view)
-            if rc in (0, errno.EOWNERDEAD):
-                break
-            if rc == errno.ETIMEDOUT and self._owner is not None:
-                continue                       # another thread of this handle: it will finish
-            return False
-        self._depth, self._owner = 1, threading.get_ident()
-        if rc == errno.EOWNERDEAD:
-            self._owner_died()                 # recovery; on failure it unlocks and raises
-        elif self._engine.stale():
-            self._reload()                     # the meta as it is now (journal, file size)
-        return True
 
     # ================================================================ for mmkv's own layers
     @property
@@ -272,7 +258,7 @@ class Store(MutableMapping):
     def lock_held(self) -> bool:
         """True when the calling thread holds the store lock through this handle (inside
         ``lock()`` or ``transaction()``): a blocking wait there would deadlock."""
-        return bool(self._depth) and self._owner == threading.get_ident()
+        return self._lock is not None and self._lock.held_here()
 
     def __enter__(self):
         return self
@@ -299,83 +285,14 @@ class Store(MutableMapping):
         return ClosedError(f"the mmkv handle on {self.path!r} is closed")
 
     def _acquire(self):
-        """Take the store mutex; reload if another process changed the meta; recover after a death."""
+        """Take the store lock for this thread (see StoreLock.acquire)."""
         if self._forked or self._view is None:
             raise self._dead()
-        if self._depth and self._owner == threading.get_ident():
-            self._depth += 1
-            return
-        v = self._view
-        local = self._local
-        if local.waited:                 # a fused call already waited up to lock_report_after
-            local.waited = False
-            rc = errno.ETIMEDOUT
-        else:
-            rc = lib.mmkv_lock(v)
-        if rc == errno.ETIMEDOUT and self._report_after is not None:
-            rc = self._lock_after_report(v)
-        if rc:
-            if rc == errno.EOWNERDEAD:
-                self._owner_died()
-            else:
-                raise self._lock_error(rc)
-        if self._engine.stale():
-            try:
-                self._reload()
-            except BaseException:
-                lib.mmkv_unlock(v)
-                raise
-        self._depth, self._owner = 1, threading.get_ident()
-
-    def _lock_after_report(self, v):
-        """The lock was not free within lock_report_after seconds: log who holds it and for how
-        long, then wait for the rest of lock_timeout.  Returns the shim's result."""
-        w = self._engine.words
-        pid, since = w[STATE_WORD["lock_pid"]], w[STATE_WORD["lock_since_ns"]]
-        held = f"{(time.monotonic_ns() - since) / 1e9:.1f}s" if since else "an unknown time"
-        log.warning("mmkv: %s: waited %.1fs for the lock; pid %s has held it for %s",
-                    self.path, self._report_after, pid or "?", held)
-        self._lock_reports += 1
-        rest = None if self._lock_timeout is None else max(0.0, self._lock_timeout - self._report_after)
-        saved, v.lock_timeout_ns = v.lock_timeout_ns, timeout_ns(rest)
-        try:
-            return lib.mmkv_lock(v)
-        finally:
-            v.lock_timeout_ns = saved
+        self._lock.acquire()
 
     def _release(self):
-        if self._view is None:      # close() ran inside this thread's lock() block: it unlocked
-            return
-        self._depth -= 1
-        if self._depth == 0:
-            self._owner = None
-            lib.mmkv_unlock(self._view)
-
-    def _owner_died(self):
-        """We hold the lock its previous owner died with: repair, then mark it consistent."""
-        v = self._view
-        try:
-            self._reload()
-            self._recover("a process died holding the lock")
-        except BaseException:
-            lib.mmkv_unlock(v)   # not consistent: every locker now gets ENOTRECOVERABLE until reopened
-            raise
-        rc = lib.mmkv_mutex_consistent(self._engine.fm.base + OFF_MUTEX)
-        if rc:
-            lib.mmkv_unlock(v)
-            raise Error(f"cannot mark the store mutex consistent: {os.strerror(rc)}")
-
-    def _lock_error(self, rc):
-        if rc == errno.EBADF:            # close() has begun in another thread
-            return self._dead()
-        if rc == errno.ETIMEDOUT:
-            pid = self._engine.words[STATE_WORD["lock_pid"]]
-            return LockTimeoutError(f"timed out after {self._lock_timeout}s waiting for the lock of "
-                                    f"{self.path!r}, held by pid {pid}; raise lock_timeout or stop that process")
-        if rc == errno.ENOTRECOVERABLE:
-            return CorruptionError(f"the lock of {self.path!r} is unrecoverable (recovery failed earlier); "
-                                   "close every handle and reopen: the first opener repairs the store")
-        return Error(f"cannot lock {self.path!r}: {os.strerror(rc)} (errno {rc})")
+        if self._lock is not None:
+            self._lock.release()
 
     @contextmanager
     def lock(self):
@@ -405,7 +322,7 @@ class Store(MutableMapping):
             and no space is lost (a transaction of one write is then done as a plain write).
         """
         self._writable()
-        if self._txn is not None and self._owner == threading.get_ident():
+        if self._txn is not None and self._lock.held_here():
             yield self
             return
         self._acquire()
@@ -441,13 +358,13 @@ class Store(MutableMapping):
         """
         k = key if type(key) is bytes else _as_bytes(key, "key")
         rc = None
-        if not self._depth:     # the hot path, repeated in get(): a call costs more than these lines
+        v = self._view
+        if v is None:           # closed or forked
+            raise self._dead()
+        if not self._lock.depth:   # the hot path, repeated in get(): a call costs more than these lines
             local = self._local
             out = local.out
-            try:
-                rc = lib.mmkv_get(self._view, k, len(k), out)
-            except TypeError:   # the view is None: closed or forked
-                raise self._dead() from None
+            rc = lib.mmkv_get(v, k, len(k), out)
             if rc == 0:
                 return ffi.unpack(local.cbuf, out.val_len)
         value = self._read_slow(rc, k)
@@ -456,16 +373,19 @@ class Store(MutableMapping):
         return value
 
     def get(self, key, default=None):
-        """The value of key, or default when it is absent (never KeyError)."""
+        """The value of key, or default when it is absent (never KeyError).
+
+        Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
+        :raises TypeError: key is not bytes or str."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
         rc = None
-        if not self._depth:
+        v = self._view
+        if v is None:
+            raise self._dead()
+        if not self._lock.depth:
             local = self._local
             out = local.out
-            try:
-                rc = lib.mmkv_get(self._view, k, len(k), out)
-            except TypeError:
-                raise self._dead() from None
+            rc = lib.mmkv_get(v, k, len(k), out)
             if rc == 0:
                 return ffi.unpack(local.cbuf, out.val_len)
             if rc == errno.ENOENT:
@@ -477,15 +397,7 @@ class Store(MutableMapping):
         """Finish a read the fast path could not (rc None: not tried); the value or None."""
         if rc == errno.ENOENT:
             return None
-        if rc == errno.EOWNERDEAD:      # we hold the lock a dead process left: repair first
-            self._owner_died()
-            lib.mmkv_unlock(self._view)
-        elif rc == errno.EBADMSG:
-            raise_for(rc, "lookup")
-        elif rc == errno.ETIMEDOUT and self._report_after is not None:
-            self._local.waited = True        # _acquire reports the holder and waits the rest
-        elif rc not in (None, ESTALE, errno.ENOBUFS):
-            raise self._lock_error(rc)
+        self._lock.after_fast_read(rc)
         self._acquire()     # remap, a value bigger than the buffer, inside db.lock(), after repair
         try:
             return self._lookup(k)
@@ -508,6 +420,8 @@ class Store(MutableMapping):
         return self._engine.fm.mm[v.val_off:v.val_off + v.val_len]
 
     def __contains__(self, key):
+        """True when key is present; under the lock (it also verifies the record).
+        :raises TypeError: key is not bytes or str."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
         self._acquire()
         try:
@@ -561,13 +475,18 @@ class Store(MutableMapping):
             self._release()
 
     def __iter__(self):
-        """Keys as bytes, from a snapshot taken under the lock when iteration starts."""
+        """Keys as bytes, from a snapshot taken under the lock when iteration starts (holds the
+        lock while it collects: O(keys); later writes by other processes are not seen)."""
         return iter(self._snapshot(False))
 
     def items(self):
+        """(key, value) pairs from one snapshot taken under the lock when iteration starts
+        (writes by other processes after that are not seen).  Holds the lock while it
+        collects: O(keys).  :raises CorruptionError: a damaged index slot (recover() repairs)."""
         return _ItemsView(self)
 
     def values(self):
+        """Values, from one snapshot (as items())."""
         return _ValuesView(self)
 
     # ================================================================ writes
@@ -585,40 +504,15 @@ class Store(MutableMapping):
             self._writable()
         if len(k) > MAX_KEY_SIZE or len(val) > MAX_VALUE_SIZE:
             self._check_sizes(k, val)
-        if not self._depth:
-            try:
-                rc = lib.mmkv_put(self._view, k, len(k), val, len(val), 0, 1)
-            except TypeError:   # the view is None: closed or forked
-                raise self._dead() from None
+        v = self._view
+        if v is None:
+            raise self._dead()
+        if not self._lock.depth:
+            rc = lib.mmkv_put(v, k, len(k), val, len(val), 0, 1)
             if rc == 0:
                 return
-            self._fused_failed(rc)
+            self._lock.after_fused_write(rc)
         self._write_locked(self._put, k, val, 0)
-
-    def _fused_failed(self, rc):
-        """A fused write (take_lock=1) returned rc != 0.  Return when the general path should
-        run (nothing changed, lock released); raise otherwise."""
-        if rc in (ESTALE, errno.ENOSPC, errno.EAGAIN, errno.ENOENT):
-            return
-        if rc == errno.EOWNERDEAD:           # we hold the lock a dead process left: repair first
-            self._owner_died()
-            lib.mmkv_unlock(self._view)
-            return
-        if rc == errno.ETIMEDOUT and self._report_after is not None:
-            self._local.waited = True        # the general path reports the holder, waits the rest
-            return
-        if rc in (errno.ETIMEDOUT, errno.ENOTRECOVERABLE, errno.EINVAL, errno.EDEADLK, errno.EBADF):
-            raise self._lock_error(rc)
-        # the lock is still held and the write may have stopped half way: repair, then report
-        self._depth, self._owner = 1, threading.get_ident()
-        failed = f"a write failed ({errno.errorcode.get(rc, rc)})"
-        try:
-            self._recover(failed)
-        except Error as exc:
-            raise CorruptionError(f"{self.path}: {failed} and recovery could not repair the store: {exc}") from exc
-        finally:
-            self._release()
-        raise_for(rc, "write")
 
     def _write_locked(self, fn, *args):
         """Run fn(*args) under the lock as a write; see _abort_write for errors."""
@@ -681,20 +575,22 @@ class Store(MutableMapping):
         return None
 
     def __delitem__(self, key):
-        """Remove key. :raises KeyError: key is absent."""
+        """Remove key; visible to every process when the call returns (in sync="full", on
+        disk too).  Takes the lock (inside the shim when no lock() block is open).
+        :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
         if self._readonly:
             self._writable()
-        if not self._depth:
-            try:
-                rc = lib.mmkv_delete(self._view, k, len(k), 1)
-            except TypeError:
-                raise self._dead() from None
+        v = self._view
+        if v is None:
+            raise self._dead()
+        if not self._lock.depth:
+            rc = lib.mmkv_delete(v, k, len(k), 1)
             if rc == 0:
                 return
             if rc == errno.ENOENT:
                 raise KeyError(key)
-            self._fused_failed(rc)
+            self._lock.after_fused_write(rc)
         if not self._write_locked(self._delete, k):
             raise KeyError(key)
 
@@ -712,7 +608,8 @@ class Store(MutableMapping):
         return True
 
     def pop(self, key, *default):
-        """Remove key and return its value (or default). :raises KeyError: absent and no default."""
+        """Remove key and return its value (or default), atomically under the lock.
+        :raises KeyError: absent and no default."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
         value = self._write_locked(self._pop, k)
         if value is None:
@@ -728,7 +625,9 @@ class Store(MutableMapping):
         return value
 
     def setdefault(self, key, default=b""):
-        """The value of key; if absent, store default first (atomically) and return it."""
+        """The value of key; if absent, store default first and return it, atomically under the
+        lock (another process's setdefault of the same key sees one or the other, never both).
+        :raises LimitError: key or default too large.  :raises DiskFullError: no room; unchanged."""
         k = key if type(key) is bytes else _as_bytes(key, "key")
         d = _as_bytes(default, "value")
         self._check_sizes(k, d)
@@ -845,17 +744,17 @@ class Store(MutableMapping):
                 raise TypeError(f"delta must be an int, not {type(delta).__name__}")
             self._check_sizes(k, b"")
             self._writable()
-        if not self._depth and _INT64_MIN <= delta <= _INT64_MAX:
+        v = self._view
+        if v is None:
+            raise self._dead()
+        if not self._lock.depth and _INT64_MIN <= delta <= _INT64_MAX:
             out = self._local.i64
-            try:
-                rc = lib.mmkv_incr(self._view, k, len(k), delta, out, 1)
-            except TypeError:
-                raise self._dead() from None
+            rc = lib.mmkv_incr(v, k, len(k), delta, out, 1)
             if rc == 0:
                 return out[0]
             if rc == errno.ERANGE:
                 raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
-            self._fused_failed(rc)
+            self._lock.after_fused_write(rc)
         return self._write_locked(self._incr, k, delta)
 
     def _incr(self, k, delta):
@@ -880,7 +779,10 @@ class Store(MutableMapping):
 
     # ================================================================ durability, audit
     def sync(self):
-        """Make every write so far durable (msync MS_SYNC of the whole file, then fsync)."""
+        """Make every write so far durable (msync MS_SYNC of the whole file, then fsync).
+
+        Holds the store lock through the whole-file msync: other processes' calls wait for it
+        (a large file with many dirty pages takes seconds).  :raises OSError: msync or fsync failed."""
         self._acquire()
         try:
             self._engine.fm.sync()
@@ -907,7 +809,9 @@ class Store(MutableMapping):
         return report
 
     def recover(self):
-        """Run recovery now (verify every record, rebuild free lists); returns what it found."""
+        """Run recovery now (verify every record, rebuild free lists, rebuild the index if a
+        slot was bad); returns what it found (a RecoveryResult).  Holds the lock throughout:
+        O(keys + file size).  :raises CorruptionError: the index cannot be repaired in place."""
         self._writable()
         self._acquire()
         try:
@@ -916,7 +820,9 @@ class Store(MutableMapping):
             self._release()
 
     def stats(self) -> dict:
-        """Counters and space figures, read under the lock (O(1) but for one free-list walk)."""
+        """Counters and space figures (keys, bytes used and free, index shape, largest free
+        block, lock reports), read under the lock: one consistent moment (O(1) but for one
+        free-list walk and the directory).  :raises CorruptionError: a damaged free list."""
         self._acquire()
         try:
             w = self._engine.words
@@ -930,7 +836,7 @@ class Store(MutableMapping):
             st["largest_free_block"] = largest
             st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
             st["sync"] = self.sync_mode
-            st["lock_reports"] = self._lock_reports
+            st["lock_reports"] = self._lock.reports
             return st
         finally:
             self._release()

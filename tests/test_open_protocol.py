@@ -192,11 +192,11 @@ def test_opening_a_missing_file_in_an_unwritable_folder_says_not_found(tmp_path)
 
 
 def test_a_failed_create_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from mmkv import store as store_module
+    from mmkv.engine import mapping
 
     def full(fd, size):
         raise mmkv.DiskFullError(28, "no space (simulated)")
-    monkeypatch.setattr(store_module, "grow_file", full)
+    monkeypatch.setattr(mapping, "grow_file", full)     # the create step looks it up at each call
     with pytest.raises(mmkv.DiskFullError):
         mmkv.open(str(tmp_path / "new.mmkv"), "c")
     assert os.listdir(tmp_path) == []

@@ -17,8 +17,8 @@ import os
 import threading
 
 from . import failpoints
-from .shim import ffi, lib
-from ..errors import DiskFullError, Error
+from .shim import error_for, ffi, lib
+from ..errors import DiskFullError
 from .tunables import GROW_STEP_MAX, GROW_STEP_MIN
 
 
@@ -86,7 +86,7 @@ class FileMap:
             failpoints.hit(b"sync.before")
         rc = lib.mmkv_msync(self.base, self.size, off, length, lib.MMKV_SYNC_SYNC)
         if rc:
-            raise Error(f"msync failed: {os.strerror(rc)} (errno {rc})")
+            raise error_for(rc, "msync")
         if self.sync_hook:
             self.sync_hook(off, length)
         if failpoints.armed:
@@ -124,7 +124,7 @@ def grow_file(fd: int, new_size: int, minimum: int | None = None, page: int = 1)
         if rc == 0:
             return max(size, old // page * page)
         if rc not in _DISK_FULL:
-            raise Error(f"posix_fallocate failed: {os.strerror(rc)} (errno {rc})")
+            raise error_for(rc, "posix_fallocate")
     want = new_size if minimum is None else max(old, minimum)
     raise DiskFullError(rc, f"cannot grow the store to {want} bytes: {os.strerror(rc)}; "
                             "free disk space and retry (the store is unchanged)")

@@ -78,7 +78,7 @@ import os
 import stat
 import time
 
-from .shim import lib
+from .shim import error_for, lib
 from ..errors import Error, LockTimeoutError, NotRegularFileError
 from .layout import (HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS, SEM_BYTES,
                      Identity, build_identity, build_meta)
@@ -87,6 +87,11 @@ from .layout import (HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, N
 PROTOCOL_BYTE = 0
 #: The byte every open handle holds a shared OFD lock on (exclusive: nobody else has it open).
 ATTACHED_BYTE = 1
+
+
+def raise_for_os(rc: int, what: str) -> None:
+    if rc:
+        raise error_for(rc, what, OSError)
 
 
 def lock_within(fd: int, byte: int, mode: int, timeout: float) -> bool:
@@ -98,7 +103,7 @@ def lock_within(fd: int, byte: int, mode: int, timeout: float) -> bool:
         if rc == 0:
             return True
         if rc != errno.EAGAIN:
-            raise OSError(rc, f"cannot lock the store file: {os.strerror(rc)}")
+            raise error_for(rc, "lock of the store file", OSError)
         if time.monotonic() >= deadline:
             return False
         time.sleep(delay)
@@ -116,7 +121,8 @@ def take_protocol_lock(fd: int, path: str, timeout: float) -> None:
 
 
 def release_protocol_lock(fd: int) -> None:
-    lib.mmkv_file_lock(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_UNLOCK)
+    """:raises OSError: the unlock call failed (a bad descriptor: a bug, never the file's state)."""
+    raise_for_os(lib.mmkv_file_lock(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_UNLOCK), "unlock of the store file")
 
 
 def try_alone(fd: int) -> bool:
@@ -125,7 +131,7 @@ def try_alone(fd: int) -> bool:
     rc = lib.mmkv_file_lock(fd, ATTACHED_BYTE, lib.MMKV_FLOCK_EXCLUSIVE)
     if rc in (0, errno.EAGAIN):
         return rc == 0
-    raise OSError(rc, f"cannot lock the store file: {os.strerror(rc)}")
+    raise error_for(rc, "lock of the store file", OSError)
 
 
 def hold_attached(fd: int) -> None:
@@ -134,9 +140,7 @@ def hold_attached(fd: int) -> None:
     Never waits: the caller holds the protocol lock, and only a protocol-lock holder takes the
     attached byte exclusively.  :raises OSError: the lock call failed.
     """
-    rc = lib.mmkv_file_lock(fd, ATTACHED_BYTE, lib.MMKV_FLOCK_SHARED)
-    if rc:
-        raise OSError(rc, f"cannot lock the store file: {os.strerror(rc)}")
+    raise_for_os(lib.mmkv_file_lock(fd, ATTACHED_BYTE, lib.MMKV_FLOCK_SHARED), "lock of the store file")
 
 
 def open_existing(path: str, flag: str) -> int | None:
@@ -227,11 +231,11 @@ def init_locks(base) -> None:
     """Reinitialise the mutex and the semaphores of the lock area (first opener only)."""
     rc = lib.mmkv_mutex_init(base + OFF_MUTEX)
     if rc:
-        raise Error(f"cannot initialise the store mutex: {os.strerror(rc)}")
+        raise error_for(rc, "initialising the store mutex")
     for i in range(NSEMS):
         rc = lib.mmkv_sem_init(base + OFF_SEMS + i * SEM_BYTES, 0)
         if rc:
-            raise Error(f"cannot initialise semaphore {i}: {os.strerror(rc)}")
+            raise error_for(rc, f"initialising semaphore {i}")
 
 
 def new_identity(page_size: int) -> Identity:

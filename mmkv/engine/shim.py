@@ -1,4 +1,9 @@
-"""Loads the compiled native shim and maps its errno results to exceptions."""
+"""Loads the compiled native shim and maps its errno results to exceptions.
+
+``error_for`` is the one place an errno from the shim (or a system call the engine makes
+through it) becomes an exception: the class says what kind of failure it is, the message
+what failed, the errno and what to do.  Every site calls it (or ``raise_for``).
+"""
 import errno
 import os
 import sys
@@ -14,15 +19,35 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "'pip install .' (or 'pip install -e .' for development): " + str(exc)
     ) from exc
 
-from ..errors import CorruptionError, Error
+from ..errors import ClosedError, CorruptionError, DiskFullError, Error, LockTimeoutError
 
 ESTALE = lib.MMKV_ESTALE
 
+#: errno -> (exception class, what to do).  Anything else is a plain mmkv.Error.
+_ERRORS = {
+    errno.EBADMSG: (CorruptionError, "the file holds an out-of-range offset or a bad record; "
+                                     "db.recover() or 'mmkv check' the file"),
+    errno.ENOTRECOVERABLE: (CorruptionError, "recovery failed earlier; close every handle and reopen "
+                                             "(the first opener repairs the store)"),
+    errno.ENOSPC: (DiskFullError, "free disk space and retry (the store is unchanged)"),
+    errno.EDQUOT: (DiskFullError, "the disk quota is exhausted; free space and retry"),
+    errno.EFBIG: (DiskFullError, "the file size limit (ulimit -f) is reached"),
+    errno.ETIMEDOUT: (LockTimeoutError, "another process holds the lock; raise lock_timeout or stop it"),
+    errno.EBADF: (ClosedError, "the handle is closed"),
+}
+
+
+def error_for(rc: int, what: str, other=Error) -> Exception:
+    """The exception for a nonzero errno rc from the shim or a system call: ``what`` says
+    what failed ("msync", "lock of /path", ...); an errno the table does not name gets class
+    ``other`` (OSError where a standard file error is the better fit).  OSError subclasses
+    carry rc as their errno."""
+    cls, hint = _ERRORS.get(rc, (other, ""))
+    text = f"{what}: {os.strerror(rc)} (errno {rc})" + (f"; {hint}" if hint else "")
+    return cls(rc, text) if issubclass(cls, OSError) else cls(text)
+
 
 def raise_for(rc: int, what: str) -> None:
-    """Raise the exception for a shim result code (0 is success and raises nothing)."""
-    if rc == 0:
-        return
-    if rc == errno.EBADMSG:
-        raise CorruptionError(f"{what}: the file holds an out-of-range offset or a bad record")
-    raise Error(f"{what}: {os.strerror(rc)} (errno {rc})")
+    """Raise error_for(rc, what) unless rc is 0 (success)."""
+    if rc:
+        raise error_for(rc, what)
