@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 
 from ..engine import failpoints, opening, tunables
 from ..errors import Error
-from ..engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES,
+from ..engine.allocator import block_of, footer_of, payload_of
+from ..engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES,
                      FREE_NEXT, FREE_PREV, HEADER_SIZE, HEAP_START, JOURNAL_HEADER, MASK64, NCLASSES, OFF_IDENTITY,
                      OFF_LOCKS, OFF_META, OFF_STATE, REC_COUNTER, RECORD_HEADER, SEGMENT_HEADER, SEGMENT_SLOTS,
                      SLOT_OFF_BITS, SLOT_OFF_MASK, Identity, pad8, parse_identity, parse_meta, siphash,
@@ -324,7 +325,7 @@ class Anatomy:
                 out[k] = None                      # not in the index (a journal's new key): never intact
                 continue
             rec, seg, i = by_key[k]
-            b, s = self.block_of(rec - BLOCK_HEADER)
+            b, s = self.block_of(block_of(rec))
             home = u64(self.img, rec + _REC["key_hash"][0]) & (SEGMENT_SLOTS - 1)
             ranges = list(common) + [(b, b + s), (seg, seg + SEGMENT_HEADER)]
             slots = seg + SEGMENT_HEADER
@@ -374,7 +375,7 @@ class Damage:
             return rnd.choice((0, 1, 2, 1 << 31, (1 << 32) - 1, current + 1, current - 1, current + 8,
                                current ^ (1 << rnd.randrange(32)), rnd.getrandbits(32), an.size))
         pool = (0, 1, 1 << 63, MASK64, an.size, an.size - 8, HEAP_START - 8, HEAP_START, an.end,
-                an.end + 8, OFF_STATE, OFF_META[0], self.pick_live_block(), self.pick_live_block() + 8,
+                an.end + 8, OFF_STATE, OFF_META[0], self.pick_live_block(), payload_of(self.pick_live_block()),
                 rnd.choice(an.free)[0] if an.free else 0, rnd.choice(an.segments), an.dir_off,
                 current + 8, current - 8, current + 16, current - 16, current * 2,
                 current ^ (1 << rnd.randrange(64)), rnd.getrandbits(64), (1 << 32) - 1, 1 << 48,
@@ -555,7 +556,7 @@ class Damage:
             return f"freelist.prev->{what}", f"block {b} (class {c}, #{i}) prev = {target:#x}"
         if r < 0.8:
             value = rnd.choice((0, size + 16, size - 16, MASK64, self.extreme(size)))
-            self.put64(b + size - 8, value)
+            self.put64(footer_of(b, size), value)
             return "freeblock.footer", f"block {b} footer = {value:#x}"
         nxt = b + size
         nsize = u64(self.img, nxt) & ~BLOCK_FLAGS if nxt < an.end else 0
@@ -563,7 +564,7 @@ class Damage:
         head = u64(self.img, b)
         if choice == 0 and nsize:                  # swallow the next (live) block, footer kept coherent
             self.put64(b, (size + nsize) | (head & BLOCK_PREV_ALLOC))
-            self.put64(b + size + nsize - 8, size + nsize)
+            self.put64(footer_of(b, size + nsize), size + nsize)
             return "freeblock.swallow-next", f"block {b} grows over {nxt} ({nsize} bytes)"
         if choice == 1:
             self.put64(b, head | BLOCK_ALLOC)
@@ -590,8 +591,9 @@ class Damage:
                             (size - 16) | (head & BLOCK_FLAGS), (size * 2) | (head & BLOCK_FLAGS), 0, MASK64,
                             self.extreme(head)))
         self.put64(b, value)
-        kind = "segment" if b + 8 in an.segments else "directory" if b + 8 == an.dir_off else \
-            "record" if b + 8 in an.records else "other"
+        p = payload_of(b)
+        kind = "segment" if p in an.segments else "directory" if p == an.dir_off else \
+            "record" if p in an.records else "other"
         return f"block.header.{kind}", f"block {b} header {head:#x} -> {value:#x}"
 
     # ---------------------------------------------------------------- aimed: index

@@ -65,6 +65,11 @@ def block_of(off: int) -> int:
     return off - BLOCK_HEADER
 
 
+def footer_of(b: int, size: int) -> int:
+    """Offset of the footer word (a copy of the size) of the free block at b of this size."""
+    return b + size - BLOCK_HEADER
+
+
 def span(off: int, payload: int) -> tuple:
     """(start, length) of the bytes a payload of this size at off and its header occupy:
     what must be durable before anything names the block."""
