@@ -2,7 +2,7 @@
 
 Direct allocator calls (``db._alloc.alloc/free``) run under ``db.lock()``, as the
 engine's own callers do.  Every block a test allocates by hand is freed before
-the test ends, so the conftest audit (check() on every ``*.mmkv`` left in
+the test ends, so the conftest audit (check() on every ``*.mmkv`` left under
 tmp_path) still passes.
 """
 import itertools
