@@ -1,6 +1,10 @@
 """Child processes for multi-process tests: a Python script with a line protocol on stdout.
 
-Used by tests/test_multiprocess_lock.py and tests/test_queue.py, each with its own prelude.
+Used by tests/test_multiprocess_lock.py and tests/test_queue.py.  A child's script runs after
+``PRELUDE``, which imports os, sys, time and mmkv and defines the two halves of the protocol:
+``say(*words)`` writes one line to the parent (unbuffered, with os.write: safe in a signal handler,
+and a child killed right after it has still said it), ``wait_for(word)`` reads one line from the
+parent and exits with status 5 (after saying ``protocol-error``) when it is not ``word``.
 """
 import os
 import select
@@ -13,6 +17,20 @@ import time
 from contextlib import contextmanager
 
 import pytest
+
+PRELUDE = textwrap.dedent("""
+    import os, sys, time
+    import mmkv
+
+    def say(*words):
+        os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
+    def wait_for(word):
+        line = sys.stdin.readline().strip()
+        if line != word:
+            say("protocol-error", repr(line))
+            sys.exit(5)
+""")
 
 TIMEOUT = 30          # the most any single step may take; only hit when something hangs
 
@@ -100,7 +118,7 @@ class Child:
 
 
 @contextmanager
-def spawner(prelude):
+def spawner(prelude=PRELUDE):
     """start(script, *args) -> Child; every child started is closed at the end."""
     started = []
 

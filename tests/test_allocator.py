@@ -2,7 +2,7 @@
 
 Direct allocator calls (``db._alloc.alloc/free``) run under ``db.lock()``, as the
 engine's own callers do.  Every block a test allocates by hand is freed before
-the test ends, so the conftest audit (check() on every ``*.mmkv`` left in
+the test ends, so the conftest audit (check() on every ``*.mmkv`` left under
 tmp_path) still passes.
 """
 import itertools
@@ -19,8 +19,8 @@ import mmkv
 from mmkv.engine import index
 from mmkv.engine.allocator import block_size_for, size_class
 from mmkv.engine.shim import ffi
-from mmkv.engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES, HEAP_START,
-                         RECORD_HEADER, REC_KEY_LEN_AT, SEGMENT_BYTES, SEGMENT_SLOTS, STATE_WORD, pad8)
+from mmkv.engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES, FREE_NEXT, FREE_PREV,
+                         HEAP_START, MASK64, NCLASSES, RECORD_HEADER, REC_KEY_LEN_AT, SEGMENT_BYTES, SEGMENT_SLOTS, STATE_WORD, pad8)
 from mmkv.engine.tunables import LARGE_BLOCK, MAX_LOAD
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -566,3 +566,171 @@ def test_churn_keeps_file_within_twice_live_bytes(db):
         assert audit(db) == []
     assert dict(db.items()) == model
     print("churn file/live ratios:", [round(r, 3) for r in ratios])
+
+
+# ---------------------------------------------------------------- every audit finding fires
+# Allocator.audit (mmkv/engine/allocator.py; pure Python, no native audit behind it) can report:
+#   "impossible size"                         test_audit_finds_an_impossible_block_size
+#   "PREV_ALLOC bit does not match"           test_audit_finds_a_wrong_prev_alloc_bit
+#   "two free blocks side by side"            test_audit_finds_two_free_neighbours
+#   "footer does not match header"            tests/test_damage.py::test_the_audit_fires_on_each_allocator_damage[footer]
+#   "blocks end at ..., not at the epilogue"  unreachable from the file: the walk stops at the first block
+#                                             that would pass the epilogue ("impossible size"), so it can
+#                                             only end exactly there (noted for the engine's owner)
+#   "epilogue word is wrong"                  test_audit_finds_a_wrong_epilogue_word
+#   "bitmap bit does not match the list"      test_audit_finds_a_bitmap_bit_that_disagrees_with_its_list
+#   "is not a free block"                     tests/test_damage.py::...[link into a live record]
+#   "listed twice (or a cycle)"               tests/test_damage.py::...[cycle] and [self-loop]
+#   "is in the wrong class"                   test_audit_finds_a_free_block_in_the_wrong_class
+#   "has a wrong back link"                   test_audit_finds_a_wrong_back_link
+#   "on no free list"                         test_audit_finds_a_free_block_on_no_list
+#   "counters say"                            test_audit_finds_counters_that_disagree_with_the_blocks
+# Each test damages a heap for one finding through the mapping (under db.lock()), asserts that check()
+# raises CorruptionError naming it, then repairs the file with recover() (the headers, lists, bitmap and
+# counters are rebuilt from the index), so the teardown audit sees a sound store.  The layout used (a
+# dozen records, no index split) does not depend on the file's hash key; each test asserts it first.
+_HEADS, _BITMAP = STATE_WORD["free_heads"], STATE_WORD["free_bitmap"]
+_USED, _FREE = STATE_WORD["used_bytes"], STATE_WORD["free_bytes"]
+
+
+def _record_block(db, key):
+    with db.lock():
+        for _, _, rec in db._entries():
+            if db._record_key(rec) == key:
+                return rec - 8
+    raise AssertionError(f"no record of {key!r}")
+
+
+def _two_free_blocks(db):
+    """Records k00..k11 (200 bytes each), then k03 and k07 deleted: two free blocks of one class,
+    each between two blocks in use, listed first (the head) then second.  Returns (first, second,
+    class, values)."""
+    values = {b"k%02d" % i: bytes([i]) * 200 for i in range(12)}
+    for k, v in values.items():
+        db[k] = v
+    first, second = _record_block(db, b"k03"), _record_block(db, b"k07")
+    del db[b"k07"], db[b"k03"]
+    del values[b"k07"], values[b"k03"]
+    with db.lock():
+        a, w = db._alloc, db._words
+        by_off = {off: (size, used) for off, size, used in a.blocks()}
+        for b in (first, second):
+            size, used = by_off[b]
+            assert not used and by_off[b + size][1], "the freed block merged with its right neighbour"
+            assert w[b >> 3] & BLOCK_PREV_ALLOC, "the freed block merged with its left neighbour"
+        c = size_class(by_off[first][0])
+        assert size_class(by_off[second][0]) == c
+        assert w[_HEADS + c] == first and w[(first + FREE_NEXT) >> 3] == second
+        assert w[(second + FREE_PREV) >> 3] == first and w[(second + FREE_NEXT) >> 3] == 0
+        assert a.audit() == []
+    return first, second, c, values
+
+
+def _assert_finding_then_recover(db, finding, values):
+    """check() fails naming finding (in the report and in the message); recover() repairs it all."""
+    with pytest.raises(mmkv.CorruptionError) as exc:
+        db.check()
+    problems = exc.value.report.problems
+    assert any(finding in p for p in problems), problems
+    assert finding in str(exc.value)
+    db.recover()
+    db.check()
+    assert dict(db.items()) == values
+
+
+def test_audit_finds_an_impossible_block_size(db):
+    _, _, _, values = _two_free_blocks(db)
+    live = _record_block(db, b"k05")
+    with db.lock():
+        w = db._words
+        w[live >> 3] = (w[live >> 3] & BLOCK_FLAGS) | 16          # below BLOCK_MIN (the flags take the low 4 bits)
+    _assert_finding_then_recover(db, f"block at {live}: impossible size 16", values)
+
+
+def test_audit_finds_a_wrong_prev_alloc_bit(db):
+    _, _, _, values = _two_free_blocks(db)
+    live = _record_block(db, b"k05")                              # k04 before it is in use
+    with db.lock():
+        w = db._words
+        assert w[live >> 3] & BLOCK_PREV_ALLOC
+        w[live >> 3] &= ~BLOCK_PREV_ALLOC & MASK64
+    _assert_finding_then_recover(db, "PREV_ALLOC bit does not match the block before it", values)
+
+
+def test_audit_finds_two_free_neighbours(db):
+    """B is freed by hand as free() would free it, except that it is not merged with the free A
+    before it: a consistent heap but for the missed coalescing."""
+    values = {b"k": b"v"}
+    db.update(values)
+    with db.lock():
+        a, w = db._alloc, db._words
+        A, B, C, D, s = _three_adjacent(db)
+        a.free(A)
+        assert not w[B >> 3] & BLOCK_PREV_ALLOC                   # free() told B that A is free
+        c = size_class(s)
+        head = w[_HEADS + c]
+        w[B >> 3] = s                                             # free, its predecessor free too
+        w[(B + s - 8) >> 3] = s                                   # footer
+        w[(B + FREE_NEXT) >> 3], w[(B + FREE_PREV) >> 3] = head, 0
+        if head:
+            w[(head + FREE_PREV) >> 3] = B
+        w[_HEADS + c] = B
+        w[_BITMAP] |= 1 << c
+        w[C >> 3] &= ~BLOCK_PREV_ALLOC & MASK64
+        w[_USED] -= s
+        w[_FREE] += s
+        problems = a.audit()
+        assert len(problems) == 1, problems                        # nothing but the missed merge
+    # recovery frees A..D (nothing refers to them): they merge with the free space after D
+    _assert_finding_then_recover(db, f"block at {B}: two free blocks side by side (not coalesced)", values)
+
+
+def test_audit_finds_a_wrong_epilogue_word(db):
+    _, _, _, values = _two_free_blocks(db)
+    with db.lock():
+        w, end = db._words, db._alloc.end
+        assert w[end >> 3] & BLOCK_ALLOC
+        w[end >> 3] &= ~BLOCK_ALLOC & MASK64                      # the epilogue no longer reads as in use
+    _assert_finding_then_recover(db, "epilogue word is wrong", values)
+
+
+def test_audit_finds_a_bitmap_bit_that_disagrees_with_its_list(db):
+    _, _, c, values = _two_free_blocks(db)
+    with db.lock():
+        db._words[_BITMAP] &= ~(1 << c) & MASK64                  # the list is not empty, its bit says it is
+    _assert_finding_then_recover(db, f"free list {c}: bitmap bit does not match the list", values)
+
+
+def test_audit_finds_a_free_block_in_the_wrong_class(db):
+    first, second, c, values = _two_free_blocks(db)
+    with db.lock():
+        w = db._words
+        other = next(k for k in range(NCLASSES) if k != c and not w[_HEADS + k])
+        w[(first + FREE_NEXT) >> 3] = 0                           # second leaves list c...
+        w[(second + FREE_PREV) >> 3] = 0
+        w[_HEADS + other] = second                                # ...and heads a list of another class
+        w[_BITMAP] |= 1 << other
+    _assert_finding_then_recover(db, f"free list {other}: block {second} of size", values)
+
+
+def test_audit_finds_a_wrong_back_link(db):
+    first, second, c, values = _two_free_blocks(db)
+    with db.lock():
+        db._words[(second + FREE_PREV) >> 3] = second             # should be first
+    _assert_finding_then_recover(db, f"free list {c}: block {second} has a wrong back link", values)
+
+
+def test_audit_finds_a_free_block_on_no_list(db):
+    first, second, _, values = _two_free_blocks(db)
+    with db.lock():
+        db._words[(first + FREE_NEXT) >> 3] = 0                   # the list ends before second
+    _assert_finding_then_recover(db, f"1 free block(s) on no free list, e.g. {second}", values)
+
+
+def test_audit_finds_counters_that_disagree_with_the_blocks(db):
+    _, _, _, values = _two_free_blocks(db)
+    with db.lock():
+        w = db._words
+        w[_USED] += 16                                            # the sum still matches the file size:
+        w[_FREE] -= 16                                            # only the split between them is wrong
+    _assert_finding_then_recover(db, "counters say used=", values)

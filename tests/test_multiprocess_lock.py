@@ -6,7 +6,6 @@ timeout, and every child still alive at the end of a test is killed.
 """
 import os
 import signal
-import textwrap
 import time
 
 import pytest
@@ -17,24 +16,11 @@ import mmkv
 
 TIMEOUT = 30          # the most any single step may take; only hit when something hangs
 
-PRELUDE = textwrap.dedent("""
-    import os, sys, time
-    import mmkv
-
-    def say(*words):
-        print(*words, flush=True)
-
-    def wait_for(word):
-        line = sys.stdin.readline().strip()
-        if line != word:
-            say("protocol-error", repr(line))
-            sys.exit(5)
-""")
 
 
 @pytest.fixture
 def spawn():
-    with children.spawner(PRELUDE) as start:
+    with children.spawner() as start:
         yield start
 
 

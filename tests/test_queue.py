@@ -10,7 +10,6 @@ import os
 import queue
 import random
 import signal
-import textwrap
 import threading
 import time
 
@@ -24,24 +23,11 @@ from mmkv.engine.layout import NSEMS
 
 TIMEOUT = 30
 
-PRELUDE = textwrap.dedent("""
-    import os, sys, time
-    import mmkv
-
-    def say(*words):
-        os.write(1, (" ".join(map(str, words)) + "\\n").encode())
-
-    def wait_for(word):
-        line = sys.stdin.readline().strip()
-        if line != word:
-            say("protocol-error", repr(line))
-            sys.exit(5)
-""")
 
 
 @pytest.fixture
 def spawn():
-    with children.spawner(PRELUDE) as start:
+    with children.spawner() as start:
         yield start
 
 

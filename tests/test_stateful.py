@@ -22,6 +22,12 @@ handles open; then this process either keeps them, reopens one, or closes both (
 order: the last close must not mark the file clean over the dead process's half-done
 work) and reopens them.  The store must then hold the model before the operation or after
 it, nothing else (after it, when the process did not die), and pass check().
+
+Transactions: one of several puts and deletes (of present keys and of an absent one) that
+commits (the model takes all of them) and one whose block raises after its writes (the model
+and the other handle see none of them); reads in the block see its own writes.  In
+crash_in_transaction another process dies at one of the txn.* failpoints: at one before the
+commit point the store holds the model as it was, at one after it the whole transaction.
 """
 import os
 import shutil
@@ -74,8 +80,20 @@ CRASH_POINTS = {
             "txn.before_retire", "alloc.mid", "free.mid", "meta.before_sync"],
 }
 assert all(p in failpoints.NAMES for points in CRASH_POINTS.values() for p in points)
+#: The transaction failpoints on either side of the commit point (the meta write that names the
+#: journal, mmkv/engine/transaction.py commit()): a crash before it leaves the store as it was, a
+#: crash after it is finished by recovery (the journal is replayed).
+TXN_BEFORE_COMMIT = ["txn.after_records", "txn.mid_journal", "txn.after_journal"]
+TXN_AFTER_COMMIT = ["txn.after_commit", "txn.mid_apply", "txn.before_retire"]
+assert set(TXN_BEFORE_COMMIT + TXN_AFTER_COMMIT) == {p for p in failpoints.NAMES if p.startswith("txn.")}
+txn_puts = st.lists(st.tuples(keys, values), min_size=1, max_size=4)
+txn_deletes = st.lists(st.integers(0, 1 << 16), max_size=3)      # indexes into the model's sorted keys
 other_names = st.sampled_from(["path", "hardlink", "symlink"])
 afterwards = st.sampled_from(["keep", "reopen_one", "reopen_all"])
+
+
+class _Abandon(Exception):
+    """Raised by a transaction's block to abandon it."""
 
 
 def le64(n):
@@ -212,6 +230,86 @@ class StoreMachine(RuleBasedStateMachine):
             db.close()
         self.dbs = [self._open(flag) for _ in range(2)]
 
+    # ------------------------------------------------------------ transactions
+    def _run_txn_block(self, db, ops, expected):
+        """The writes of ops ([(key, value, or None for a delete)]) inside the current transaction,
+        applied to expected too; reads in the block see them."""
+        for k, v in ops:
+            if v is None:
+                assert db.pop(k, None) == expected.pop(k, None)
+            else:
+                db[k] = v
+                expected[k] = v
+            assert db.get(k) == expected.get(k)
+            assert (k in db) == (k in expected)
+
+    @rule(i=which, puts=txn_puts, deletes=txn_deletes, data=st.data())
+    def transaction_commits(self, i, puts, deletes, data):
+        """Several puts and deletes in one transaction that commits: all of them are applied."""
+        ops = data.draw(st.permutations(list(puts) + [(k, None) for k in self._deleted_keys(deletes)]), label="ops")
+        expected = dict(self.model)
+        with self.dbs[i].transaction():
+            self._run_txn_block(self.dbs[i], ops, expected)
+        self.model = expected
+
+    @rule(i=which, puts=txn_puts, deletes=txn_deletes, data=st.data())
+    def transaction_raises(self, i, puts, deletes, data):
+        """The same, but the block raises after its writes: none of them is applied."""
+        ops = data.draw(st.permutations(list(puts) + [(k, None) for k in self._deleted_keys(deletes)]), label="ops")
+        expected = dict(self.model)
+        try:
+            with self.dbs[i].transaction():
+                self._run_txn_block(self.dbs[i], ops, expected)
+                raise _Abandon()
+        except _Abandon:
+            pass
+        else:
+            raise AssertionError("the transaction swallowed its block's exception")
+        assert dict(self.dbs[1 - i].items()) == self.model
+
+    def _deleted_keys(self, deletes):
+        """Keys of the model picked by deletes (indexes), and one key never written."""
+        present = sorted(self.model)
+        return [present[d % len(present)] for d in deletes if present] + [b"never-written"]
+
+    @rule(puts=txn_puts, deletes=txn_deletes, data=st.data(), then=afterwards, order=st.permutations([0, 1]))
+    def crash_in_transaction(self, puts, deletes, data, then, order):
+        """Another process dies at a transaction failpoint: before the commit point nothing of the
+        transaction is in the store, after it all of it is (recovery replays the journal)."""
+        point = data.draw(st.sampled_from(TXN_BEFORE_COMMIT + TXN_AFTER_COMMIT), label="failpoint")
+        pairs = data.draw(st.permutations(list(puts) + [(k, None) for k in self._deleted_keys(deletes)]), label="ops")
+        op = ("txn", pairs)
+        # countdown 1: a transaction with a put always reaches every txn.* point once
+        acked, ended = torture.run_victim(self.path, [op], (point, 1), self.SYNC, "path", self._prepare_victim())
+        assert ended == "failpoint" and acked == 0, f"the transaction did not reach {point}"
+        self._after_other_process(then, order)
+        after = dict(self.model)
+        torture.apply(after, op)
+        want = self.model if point in TXN_BEFORE_COMMIT else after
+        got = dict(self.dbs[order[1]].items())
+        assert got == want, (f"crash at {point}: {'before' if want is self.model else 'after'} the commit point, "
+                             f"{sorted(set(got) ^ set(want))[:5]} differ in presence, "
+                             f"{[k for k in got if k in want and got[k] != want[k]][:5]} in value")
+        self.model = want
+
+    def _prepare_victim(self):
+        """What the other process does to its handle before the operation: this machine's split threshold."""
+        max_count = self.MAX_COUNT
+
+        def prepare(db):
+            if max_count is not None:
+                db._view.max_count = max_count
+        return prepare
+
+    def _after_other_process(self, then, order):
+        """Keep both handles, reopen one, or close both (in order) and open two again."""
+        if then == "reopen_one":
+            self.reopen(order[0], "w")
+        elif then == "reopen_all":
+            for i in order:              # the last close must repair what the dead process left
+                self.dbs[i].close()
+            self.dbs = [self._open("w") for _ in range(2)]
+
     # ------------------------------------------------------------ other processes
     @rule(data=st.data(), name=other_names, then=afterwards, order=st.permutations([0, 1]))
     def crash_other_process(self, data, name, then, order):
@@ -238,19 +336,8 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             op = ("txn", data.draw(st.lists(st.tuples(keys, st.one_of(st.none(), values)), min_size=1, max_size=5),
                                    label="pairs"))
-        max_count = self.MAX_COUNT
-
-        def prepare(db):
-            if max_count is not None:
-                db._view.max_count = max_count
-
-        acked, ended = torture.run_victim(self.path, [op], point, self.SYNC, name, prepare)
-        if then == "reopen_one":
-            self.reopen(order[0], "w")
-        elif then == "reopen_all":
-            for i in order:              # the last close must repair what the dead process left
-                self.dbs[i].close()
-            self.dbs = [self._open("w") for _ in range(2)]
+        acked, ended = torture.run_victim(self.path, [op], point, self.SYNC, name, self._prepare_victim())
+        self._after_other_process(then, order)
         after = dict(self.model)
         torture.apply(after, op)
         got = dict(self.dbs[order[1]].items())
