@@ -595,8 +595,8 @@ _USED, _FREE = STATE_WORD["used_bytes"], STATE_WORD["free_bytes"]
 
 def _record_block(db, key):
     with db.lock():
-        for _, _, rec in db._entries():
-            if db._record_key(rec) == key:
+        for _, _, rec in index.entries(db._view):
+            if db.engine.record_key(rec) == key:
                 return rec - 8
     raise AssertionError(f"no record of {key!r}")
 
@@ -612,7 +612,7 @@ def _two_free_blocks(db):
     del db[b"k07"], db[b"k03"]
     del values[b"k07"], values[b"k03"]
     with db.lock():
-        a, w = db._alloc, db._words
+        a, w = db._alloc, db.engine.words
         by_off = {off: (size, used) for off, size, used in a.blocks()}
         for b in (first, second):
             size, used = by_off[b]
@@ -642,7 +642,7 @@ def test_audit_finds_an_impossible_block_size(db):
     _, _, _, values = _two_free_blocks(db)
     live = _record_block(db, b"k05")
     with db.lock():
-        w = db._words
+        w = db.engine.words
         w[live >> 3] = (w[live >> 3] & BLOCK_FLAGS) | 16          # below BLOCK_MIN (the flags take the low 4 bits)
     _assert_finding_then_recover(db, f"block at {live}: impossible size 16", values)
 
@@ -651,7 +651,7 @@ def test_audit_finds_a_wrong_prev_alloc_bit(db):
     _, _, _, values = _two_free_blocks(db)
     live = _record_block(db, b"k05")                              # k04 before it is in use
     with db.lock():
-        w = db._words
+        w = db.engine.words
         assert w[live >> 3] & BLOCK_PREV_ALLOC
         w[live >> 3] &= ~BLOCK_PREV_ALLOC & MASK64
     _assert_finding_then_recover(db, "PREV_ALLOC bit does not match the block before it", values)
@@ -663,9 +663,9 @@ def test_audit_finds_two_free_neighbours(db):
     values = {b"k": b"v"}
     db.update(values)
     with db.lock():
-        a, w = db._alloc, db._words
+        a, w = db._alloc, db.engine.words
         A, B, C, D, s = _three_adjacent(db)
-        a.free(A)
+        a.free_block(A)
         assert not w[B >> 3] & BLOCK_PREV_ALLOC                   # free() told B that A is free
         c = size_class(s)
         head = w[_HEADS + c]
@@ -688,7 +688,7 @@ def test_audit_finds_two_free_neighbours(db):
 def test_audit_finds_a_wrong_epilogue_word(db):
     _, _, _, values = _two_free_blocks(db)
     with db.lock():
-        w, end = db._words, db._alloc.end
+        w, end = db.engine.words, db._alloc.end
         assert w[end >> 3] & BLOCK_ALLOC
         w[end >> 3] &= ~BLOCK_ALLOC & MASK64                      # the epilogue no longer reads as in use
     _assert_finding_then_recover(db, "epilogue word is wrong", values)
@@ -697,14 +697,14 @@ def test_audit_finds_a_wrong_epilogue_word(db):
 def test_audit_finds_a_bitmap_bit_that_disagrees_with_its_list(db):
     _, _, c, values = _two_free_blocks(db)
     with db.lock():
-        db._words[_BITMAP] &= ~(1 << c) & MASK64                  # the list is not empty, its bit says it is
+        db.engine.words[_BITMAP] &= ~(1 << c) & MASK64                  # the list is not empty, its bit says it is
     _assert_finding_then_recover(db, f"free list {c}: bitmap bit does not match the list", values)
 
 
 def test_audit_finds_a_free_block_in_the_wrong_class(db):
     first, second, c, values = _two_free_blocks(db)
     with db.lock():
-        w = db._words
+        w = db.engine.words
         other = next(k for k in range(NCLASSES) if k != c and not w[_HEADS + k])
         w[(first + FREE_NEXT) >> 3] = 0                           # second leaves list c...
         w[(second + FREE_PREV) >> 3] = 0
@@ -716,21 +716,21 @@ def test_audit_finds_a_free_block_in_the_wrong_class(db):
 def test_audit_finds_a_wrong_back_link(db):
     first, second, c, values = _two_free_blocks(db)
     with db.lock():
-        db._words[(second + FREE_PREV) >> 3] = second             # should be first
+        db.engine.words[(second + FREE_PREV) >> 3] = second             # should be first
     _assert_finding_then_recover(db, f"free list {c}: block {second} has a wrong back link", values)
 
 
 def test_audit_finds_a_free_block_on_no_list(db):
     first, second, _, values = _two_free_blocks(db)
     with db.lock():
-        db._words[(first + FREE_NEXT) >> 3] = 0                   # the list ends before second
+        db.engine.words[(first + FREE_NEXT) >> 3] = 0                   # the list ends before second
     _assert_finding_then_recover(db, f"1 free block(s) on no free list, e.g. {second}", values)
 
 
 def test_audit_finds_counters_that_disagree_with_the_blocks(db):
     _, _, _, values = _two_free_blocks(db)
     with db.lock():
-        w = db._words
+        w = db.engine.words
         w[_USED] += 16                                            # the sum still matches the file size:
         w[_FREE] -= 16                                            # only the split between them is wrong
     _assert_finding_then_recover(db, "counters say used=", values)

@@ -41,7 +41,7 @@ def test_a_damaged_store_in_a_nested_folder_is_found_and_fails_check(tmp_path):
     assert found == p
     with mmkv.open(p) as db:
         with db.lock():
-            db._words[STATE_WORD["count"]] += 1       # the key count lies
+            db.engine.words[STATE_WORD["count"]] += 1       # the key count lies
         with pytest.raises(mmkv.CorruptionError, match="count says"):
             db.check()
     os.rename(str(tmp_path / "x"), str(tmp_path / "x.bad"))            # exempt from here on
