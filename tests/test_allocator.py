@@ -574,9 +574,6 @@ def test_churn_keeps_file_within_twice_live_bytes(db):
 #   "PREV_ALLOC bit does not match"           test_audit_finds_a_wrong_prev_alloc_bit
 #   "two free blocks side by side"            test_audit_finds_two_free_neighbours
 #   "footer does not match header"            tests/test_damage.py::test_the_audit_fires_on_each_allocator_damage[footer]
-#   "blocks end at ..., not at the epilogue"  unreachable from the file: the walk stops at the first block
-#                                             that would pass the epilogue ("impossible size"), so it can
-#                                             only end exactly there (noted for the engine's owner)
 #   "epilogue word is wrong"                  test_audit_finds_a_wrong_epilogue_word
 #   "bitmap bit does not match the list"      test_audit_finds_a_bitmap_bit_that_disagrees_with_its_list
 #   "is not a free block"                     tests/test_damage.py::...[link into a live record]
