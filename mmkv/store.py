@@ -29,7 +29,7 @@ from .engine.core import Engine, timeout_ns
 from .engine.locking import StoreLock
 from .engine.shim import ffi, lib, raise_for
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
-                     LockTimeoutError, NotACounterError, ReadOnlyError)
+                     NotACounterError, ReadOnlyError)
 from .engine.layout import (CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, SEGMENT_HEADER, STATE_WORD,
                             record_size, slot_word)
 from .engine import opening
@@ -211,25 +211,10 @@ class Store(MutableMapping):
             if view is None:
                 return
             lib.mmkv_view_close(view)          # new unlocked calls: EBADF; wait for those inside the shim
-            fd, held = self._fd, False
+            fd = self._fd
             try:
-                try:
-                    opening.take_protocol_lock(fd, self.path, self._open_timeout)
-                except LockTimeoutError:       # no protocol: cannot know if last; leave it for recovery
-                    log.warning("mmkv: %s: closing without the open/close lock; the file stays marked "
-                                "for recovery", self.path)
-                    return
-                held = self._lock.take_for_close()
-                eng = self._engine
-                if held and opening.try_alone(fd) and not eng.meta.journal_off:
-                    eng.fm.sync()              # last one out: everything durable, then the clean mark
-                    os.fsync(fd)
-                    eng.words[_DIRTY] = CLEAN_MARK
-                    eng.fm.sync(0, HEADER_SIZE)
+                opening.close_store(self._engine, self._lock, self._open_timeout)
             finally:
-                if held:
-                    lib.mmkv_unlock(view)
-                self._lock.forget()
                 self._detach()
                 self._fd = None
                 os.close(fd)                   # releases the protocol and attached locks

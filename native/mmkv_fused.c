@@ -41,6 +41,7 @@ static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
     return rc;
 }
 
+/* Commit order: the README's "Commit orders" table, row "put". */
 static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
                       uint32_t flags)
 {
@@ -109,6 +110,7 @@ int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
     return 0;
 }
 
+/* Commit order: the README's "Commit orders" table, row "delete". */
 int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
 {
     int rc;
@@ -136,6 +138,7 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
     return rc;
 }
 
+/* Commit order: the README's "Commit orders" table, row "incr of a counter record". */
 int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result, int take_lock)
 {
     int rc;

@@ -99,6 +99,21 @@ def split(eng, view, seg: int, publish: bool = True) -> None:
     eng.free(old_dir, 8 << old_bits)           # refused, never freeing the blocks after it
 
 
+def insert(eng, view, word: int, publish: bool = True) -> None:
+    """Insert a slot word into the index view describes, splitting the full segment it falls
+    in (and retrying) as often as needed.  ``publish``: view is the live index (each split is
+    a durable meta switch); else a private index under construction.
+    :raises DiskFullError: a split found no room (the index is as before that split).
+    :raises LimitError: the segment cannot split further.  :raises CorruptionError: damage."""
+    while True:
+        eng.follow(view)
+        rc = lib.mmkv_index_insert(view, word)
+        if rc != errno.EAGAIN:
+            break
+        split(eng, view, view.seg, publish=publish)
+    raise_for(rc, "index insert")
+
+
 def reserve(eng, hashes, segments) -> None:
     """Split, now, every segment of the live index that inserting keys with these ``hashes``
     (absent from the index; ``segments``: the segments they fall in) would take above
@@ -245,13 +260,7 @@ def rebuild(eng, words: list) -> None:
         for i, word in enumerate(words):
             if failpoints.armed and i == len(words) // 2:
                 failpoints.hit(b"recover.mid_rebuild")
-            while True:
-                eng.follow(view)
-                rc = lib.mmkv_index_insert(view, word)
-                if rc != errno.EAGAIN:
-                    break
-                split(eng, view, view.seg, publish=False)
-            raise_for(rc, "index insert")
+            insert(eng, view, word, publish=False)
         eng.follow(view)
         for block, size in blocks(eng, view):
             eng.fm.sync(block, size)

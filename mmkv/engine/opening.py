@@ -37,7 +37,7 @@ Open (``open_store``, called by ``Store.__init__``), each step with the protocol
    clean mark beside it).  Then the dirty word is cleared (made durable).
 6. turn byte 1 into a shared lock, release the protocol lock.
 
-Close (``Store.close``):
+Close (``close_store``, called by ``Store.close``):
 
 1. refuse new calls on this handle from other threads and wait for the calls already inside the
    shim without the store lock (``mmkv_view_close``);
@@ -74,11 +74,14 @@ Interleavings considered (P, Q processes; "dies" is SIGKILL at any instruction):
   leaves the file dirty rather than mark it clean.
 """
 import errno
+import logging
 import os
 import stat
 import time
 
 from .shim import error_for, lib
+
+log = logging.getLogger("mmkv")
 from ..errors import Error, LockTimeoutError, NotRegularFileError
 from .layout import (HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS, SEM_BYTES,
                      Identity, build_identity, build_meta)
@@ -351,3 +354,35 @@ def create_store_file(path: str, mode: int, replace: bool) -> None:
     os.close(fd)
     if publish(tmp, target, replace):        # publish removes tmp whatever happens
         fsync_dir(target)
+
+
+def close_store(eng, lock, open_timeout: float) -> None:
+    """Close steps 2 to 5 above for the handle whose engine and StoreLock are given (step 1,
+    refusing new calls, is the caller's; so is closing the descriptor, which releases both
+    byte locks).  The last closer that holds the store mutex, with no journal named, syncs
+    the whole file and writes the clean mark (the "last close" row of the README's commit
+    orders).  Blocks up to open_timeout for the protocol lock and lock_timeout for the mutex;
+    when either cannot be had, the file simply stays marked for recovery (logged).
+    :raises: what recovery raises if a dead holder's work cannot be repaired.
+    """
+    from .layout import CLEAN_MARK, STATE_WORD
+    fd = eng.fd
+    try:
+        take_protocol_lock(fd, eng.path, open_timeout)
+    except LockTimeoutError:       # no protocol: cannot know if last; leave it for recovery
+        log.warning("mmkv: %s: closing without the open/close lock; the file stays marked for recovery",
+                    eng.path)
+        lock.forget()
+        return
+    held = False
+    try:
+        held = lock.take_for_close()
+        if held and try_alone(fd) and not eng.meta.journal_off:
+            eng.fm.sync()              # last one out: everything durable, then the clean mark
+            os.fsync(fd)
+            eng.words[STATE_WORD["dirty"]] = CLEAN_MARK
+            eng.fm.sync(0, HEADER_SIZE)
+    finally:
+        if held:
+            lib.mmkv_unlock(eng.view)
+        lock.forget()

@@ -203,9 +203,7 @@ def replay(eng, entries) -> None:
             if v.rec_off != new:
                 raise_for(lib.mmkv_slot_set(v, v.seg, v.slot, slot_word(h, new)), "slot write")
         else:
-            while (rc := lib.mmkv_index_insert(v, slot_word(h, new))) == errno.EAGAIN:
-                index.split(eng, v, v.seg)
-            raise_for(rc, "index insert")
+            index.insert(eng, v, slot_word(h, new))
 
 
 def finish_committed(eng) -> str:
