@@ -667,7 +667,8 @@ class Store(MutableMapping):
                 grew_for = self._make_room(rc, *chunk[done[0]], grew_for)
 
     def clear(self):
-        """Remove every key, atomically: a new empty index replaces the old one in one meta switch.
+        """Remove every key, atomically: a new empty index replaces the old one in one meta switch
+        (the "clear" row of the README's "Commit orders" table).
 
         Holds the store lock throughout; other processes' calls wait for it.  The new index
         (one 128 KiB segment and a directory) needs free space.  On a full disk, where it

@@ -52,7 +52,8 @@ def segment_depth(words, seg: int) -> int:
 
 
 def split(eng, view, seg: int, publish: bool = True) -> None:
-    """Split the full segment seg of the index that view describes.
+    """Split the full segment seg of the index that view describes (commit order: the
+    "index split" row of the README's "Commit orders" table).
 
     With publish the new directory goes through a durable meta switch (the live
     index); without, view is a private index under construction (recovery).
@@ -243,7 +244,8 @@ def shape(eng) -> dict:
 
 
 def rebuild(eng, words: list) -> None:
-    """Replace the live index with a new one holding exactly ``words`` (slot words).
+    """Replace the live index with a new one holding exactly ``words`` (slot words); commit
+    order: the "index rebuild" row of the README's "Commit orders" table.
 
     Built privately, made durable, then switched in by one meta write; the old
     index's blocks are freed after the switch.  An error before the switch

@@ -3,8 +3,9 @@
 ``Store.transaction()`` holds the store lock from the start of the block to the
 end of the commit, so the block sees its own writes and nobody else's, and no
 other process sees a half-applied transaction (their lock-free reads fall back
-to waiting for the lock while it is held).  The commit order, each step after
-the previous one is in place (and, with sync="full", on disk):
+to waiting for the lock while it is held).  The commit order (the "transaction"
+row of the README's "Commit orders" table), each step after the previous one is
+in place (and, with sync="full", on disk):
 
 1. every new value is written as a new record in free space (nothing refers to it yet),
    and every index segment the new keys go to is split if they would overfill it
