@@ -1,6 +1,6 @@
 """Child processes for multi-process tests: a Python script with a line protocol on stdout.
 
-Used by tests/test_multiprocess_lock.py and tests/test_queue.py.  A child's script runs after
+Used by tests/test_multiprocess_lock.py, tests/test_queue.py and tests/test_lock_report.py (``hold_lock``).  A child's script runs after
 ``PRELUDE``, which imports os, sys, time and mmkv and defines the two halves of the protocol:
 ``say(*words)`` writes one line to the parent (unbuffered, with os.write: safe in a signal handler,
 and a child killed right after it has still said it), ``wait_for(word)`` reads one line from the
@@ -132,3 +132,22 @@ def spawner(prelude=PRELUDE):
     finally:
         for child in started:
             child.close()
+
+
+HOLD_LOCK = """
+    db = mmkv.open(sys.argv[1])
+    with db.lock():
+        say("locked")
+        time.sleep(float(sys.argv[2]))
+    db.close()
+    say("released")
+"""
+
+
+def hold_lock(path, seconds) -> Child:
+    """A child that takes the store lock of path, says "locked" (returned once it has), keeps
+    the lock for ``seconds`` and exits.  The caller ends it with ``finish()`` (or ``kill()``)
+    and ``close()``."""
+    child = Child(PRELUDE, HOLD_LOCK, path, seconds)
+    child.expect("locked")
+    return child

@@ -1,28 +1,11 @@
 """A lock held too long is reported by the processes waiting for it; the timeout still holds."""
 import logging
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 
 import mmkv
-
-
-def hold_lock(path, seconds):
-    """A child process that takes the store lock, says so, and keeps it for `seconds`."""
-    code = textwrap.dedent(f"""
-        import sys, time, mmkv
-        db = mmkv.open({path!r})
-        with db.lock():
-            print("locked", flush=True)
-            time.sleep({seconds})
-        db.close()
-    """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "locked"
-    return child
+from children import hold_lock
 
 
 @pytest.mark.parametrize("op", ["put", "get", "incr", "delete", "len"])
@@ -36,7 +19,8 @@ def test_waiters_report_a_long_holder_then_proceed(path, caplog, op):
         {"put": lambda: db.__setitem__(b"k", b"w"), "get": lambda: db[b"k"], "incr": lambda: db.incr(b"n"),
          "delete": lambda: db.__delitem__(b"k"), "len": lambda: len(db)}[op]()
         waited = time.monotonic() - start
-        child.wait(30)
+        assert child.finish() == 0
+        child.close()
         assert 0.5 < waited < 10
         reports = [r.getMessage() for r in caplog.records if r.name == "mmkv"]
         assert len(reports) == 1 and f"pid {child.pid} has held it" in reports[0], reports
@@ -51,7 +35,8 @@ def test_timeout_still_applies_after_the_report(path, caplog):
         with pytest.raises(mmkv.LockTimeoutError, match=str(child.pid)):
             db[b"k"] = b"v"
         waited = time.monotonic() - start
-        child.wait(30)
+        assert child.finish() == 0
+        child.close()
     assert 0.75 < waited < 2.0, waited          # about lock_timeout, not lock_timeout + report_after
     assert any("has held it" in r.getMessage() for r in caplog.records)
 
@@ -62,5 +47,6 @@ def test_no_report_when_it_would_come_after_the_timeout(path, caplog):
         caplog.set_level(logging.WARNING, logger="mmkv")
         with pytest.raises(mmkv.LockTimeoutError):
             db[b"k"]
-        child.wait(30)
+        assert child.finish() == 0
+        child.close()
     assert not [r for r in caplog.records if r.name == "mmkv"]
