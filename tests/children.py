@@ -1,6 +1,7 @@
 """Child processes for multi-process tests: a Python script with a line protocol on stdout.
 
-Used by tests/test_multiprocess_lock.py, tests/test_queue.py and tests/test_lock_report.py (``hold_lock``).  A child's script runs after
+Used by tests/test_multiprocess_lock.py, tests/test_queue.py and tests/test_lock_report.py
+(``hold_lock``).  A child's script runs after
 ``PRELUDE``, which imports os, sys, time and mmkv and defines the two halves of the protocol:
 ``say(*words)`` writes one line to the parent (unbuffered, with os.write: safe in a signal handler,
 and a child killed right after it has still said it), ``wait_for(word)`` reads one line from the
