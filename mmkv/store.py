@@ -3,7 +3,7 @@
 Concurrency: every write takes the file's robust, process-shared mutex for its whole
 duration, so each call is atomic with respect to every other process and thread, and a
 write is visible to all other handles as soon as the call returns.  Reads of one key
-(``db[k]``, ``get``) are lock-free while no writer is active (a sequence word tells them to
+(``db[k]``, ``get``, ``in``) are lock-free while no writer is active (a sequence word tells them to
 retry, see ``mmkv_get``) and otherwise wait for the lock; reads of many keys (iteration,
 ``len``, ``items``) take the lock while they collect.  A handle may be used from several
 threads; it must not be used after ``fork`` (ForkedHandleError: open the store again in

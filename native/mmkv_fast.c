@@ -292,9 +292,7 @@ PyMODINIT_FUNC PyInit__fast(void)
     PyObject *m = PyModule_Create(&fast_module);
     if (!m)
         return NULL;
-    Py_INCREF(&ReaderType);
-    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
-        Py_DECREF(&ReaderType);
+    if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,4 +1,4 @@
-"""Loads the compiled native shim and maps its errno results to exceptions.
+"""Loads the compiled native shim (and the read binding) and maps its errno results to exceptions.
 
 ``error_for`` is the one place an errno from the shim (or a system call the engine makes
 through it) becomes an exception: the class says what kind of failure it is, the message
