@@ -51,8 +51,16 @@ _BATCH = 4096
 _CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
 
 
-#: What a Reader (the CPython binding) returns when the general path must finish a read.
-_RETRY = object()
+class _Retry:
+    """What a Reader (the CPython binding) returns when the general path must finish a read:
+    the core's result code travels in it (never in a per-thread variable a signal handler
+    could overwrite between the return and its use)."""
+    __slots__ = ("rc",)
+
+    def __init__(self, rc):
+        self.rc = rc
+
+
 #: The default __getitem__ passes to the Reader: the key is absent.
 _ABSENT = object()
 
@@ -175,7 +183,7 @@ class Store(MutableMapping):
         eng.attach(lock_timeout if self._report_after is None else self._report_after, first, self._readonly)
         self._view, self._alloc = eng.view, eng.alloc
         if _fast is not None:       # the reader keeps the view (a cffi object) alive while it runs
-            reader = _fast.Reader(eng.view, int(ffi.cast("uintptr_t", eng.view)), _RETRY)
+            reader = _fast.Reader(eng.view, int(ffi.cast("uintptr_t", eng.view)), _Retry)
             self._rget, self._rhas = reader.get, reader.contains
         self._lock = StoreLock(eng, lock_timeout, self._report_after, self._dead)
         if first:
@@ -368,11 +376,11 @@ class Store(MutableMapping):
             rc = None
             if not self._lock.depth:    # the hot path, repeated in get() and __contains__
                 value = rget(k, _ABSENT)
-                if value is not _RETRY:
+                if value.__class__ is not _Retry:
                     if value is _ABSENT:
                         raise KeyError(key)
                     return value
-                rc = _fast.last_rc()
+                rc = value.rc
             value = self._read_slow(rc, k)
             if value is None:
                 raise KeyError(key)
@@ -390,9 +398,9 @@ class Store(MutableMapping):
             rc = None
             if not self._lock.depth:
                 value = rget(k, default)
-                if value is not _RETRY:
+                if value.__class__ is not _Retry:
                     return value
-                rc = _fast.last_rc()
+                rc = value.rc
             value = self._read_slow(rc, k)
             return default if value is None else value
 
@@ -408,9 +416,9 @@ class Store(MutableMapping):
             rc = None
             if not self._lock.depth:
                 found = rhas(k)
-                if found is not _RETRY:
+                if found.__class__ is not _Retry:
                     return found
-                rc = _fast.last_rc()
+                rc = found.rc
             return self._contains_slow(rc, k)
     else:
         def __getitem__(self, key):

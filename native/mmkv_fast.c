@@ -10,8 +10,10 @@
  *
  * Written against the CPython C API that 3.10 to 3.13 all have.  Everything that is not a
  * plain hit or miss (a remap, repair after a dead holder, a lock timeout, damage, a closed
- * handle) returns the reader's retry object with the core's result code kept for last_rc():
- * the Store then runs its general path, the one the cffi binding uses.
+ * handle) returns retry(rc), a new object of the reader's retry type carrying the core's
+ * result code: the Store then runs its general path, the one the cffi binding uses.  (The code
+ * travels in the returned object, never in a per-thread variable that a signal handler reading
+ * the same store between the return and its use could overwrite.)
  *
  * The GIL.  mmkv_get reads lock-free while no writer is active and otherwise waits for the
  * store lock.  That holder may be a thread of this process that needs the GIL to finish (a
@@ -57,7 +59,6 @@ static get_fn *core_get;         /* the cffi module's mmkv_get: may wait for the
 static get_fn *core_get_nowait;  /* the cffi module's mmkv_get_nowait: never waits */
 
 static _Thread_local uint8_t thread_buf[FAST_BUFFER];
-static _Thread_local int thread_rc;  /* the core's result behind this thread's last retry */
 
 /* One lookup: without waiting while the GIL is held, else waiting without it (see above). */
 static int lookup(struct mmkv_view *v, const char *key, Py_ssize_t klen, struct mmkv_getbuf *g)
@@ -75,14 +76,12 @@ typedef struct {
     PyObject_HEAD
     PyObject *owner;         /* the cffi object owning *view: kept alive as long as this reader */
     struct mmkv_view *view;
-    PyObject *retry;         /* returned when the general path must finish the call */
+    PyObject *retry;         /* called with the result code when the general path must finish */
 } Reader;
 
 static PyObject *retry(Reader *self, int rc)
 {
-    thread_rc = rc;
-    Py_INCREF(self->retry);
-    return self->retry;
+    return PyObject_CallFunction(self->retry, "i", rc);
 }
 
 static int key_of(PyObject *key, const char **data, Py_ssize_t *len)
@@ -124,8 +123,8 @@ static PyObject *get_large(Reader *self, const char *key, Py_ssize_t klen, uint6
 }
 
 PyDoc_STRVAR(reader_get_doc,
-"get(key, default) -> the value (bytes), default when key is absent, or the reader's retry\n"
-"object when the general path must finish the call (last_rc() says why).  key: bytes.");
+"get(key, default) -> the value (bytes), default when key is absent, or retry(rc) when the\n"
+"general path must finish the call (rc: the core's result code).  key: bytes.");
 
 static PyObject *reader_get(Reader *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -156,8 +155,8 @@ static PyObject *reader_get(Reader *self, PyObject *const *args, Py_ssize_t narg
 }
 
 PyDoc_STRVAR(reader_contains_doc,
-"contains(key) -> True or False, or the reader's retry object when the general path must\n"
-"finish the call (last_rc() says why).  key: bytes.  Verifies the record like get.");
+"contains(key) -> True or False, or retry(rc) when the general path must finish the call.\n"
+"key: bytes.  Verifies the record like get.");
 
 static PyObject *reader_contains(Reader *self, PyObject *key)
 {
@@ -218,7 +217,8 @@ static PyMethodDef reader_methods[] = {
 PyDoc_STRVAR(reader_doc,
 "Reader(owner, view, retry): the read path of one open handle.\n\n"
 "owner: the cffi object owning the struct mmkv_view at address view (an int), kept alive\n"
-"as long as the reader; retry: the object returned when the general path must finish.");
+"as long as the reader; retry: called with the core's result code, its result returned, when\n"
+"the general path must finish.");
 
 static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -262,18 +262,8 @@ static PyObject *fast_init(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(last_rc_doc, "last_rc() -> the core's result code behind this thread's last retry.");
-
-static PyObject *fast_last_rc(PyObject *module, PyObject *unused)
-{
-    (void)module;
-    (void)unused;
-    return PyLong_FromLong(thread_rc);
-}
-
 static PyMethodDef fast_methods[] = {
     {"init", (PyCFunction)(void (*)(void))fast_init, METH_FASTCALL, init_doc},
-    {"last_rc", fast_last_rc, METH_NOARGS, last_rc_doc},
     {NULL, NULL, 0, NULL},
 };
 

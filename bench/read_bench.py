@@ -1,7 +1,7 @@
 """Per-call read rates of mmkv's two bindings beside py-lmdb and a dict (issue 11, phase 1).
 
-    python tools/read_bench.py              # one run, the binding MMKV_BINDING selects
-    python tools/read_bench.py --rounds 5   # driver: runs alternating cffi / cpython children, medians
+    python bench/read_bench.py              # one run, the binding MMKV_BINDING selects
+    python bench/read_bench.py --rounds 5   # driver: runs alternating cffi / cpython children, medians
 
 50k keys (b"key%08d") of 100-byte random values; 200k gets of present keys in random order,
 200k of absent keys, 200k `in` of present keys; each loop timed best of 5.  py-lmdb: one read
