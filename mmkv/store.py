@@ -3,7 +3,7 @@
 Concurrency: every write takes the file's robust, process-shared mutex for its whole
 duration, so each call is atomic with respect to every other process and thread, and a
 write is visible to all other handles as soon as the call returns.  Reads of one key
-(``db[k]``, ``get``) are lock-free while no writer is active (a sequence word tells them to
+(``db[k]``, ``get``, ``in``) are lock-free while no writer is active (a sequence word tells them to
 retry, see ``mmkv_get``) and otherwise wait for the lock; reads of many keys (iteration,
 ``len``, ``items``) take the lock while they collect.  A handle may be used from several
 threads; it must not be used after ``fork`` (ForkedHandleError: open the store again in
@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from .engine import index, recovery, transaction
 from .engine.core import Engine, timeout_ns
 from .engine.locking import StoreLock
-from .engine.shim import ffi, lib, raise_for
+from .engine.shim import BINDING, ffi, lib, raise_for
+from .engine.shim import fast as _fast
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      NotACounterError, ReadOnlyError)
 from .engine.layout import (CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, SEGMENT_HEADER, STATE_WORD,
@@ -50,6 +51,19 @@ _BATCH = 4096
 _CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
 
 
+class _Retry:
+    """What a Reader (the CPython binding) returns when the general path must finish a read:
+    the core's result code travels in it (never in a per-thread variable a signal handler
+    could overwrite between the return and its use)."""
+    __slots__ = ("rc",)
+
+    def __init__(self, rc):
+        self.rc = rc
+
+
+#: The default __getitem__ passes to the Reader: the key is absent.
+_ABSENT = object()
+
 _open_stores = weakref.WeakSet()
 log = logging.getLogger("mmkv")
 
@@ -64,7 +78,7 @@ def _after_fork_in_child():
     """
     for store in list(_open_stores):
         store._forked = True
-        store._view = None
+        store._view = store._rget = store._rhas = None     # before the mapping goes
         try:
             if store._engine is not None:
                 store._engine.close()
@@ -84,6 +98,8 @@ class _PerThread(threading.local):
         self.cbuf = ffi.cast("char *", self.mem)      # ffi.unpack of a char * gives bytes
         self.out = ffi.new("struct mmkv_getbuf *")
         self.out.buf, self.out.cap = self.mem, GET_BUFFER
+        self.probe = ffi.new("struct mmkv_getbuf *")  # capacity 0: `in` copies nothing
+        self.probe.buf, self.probe.cap = self.mem, 0
         self.i64 = ffi.new("int64_t *")
 
 
@@ -122,6 +138,9 @@ class Store(MutableMapping):
         self._readonly = flag == "r"
         self._engine = None      # the mapped file beneath this handle (mmkv.engine.core.Engine)
         self._view = None        # self._engine.view (one object for the handle's life), for the hot paths
+        # the CPython binding's read path (Reader.get and Reader.contains of mmkv._fast) while
+        # the handle is open; None when closed, forked or on the cffi binding
+        self._rget = self._rhas = None
         self._fd = None
         self._forked = False
         self._lock = None        # the StoreLock (mmkv.engine.locking), made at attach
@@ -163,6 +182,9 @@ class Store(MutableMapping):
         # the shim waits at most until it is time to report the holder; the rest is _acquire's
         eng.attach(lock_timeout if self._report_after is None else self._report_after, first, self._readonly)
         self._view, self._alloc = eng.view, eng.alloc
+        if _fast is not None:       # the reader keeps the view (a cffi object) alive while it runs
+            reader = _fast.Reader(eng.view, int(ffi.cast("uintptr_t", eng.view)), _Retry)
+            self._rget, self._rhas = reader.get, reader.contains
         self._lock = StoreLock(eng, lock_timeout, self._report_after, self._dead)
         if first:
             w = eng.words
@@ -185,6 +207,7 @@ class Store(MutableMapping):
         self._engine.reload()
 
     def _detach(self):
+        self._rget = self._rhas = None
         if self._engine is not None:
             self._engine.close()
         self._engine = self._view = self._alloc = None
@@ -334,49 +357,131 @@ class Store(MutableMapping):
             raise ReadOnlyError(f"{self.path!r} was opened with flag 'r'; open it with 'w' or 'c' to write")
 
     # ================================================================ reads
-    def __getitem__(self, key):
-        """The value of key, as bytes.
+    # db[k], get and `in` exist twice: for the CPython binding (mmkv._fast's Reader, chosen at
+    # import, see engine/shim.py) and for the cffi binding.  Both read lock-free while no writer
+    # is active (see mmkv_get) and hand everything else (inside db.lock(), a remap, a value
+    # larger than the buffer, a dead holder, a timeout, a closed handle) to _read_slow.
+    if _fast is not None:
+        def __getitem__(self, key):
+            """The value of key, as bytes.
 
-        Lock-free when no writer is active (see mmkv_get), else under the lock.
-        :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str.
-        :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
-        """
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        rc = None
-        v = self._view
-        if v is None:           # closed or forked
-            raise self._dead()
-        if not self._lock.depth:   # the hot path, repeated in get(): a call costs more than these lines
-            local = self._local
-            out = local.out
-            rc = lib.mmkv_get(v, k, len(k), out)
-            if rc == 0:
-                return ffi.unpack(local.cbuf, out.val_len)
-        value = self._read_slow(rc, k)
-        if value is None:
-            raise KeyError(key)
-        return value
+            Lock-free when no writer is active (see mmkv_get), else under the lock.
+            :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str.
+            :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
+            """
+            k = key if type(key) is bytes else _as_bytes(key, "key")
+            rget = self._rget
+            if rget is None:            # closed or forked
+                raise self._dead()
+            rc = None
+            if not self._lock.depth:    # the hot path, repeated in get() and __contains__
+                value = rget(k, _ABSENT)
+                if value.__class__ is not _Retry:
+                    if value is _ABSENT:
+                        raise KeyError(key)
+                    return value
+                rc = value.rc
+            value = self._read_slow(rc, k)
+            if value is None:
+                raise KeyError(key)
+            return value
 
-    def get(self, key, default=None):
-        """The value of key, or default when it is absent (never KeyError).
+        def get(self, key, default=None):
+            """The value of key, or default when it is absent (never KeyError).
 
-        Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
-        :raises TypeError: key is not bytes or str."""
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        rc = None
-        v = self._view
-        if v is None:
-            raise self._dead()
-        if not self._lock.depth:
-            local = self._local
-            out = local.out
-            rc = lib.mmkv_get(v, k, len(k), out)
-            if rc == 0:
-                return ffi.unpack(local.cbuf, out.val_len)
-            if rc == errno.ENOENT:
-                return default
-        value = self._read_slow(rc, k)
-        return default if value is None else value
+            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
+            :raises TypeError: key is not bytes or str."""
+            k = key if type(key) is bytes else _as_bytes(key, "key")
+            rget = self._rget
+            if rget is None:
+                raise self._dead()
+            rc = None
+            if not self._lock.depth:
+                value = rget(k, default)
+                if value.__class__ is not _Retry:
+                    return value
+                rc = value.rc
+            value = self._read_slow(rc, k)
+            return default if value is None else value
+
+        def __contains__(self, key):
+            """True when key is present (its record verified, as get does).
+
+            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
+            :raises TypeError: key is not bytes or str."""
+            k = key if type(key) is bytes else _as_bytes(key, "key")
+            rhas = self._rhas
+            if rhas is None:
+                raise self._dead()
+            rc = None
+            if not self._lock.depth:
+                found = rhas(k)
+                if found.__class__ is not _Retry:
+                    return found
+                rc = found.rc
+            return self._contains_slow(rc, k)
+    else:
+        def __getitem__(self, key):
+            """The value of key, as bytes.
+
+            Lock-free when no writer is active (see mmkv_get), else under the lock.
+            :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str.
+            :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
+            """
+            k = key if type(key) is bytes else _as_bytes(key, "key")
+            rc = None
+            v = self._view
+            if v is None:           # closed or forked
+                raise self._dead()
+            if not self._lock.depth:   # the hot path, repeated in get(): a call costs more than these lines
+                local = self._local
+                out = local.out
+                rc = lib.mmkv_get(v, k, len(k), out)
+                if rc == 0:
+                    return ffi.unpack(local.cbuf, out.val_len)
+            value = self._read_slow(rc, k)
+            if value is None:
+                raise KeyError(key)
+            return value
+
+        def get(self, key, default=None):
+            """The value of key, or default when it is absent (never KeyError).
+
+            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
+            :raises TypeError: key is not bytes or str."""
+            k = key if type(key) is bytes else _as_bytes(key, "key")
+            rc = None
+            v = self._view
+            if v is None:
+                raise self._dead()
+            if not self._lock.depth:
+                local = self._local
+                out = local.out
+                rc = lib.mmkv_get(v, k, len(k), out)
+                if rc == 0:
+                    return ffi.unpack(local.cbuf, out.val_len)
+                if rc == errno.ENOENT:
+                    return default
+            value = self._read_slow(rc, k)
+            return default if value is None else value
+
+        def __contains__(self, key):
+            """True when key is present (its record verified, as get does).
+
+            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
+            :raises TypeError: key is not bytes or str."""
+            k = key if type(key) is bytes else _as_bytes(key, "key")
+            rc = None
+            v = self._view
+            if v is None:
+                raise self._dead()
+            if not self._lock.depth:
+                rc = lib.mmkv_get(v, k, len(k), self._local.probe)   # capacity 0: copies nothing
+                if rc == 0 or rc == errno.ENOBUFS:
+                    return True
+                if rc == errno.ENOENT:
+                    return False
+            return self._contains_slow(rc, k)
 
     def _read_slow(self, rc, k):
         """Finish a read the fast path could not (rc None: not tried); the value or None."""
@@ -404,15 +509,13 @@ class Store(MutableMapping):
         raise_for(lib.mmkv_record_verify_contents(v, v.rec_off), f"record of key {bytes(k)[:40]!r}")
         return self._engine.fm.mm[v.val_off:v.val_off + v.val_len]
 
-    def __contains__(self, key):
-        """True when key is present; under the lock (it also verifies the record).
-        :raises TypeError: key is not bytes or str."""
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        self._acquire()
-        try:
-            return self._lookup(k) is not None
-        finally:
-            self._release()
+    def _contains_slow(self, rc, k):
+        """Finish a membership test the fast path could not (rc None: not tried)."""
+        if rc == errno.ENOENT:
+            return False
+        if rc == errno.ENOBUFS:
+            return True
+        return self._read_slow(rc, k) is not None
 
     def __len__(self):
         """Number of keys (O(1), read under the lock; inside a transaction, counting its writes)."""

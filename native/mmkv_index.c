@@ -519,7 +519,8 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
     return rc;
 }
 
-static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g,
+                       int wait)
 {
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
@@ -534,8 +535,10 @@ static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t k
         if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && rc != EBADMSG)
             return rc;
     }
-    /* a writer was active: take the lock (no holder bookkeeping: a reader holds it briefly) */
-    int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
+    /* a writer was active: take the lock (no holder bookkeeping: a reader holds it briefly);
+       without wait only if it is free now (EBUSY: the caller may wait with mmkv_get) */
+    int rc = wait ? mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns)
+                  : mmkv_mutex_trylock(v->base + MMKV_OFF_LOCKS);
     if (rc)
         return rc; /* EOWNERDEAD: still held, the caller recovers */
     if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
@@ -550,7 +553,16 @@ int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv
 {
     if (!enter(v))
         return EBADF;
-    int rc = get_entered(v, key, klen, g);
+    int rc = get_entered(v, key, klen, g, 1);
+    leave(v);
+    return rc;
+}
+
+int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = get_entered(v, key, klen, g, 0);
     leave(v);
     return rc;
 }

@@ -126,6 +126,10 @@ int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv
                                            (state.seq even and unchanged), else under the lock; 0, ENOENT,
                                            ENOBUFS (g->val_len set), MMKV_ESTALE (remap), EBADF (closing) or
                                            a lock error; on EOWNERDEAD the lock is held */
+int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
+                                        /* mmkv_get that never waits: EBUSY where mmkv_get would wait for
+                                           the lock (another holder has it); for a caller that must not
+                                           block here (the CPython binding, which holds the GIL) */
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */

@@ -1,4 +1,4 @@
-"""Loads the compiled native shim and maps its errno results to exceptions.
+"""Loads the compiled native shim (and the read binding) and maps its errno results to exceptions.
 
 ``error_for`` is the one place an errno from the shim (or a system call the engine makes
 through it) becomes an exception: the class says what kind of failure it is, the message
@@ -22,6 +22,26 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 from ..errors import ClosedError, CorruptionError, DiskFullError, Error, LockTimeoutError
 
 ESTALE = lib.MMKV_ESTALE
+
+#: The binding of the per-call reads, chosen once at import: "cpython" (the extension
+#: mmkv._fast, calling this module's C core through function pointers) or "cffi" (the portable
+#: binding).  Environment variable MMKV_BINDING: "cffi" forces cffi, "cpython" requires the
+#: extension (ImportError without it), unset or empty picks the extension when it is built.
+_WANTED = os.environ.get("MMKV_BINDING", "")
+if _WANTED not in ("", "cffi", "cpython"):
+    raise ImportError(f"MMKV_BINDING must be 'cffi' or 'cpython' (or unset), not {_WANTED!r}")
+fast = None
+if _WANTED != "cffi":
+    try:
+        from .. import _fast as fast
+    except ImportError:
+        if _WANTED == "cpython":
+            raise
+    else:
+        # the core exists once, in the cffi module: the extension calls it through these
+        fast.init(int(ffi.cast("uintptr_t", ffi.addressof(lib, "mmkv_get"))),
+                  int(ffi.cast("uintptr_t", ffi.addressof(lib, "mmkv_get_nowait"))))
+BINDING = "cffi" if fast is None else "cpython"
 
 #: errno -> (exception class, what to do).  Anything else is a plain mmkv.Error.
 _ERRORS = {
