@@ -27,12 +27,11 @@ from contextlib import contextmanager
 from .engine import index, recovery, transaction
 from .engine.core import Engine, timeout_ns
 from .engine.locking import StoreLock
-from .engine.shim import BINDING, ffi, lib, raise_for
+from .engine.shim import BINDING, ffi, lib, raise_for  # noqa: F401 (mmkv.store.BINDING: the binding in use)
 from .engine.shim import fast as _fast
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      NotACounterError, ReadOnlyError)
-from .engine.layout import (CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, SEGMENT_HEADER, STATE_WORD,
-                            record_size, slot_word)
+from .engine.layout import CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, STATE_WORD, record_size
 from .engine import opening
 from .engine.tunables import GET_BUFFER, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE, MAX_VALUE_SIZE, OPEN_TIMEOUT
 
@@ -181,7 +180,7 @@ class Store(MutableMapping):
         eng = self._engine = Engine(self.path, self._fd, self._full)
         # the shim waits at most until it is time to report the holder; the rest is _acquire's
         eng.attach(lock_timeout if self._report_after is None else self._report_after, first, self._readonly)
-        self._view, self._alloc = eng.view, eng.alloc
+        self._view = eng.view
         if _fast is not None:       # the reader keeps the view (a cffi object) alive while it runs
             reader = _fast.Reader(eng.view, int(ffi.cast("uintptr_t", eng.view)), _Retry)
             self._rget, self._rhas = reader.get, reader.contains
@@ -210,7 +209,7 @@ class Store(MutableMapping):
         self._rget = self._rhas = None
         if self._engine is not None:
             self._engine.close()
-        self._engine = self._view = self._alloc = None
+        self._engine = self._view = None
 
     def close(self) -> None:
         """Close the handle; the last handle on the file syncs it and marks it clean.
@@ -541,17 +540,11 @@ class Store(MutableMapping):
         self._acquire()
         try:
             eng = self._engine
-            mm, v, w, out, seen = eng.fm.mm, self._view, self._engine.words, [], set()
+            mm, v, out = eng.fm.mm, self._view, []
             txn = self._txn.writes if self._txn is not None else {}
-            for seg, slot, rec in index.entries(v):
-                raise_for(lib.mmkv_record_verify(v, rec), f"record at {rec}")
-                key = eng.record_key(rec)
-                # a slot that is not its record's (wrong tag) or a key listed twice is damage: say
-                # so rather than list a stale or foreign value (lookups never reach such a slot)
-                if w[((seg + SEGMENT_HEADER) >> 3) + slot] != slot_word(v.hash, rec) or key in seen:
-                    raise CorruptionError(f"{self.path}: index slot {slot} of segment {seg} does not belong "
-                                          "to its record (damage); db.recover() repairs the index")
-                seen.add(key)
+            # a slot that is not its record's (wrong tag) or a key listed twice is damage: it
+            # raises rather than list a stale or foreign value (lookups never reach such a slot)
+            for rec, key in index.verified_records(eng):
                 if key in txn:
                     continue        # the transaction's version follows
                 out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
@@ -793,7 +786,7 @@ class Store(MutableMapping):
         except DiskFullError:                                # (rebuild gave back what it took)
             if not self._delete_until_index_fits():
                 return                                       # every key deleted: the old index stays
-        self._alloc.rebuild(index.blocks(self._engine))      # every record and the old index: free
+        self._engine.alloc.rebuild(index.blocks(self._engine))      # every record and the old index: free
         w = self._engine.words
         w[_COUNT] = w[_LIVE] = 0
 
@@ -915,7 +908,7 @@ class Store(MutableMapping):
         self._acquire()
         try:
             w = self._engine.words
-            largest = self._alloc.largest_free()
+            largest = self._engine.alloc.largest_free()
             st = {name: w[STATE_WORD[name]] for name in ("count", "live_bytes", "used_bytes", "free_bytes",
                                                          "generation", "recoveries", "lock_pid")}
             st["keys"] = st.pop("count")

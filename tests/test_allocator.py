@@ -1,6 +1,6 @@
 """Allocator properties, exercised on real stores.
 
-Direct allocator calls (``db._alloc.alloc/free``) run under ``db.lock()``, as the
+Direct allocator calls (``db.engine.alloc.alloc/free``) run under ``db.lock()``, as the
 engine's own callers do.  Every block a test allocates by hand is freed before
 the test ends, so the conftest audit (check() on every ``*.mmkv`` left under
 tmp_path) still passes.
@@ -31,17 +31,17 @@ REC_VAL_LEN_AT = ffi.offsetof("struct mmkv_record", "val_len")
 def heap(db):
     """[(offset, size, in_use)] of every block, read under the lock."""
     with db.lock():
-        return list(db._alloc.blocks())
+        return list(db.engine.alloc.blocks())
 
 
 def audit(db):
     with db.lock():
-        return db._alloc.audit()
+        return db.engine.alloc.audit()
 
 
 def heap_end(db):
     with db.lock():
-        return db._alloc.end
+        return db.engine.alloc.end
 
 
 def index_blocks(db):
@@ -51,7 +51,7 @@ def index_blocks(db):
     with db.lock():
         out = sorted(index.blocks(db.engine))
         for b, size in out:
-            assert db._alloc.block_size(b) == size, f"index block {b}: blocks() and the heap disagree on its size"
+            assert db.engine.alloc.block_size(b) == size, f"index block {b}: blocks() and the heap disagree on its size"
         return out
 
 
@@ -59,7 +59,7 @@ def directory_block(db):
     """(offset, size) of the block that holds the index directory."""
     with db.lock():
         b = db._view.dir_off - 8
-        return b, db._alloc.block_size(b)
+        return b, db.engine.alloc.block_size(b)
 
 
 def handed_out(payload):
@@ -98,7 +98,7 @@ def record_blocks(db):
             b = rec - 8
             klen = w[(rec + REC_KEY_LEN_AT) >> 3] & 0xFFFFFFFF
             vlen = w[(rec + REC_VAL_LEN_AT) >> 3]
-            out.append((b, db._alloc.block_size(b), klen, vlen))
+            out.append((b, db.engine.alloc.block_size(b), klen, vlen))
     return out
 
 
@@ -134,10 +134,10 @@ def assert_accounting(db):
 
 def alloc(db, payload):
     """Allocate a block for payload bytes (growing the file when nothing fits); caller holds the lock."""
-    b = db._alloc.alloc_block(payload)
+    b = db.engine.alloc.alloc_block(payload)
     if not b:
         db.engine.grow(payload)
-        b = db._alloc.alloc_block(payload)
+        b = db.engine.alloc.alloc_block(payload)
     assert b, f"no block for {payload} bytes even after growing the file"
     return b
 
@@ -328,7 +328,7 @@ def test_clear_leaves_only_a_fresh_index(db):
 # ---------------------------------------------------------------- coalescing
 def _three_adjacent(db, payload=200):
     """A, B, C adjacent blocks and a guard block D after C, all in use; caller holds the lock."""
-    a = db._alloc
+    a = db.engine.alloc
     A, B, C, D = (alloc(db, payload) for _ in range(4))
     s = a.block_size(A)
     assert a.block_size(B) == a.block_size(C) == s
@@ -346,9 +346,9 @@ def test_free_coalesces_in_any_order(db, order):
         A, B, C, D, s = _three_adjacent(db)
         blk = dict(A=A, B=B, C=C)
         for name in order:
-            db._alloc.free_block(blk[name])
-            assert db._alloc.audit() == []
-        blocks = list(db._alloc.blocks())
+            db.engine.alloc.free_block(blk[name])
+            assert db.engine.alloc.audit() == []
+        blocks = list(db.engine.alloc.blocks())
         assert (A, 3 * s, False) in blocks
         assert not any(A < off < D for off, _, _ in blocks)
         # boundary tags: header (PREV_ALLOC kept from the block before A), footer, and D knows
@@ -356,14 +356,14 @@ def test_free_coalesces_in_any_order(db, order):
         assert _word(db, A) & BLOCK_PREV_ALLOC
         assert _word(db, A + 3 * s - 8) == 3 * s
         assert not _word(db, D) & BLOCK_PREV_ALLOC and _word(db, D) & BLOCK_ALLOC
-        db._alloc.free_block(D)
-        assert db._alloc.audit() == []
+        db.engine.alloc.free_block(D)
+        assert db.engine.alloc.audit() == []
 
 
 def test_free_middle_block_merges_both_neighbours(db):
     with db.lock():
         A, B, C, D, s = _three_adjacent(db, payload=1000)
-        a = db._alloc
+        a = db.engine.alloc
         free_before = db.engine.words[STATE_WORD["free_bytes"]]
         a.free_block(A)
         a.free_block(C)
@@ -389,9 +389,9 @@ def test_free_middle_block_merges_both_neighbours(db):
 
 def test_free_merges_left_only_and_right_only(db):
     with db.lock():
-        before = list(db._alloc.blocks())
+        before = list(db.engine.alloc.blocks())
         A, B, C, D, s = _three_adjacent(db)
-        a = db._alloc
+        a = db.engine.alloc
         a.free_block(A)
         a.free_block(B)          # merges with the free block on its left
         assert (A, 2 * s, False) in list(a.blocks()) and a.audit() == []
@@ -412,7 +412,7 @@ def test_free_merges_left_only_and_right_only(db):
 def test_double_free_of_a_lone_block_is_refused(db):
     with db.lock():
         A, B, C, D, s = _three_adjacent(db)
-        a = db._alloc
+        a = db.engine.alloc
         a.free_block(B)
         with pytest.raises(mmkv.CorruptionError):
             a.free_block(B)
@@ -427,7 +427,7 @@ def test_detected_double_free_leaves_the_heap_unchanged(db):
     # the left neighbour, so a double free it caught still corrupted them.
     with db.lock():
         A, B, C, D, s = _three_adjacent(db)
-        a = db._alloc
+        a = db.engine.alloc
         a.free_block(A)
         a.free_block(B)                 # coalesced into A; B's stale header still says "in use"
         assert a.audit() == []
@@ -447,15 +447,15 @@ def test_large_allocations_have_page_aligned_payloads(db, payload):
         small = [alloc(db, n) for n in (24, 100, 1000, 40)]   # make the heap's free space start unaligned
         bs = [alloc(db, payload) for _ in range(3)]
         for b in bs:
-            size = db._alloc.block_size(b)
+            size = db.engine.alloc.block_size(b)
             assert size - 8 >= payload
             if block_size_for(payload) >= LARGE_BLOCK:
                 assert (b + 8) % PAGE == 0, f"payload of large block {b} is not page-aligned"
-        assert_disjoint([(b, db._alloc.block_size(b)) for b in bs + small])
-        assert db._alloc.audit() == []
+        assert_disjoint([(b, db.engine.alloc.block_size(b)) for b in bs + small])
+        assert db.engine.alloc.audit() == []
         for b in small + bs:
-            db._alloc.free_block(b)
-        assert db._alloc.audit() == []
+            db.engine.alloc.free_block(b)
+        assert db.engine.alloc.audit() == []
 
 
 def test_large_values_sit_on_page_boundaries(db):
@@ -501,7 +501,7 @@ def test_random_alloc_free_keeps_heap_sound(ops):
         with mmkv.open(os.path.join(d, "h.mmkv")) as db:
             live = {}                 # block -> (payload, tag)
             with db.lock():
-                a = db._alloc
+                a = db.engine.alloc
                 for i, (op, arg) in enumerate(ops):
                     if op == "alloc":
                         b = alloc(db, arg)
@@ -609,7 +609,7 @@ def _two_free_blocks(db):
     del db[b"k07"], db[b"k03"]
     del values[b"k07"], values[b"k03"]
     with db.lock():
-        a, w = db._alloc, db.engine.words
+        a, w = db.engine.alloc, db.engine.words
         by_off = {off: (size, used) for off, size, used in a.blocks()}
         for b in (first, second):
             size, used = by_off[b]
@@ -660,7 +660,7 @@ def test_audit_finds_two_free_neighbours(db):
     values = {b"k": b"v"}
     db.update(values)
     with db.lock():
-        a, w = db._alloc, db.engine.words
+        a, w = db.engine.alloc, db.engine.words
         A, B, C, D, s = _three_adjacent(db)
         a.free_block(A)
         assert not w[B >> 3] & BLOCK_PREV_ALLOC                   # free() told B that A is free
@@ -685,7 +685,7 @@ def test_audit_finds_two_free_neighbours(db):
 def test_audit_finds_a_wrong_epilogue_word(db):
     _, _, _, values = _two_free_blocks(db)
     with db.lock():
-        w, end = db.engine.words, db._alloc.end
+        w, end = db.engine.words, db.engine.alloc.end
         assert w[end >> 3] & BLOCK_ALLOC
         w[end >> 3] &= ~BLOCK_ALLOC & MASK64                      # the epilogue no longer reads as in use
     _assert_finding_then_recover(db, "epilogue word is wrong", values)

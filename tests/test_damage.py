@@ -39,7 +39,7 @@ def block_of(db, key):
 
 def block_size(db, b):
     with db.lock():
-        return db._alloc.block_size(b)
+        return db.engine.alloc.block_size(b)
 
 
 def in_child(fn, timeout=30.0) -> str:
@@ -83,7 +83,7 @@ def test_a_free_list_link_into_a_live_record_is_not_written_through(path):
         del db[b"a3"]
         with db.lock():
             w = db.engine.words
-            assert w[HEADS + size_class(db._alloc.block_size(hole))] == hole   # it heads its list
+            assert w[HEADS + size_class(db.engine.alloc.block_size(hole))] == hole   # it heads its list
             w[(hole + FREE_NEXT) >> 3] = victim
         try:
             db[b"a3"] = value[3]                      # takes the hole, whose next link is damaged
@@ -106,9 +106,9 @@ def test_a_free_list_cycle_met_by_a_large_put_ends_in_recovery(path):
         hole = block_of(db, b"big0")
         del db[b"big0"]
         with db.lock():
-            c = size_class(db._alloc.block_size(hole))
+            c = size_class(db.engine.alloc.block_size(hole))
             w = db.engine.words
-            assert w[HEADS + c] == hole and db._alloc.block_size(hole) < 70_000
+            assert w[HEADS + c] == hole and db.engine.alloc.block_size(hole) < 70_000
             w[(hole + FREE_NEXT) >> 3] = hole         # a self-loop
             w[BITMAP] = 1 << c                        # only this list looks non-empty (a stale cache)
 
@@ -221,8 +221,8 @@ def test_a_header_claiming_its_neighbour_costs_recovery_nothing(tmp_path):
 
         def swallow():
             with db.lock():
-                assert first + db._alloc.block_size(first) == second
-                db.engine.words[first >> 3] += db._alloc.block_size(second)   # k2's block now covers k3's
+                assert first + db.engine.alloc.block_size(first) == second
+                db.engine.words[first >> 3] += db.engine.alloc.block_size(second)   # k2's block now covers k3's
 
         swallow()
         result = db.recover()
@@ -231,9 +231,9 @@ def test_a_header_claiming_its_neighbour_costs_recovery_nothing(tmp_path):
         swallow()
         with db.lock():
             payload = 32 + 8 + 100                                   # record header, key, value
-            assert db._alloc.most(first, payload) < db._alloc.block_size(first)
+            assert db.engine.alloc.most(first, payload) < db.engine.alloc.block_size(first)
             with pytest.raises(mmkv.CorruptionError):
-                db._alloc.free_block(first, payload)
+                db.engine.alloc.free_block(first, payload)
         db.recover()
         del db[b"k2"]
         assert db[b"k3"] == bytes([3]) * 100
@@ -251,8 +251,8 @@ def _second_slot_for(db, key, value):
         home = h & (SEGMENT_SLOTS - 1)
         if v.slot != home or home < 2 or w[slots + home - 1]:
             return None                                   # this key does not fit the test's layout
-        b = db._alloc.alloc_block(RECORD_HEADER + 8 + len(value))
-        assert lib.mmkv_record_write(v, b + 8, db._alloc.block_size(b) - 8, h, key, len(key), value,
+        b = db.engine.alloc.alloc_block(RECORD_HEADER + 8 + len(value))
+        assert lib.mmkv_record_write(v, b + 8, db.engine.alloc.block_size(b) - 8, h, key, len(key), value,
                                      len(value), 0) == 0
         w[slots + home - 1] = index.slot_word(h, b + 8)   # before the home slot: lookups never see it
         return home - 1
@@ -286,8 +286,8 @@ def test_a_key_in_two_slots_stops_iteration(path):
     """Iteration listed such a key twice, once with the stale value."""
     with mmkv.open(path) as db:
         _key_in_two_slots(db)
-        with db.lock(), pytest.raises(mmkv.CorruptionError, match="another slot holds"):
-            list(index.verified_records(db._view, db.engine.words))
+        with pytest.raises(mmkv.CorruptionError, match="another slot holds"):
+            list(db)
         db.recover()
         db.check()
 
@@ -302,7 +302,7 @@ def test_a_slot_with_another_tag_stops_iteration(path):
             at = ((v.seg + SEGMENT_HEADER) >> 3) + v.slot
             w[at] ^= 1 << 60                              # lookups of k7 now skip its slot
             with pytest.raises(mmkv.CorruptionError, match="tag"):
-                list(index.verified_records(v, w))
+                list(db.items())
         assert db.get(b"k7") is None                      # what a lookup makes of it
         result = db.recover()                             # a slot whose tag is not its record's is
         assert result.dropped == 1 and len(db) == 19      # damage: random offsets fail it that way
@@ -317,7 +317,7 @@ def _free_block_pair(db):
     first, second = block_of(db, b"k03"), block_of(db, b"k07")
     del db[b"k07"], db[b"k03"]
     with db.lock():
-        c = size_class(db._alloc.block_size(first))
+        c = size_class(db.engine.alloc.block_size(first))
         assert db.engine.words[HEADS + c] == first and db.engine.words[(first + FREE_NEXT) >> 3] == second
     return first, second, block_of(db, b"k05")
 
@@ -341,7 +341,7 @@ def test_the_audit_fires_on_each_allocator_damage(path, damage, finding):
             elif damage == "self-loop":
                 w[(first + FREE_NEXT) >> 3] = first
             else:
-                size = db._alloc.block_size(second)
+                size = db.engine.alloc.block_size(second)
                 w[(second + size - 8) >> 3] = size + 16
         with pytest.raises(mmkv.CorruptionError) as exc:
             db.check()

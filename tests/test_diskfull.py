@@ -171,7 +171,7 @@ def brim(db, model) -> None:
     for size, prefix in ((64 * 1024, b"brim64k-"), (4096, b"brim4k-"), (256, b"brim-"), (0, b"b0")):
         fill_with_puts(db, model, size, prefix)
     with db.lock():
-        assert db._alloc.largest_free() <= 32
+        assert db.engine.alloc.largest_free() <= 32
 
 
 def full_store(disk, model, **options):
@@ -191,7 +191,7 @@ def assert_sound(db, model) -> None:
     assert dict(db.items()) == model
     assert len(db) == len(model)
     with db.lock():
-        blocks = list(db._alloc.blocks())
+        blocks = list(db.engine.alloc.blocks())
     st = db.stats()
     used = sum(s for _, s, in_use in blocks if in_use)
     free = sum(s for _, s, in_use in blocks if not in_use)

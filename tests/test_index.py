@@ -257,7 +257,7 @@ def test_clear_after_splits_returns_to_one_segment(db):
     st_ = db.stats()
     assert st_["index_slots"] == SEGMENT_SLOTS and st_["keys"] == 0 and st_["live_bytes"] == 0
     with db.lock():                                  # nothing but the fresh index is in use
-        in_use = sorted((b, s) for b, s, used in db._alloc.blocks() if used)
+        in_use = sorted((b, s) for b, s, used in db.engine.alloc.blocks() if used)
         assert in_use == sorted(index.blocks(db.engine))
     assert _key(5) not in db and list(db) == []
     for i in range(20_000):                          # and it splits again from there

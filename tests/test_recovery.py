@@ -55,7 +55,7 @@ def test_space_leaked_by_a_killed_lock_holder_comes_back(path):
             db = mmkv.open({path!r})
             db._acquire()
             for _ in range(50):
-                db._alloc.alloc_block(5000)        # allocated, referenced by nothing: a leak
+                db.engine.alloc.alloc_block(5000)        # allocated, referenced by nothing: a leak
             os.kill(os.getpid(), signal.SIGKILL)
         """)
         out = subprocess.run([sys.executable, "-c", child], timeout=60)

@@ -58,7 +58,7 @@ def test_many_small_keys(path, n):
         # every record's space is free again: only the index (directory and segments) is in use
         with db.lock():
             index_bytes = sum(size for _, size in index.blocks(db.engine))
-            in_use = sum(size for _, size, used in db._alloc.blocks() if used)
+            in_use = sum(size for _, size, used in db.engine.alloc.blocks() if used)
         assert st_["used_bytes"] == in_use == index_bytes
         assert list(db) == []
 

@@ -21,8 +21,8 @@ from .shim import ffi, lib, raise_for
 from ..errors import CorruptionError, LimitError
 from . import failpoints
 from .allocator import block_size_for
-from .layout import (RECORD_HEADER, SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_MASK, hash_tag,
-                     record_key_len, slot_tag, slot_word)  # noqa: F401 (index.slot_word)
+from .layout import SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_MASK, hash_tag, slot_tag
+from .layout import slot_word  # noqa: F401 (callers build slot words as index.slot_word)
 
 
 def create(allocate, view, words, free=None) -> tuple:
@@ -142,46 +142,42 @@ def reserve(eng, hashes, segments) -> None:
             todo.append(w[first + (half >> (64 - v.dir_bits))])
 
 
-def blocks(eng, view=None) -> list:
-    """[(block, block size)] of the directory and every segment, each once, as the
-    allocator places them (opaque pairs for recovery, the checker and durability).
-
-    Sizes come from the block headers when they are plausible, else from what the
-    structure needs (a torn header must not shrink what recovery keeps).
+def pieces(eng, view=None) -> list:
+    """[(payload offset, payload bytes)] of the directory and every segment, each once, every
+    offset checked to lie in the heap (the directory's before its entries are read).
     :raises CorruptionError: the directory points outside the heap.
     """
     v = view or eng.view
     w, alloc = eng.words, eng.alloc
 
-    def block(payload_off, need):
-        b = alloc.placement(payload_off)
-        if b is None or payload_off + need > alloc.end:
+    def piece(payload_off, need):
+        if alloc.placement(payload_off) is None or payload_off + need > alloc.end:
             raise CorruptionError(f"index block at {payload_off} lies outside the heap")
-        return b, alloc.claimed(b, block_size_for(need))
+        return payload_off, need
 
-    out = [block(v.dir_off, 8 << v.dir_bits)]
+    out = [piece(v.dir_off, 8 << v.dir_bits)]
     prev = None
     for i in range(1 << v.dir_bits):
         seg = w[(v.dir_off >> 3) + i]
         if seg != prev:
-            out.append(block(seg, SEGMENT_BYTES))
+            out.append(piece(seg, SEGMENT_BYTES))
             prev = seg
     return out
 
 
-def pieces(eng, view=None) -> list:
-    """[(payload offset, payload bytes)] of the directory and every segment, each once.
-    :raises CorruptionError: the directory points outside the heap (as blocks() does)."""
-    v = view or eng.view
-    blocks(eng, v)                      # the same walk, validating every offset first
-    w = eng.words
-    out = [(v.dir_off, 8 << v.dir_bits)]
-    prev = None
-    for i in range(1 << v.dir_bits):
-        seg = w[(v.dir_off >> 3) + i]
-        if seg != prev:
-            out.append((seg, SEGMENT_BYTES))
-            prev = seg
+def blocks(eng, view=None) -> list:
+    """[(block, block size)] of pieces(), as the allocator places them (opaque pairs for
+    recovery, the checker and durability).
+
+    Sizes come from the block headers when they are plausible, else from what the
+    structure needs (a torn header must not shrink what recovery keeps).
+    :raises CorruptionError: the directory points outside the heap.
+    """
+    alloc = eng.alloc
+    out = []
+    for off, need in pieces(eng, view):
+        b = alloc.placement(off)
+        out.append((b, alloc.claimed(b, block_size_for(need))))
     return out
 
 
@@ -203,37 +199,28 @@ def entries(view):
         cursor = found[0] + 1
 
 
-def record_key(view, words, rec: int) -> bytes:
-    """The key of the (verified) record at rec."""
-    klen = record_key_len(words, rec)
-    return ffi.unpack(ffi.cast("char *", view.base) + rec + RECORD_HEADER, klen)
-
-
-def verified_records(view, words):
-    """Yield the record offset of every slot in use, each checked first: the record (its block,
-    lengths, checksum and key hash; ``view.hash``/``val_off``/``val_len`` describe it when yielded),
-    the slot's tag, which must be its record's, and the key, which no other slot may hold.  Both
-    are damage lookups do not see (they stop at the first slot of a key, and skip other tags), so a
-    put of such a key leaves the stale record in the other slot, where iteration would find it.
-
-    Keeps one hash per key (a set) to find the second slot of a key.
+def verified_records(eng):
+    """Yield (record offset, key) for every slot in use of the live index, each checked first:
+    the record (its block, lengths, checksum and key hash; ``eng.view.hash``/``val_off``/
+    ``val_len`` describe it when yielded), the slot's tag, which must be its record's, and the
+    key, which no other slot may hold.  Both are damage lookups do not see (they stop at the
+    first slot of a key, and skip other tags), so a put of such a key leaves the stale record in
+    the other slot, where iteration would find it.  Caller holds the lock; keeps every key seen.
     :raises CorruptionError: a slot points at a bad record, carries another tag, or holds a key a
         slot before it holds (recover() drops such slots, keeping the one lookups find).
     """
-    seen = {}                   # key hash -> [record offset]; keys are compared only when hashes meet
+    view, words, seen = eng.view, eng.words, set()
     for seg, slot, rec in entries(view):
         raise_for(lib.mmkv_record_verify(view, rec), f"record at {rec}")
-        h = view.hash
-        if slot_tag(words[((seg + SEGMENT_HEADER) >> 3) + slot]) != hash_tag(h):
-            raise CorruptionError(f"index: segment {seg} slot {slot} does not carry its record's tag; "
-                                  "run recover() on the store")
-        same_hash = seen.setdefault(h, [])
-        if same_hash and any(r == rec or record_key(view, words, r) == record_key(view, words, rec)
-                             for r in same_hash):
-            raise CorruptionError(f"index: segment {seg} slot {slot} holds a key another slot holds; "
-                                  "run recover() on the store")
-        same_hash.append(rec)
-        yield rec
+        key = eng.record_key(rec)
+        if slot_tag(words[((seg + SEGMENT_HEADER) >> 3) + slot]) != hash_tag(view.hash):
+            raise CorruptionError(f"{eng.path}: index slot {slot} of segment {seg} does not belong to its record: "
+                                  "its tag is another key's (damage); db.recover() repairs the index")
+        if key in seen:
+            raise CorruptionError(f"{eng.path}: index slot {slot} of segment {seg} does not belong to its record: "
+                                  "it holds a key another slot holds (damage); db.recover() repairs the index")
+        seen.add(key)
+        yield rec, key
 
 
 def shape(eng) -> dict:

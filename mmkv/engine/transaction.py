@@ -28,7 +28,7 @@ import errno
 from . import failpoints, index
 from .shim import ffi, lib, raise_for
 from ..errors import DiskFullError
-from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, STATE_WORD, record_key, record_size, siphash, slot_word
+from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, STATE_WORD, record_size, siphash, slot_word
 
 _DELETE = None          # the buffered value of a deleted key
 
@@ -193,7 +193,7 @@ def replay(eng, entries) -> None:
             #      change is dropped: a recent write);  old: the delete was applied already
             continue
         h = v.hash
-        key = record_key(eng.fm.mm, eng.words, rec)
+        key = eng.record_key(rec)
         rc = lib.mmkv_find(v, key, len(key))
         if rc not in (0, errno.ENOENT):
             raise_for(rc, "lookup")
