@@ -79,12 +79,16 @@ import os
 import stat
 import time
 
+from . import index, mapping
+from .allocator import Allocator
+from .core import new_view
 from .shim import error_for, lib
+from .tunables import INITIAL_FILE_SIZE
+from ..errors import Error, LockTimeoutError, NotRegularFileError
+from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS,
+                     SEM_BYTES, STATE_WORD, Identity, Meta, build_identity, build_meta)
 
 log = logging.getLogger("mmkv")
-from ..errors import Error, LockTimeoutError, NotRegularFileError
-from .layout import (HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS, SEM_BYTES,
-                     Identity, build_identity, build_meta)
 
 #: The byte of the data file whose exclusive OFD lock serialises opens and closes.
 PROTOCOL_BYTE = 0
@@ -318,22 +322,16 @@ def create_store_file(path: str, mode: int, replace: bool) -> None:
     """Build a new, empty store beside the path's target and give it the target's name:
     atomically, and (replace false) only if no file has that name yet.  A symlink is followed.
     Nothing is left behind on failure.  :raises DiskFullError: no room for the first 256 KiB."""
-    from . import index
-    from .allocator import Allocator
-    from .core import new_view
-    from .layout import CLEAN_MARK, EPILOGUE_BYTES, STATE_WORD, Meta, build_meta
-    from .mapping import FileMap, grow_file
-    from .tunables import INITIAL_FILE_SIZE
     target = os.path.realpath(path)
     page = os.sysconf("SC_PAGE_SIZE")
     tmp = temporary_name(target)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         size = max(INITIAL_FILE_SIZE, HEADER_SIZE + page)
-        grow_file(fd, size)
+        mapping.grow_file(fd, size)     # looked up at each call: tests simulate a full disk here
         ident = new_identity(page)
         write_new_header(fd, ident, Meta(0, size, 0, 0))
-        fm = FileMap(fd, size)
+        fm = mapping.FileMap(fd, size)
         try:
             view = new_view(fm, ident, False, None)
             alloc = Allocator(fm, view)
@@ -365,7 +363,6 @@ def close_store(eng, lock, open_timeout: float) -> None:
     when either cannot be had, the file simply stays marked for recovery (logged).
     :raises: what recovery raises if a dead holder's work cannot be repaired.
     """
-    from .layout import CLEAN_MARK, STATE_WORD
     fd = eng.fd
     try:
         take_protocol_lock(fd, eng.path, open_timeout)
