@@ -18,10 +18,9 @@ place.  The docstrings below name only what a call adds to these.
 """
 import errno
 import os
-import logging
 import threading
 import weakref
-from itertools import accumulate, chain
+from itertools import chain
 from collections.abc import ItemsView, MutableMapping, ValuesView
 from contextlib import contextmanager
 from .engine import index, recovery, transaction
@@ -29,11 +28,13 @@ from .engine.core import Engine, timeout_ns
 from .engine.locking import StoreLock
 from .engine.shim import BINDING, ffi, lib, raise_for  # noqa: F401 (mmkv.store.BINDING: the binding in use)
 from .engine.shim import fast as _fast
+from .cffi_binding import CffiCalls, as_bytes, check_sizes, checked_pairs
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      NotACounterError, ReadOnlyError)
 from .engine.layout import CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, STATE_WORD, record_size
 from .engine import opening
-from .engine.tunables import GET_BUFFER, LOCK_REPORT_AFTER, LOCK_TIMEOUT, MAX_KEY_SIZE, MAX_VALUE_SIZE, OPEN_TIMEOUT
+from .engine import tunables
+from .engine.tunables import LOCK_REPORT_AFTER, LOCK_TIMEOUT, OPEN_TIMEOUT
 
 SYNC_MODES = ("none", "full")
 FLAGS = ("r", "w", "c", "n")
@@ -43,28 +44,17 @@ _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+#: Bytes a record's block may add to the record (header, footer room, rounding): for estimates.
+BLOCK_OVERHEAD = 32
 _EVEN_U64 = MASK64 - 1
-#: Pairs per call of the shim's batch put in update().
-_BATCH = 4096
 #: Errors a write raises before it changes anything (so no repair is needed).
-_CLEAN_ERRORS = (KeyError, TypeError, OverflowError, LimitError, NotACounterError, ReadOnlyError, DiskFullError)
+_CLEAN_ERRORS = (KeyError, TypeError, ValueError, OverflowError, LimitError, NotACounterError, ReadOnlyError,
+                 DiskFullError)
+#: The binding of the per-call operations (see engine/shim.py): the C type, or its cffi twin.
+_Binding = CffiCalls if _fast is None else _fast.Handle
 
-
-class _Retry:
-    """What a Reader (the CPython binding) returns when the general path must finish a read:
-    the core's result code travels in it (never in a per-thread variable a signal handler
-    could overwrite between the return and its use)."""
-    __slots__ = ("rc",)
-
-    def __init__(self, rc):
-        self.rc = rc
-
-
-#: The default __getitem__ passes to the Reader: the key is absent.
-_ABSENT = object()
 
 _open_stores = weakref.WeakSet()
-log = logging.getLogger("mmkv")
 
 
 def _after_fork_in_child():
@@ -77,7 +67,8 @@ def _after_fork_in_child():
     """
     for store in list(_open_stores):
         store._forked = True
-        store._view = store._rget = store._rhas = None     # before the mapping goes
+        store._unbind()                                     # before the mapping goes
+        store._view = None
         try:
             if store._engine is not None:
                 store._engine.close()
@@ -89,34 +80,11 @@ def _after_fork_in_child():
         store._fd = None
 
 
-class _PerThread(threading.local):
-    """Each thread's own output buffer for the lock-free-in-Python read path."""
-
-    def __init__(self):
-        self.mem = ffi.new("uint8_t[]", GET_BUFFER)
-        self.cbuf = ffi.cast("char *", self.mem)      # ffi.unpack of a char * gives bytes
-        self.out = ffi.new("struct mmkv_getbuf *")
-        self.out.buf, self.out.cap = self.mem, GET_BUFFER
-        self.probe = ffi.new("struct mmkv_getbuf *")  # capacity 0: `in` copies nothing
-        self.probe.buf, self.probe.cap = self.mem, 0
-        self.i64 = ffi.new("int64_t *")
-
-
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _as_bytes(obj, what: str) -> bytes:
-    if type(obj) is bytes:
-        return obj
-    if isinstance(obj, str):
-        return obj.encode("utf-8")
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return bytes(obj)
-    raise TypeError(f"mmkv {what}s must be bytes or str, not {type(obj).__name__}")
-
-
-class Store(MutableMapping):
+class Store(_Binding, MutableMapping):
     """A persistent, process-shared mapping of bytes to bytes; see ``mmkv.open``."""
 
     # a handle compares and hashes by identity (comparing contents would read the whole file)
@@ -137,14 +105,10 @@ class Store(MutableMapping):
         self._readonly = flag == "r"
         self._engine = None      # the mapped file beneath this handle (mmkv.engine.core.Engine)
         self._view = None        # self._engine.view (one object for the handle's life), for the hot paths
-        # the CPython binding's read path (Reader.get and Reader.contains of mmkv._fast) while
-        # the handle is open; None when closed, forked or on the cffi binding
-        self._rget = self._rhas = None
         self._fd = None
         self._forked = False
         self._lock = None        # the StoreLock (mmkv.engine.locking), made at attach
         self._txn = None         # the transaction in progress on this handle
-        self._local = _PerThread()
         self._close_guard = threading.Lock()
         timeout_ns(lock_timeout)    # reject bad timeouts before touching anything
         timeout_ns(lock_report_after)
@@ -181,9 +145,9 @@ class Store(MutableMapping):
         # the shim waits at most until it is time to report the holder; the rest is _acquire's
         eng.attach(lock_timeout if self._report_after is None else self._report_after, first, self._readonly)
         self._view = eng.view
-        if _fast is not None:       # the reader keeps the view (a cffi object) alive while it runs
-            reader = _fast.Reader(eng.view, int(ffi.cast("uintptr_t", eng.view)), _Retry)
-            self._rget, self._rhas = reader.get, reader.contains
+        # the binding serves the per-call operations from this view (the C one keeps eng.view, the
+        # cffi object owning it, alive while it is bound)
+        self._bind(eng.view, int(ffi.cast("uintptr_t", eng.view)), self._readonly)
         self._lock = StoreLock(eng, lock_timeout, self._report_after, self._dead)
         if first:
             w = eng.words
@@ -206,7 +170,7 @@ class Store(MutableMapping):
         self._engine.reload()
 
     def _detach(self):
-        self._rget = self._rhas = None
+        self._unbind()
         if self._engine is not None:
             self._engine.close()
         self._engine = self._view = None
@@ -356,132 +320,11 @@ class Store(MutableMapping):
             raise ReadOnlyError(f"{self.path!r} was opened with flag 'r'; open it with 'w' or 'c' to write")
 
     # ================================================================ reads
-    # db[k], get and `in` exist twice: for the CPython binding (mmkv._fast's Reader, chosen at
-    # import, see engine/shim.py) and for the cffi binding.  Both read lock-free while no writer
-    # is active (see mmkv_get) and hand everything else (inside db.lock(), a remap, a value
-    # larger than the buffer, a dead holder, a timeout, a closed handle) to _read_slow.
-    if _fast is not None:
-        def __getitem__(self, key):
-            """The value of key, as bytes.
-
-            Lock-free when no writer is active (see mmkv_get), else under the lock.
-            :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str.
-            :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
-            """
-            k = key if type(key) is bytes else _as_bytes(key, "key")
-            rget = self._rget
-            if rget is None:            # closed or forked
-                raise self._dead()
-            rc = None
-            if not self._lock.depth:    # the hot path, repeated in get() and __contains__
-                value = rget(k, _ABSENT)
-                if value.__class__ is not _Retry:
-                    if value is _ABSENT:
-                        raise KeyError(key)
-                    return value
-                rc = value.rc
-            value = self._read_slow(rc, k)
-            if value is None:
-                raise KeyError(key)
-            return value
-
-        def get(self, key, default=None):
-            """The value of key, or default when it is absent (never KeyError).
-
-            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
-            :raises TypeError: key is not bytes or str."""
-            k = key if type(key) is bytes else _as_bytes(key, "key")
-            rget = self._rget
-            if rget is None:
-                raise self._dead()
-            rc = None
-            if not self._lock.depth:
-                value = rget(k, default)
-                if value.__class__ is not _Retry:
-                    return value
-                rc = value.rc
-            value = self._read_slow(rc, k)
-            return default if value is None else value
-
-        def __contains__(self, key):
-            """True when key is present (its record verified, as get does).
-
-            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
-            :raises TypeError: key is not bytes or str."""
-            k = key if type(key) is bytes else _as_bytes(key, "key")
-            rhas = self._rhas
-            if rhas is None:
-                raise self._dead()
-            rc = None
-            if not self._lock.depth:
-                found = rhas(k)
-                if found.__class__ is not _Retry:
-                    return found
-                rc = found.rc
-            return self._contains_slow(rc, k)
-    else:
-        def __getitem__(self, key):
-            """The value of key, as bytes.
-
-            Lock-free when no writer is active (see mmkv_get), else under the lock.
-            :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str.
-            :raises LockTimeoutError: another process held the lock for longer than lock_timeout.
-            """
-            k = key if type(key) is bytes else _as_bytes(key, "key")
-            rc = None
-            v = self._view
-            if v is None:           # closed or forked
-                raise self._dead()
-            if not self._lock.depth:   # the hot path, repeated in get(): a call costs more than these lines
-                local = self._local
-                out = local.out
-                rc = lib.mmkv_get(v, k, len(k), out)
-                if rc == 0:
-                    return ffi.unpack(local.cbuf, out.val_len)
-            value = self._read_slow(rc, k)
-            if value is None:
-                raise KeyError(key)
-            return value
-
-        def get(self, key, default=None):
-            """The value of key, or default when it is absent (never KeyError).
-
-            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
-            :raises TypeError: key is not bytes or str."""
-            k = key if type(key) is bytes else _as_bytes(key, "key")
-            rc = None
-            v = self._view
-            if v is None:
-                raise self._dead()
-            if not self._lock.depth:
-                local = self._local
-                out = local.out
-                rc = lib.mmkv_get(v, k, len(k), out)
-                if rc == 0:
-                    return ffi.unpack(local.cbuf, out.val_len)
-                if rc == errno.ENOENT:
-                    return default
-            value = self._read_slow(rc, k)
-            return default if value is None else value
-
-        def __contains__(self, key):
-            """True when key is present (its record verified, as get does).
-
-            Lock-free while no writer is active, else waits for the lock (up to lock_timeout).
-            :raises TypeError: key is not bytes or str."""
-            k = key if type(key) is bytes else _as_bytes(key, "key")
-            rc = None
-            v = self._view
-            if v is None:
-                raise self._dead()
-            if not self._lock.depth:
-                rc = lib.mmkv_get(v, k, len(k), self._local.probe)   # capacity 0: copies nothing
-                if rc == 0 or rc == errno.ENOBUFS:
-                    return True
-                if rc == errno.ENOENT:
-                    return False
-            return self._contains_slow(rc, k)
-
+    # The per-call operations (db[k], get, in, len, db[k] = v, del, pop, incr, update's loop) are
+    # the binding's: mmkv._fast.Handle (C) or cffi_binding.CffiCalls, this class's base.  Each
+    # tries the core's one-call fast path and hands the rest (inside db.lock(), a remap, growth,
+    # a split, a dead holder, a timeout, a closed handle) to the *_slow methods here, with the
+    # core's result code (None: not tried because this handle holds the lock).
     def _read_slow(self, rc, k):
         """Finish a read the fast path could not (rc None: not tried); the value or None."""
         if rc == errno.ENOENT:
@@ -516,8 +359,8 @@ class Store(MutableMapping):
             return True
         return self._read_slow(rc, k) is not None
 
-    def __len__(self):
-        """Number of keys (O(1), read under the lock; inside a transaction, counting its writes)."""
+    def _len_slow(self):
+        """The number of keys, under the lock (inside a transaction, counting its writes)."""
         self._acquire()
         try:
             if not self._engine.count_plausible():     # a damaged cache word: recount
@@ -571,27 +414,9 @@ class Store(MutableMapping):
         return _ValuesView(self)
 
     # ================================================================ writes
-    def __setitem__(self, key, value):
-        """Store value under key; visible to every process when the call returns.
-
-        In sync="full" mode the record is on disk before the slot that makes it live,
-        and both before the call returns.
-        :raises TypeError: key or value is not bytes or str.  :raises LimitError: too large.
-        :raises DiskFullError: the file cannot grow; the store is unchanged.
-        """
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        val = value if type(value) is bytes else _as_bytes(value, "value")
-        if self._readonly:
-            self._writable()
-        if len(k) > MAX_KEY_SIZE or len(val) > MAX_VALUE_SIZE:
-            self._check_sizes(k, val)
-        v = self._view
-        if v is None:
-            raise self._dead()
-        if not self._lock.depth:
-            rc = lib.mmkv_put(v, k, len(k), val, len(val), 0, 1)
-            if rc == 0:
-                return
+    def _put_slow(self, rc, k, val):
+        """Finish a put the fast path could not (rc: its result; None: not tried)."""
+        if rc is not None:
             self._lock.after_fused_write(rc)
         self._write_locked(self._put, k, val, 0)
 
@@ -614,13 +439,6 @@ class Store(MutableMapping):
         if isinstance(exc, _CLEAN_ERRORS):
             return
         self._recover(f"a write was interrupted by {type(exc).__name__}")
-
-    @staticmethod
-    def _check_sizes(k, val):
-        if len(k) > MAX_KEY_SIZE:
-            raise LimitError(f"key of {len(k)} bytes is longer than the {MAX_KEY_SIZE}-byte limit")
-        if len(val) > MAX_VALUE_SIZE:
-            raise LimitError(f"value of {len(val)} bytes is longer than the {MAX_VALUE_SIZE}-byte limit")
 
     def _put(self, k, val, flags):
         """Write a new record, switch the slot to it, free the old one (the shim's mmkv_put),
@@ -655,25 +473,12 @@ class Store(MutableMapping):
             raise_for(rc, "put")
         return None
 
-    def __delitem__(self, key):
-        """Remove key; visible to every process when the call returns (in sync="full", on
-        disk too).  Takes the lock (inside the shim when no lock() block is open).
-        :raises KeyError: key is absent.  :raises TypeError: key is not bytes or str."""
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        if self._readonly:
-            self._writable()
-        v = self._view
-        if v is None:
-            raise self._dead()
-        if not self._lock.depth:
-            rc = lib.mmkv_delete(v, k, len(k), 1)
-            if rc == 0:
-                return
-            if rc == errno.ENOENT:
-                raise KeyError(key)
+    def _delete_slow(self, rc, k):
+        """Finish a delete the fast path could not (rc: its result; None: not tried); False when
+        k is absent."""
+        if rc is not None:
             self._lock.after_fused_write(rc)
-        if not self._write_locked(self._delete, k):
-            raise KeyError(key)
+        return self._write_locked(self._delete, k)
 
     def _delete(self, k):
         """Remove k (the shim's mmkv_delete); False when absent.  Caller holds the lock."""
@@ -688,16 +493,12 @@ class Store(MutableMapping):
         raise_for(rc, "delete")
         return True
 
-    def pop(self, key, *default):
-        """Remove key and return its value (or default), atomically under the lock.
-        :raises KeyError: absent and no default."""
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        value = self._write_locked(self._pop, k)
-        if value is None:
-            if default:
-                return default[0]
-            raise KeyError(key)
-        return value
+    def _pop_slow(self, rc, k):
+        """Finish a pop the fast path could not (rc: its result; None: not tried): the value, or
+        None when k is absent."""
+        if rc is not None:
+            self._lock.after_fused_write(rc)
+        return self._write_locked(self._pop, k)
 
     def _pop(self, k):
         value = self._lookup(k)
@@ -709,9 +510,9 @@ class Store(MutableMapping):
         """The value of key; if absent, store default first and return it, atomically under the
         lock (another process's setdefault of the same key sees one or the other, never both).
         :raises LimitError: key or default too large.  :raises DiskFullError: no room; unchanged."""
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        d = _as_bytes(default, "value")
-        self._check_sizes(k, d)
+        k = key if type(key) is bytes else as_bytes(key, "key")
+        d = as_bytes(default, "value")
+        check_sizes(k, d)
         if self._readonly:          # only a read, unless the key is missing
             value = self.get(k)
             if value is not None:
@@ -728,39 +529,48 @@ class Store(MutableMapping):
     def update(self, other=(), /, **kw):
         """Store every pair of other (a mapping or pairs) and kw, under one lock hold.
 
-        Pairs are written in order; a crash part way leaves the first ones written and
-        the rest not (each pair whole).  For all-or-nothing, call it inside transaction().
+        Every pair is checked first: a TypeError, ValueError or LimitError is raised before
+        anything is written.  Pairs are then written in order; a crash part way leaves the first
+        ones written and the rest not (each pair whole).  For all-or-nothing, call it inside
+        transaction().  Holds the store lock throughout (other processes' calls wait).
         :raises DiskFullError: a pair does not fit; the pairs before it stay written, the
             rest are not, and no space is lost.
         """
-        pairs = other.items() if hasattr(other, "items") else other
-        items = []
-        for key, value in chain(pairs, kw.items()):
-            k = key if type(key) is bytes else _as_bytes(key, "key")
-            val = value if type(value) is bytes else _as_bytes(value, "value")
-            if len(k) > MAX_KEY_SIZE or len(val) > MAX_VALUE_SIZE:
-                self._check_sizes(k, val)
-            items.append((k, val))
-        self._write_locked(self._update, items)
+        source = other
+        if kw or type(other) is not dict:     # read once, before the lock: it may run any code
+            source = list(chain(other.items() if hasattr(other, "items") else other, kw.items()))
+        self._write_locked(self._update, source)
 
-    def _update(self, items):
-        """Put every pair through the shim's batch loop, BATCH pairs per call."""
-        if self._txn is not None:
-            for k, val in items:
-                self._txn.put(k, val)
+    def _update(self, source):
+        """Put every pair: the binding's loop (_put_pairs), or into the transaction."""
+        if self._txn is None:
+            self._put_pairs(source)
             return
-        done = ffi.new("uint64_t *")
-        for start in range(0, len(items), _BATCH):
-            chunk = items[start:start + _BATCH]
-            keys, vals = b"".join(k for k, _ in chunk), b"".join(val for _, val in chunk)
-            key_ends = ffi.new("uint64_t[]", list(accumulate(len(k) for k, _ in chunk)))
-            val_ends = ffi.new("uint64_t[]", list(accumulate(len(val) for _, val in chunk)))
-            done[0], grew_for = 0, None
-            while True:
-                rc = lib.mmkv_put_many(self._view, keys, key_ends, vals, val_ends, len(chunk), done)
-                if rc == 0:
-                    break
-                grew_for = self._make_room(rc, *chunk[done[0]], grew_for)
+        for k, val in checked_pairs(source):
+            self._txn.put(k, val)
+
+    def _reserve_for(self, n: int, nbytes: int) -> None:
+        """n pairs holding nbytes of records are about to be put (update's loop, lock held):
+        for a batch of at least tunables.PRESIZE_PAIRS, make room in one step where the puts one by one
+        would take many: an index that would split is rebuilt at its final size when the batch
+        is at least as large as the store (index.presize: O(keys)), and the file grows once
+        for the records that do not fit in its free space.  Only an optimisation: a full disk
+        leaves it to the puts, which grow as far as they can and report what does not fit."""
+        if n < tunables.PRESIZE_PAIRS or self._txn is not None:
+            return
+        eng = self._engine
+        w = eng.words
+        depth = index.presize_depth(eng, w[_COUNT] + n) if w[_COUNT] <= n else None
+        if depth is not None:       # the new index, and the old one until it is freed
+            nbytes += ((1 << depth) + 1) * (index.SEGMENT_BYTES + BLOCK_OVERHEAD)
+        try:
+            short = nbytes + n * BLOCK_OVERHEAD - w[STATE_WORD["free_bytes"]]
+            if short > 0:
+                eng.grow(short)
+            if depth is not None:
+                index.presize(eng, w[_COUNT] + n)
+        except DiskFullError:
+            pass
 
     def clear(self):
         """Remove every key, atomically: a new empty index replaces the old one in one meta switch
@@ -812,37 +622,23 @@ class Store(MutableMapping):
                     pass
         return False
 
-    def incr(self, key, delta: int = 1) -> int:
-        """Add delta to the 8-byte signed counter at key and return the new value.
-
-        Atomic across processes; a missing key counts from 0.  The value is stored
-        as 8 little-endian bytes, so ``db[key]`` reads it back as such.
-        :raises NotACounterError: the existing value is not 8 bytes.
-        :raises OverflowError: the result does not fit in a signed 64-bit integer.
-        """
-        k = key if type(key) is bytes else _as_bytes(key, "key")
-        if type(delta) is not int or len(k) > MAX_KEY_SIZE or self._readonly:   # rare: say why
-            if not isinstance(delta, int):
-                raise TypeError(f"delta must be an int, not {type(delta).__name__}")
-            self._check_sizes(k, b"")
-            self._writable()
-        v = self._view
-        if v is None:
-            raise self._dead()
-        if not self._lock.depth and _INT64_MIN <= delta <= _INT64_MAX:
-            out = self._local.i64
-            rc = lib.mmkv_incr(v, k, len(k), delta, out, 1)
-            if rc == 0:
-                return out[0]
-            if rc == errno.ERANGE:
-                raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
+    def _incr_slow(self, rc, k, delta):
+        """Finish an increment the fast path could not or did not try (rc None): also says why
+        for a delta that is not an int, a key too long or a read-only handle."""
+        if not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        if rc == errno.ERANGE:
+            raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
+        check_sizes(k, b"")
+        self._writable()
+        if rc is not None:
             self._lock.after_fused_write(rc)
         return self._write_locked(self._incr, k, delta)
 
     def _incr(self, k, delta):
         """The general increment: a counter record in place, else a new counter record."""
         if _INT64_MIN <= delta <= _INT64_MAX and self._txn is None:
-            out = self._local.i64
+            out = ffi.new("int64_t *")
             rc = lib.mmkv_incr(self._view, k, len(k), delta, out, 0)
             if rc == 0:
                 return out[0]

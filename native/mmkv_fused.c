@@ -10,10 +10,11 @@
 #define _GNU_SOURCE
 #include "mmkv_internal.h"
 
-/* Take the lock and check the view is current; MMKV_ESTALE (unlocked) when it is not. */
-static int lock_current(struct mmkv_view *v)
+/* Take the lock (take_lock MMKV_TRY_LOCK: only if it is free now, else EBUSY) and check the view
+   is current; MMKV_ESTALE (unlocked) when it is not. */
+static int lock_current(struct mmkv_view *v, int take_lock)
 {
-    int rc = mmkv_lock(v);
+    int rc = take_lock == MMKV_TRY_LOCK ? mmkv_lock_try(v) : mmkv_lock(v);
     if (rc)
         return rc;
     if (__atomic_load_n(&state_of(v)->generation, __ATOMIC_ACQUIRE) != v->generation) {
@@ -85,7 +86,7 @@ int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
              uint32_t flags, int take_lock)
 {
     int rc;
-    if (take_lock && (rc = lock_current(v)))
+    if (take_lock && (rc = lock_current(v, take_lock)))
         return rc;
     rc = put_locked(v, key, klen, val, vlen, flags);
     if (take_lock && clean_result(rc))
@@ -110,16 +111,14 @@ int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
     return 0;
 }
 
-/* Commit order: the README's "Commit orders" table, row "delete". */
-int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
+/* Delete the key found by l (the lock held).  Commit order: the README's "Commit orders" table,
+   row "delete". */
+static int delete_found(struct mmkv_view *v, const struct lookup *found, uint64_t klen)
 {
-    int rc;
-    if (take_lock && (rc = lock_current(v)))
-        return rc;
-    struct lookup l;
+    struct lookup l = *found;
     struct mmkv_state *st = state_of(v);
-    rc = lookup(v, key, klen, &l);
-    if (rc == 0) {
+    int rc;
+    {
         uint64_t first = l.slot, vlen = l.rec->val_len, slots = l.seg + SEG_HDR;
         rc = mmkv_slot_delete(v, l.seg, l.slot);
         if (!rc && v->sync_full) {                /* slots [first, v->slot] changed, maybe wrapping */
@@ -133,7 +132,43 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
             st->live_bytes -= klen + vlen;
         }
     }
+    return rc;
+}
+
+int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v, take_lock)))
+        return rc;
+    struct lookup l;
+    rc = lookup(v, key, klen, &l);
+    if (rc == 0)
+        rc = delete_found(v, &l, klen);
     if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
+int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v, take_lock)))
+        return rc;
+    struct lookup l;
+    rc = lookup(v, key, klen, &l);
+    if (rc == 0 && l.rec->checksum != record_sum(v, l.rec))
+        rc = EBADMSG; /* damaged bytes are never returned as a value */
+    if (rc == 0) {
+        uint64_t n = l.rec->val_len;
+        g->val_len = n;
+        if (n > g->cap) {
+            rc = ENOBUFS;  /* nothing changed: the caller takes the general path */
+        } else {
+            memcpy(g->buf, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), n);
+            rc = delete_found(v, &l, klen);
+        }
+    }
+    if (take_lock && (clean_result(rc) || rc == ENOBUFS))
         mmkv_unlock(v);
     return rc;
 }
@@ -142,7 +177,7 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
 int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result, int take_lock)
 {
     int rc;
-    if (take_lock && (rc = lock_current(v)))
+    if (take_lock && (rc = lock_current(v, take_lock)))
         return rc;
     struct lookup l;
     rc = lookup(v, key, klen, &l);

@@ -466,11 +466,14 @@ int mmkv_view_close(struct mmkv_view *v)
     return 0;
 }
 
-static int lock_holder(struct mmkv_view *v)
+/* Take the store mutex (wait: up to the view's timeout; else only if it is free now, EBUSY
+   otherwise) and record this process as the holder. */
+static int lock_holder(struct mmkv_view *v, int wait)
 {
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
-    int rc = mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns);
+    int rc = wait ? mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns)
+                  : mmkv_mutex_trylock(v->base + MMKV_OFF_LOCKS);
     if (rc == 0 || rc == EOWNERDEAD) {
         struct mmkv_state *s = state_of(v);
         seq_enter(s);
@@ -484,12 +487,21 @@ int mmkv_lock(struct mmkv_view *v)
 {
     if (!enter(v))
         return EBADF;
-    int rc = lock_holder(v);
+    int rc = lock_holder(v, 1);
     leave(v);
     return rc;
 }
 
-int mmkv_lock_final(struct mmkv_view *v) { return lock_holder(v); }
+int mmkv_lock_try(struct mmkv_view *v)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = lock_holder(v, 0);
+    leave(v);
+    return rc;
+}
+
+int mmkv_lock_final(struct mmkv_view *v) { return lock_holder(v, 1); }
 
 int mmkv_unlock(struct mmkv_view *v)
 {
@@ -567,3 +579,28 @@ int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, stru
     return rc;
 }
 
+
+int mmkv_count_nowait(struct mmkv_view *v, uint64_t *count)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = EBUSY;
+    if (v->size >= MMKV_HEADER_SIZE) {
+        struct mmkv_state *st = state_of(v);
+        uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation) {
+            rc = MMKV_ESTALE;
+        } else if (!(s1 & 1)) {
+            uint64_t n = __atomic_load_n(&st->count, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1) {
+                *count = n;
+                rc = 0;
+            }
+        }
+    } else {
+        rc = EINVAL;
+    }
+    leave(v);
+    return rc;
+}

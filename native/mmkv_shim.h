@@ -43,6 +43,9 @@ struct mmkv_view {
     uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
     uint32_t closing;        /* set by mmkv_view_close: mmkv_lock, mmkv_get and the take_lock writes then return EBADF */
     uint64_t active;         /* threads inside mmkv_lock or mmkv_get, which run without the store lock (see mmkv_view_close) */
+    uint32_t held;           /* not read by the core: 1 while the handle owning this view holds the store lock
+                                (db.lock(), a transaction; kept by its StoreLock), so a binding's fast path
+                                takes the general path instead of waiting for itself */
     void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
@@ -116,6 +119,7 @@ int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, ui
    (off below, a slot's low bits) is the payload offset of the block that holds it. */
 int mmkv_lock(struct mmkv_view *v);     /* robust lock + holder bookkeeping; 0, EOWNERDEAD, ETIMEDOUT, ...;
                                            EBADF once mmkv_view_close has begun */
+int mmkv_lock_try(struct mmkv_view *v);  /* mmkv_lock that never waits: EBUSY while another holds the lock */
 int mmkv_lock_final(struct mmkv_view *v);  /* mmkv_lock for the closer itself (ignores closing) */
 int mmkv_view_close(struct mmkv_view *v);  /* refuse new unlocked calls on v (EBADF), wait for those running */
 int mmkv_unlock(struct mmkv_view *v);
@@ -130,6 +134,10 @@ int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, stru
                                         /* mmkv_get that never waits: EBUSY where mmkv_get would wait for
                                            the lock (another holder has it); for a caller that must not
                                            block here (the CPython binding, which holds the GIL) */
+int mmkv_count_nowait(struct mmkv_view *v, uint64_t *count);
+                                        /* the key count without the lock, when no holder is active before
+                                           or after the read: 0, EBUSY (a holder is active: take the lock),
+                                           MMKV_ESTALE (remap) or EBADF (closing) */
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */
@@ -163,15 +171,20 @@ int mmkv_size_class(uint64_t size, uint32_t *cls);   /* the free list a block of
 /*
  * Fused writes: lookup, allocate, write, switch the slot, free, count, with the
  * msyncs of sync_full in commit order (the record, then the slot that makes it
- * live).  Without take_lock the caller holds the lock and keeps it whatever
- * the result.  With take_lock they also lock (checking the view is current)
- * and unlock: after 0 (done) or ENOENT, EAGAIN (split the key's segment
- * first: v->seg names it), ENOSPC (grow the file first), ERANGE (counter
- * overflow), MMKV_ESTALE (remap) or a lock error other than EOWNERDEAD
- * (nothing changed), the lock is released.  After EOWNERDEAD or any other
- * error (EBADMSG, an msync failure) the lock is still held: the caller
- * repairs (recovery) and unlocks.
+ * live).  Without take_lock (0) the caller holds the lock and keeps it whatever
+ * the result.  With take_lock MMKV_TAKE_LOCK they also lock (waiting up to the
+ * view's timeout; checking the view is current) and unlock; with MMKV_TRY_LOCK
+ * likewise, but they never wait: EBUSY while another holds the lock (for a
+ * caller that must not block there, the CPython binding holding the GIL).
+ * After 0 (done) or ENOENT, EAGAIN (split the key's segment first: v->seg
+ * names it), ENOSPC (grow the file first), ERANGE (counter overflow),
+ * MMKV_ESTALE (remap) or a lock error other than EOWNERDEAD (nothing
+ * changed), the lock is released.  After EOWNERDEAD or any other error
+ * (EBADMSG, an msync failure) the lock is still held: the caller repairs
+ * (recovery) and unlocks.
  */
+#define MMKV_TAKE_LOCK 1
+#define MMKV_TRY_LOCK 2
 int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
              uint32_t flags, int take_lock);
 int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, const uint8_t *vals,
@@ -180,6 +193,10 @@ int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
                                            keys[key_ends[i-1]:key_ends[i]]), stopping at the first
                                            error (EAGAIN, ENOSPC: split or grow, then call again) */
 int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock);   /* ENOENT: absent */
+int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g, int take_lock);
+                                        /* pop: copy the value into g and delete the key; ENOENT: absent;
+                                           ENOBUFS: the value is bigger than g->cap (g->val_len set; nothing
+                                           changed, the lock released like ENOENT) */
 int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result,
               int take_lock);   /* ENOENT: absent or not a counter record (take the general path) */
 

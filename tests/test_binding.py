@@ -57,6 +57,57 @@ SCENARIO = textwrap.dedent('''
                         attempt(lambda: bad in db)])
         return out
 
+    def writes(db):
+        out = []
+
+        def rec(label, f):
+            out.append([label, attempt(f)])
+
+        rec("set bytes", lambda: db.__setitem__(b"w1", b"x"))
+        rec("set str", lambda: db.__setitem__("w2", "\u00e9"))
+        rec("set bytearray", lambda: db.__setitem__(bytearray(b"w3"), memoryview(b"mv")))
+        rec("set bad key", lambda: db.__setitem__(1, b"x"))
+        rec("set bad value", lambda: db.__setitem__(b"w4", 1.5))
+        rec("set huge key", lambda: db.__setitem__(b"k" * 70000, b"x"))
+        rec("set surrogate", lambda: db.__setitem__(chr(0xD800), b"x"))
+        rec("read back", lambda: [db[b"w1"], db["w2"], db[b"w3"], db.get(b"w4")])
+        rec("len", lambda: len(db))
+        rec("del", lambda: db.__delitem__(b"w1"))
+        rec("del absent", lambda: db.__delitem__(b"w1"))
+        rec("del bad", lambda: db.__delitem__(2.5))
+        rec("pop", lambda: db.pop("w2"))
+        rec("pop absent default", lambda: db.pop(b"w2", "dflt"))
+        rec("pop absent", lambda: db.pop(b"w2"))
+        rec("set big", lambda: db.__setitem__(b"bigpop", big))
+        rec("pop big", lambda: db.pop(b"bigpop"))
+        rec("pop big again", lambda: db.pop(b"bigpop", None))
+        rec("pop too many", lambda: db.pop(b"a", 1, 2))
+        rec("incr", lambda: db.incr(b"c"))
+        rec("incr delta kw", lambda: db.incr(b"c", delta=5))
+        rec("incr key kw", lambda: db.incr(key=b"c"))
+        rec("incr negative", lambda: db.incr(b"c", -100))
+        rec("incr huge delta", lambda: db.incr(b"c2", 1 << 70))
+        rec("incr float", lambda: db.incr(b"c", 1.5))
+        rec("incr bool", lambda: db.incr(b"c", True))
+        rec("incr to max", lambda: db.incr(b"c3", (1 << 63) - 1))
+        rec("incr overflow", lambda: db.incr(b"c3"))
+        rec("incr not counter", lambda: db.incr(b"w3"))
+        rec("incr plain 8 bytes", lambda: (db.__setitem__(b"c4", (5).to_bytes(8, "little")), db.incr(b"c4"))[1])
+        rec("update dict", lambda: db.update({b"u1": b"1", "u2": "2"}))
+        rec("update pairs kw", lambda: db.update([(b"u3", b"3")], u4=b"4"))
+        rec("update generator", lambda: db.update((b"g%d" % i, b"v") for i in range(3)))
+        rec("update short pair", lambda: db.update([(b"u5", b"5"), (b"u6",)]))
+        rec("update bad value", lambda: db.update({b"u7": b"7", b"u8": 8}))
+        rec("update not pairs", lambda: db.update([1]))
+        rec("update huge value key", lambda: db.update({b"u9": b"9", b"k" * 70000: b""}))
+        rec("nothing of a bad update", lambda: [k in db for k in (b"u5", b"u7", b"u9")])
+        rec("update big", lambda: db.update({b"b%05d" % i: b"v" * (i % 50) for i in range(3000)}))
+        rec("update mapping", lambda: db.update(dict.fromkeys([b"m1", b"m2"], b"m").items()))
+        rec("read updates", lambda: [db.get(k) for k in (b"u1", b"u2", b"u3", b"u4", b"g2", b"b02999", b"m2")])
+        rec("len", lambda: len(db))
+        rec("check", lambda: db.check().ok)
+        return out
+
     res = {"binding": mmkv.store.BINDING}
     db = mmkv.open(path, flag="n")
     db[b"a"] = b"1"
@@ -91,6 +142,23 @@ SCENARIO = textwrap.dedent('''
     res["still_open_in_parent"] = show(db[b"big"])
     db.close()
     res["closed"] = probe(db)
+    w = mmkv.open(path + ".w", flag="n")
+    res["writes"] = writes(w)
+    w.clear()
+    with w.lock():
+        res["writes_locked"] = writes(w)
+    w.clear()
+    try:
+        with w.transaction():
+            res["writes_txn"] = writes(w)[:-1]         # (check() inside a transaction sees the old state)
+    except Exception as exc:
+        res["writes_txn_raised"] = [type(exc).__name__, str(exc)]
+    res["after_txn_len"] = len(w)
+    w.close()
+    res["writes_closed"] = writes(w)
+    ro = mmkv.open(path + ".w", flag="r")
+    res["writes_readonly"] = writes(ro)
+    ro.close()
     print(json.dumps(res))
 ''')
 
@@ -124,6 +192,34 @@ def test_both_bindings_give_identical_results(tmp_path):
     assert txn["b'a'"][3] == ["obj", "False"] and txn["b'absent'"][0][:2] == ["bytes", 6]
     assert all(cell[:2] == ["raised", "ForkedHandleError"] for cell in fast["forked"])
     assert all(cell[:2] == ["raised", "ClosedError"] for row in fast["closed"][:10] for cell in row[1:])
+    writes = dict(fast["writes"])
+    assert writes["set bytes"] == ["obj", "None"]
+    assert writes["set bad key"][:2] == writes["set bad value"][:2] == ["raised", "TypeError"]
+    assert writes["set huge key"][:2] == ["raised", "LimitError"]
+    assert writes["set surrogate"][:2] == ["raised", "UnicodeEncodeError"]
+    assert writes["read back"] == ["obj", repr([b"x", "\u00e9".encode(), b"mv", None])]
+    assert writes["del absent"] == ["raised", "KeyError", repr(b"w1")]
+    assert writes["pop"][:2] == ["bytes", 2] and writes["pop absent default"] == ["obj", "'dflt'"]
+    assert writes["pop absent"][:2] == ["raised", "KeyError"] and writes["pop too many"][:2] == ["raised", "TypeError"]
+    assert writes["pop big"][:2] == ["bytes", 204800] and writes["pop big again"] == ["obj", "None"]
+    assert [writes[k] for k in ("incr", "incr delta kw", "incr key kw", "incr negative")] == \
+        [["obj", "1"], ["obj", "6"], ["obj", "7"], ["obj", "-93"]]
+    assert writes["incr huge delta"][:2] == writes["incr overflow"][:2] == ["raised", "OverflowError"]
+    assert writes["incr float"][:2] == ["raised", "TypeError"] and writes["incr bool"] == ["obj", "-92"]
+    assert writes["incr not counter"][:2] == ["raised", "NotACounterError"]
+    assert writes["incr plain 8 bytes"] == ["obj", "6"]
+    assert writes["update short pair"][:2] == ["raised", "ValueError"]
+    assert writes["update bad value"][:2] == writes["update not pairs"][:2] == ["raised", "TypeError"]
+    assert writes["update huge value key"][:2] == ["raised", "LimitError"]
+    assert writes["nothing of a bad update"] == ["obj", "[False, False, False]"]
+    assert writes["read updates"] == ["obj", repr([b"1", b"2", b"3", b"4", b"v", b"v" * 49, b"m"])]
+    assert writes["check"] == ["obj", "True"]
+    assert fast["writes_locked"] == fast["writes"]          # inside db.lock(): the general path, same answers
+    assert fast["writes_txn"] == fast["writes"][:-1]
+    assert all(cell[1][:2] == ["raised", "ReadOnlyError"] for cell in fast["writes_readonly"]
+               if cell[0] in ("set bytes", "del", "pop", "incr", "update dict"))
+    assert all(cell[1][:2] == ["raised", "ClosedError"] for cell in fast["writes_closed"]
+               if cell[0] in ("set bytes", "del", "pop", "incr", "update dict", "len", "read back"))
 
 
 @pytest.mark.parametrize("wanted", ["cffi", "cpython"])
@@ -215,3 +311,84 @@ def test_reads_racing_a_close_in_another_thread(path):
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("call", ["set", "delete", "pop", "incr", "len", "update"])
+def test_a_write_waiting_for_the_lock_lets_the_holder_run(path, call):
+    """As for reads: a write (or len) that must wait for the lock, held by another thread of this
+    process that needs the GIL to finish, waits without the GIL."""
+    holder = mmkv.open(path, lock_timeout=10)
+    waiter = mmkv.open(path, lock_timeout=3, lock_report_after=None)
+    holder[b"k"] = b"old"
+    holder[b"n"] = (0).to_bytes(8, "little")
+    locked = threading.Event()
+    spins = []
+
+    def hold():
+        with holder.lock():
+            locked.set()
+            n, end = 0, time.monotonic() + 0.3
+            while time.monotonic() < end:     # Python work: needs the GIL
+                n += 1
+            spins.append(n)
+
+    ops = {"set": lambda: waiter.__setitem__(b"k", b"new"), "delete": lambda: waiter.__delitem__(b"k"),
+           "pop": lambda: waiter.pop(b"k"), "incr": lambda: waiter.incr(b"n"), "len": lambda: len(waiter),
+           "update": lambda: waiter.update({b"u": b"1"})}
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert locked.wait(10)
+        t0 = time.monotonic()
+        got = ops[call]()
+        waited = time.monotonic() - t0
+    finally:
+        t.join()
+    try:
+        assert spins and spins[0] > 0
+        assert waited < 3                     # done once the holder let go, never a timeout
+        expected = {"set": None, "delete": None, "pop": b"old", "incr": 1, "len": 2, "update": None}[call]
+        assert got == expected
+        waiter.check()
+    finally:
+        holder.close()
+        waiter.close()
+
+
+def test_writes_racing_a_close_in_another_thread(path):
+    """Writers in threads while another thread closes the handle: each call completes or raises
+    ClosedError; the file is sound afterwards."""
+    db = mmkv.open(path)
+    errors = []
+
+    def write(t):
+        i = 0
+        while True:
+            k = b"t%d-%d" % (t, i % 50)
+            try:
+                if i % 4 == 0:
+                    db[k] = b"v" * (i % 300)
+                elif i % 4 == 1:
+                    db.pop(k, None)
+                elif i % 4 == 2:
+                    db.incr(b"ctr%d" % t)
+                else:
+                    db.update({k: b"u", k + b"x": b"w"})
+            except mmkv.ClosedError:
+                return
+            except BaseException as exc:     # pragma: no cover - reported below
+                errors.append(exc)
+                return
+            i += 1
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    db.close()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with mmkv.open(path) as db:
+        db.check()
+        assert sum(1 for k in db if k.startswith(b"ctr")) == 3

@@ -41,7 +41,9 @@ The parent then reopens the file (recovery runs) and checks that:
 * ``check()`` passes.
 
 The writers lower the index's split threshold (MAX_LOAD) so that segment
-splits, and the failpoints on them, come every few hundred inserts.
+splits, and the failpoints on them, come every few hundred inserts, and the
+batch size at which update() presizes the index (PRESIZE_PAIRS) so that the
+stream's larger batches rebuild it in one step (the rebuild.* failpoints).
 
 **Power-loss simulator.**  One process, one handle: it records the file at
 every sync barrier of a writer and opens crash images cut between barriers
@@ -65,6 +67,7 @@ from ..engine import failpoints
 POOL = 600                      # keys the writer draws from
 SIZES = (0, 1, 10, 100, 1000, 5000, 70_000)
 TORTURE_MAX_LOAD = 0.01         # the writer's split threshold: 163 keys per segment
+TORTURE_PRESIZE_PAIRS = 100     # the writer's update() presizes the index from this many pairs
 #: The kinds of bystander process, and the names of the file a process may open it through.
 BYSTANDER_KINDS = ("idle", "reader", "writer", "reopener")
 NAME_KINDS = ("path", "hardlink", "symlink", "relative")
@@ -102,7 +105,8 @@ def operations(seed: int, clears: bool = True):
         elif r < 0.88:
             yield ("txn", [(key(), None if rnd.random() < 0.25 else value()) for _ in range(rnd.randint(2, 6))])
         elif r < 0.998:
-            batch = {key(): rnd.randbytes(rnd.randrange(64)) for _ in range(rnd.randint(10, 120))}
+            size = rnd.randint(10, 120) if rnd.random() < 0.85 else rnd.randint(150, 500)
+            batch = {key(): rnd.randbytes(rnd.randrange(64)) for _ in range(size)}
             yield ("batch", list(batch.items()))
         elif clears:
             yield ("clear",)
@@ -360,6 +364,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def _lower_split_threshold() -> None:
     from ..engine import tunables
     tunables.set_max_load(TORTURE_MAX_LOAD)
+    tunables.set_presize_pairs(TORTURE_PRESIZE_PAIRS)
 
 
 # ---------------------------------------------------------------- the victim
@@ -864,6 +869,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
         run += 1
         path = os.path.join(folder, f"power-{seed}-{run}.mmkv")
         saved = tunables.set_max_load(TORTURE_MAX_LOAD)
+        saved_presize = tunables.set_presize_pairs(TORTURE_PRESIZE_PAIRS)
         try:
             db = mmkv.open(path, sync=sync)
             recorder = BarrierRecorder(db)
@@ -881,6 +887,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
             pending_end = recorder.pending()
         finally:
             tunables.set_max_load(saved)
+            tunables.set_presize_pairs(saved_presize)
         # replay the barriers: durable state after barrier i, pages pending until barrier i + 1
         # one image per barrier: the durable state after i barriers, cut before barrier i + 1
         durable = bytearray(recorder.first)

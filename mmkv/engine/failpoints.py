@@ -10,7 +10,8 @@ Points: put.after_record, put.after_slot, delete.mid_shift, alloc.mid,
 free.mid, incr.before_store, sync.before, sync.after (in the shim);
 grow.after_fallocate, meta.before_sync, split.before_meta, split.after_meta,
 txn.after_records, txn.mid_journal, txn.after_journal, txn.after_commit,
-txn.mid_apply, txn.before_retire, recover.mid_rebuild (in Python).
+txn.mid_apply, txn.before_retire, recover.mid_rebuild, rebuild.before_meta,
+rebuild.after_meta (in Python).
 """
 import os
 
@@ -20,7 +21,7 @@ NAMES = ("put.after_record", "put.after_slot", "delete.mid_shift", "alloc.mid", 
          "incr.before_store", "sync.before", "sync.after", "grow.after_fallocate", "meta.before_sync",
          "split.before_meta", "split.after_meta", "txn.after_records", "txn.mid_journal",
          "txn.after_journal", "txn.after_commit", "txn.mid_apply", "txn.before_retire",
-         "recover.mid_rebuild")
+         "recover.mid_rebuild", "rebuild.before_meta", "rebuild.after_meta")
 
 armed = False
 

@@ -25,26 +25,32 @@ from .layout import SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_MASK,
 from .layout import slot_word  # noqa: F401 (callers build slot words as index.slot_word)
 
 
-def create(allocate, view, words, free=None) -> tuple:
-    """A new empty index (a one-entry directory and one segment): (dir_off, dir_bits).
+def create(allocate, view, words, free=None, depth: int = 0) -> tuple:
+    """A new empty index: a directory of 2^depth entries, each naming a segment of its own
+    (depth 0: one entry, one segment).  Returns (dir_off, dir_bits).
 
     ``allocate(payload)`` returns a payload offset; ``view()`` and ``words()`` must
     describe the mapping after the allocations (allocate may grow the file).
-    ``free(offset, payload)``, when given, returns the segment's block if the directory's
-    allocation raises (DiskFullError), so a failed create leaves no block behind.
+    ``free(offset, payload)``, when given, returns the blocks already taken if an allocation
+    raises (DiskFullError), so a failed create leaves no block behind.
     """
-    seg = allocate(SEGMENT_BYTES)
+    taken = []
     try:
-        d = allocate(8)
+        for _ in range(1 << depth):
+            taken.append((allocate(SEGMENT_BYTES), SEGMENT_BYTES))
+        taken.append((allocate(8 << depth), 8 << depth))
     except BaseException:
-        if free and seg:
-            free(seg, SEGMENT_BYTES)
+        for off, payload in taken:
+            if free and off:
+                free(off, payload)
         raise
-    if not seg or not d:
+    if not all(off for off, _ in taken):
         raise CorruptionError("no room for a new index in a fresh heap")
-    raise_for(lib.mmkv_segment_init(view(), seg, 0, 0), "segment init")
-    words()[d >> 3] = seg
-    return d, 0
+    d = taken[-1][0]
+    for prefix, (seg, _) in enumerate(taken[:-1]):
+        raise_for(lib.mmkv_segment_init(view(), seg, depth, prefix), "segment init")
+        words()[(d >> 3) + prefix] = seg
+    return d, depth
 
 
 def segment_depth(words, seg: int) -> int:
@@ -230,9 +236,10 @@ def shape(eng) -> dict:
     return {"index_depth": v.dir_bits, "index_segments": segments, "index_slots": segments * SEGMENT_SLOTS}
 
 
-def rebuild(eng, words: list) -> None:
-    """Replace the live index with a new one holding exactly ``words`` (slot words); commit
-    order: the "index rebuild" row of the README's "Commit orders" table.
+def rebuild(eng, words: list, depth: int = 0) -> None:
+    """Replace the live index with a new one holding exactly ``words`` (slot words), starting
+    from 2^depth segments (see create); commit order: the "index rebuild" row of the README's
+    "Commit orders" table.
 
     Built privately, made durable, then switched in by one meta write; the old
     index's blocks are freed after the switch.  An error before the switch
@@ -244,7 +251,7 @@ def rebuild(eng, words: list) -> None:
     old = pieces(eng)
     view = ffi.new("struct mmkv_view *")
     view[0] = live[0]
-    view.dir_off, view.dir_bits = create(eng.allocate, lambda: eng.view, lambda: eng.words, eng.free)
+    view.dir_off, view.dir_bits = create(eng.allocate, lambda: eng.view, lambda: eng.words, eng.free, depth)
     try:
         for i, word in enumerate(words):
             if failpoints.armed and i == len(words) // 2:
@@ -253,14 +260,46 @@ def rebuild(eng, words: list) -> None:
         eng.follow(view)
         for block, size in blocks(eng, view):
             eng.fm.sync(block, size)
+        if failpoints.armed:
+            failpoints.hit(b"rebuild.before_meta")
     except BaseException:
         eng.follow(view)
         for off, need in pieces(eng, view):
             eng.free(off, need)
         raise
     eng.write_meta(dir_off=view.dir_off, dir_bits=view.dir_bits)
+    if failpoints.armed:
+        failpoints.hit(b"rebuild.after_meta")
     for off, need in old:
         eng.free(off, need)
+
+
+def presize_depth(eng, total_keys: int):
+    """The depth presize would rebuild the index at for total_keys, or None when the live index
+    has enough segments (the new index takes 2^depth * SEGMENT_BYTES and a directory)."""
+    need = max(1, -(-(total_keys * 5 // 4) // max(1, eng.view.max_count)))     # segments, rounded up
+    depth = (need - 1).bit_length()
+    return None if (1 << depth) <= len(pieces(eng)) - 1 else depth
+
+
+def presize(eng, total_keys: int) -> bool:
+    """Make the live index hold total_keys without a split, in one structural step, when that
+    takes more segments than it has: a rebuild (see rebuild: built privately, made durable,
+    one meta switch) into 2^d segments, d the least depth at which they hold total_keys at
+    the split threshold with a quarter to spare for uneven hashing, keeping every entry.
+
+    For a batch of writes (update) into a small index: one step instead of the splits that
+    inserting the keys one by one would make, each its own durable meta switch.  O(keys now in
+    the index); the caller holds the lock.  Returns True when it rebuilt.
+    :raises DiskFullError: no room for the new index; nothing changed.
+    """
+    depth = presize_depth(eng, total_keys)
+    if depth is None:
+        return False
+    v, w = eng.view, eng.words
+    words = [w[((seg + SEGMENT_HEADER) >> 3) + slot] for seg, slot, _ in entries(v)]
+    rebuild(eng, words, depth)
+    return True
 
 
 def audit(view) -> tuple:

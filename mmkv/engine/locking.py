@@ -9,8 +9,9 @@ and the triage of a result code from a fast call that took the lock itself (a lo
 read or a fused write) before the general path runs.
 
 Concurrency: a handle may be shared by threads.  The mutex serialises them with every other
-process; ``depth``/``owner`` are only written by the thread that holds the mutex, so the
-check ``held_here()`` is exact for the calling thread.  Blocking: ``acquire`` waits up to
+process; ``depth``/``owner`` (and the view's ``held`` word, which tells the bindings' fast
+paths in C that this handle holds the lock) are only written by the thread that holds the
+mutex, so the check ``held_here()`` is exact for the calling thread.  Blocking: ``acquire`` waits up to
 lock_timeout (None: forever) and raises LockTimeoutError after it; nothing else here waits,
 except ``take_for_close``, which also waits for this handle's own threads.
 """
@@ -28,9 +29,9 @@ from ..errors import CorruptionError, Error, LockTimeoutError
 log = logging.getLogger("mmkv")
 
 #: Fast-call results after which the general (locked) path runs: nothing was changed and the
-#: lock is not held (ESTALE: remap first; ENOBUFS: a value bigger than the buffer; ENOSPC,
+#: lock is not held (ESTALE: remap first; ENOBUFS: a value bigger than the buffer (get, pop); ENOSPC,
 #: EAGAIN: the file or the index must grow first; ENOENT: an incr of a non-counter).
-_RETRY_LOCKED = (ESTALE, errno.ENOSPC, errno.EAGAIN, errno.ENOENT)
+_RETRY_LOCKED = (ESTALE, errno.ENOSPC, errno.EAGAIN, errno.ENOENT, errno.ENOBUFS)
 #: Fused-write results that come from taking the lock: nothing was changed, nothing is held.
 _LOCK_FAILURES = (errno.ETIMEDOUT, errno.ENOTRECOVERABLE, errno.EINVAL, errno.EDEADLK, errno.EBADF)
 
@@ -66,6 +67,7 @@ class StoreLock:
 
     def _mine(self) -> None:
         self.depth, self.owner = 1, threading.get_ident()
+        self.engine.view.held = 1       # the bindings' fast paths take the general path meanwhile
 
     # ------------------------------------------------------------ acquire, release
     def acquire(self) -> None:
@@ -123,11 +125,14 @@ class StoreLock:
         self.depth -= 1
         if self.depth == 0:
             self.owner = None
+            self.engine.view.held = 0
             raise_for(lib.mmkv_unlock(self.engine.view), f"unlock of {self.path!r}")
 
     def forget(self) -> None:
         """The handle is closing: nobody holds the lock through it any more."""
         self.depth, self.owner = 0, None
+        if self.engine.view is not None:
+            self.engine.view.held = 0
 
     def take_for_close(self) -> bool:
         """Take the mutex for close (True), repairing a dead holder's work; False when another

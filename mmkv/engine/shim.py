@@ -23,7 +23,7 @@ from ..errors import ClosedError, CorruptionError, DiskFullError, Error, LockTim
 
 ESTALE = lib.MMKV_ESTALE
 
-#: The binding of the per-call reads, chosen once at import: "cpython" (the extension
+#: The binding of the per-call operations, chosen once at import: "cpython" (the extension
 #: mmkv._fast, calling this module's C core through function pointers) or "cffi" (the portable
 #: binding).  Environment variable MMKV_BINDING: "cffi" forces cffi, "cpython" requires the
 #: extension (ImportError without it), unset or empty picks the extension when it is built.
@@ -37,11 +37,26 @@ if _WANTED != "cffi":
     except ImportError:
         if _WANTED == "cpython":
             raise
-    else:
-        # the core exists once, in the cffi module: the extension calls it through these
-        fast.init(int(ffi.cast("uintptr_t", ffi.addressof(lib, "mmkv_get"))),
-                  int(ffi.cast("uintptr_t", ffi.addressof(lib, "mmkv_get_nowait"))))
 BINDING = "cffi" if fast is None else "cpython"
+
+
+def init_fast(**replace) -> None:
+    """Hand the extension the addresses of the core's functions (fast.CORE_FUNCTIONS): the cffi
+    module's, which are the only copy of the core in the process.  replace: name -> address
+    (an int) to use instead, for tests that fake a result (a cffi callback); calling it again
+    without replace restores the core.  No-op on the cffi binding."""
+    if fast is None:
+        return
+    from ..errors import LimitError
+    from .tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
+    addresses = [replace.pop(name) if name in replace else int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+                 for name in fast.CORE_FUNCTIONS]
+    if replace:
+        raise ValueError(f"not functions the extension calls: {sorted(replace)}")
+    fast.init(addresses, LimitError, MAX_KEY_SIZE, MAX_VALUE_SIZE)
+
+
+init_fast()
 
 #: errno -> (exception class, what to do).  Anything else is a plain mmkv.Error.
 _ERRORS = {

@@ -23,6 +23,9 @@ GROW_STEP_MIN = 256 * 1024
 GROW_STEP_MAX = 1 << 30
 #: Allocations of at least this many bytes are page-aligned and sized in whole pages.
 LARGE_BLOCK = 64 * 1024
+#: update() of at least this many pairs first makes room in one step (Store._reserve_for): the
+#: index at its final size, the file grown once.  Read at each update (see set_presize_pairs).
+PRESIZE_PAIRS = 1024
 #: Blocks a first-fit scan of one free list may inspect before taking a larger class.
 FIT_SCAN = 32
 
@@ -38,4 +41,12 @@ def set_max_load(load: float) -> float:
     if not 0 < load <= 1:
         raise ValueError(f"load must be in (0, 1], not {load}")
     old, MAX_LOAD = MAX_LOAD, load
+    return old
+
+
+def set_presize_pairs(pairs: int) -> int:
+    """Set PRESIZE_PAIRS (the crash kit lowers it so that its small batches presize); returns the
+    old value."""
+    global PRESIZE_PAIRS
+    old, PRESIZE_PAIRS = PRESIZE_PAIRS, pairs
     return old
