@@ -392,3 +392,25 @@ def test_writes_racing_a_close_in_another_thread(path):
     with mmkv.open(path) as db:
         db.check()
         assert sum(1 for k in db if k.startswith(b"ctr")) == 3
+
+
+#: The suites run again on the other binding within the default run: the store API, the hypothesis
+#: state machines, concurrency, transactions, lock-free reads, batches and the crash tests.
+OTHER_BINDING_SUITES = ("test_store_api.py", "test_stateful.py", "test_concurrency.py", "test_transactions.py",
+                        "test_lockfree_reads.py", "test_multiprocess_lock.py", "test_batch.py", "test_crash.py",
+                        "test_crash_bystanders.py")
+
+
+def test_the_store_suites_pass_on_the_other_binding(tmp_path):
+    """This run uses one binding (the extension unless MMKV_BINDING says cffi); the suites that
+    exercise the store's behaviour run here once more on the other, in a child pytest."""
+    other = "cffi" if mmkv.store.BINDING == "cpython" else "cpython"
+    if other == "cpython" and not HAVE_FAST:
+        pytest.skip("the CPython extension is not built: only the cffi binding can be tested")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "run"),
+           *(os.path.join(here, name) for name in OTHER_BINDING_SUITES)]
+    out = subprocess.run(cmd, env=dict(os.environ, MMKV_BINDING=other), capture_output=True, text=True,
+                         timeout=1200, cwd=os.path.dirname(here))
+    assert out.returncode == 0, f"on the {other} binding:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
+    assert " passed" in out.stdout and " failed" not in out.stdout
