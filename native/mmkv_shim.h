@@ -96,6 +96,8 @@ int mmkv_sem_value(void *sem, int32_t *value);
 int mmkv_msync(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int flags);
 int mmkv_madvise(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int advice);
 int mmkv_fallocate(int fd, int64_t off, int64_t len);
+int mmkv_writeback(int fd, int64_t off, int64_t len);  /* start writing the range's dirty pages back (no wait):
+                                        the msyncs that follow overlap their waits instead of queueing them */
 
 /* Open-file-description (OFD) byte locks on a file: owned by the open file description, not the
    process, so two opens in one process conflict, fork shares them, and closing an unrelated

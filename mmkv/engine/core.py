@@ -22,7 +22,7 @@ from .allocator import Allocator, span
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, RECORD_HEADER,
                      SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, parse_identity, parse_meta, record_key)
 from .mapping import FileMap, grow_file, next_size
-from .shim import ffi
+from .shim import ffi, lib
 from . import tunables
 from .tunables import FIT_SCAN, LARGE_BLOCK
 from ..errors import CorruptionError, TruncatedError
@@ -243,10 +243,16 @@ class Engine:
         view.base, view.size, view.heap_end = live.base, live.size, live.heap_end
 
     # ------------------------------------------------------------ durability, decoding
-    def make_durable(self, off: int, payload: int) -> None:
-        """msync the block at payload offset off (header and payload): a barrier before the
-        meta names it.  Synchronous in both sync modes (structural steps are rare)."""
-        self.fm.sync(*span(off, payload))
+    def make_durable(self, *pieces) -> None:
+        """msync the blocks at these (payload offset, payload bytes) pieces (headers and payloads):
+        a barrier before the meta names them.  Synchronous in both sync modes (structural steps
+        are rare).  Every piece's write-back is started first, so the waits overlap."""
+        spans = [span(off, payload) for off, payload in pieces]
+        if len(spans) > 1:
+            for start, length in spans:
+                lib.mmkv_writeback(self.fd, start, length)    # a hint: a failure shows in the msync
+        for start, length in spans:
+            self.fm.sync(start, length)
 
     def barrier(self) -> None:
         """sync="full": everything written so far is on disk before the next step."""

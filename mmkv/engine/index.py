@@ -86,8 +86,7 @@ def split(eng, view, seg: int, publish: bool = True) -> None:
         eng.follow(view)
         raise_for(lib.mmkv_dir_build(view, d, bits, seg, a, b), "directory build")
         if publish:
-            for off, payload in taken:
-                eng.make_durable(off, payload)   # the new pieces are durable before the meta names them
+            eng.make_durable(*taken)             # the new pieces are durable before the meta names them
             if failpoints.armed:
                 failpoints.hit(b"split.before_meta")
     except BaseException:
@@ -258,8 +257,7 @@ def rebuild(eng, words: list, depth: int = 0) -> None:
                 failpoints.hit(b"recover.mid_rebuild")
             insert(eng, view, word, publish=False)
         eng.follow(view)
-        for block, size in blocks(eng, view):
-            eng.fm.sync(block, size)
+        eng.make_durable(*pieces(eng, view))
         if failpoints.armed:
             failpoints.hit(b"rebuild.before_meta")
     except BaseException:
