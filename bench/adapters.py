@@ -49,6 +49,9 @@ class Adapter:
     def absent_loop(self, keys):
         raise NotImplementedError
 
+    def contains_loop(self, keys):
+        raise NotImplementedError
+
     def put_loop(self, items):
         raise NotImplementedError
 
@@ -129,6 +132,11 @@ class MappingStore(Adapter):
         get = self.m.get
         for k in keys:
             get(k)
+
+    def contains_loop(self, keys):
+        m = self.m
+        for k in keys:
+            k in m
 
     def put_loop(self, items):
         m = self.m
@@ -295,6 +303,12 @@ class LmdbStore(Adapter):
 
     absent_loop = get_loop      # txn.get returns None for an absent key
 
+    def contains_loop(self, keys):
+        begin = self.env.begin
+        for k in keys:
+            with begin() as txn:
+                txn.get(k) is not None
+
     def put_loop(self, items):
         begin = self.env.begin
         for k, v in items:
@@ -384,6 +398,12 @@ class LmdbReusedTxnStore(LmdbStore):
                 get(k)
 
     absent_loop = get_loop
+
+    def contains_loop(self, keys):
+        with self.env.begin() as txn:
+            get = txn.get
+            for k in keys:
+                get(k) is not None
 
 
 # ===================================================================== sqlite

@@ -24,6 +24,7 @@ Workloads (``--only`` names):
 ==============  ==============================================================================
 get             get of present keys through each system's per-call API (100-byte values)
 get_absent      get of absent keys
+contains        ``k in store`` of present keys (lmdb: ``txn.get(k) is not None``)
 put             put of new keys, each call its own commit, no sync; 100-byte and 1000-byte values
 batch_put       put of N keys in one transaction / batch
 delete          delete of every key, each call its own commit
@@ -110,6 +111,7 @@ CHUNK = 100_000           # keys per chunk when building big stores
 PARTICIPANTS = {
     "get": ["mmkv", "lmdb", "lmdb-reused-txn", "sqlite", "diskcache", "dict", "redis"],
     "get_absent": ["mmkv", "lmdb", "lmdb-reused-txn", "sqlite", "diskcache", "dict", "redis"],
+    "contains": ["mmkv", "lmdb", "lmdb-reused-txn", "diskcache", "dict"],
     "put": ["mmkv", "lmdb", "sqlite", "diskcache", "dict", "redis"],
     "batch_put": ["mmkv", "lmdb", "sqlite", "diskcache", "dict", "redis"],
     "delete": ["mmkv", "lmdb", "sqlite", "diskcache", "dict", "redis"],
@@ -119,15 +121,16 @@ PARTICIPANTS = {
     "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
     "scale": ["mmkv"],
 }
-TABLE_ORDER = ["get", "get_absent", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
+TABLE_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
                "scale"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
-RUN_ORDER = ["get", "get_absent", "put", "batch_put", "delete", "durable_put", "counter", "space", "scale",
+RUN_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "space", "scale",
              "open"]
 
 TITLES = {
     "get": "get, present keys (per call)",
     "get_absent": "get, absent keys (per call)",
+    "contains": "`in`, present keys (per call)",
     "put": "put, each call its own commit, no sync",
     "batch_put": "put of N keys in one transaction / batch",
     "delete": "delete, each call its own commit",
@@ -266,6 +269,7 @@ def shuffled(seq, rng):
 # ===================================================================== workloads 1, 2: get
 def wl_get(run, workload):
     absent = workload == "get_absent"
+    contains = workload == "contains"
     n = run.size["n"]
     rng = random.Random(1)
     systems = run.systems(workload)
@@ -291,7 +295,7 @@ def wl_get(run, workload):
         order = shuffled(probe, rng)
         for s, ad in list(stores.items()):
             try:
-                dt = timed(ad.absent_loop if absent else ad.get_loop, order)
+                dt = timed(ad.absent_loop if absent else ad.contains_loop if contains else ad.get_loop, order)
                 runs[s].append(n / dt)
             except Exception as exc:
                 run.fail(workload, s, f"{type(exc).__name__}: {exc}")
@@ -301,7 +305,8 @@ def wl_get(run, workload):
         remove(ad.folder)
     values = {s: summarize(v) for s, v in runs.items() if v}
     what = "absent" if absent else "present"
-    run.metric(workload, workload, f"get {what} key, {n:,} keys, {VALUE_SIZE} B values", "ops/s", "higher", values)
+    op = "`in` of a present key" if contains else f"get {what} key"
+    run.metric(workload, workload, f"{op}, {n:,} keys, {VALUE_SIZE} B values", "ops/s", "higher", values)
 
 
 # ===================================================================== workload 3: put
@@ -773,7 +778,7 @@ def wl_scale(run, workload):
     run.prebuilt[("mmkv", n)] = path
 
 
-WORKLOADS = {"get": wl_get, "get_absent": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
+WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
              "scale": wl_scale}
 
