@@ -5,7 +5,8 @@
  * type slots and methods are the hot calls: db[k], db.get, k in db, len(db), db[k] = v,
  * del db[k], db.pop, db.incr, and the loop of db.update (_put_pairs).  So db[k] reaches C
  * through the mapping slot with no Python frame in between, the key's bytes go to the core as
- * they are, and a value comes back as a bytes object built in one copy.
+ * they are, and a value is copied once, from the mapping straight into the bytes object
+ * returned (the core asks for it, through the getbuf's alloc hook, once it knows the length).
  *
  * Not part of the C core.  This module compiles none of the core's files and links none of
  * its symbols: it calls the core through the table of function pointers that
@@ -210,11 +211,47 @@ static PyObject *call_slow(Handle *self, PyObject *name, int rc, PyObject *key, 
 
 /* ------------------------------------------------------------------ core calls and the GIL */
 
-/* One lookup: without waiting while the GIL is held, else waiting without it (see above). */
+/* The getbuf alloc hook (called by the core with the GIL held): a bytes object of exactly n bytes
+   for the value, in *ctx (a PyObject *; one made by an earlier call of a read that was thrown
+   away is released).  NULL (with the exception set) when it cannot be made. */
+static uint8_t *alloc_bytes(void *ctx, uint64_t n)
+{
+    PyObject **made = ctx;
+    Py_CLEAR(*made);
+    if (PyErr_Occurred() || n > (uint64_t)PY_SSIZE_T_MAX)
+        return NULL;
+    *made = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    return *made ? (uint8_t *)PyBytes_AS_STRING(*made) : NULL;
+}
+
+/* An output for a read that builds the value's bytes object straight from the mapping: the core
+   calls alloc_bytes once it knows the length (values up to FAST_BUFFER; larger ones give ENOBUFS
+   and are read by get_large); an empty value needs no object of its own. */
+#define DIRECT_GETBUF(made) {.buf = thread_buf, .cap = 0, .alloc = alloc_bytes, .alloc_ctx = (made), .alloc_max = FAST_BUFFER}
+
+/* The value of a read that returned 0 into g (a new reference): the object alloc_bytes made, or
+   a copy of the buffer (an empty value, or a read that waited, which cannot make objects). */
+static PyObject *value_from(struct mmkv_getbuf *g, PyObject **made)
+{
+    PyObject *obj = *made;
+    *made = NULL;
+    if (g->alloc && g->val_len && obj)
+        return obj;
+    Py_XDECREF(obj);
+    return PyBytes_FromStringAndSize((const char *)g->buf, (Py_ssize_t)g->val_len);
+}
+
+/* One lookup: without waiting while the GIL is held, else waiting without it (see above); a
+   wait copies into the thread's buffer instead of calling g's alloc hook, which needs the GIL. */
 static int lookup(Handle *self, struct mmkv_view *v, const char *key, Py_ssize_t klen, struct mmkv_getbuf *g)
 {
     int rc = core.get_nowait(v, (const uint8_t *)key, (uint64_t)klen, g);
     if (rc == EBUSY) {
+        if (g->alloc) {
+            g->alloc = NULL;
+            g->buf = thread_buf;
+            g->cap = FAST_BUFFER;
+        }
         PyObject *owner = self->owner;
         Py_INCREF(owner);
         Py_BEGIN_ALLOW_THREADS
@@ -256,7 +293,7 @@ static PyObject *get_large(Handle *self, struct mmkv_view *v, const char *key, P
         PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
         if (!out)
             return NULL;
-        struct mmkv_getbuf g = {(uint8_t *)PyBytes_AS_STRING(out), n, 0};
+        struct mmkv_getbuf g = {.buf = (uint8_t *)PyBytes_AS_STRING(out), .cap = n};
         int rc = lookup(self, v, key, klen, &g);
         if (rc == 0 && g.val_len == n)
             return out;
@@ -294,13 +331,15 @@ static PyObject *read_value(Handle *self, PyObject *key)
         goto done;
     }
     if (!v->held) {
-        struct mmkv_getbuf g = {thread_buf, FAST_BUFFER, 0};
+        PyObject *made = NULL;
+        struct mmkv_getbuf g = DIRECT_GETBUF(&made);
         rc = lookup(self, v, k, klen, &g);
         if (rc == 0) {
-            out = PyBytes_FromStringAndSize((const char *)thread_buf, (Py_ssize_t)g.val_len);
+            out = value_from(&g, &made);
             goto done;
         }
-        if (rc == ENOENT)
+        Py_CLEAR(made);
+        if (rc == ENOENT || PyErr_Occurred())
             goto done;
         if (rc == ENOBUFS) {
             rc = NOT_TRIED;
@@ -378,7 +417,7 @@ static int handle_contains(Handle *self, PyObject *key)
     }
     if (!v->held) {
         /* capacity 0: nothing is copied; a present key gives ENOBUFS (or 0 for an empty value) */
-        struct mmkv_getbuf g = {thread_buf, 0, 0};
+        struct mmkv_getbuf g = {.buf = thread_buf, .cap = 0};
         rc = lookup(self, v, k, klen, &g);
         if (rc == 0 || rc == ENOBUFS || rc == ENOENT) {
             found = rc != ENOENT;
@@ -530,12 +569,26 @@ static PyObject *handle_pop(Handle *self, PyObject *const *args, Py_ssize_t narg
         goto done;
     }
     if (!v->held) {
-        struct mmkv_getbuf g = {thread_buf, FAST_BUFFER, 0};
-        FUSED(self, rc, core.take(v, (const uint8_t *)k, (uint64_t)klen, &g, take));
+        PyObject *made = NULL;
+        struct mmkv_getbuf g = DIRECT_GETBUF(&made);
+        rc = core.take(v, (const uint8_t *)k, (uint64_t)klen, &g, MMKV_TRY_LOCK);
+        if (rc == EBUSY) {                 /* wait without the GIL, into the thread's buffer */
+            PyObject *owner = self->owner;
+            Py_INCREF(owner);
+            struct mmkv_getbuf w = {.buf = thread_buf, .cap = FAST_BUFFER};
+            Py_BEGIN_ALLOW_THREADS
+            rc = core.take(v, (const uint8_t *)k, (uint64_t)klen, &w, MMKV_TAKE_LOCK);
+            Py_END_ALLOW_THREADS
+            Py_DECREF(owner);
+            g = w;
+        }
         if (rc == 0) {
-            out = PyBytes_FromStringAndSize((const char *)thread_buf, (Py_ssize_t)g.val_len);
+            out = value_from(&g, &made);
             goto done;
         }
+        Py_CLEAR(made);
+        if (PyErr_Occurred())       /* the value's object could not be made (ENOBUFS): nothing changed */
+            goto done;
     }
     if (rc != ENOENT) {
         out = call_slow(self, s_pop_slow, rc, key, k, klen, NULL);

@@ -158,16 +158,10 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
     rc = lookup(v, key, klen, &l);
     if (rc == 0 && l.rec->checksum != record_sum(v, l.rec))
         rc = EBADMSG; /* damaged bytes are never returned as a value */
-    if (rc == 0) {
-        uint64_t n = l.rec->val_len;
-        g->val_len = n;
-        if (n > g->cap) {
-            rc = ENOBUFS;  /* nothing changed: the caller takes the general path */
-        } else {
-            memcpy(g->buf, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), n);
-            rc = delete_found(v, &l, klen);
-        }
-    }
+    if (rc == 0)   /* ENOBUFS: nothing changed, the caller takes the general path */
+        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), l.rec->val_len);
+    if (rc == 0)
+        rc = delete_found(v, &l, klen);
     if (take_lock && (clean_result(rc) || rc == ENOBUFS))
         mmkv_unlock(v);
     return rc;

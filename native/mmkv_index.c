@@ -522,14 +522,8 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
     int rc = lookup(v, key, klen, &l);
     if (rc == 0 && l.rec->checksum != record_sum(v, l.rec))
         rc = EBADMSG; /* damaged bytes are never returned as a value */
-    if (rc == 0) {
-        uint64_t n = l.rec->val_len;
-        g->val_len = n;
-        if (n <= g->cap)
-            memcpy(g->buf, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), n);
-        else
-            rc = ENOBUFS;
-    }
+    if (rc == 0)
+        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), l.rec->val_len);
     return rc;
 }
 

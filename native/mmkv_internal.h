@@ -95,6 +95,19 @@ MMKV_INTERNAL int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t
 
 /* ---------------------------------------------------------------- lock + get (mmkv_index.c) */
 
+/* Copy the n value bytes at src to g's buffer, or to one its alloc hook gives; ENOBUFS when neither
+   can take them. */
+static inline int getbuf_put(struct mmkv_getbuf *g, const uint8_t *src, uint64_t n)
+{
+    g->val_len = n;
+    uint8_t *dst = n <= g->cap ? g->buf : g->alloc && n <= g->alloc_max ? g->alloc(g->alloc_ctx, n) : NULL;
+    if (!dst)
+        return ENOBUFS;
+    if (n)
+        memcpy(dst, src, n);
+    return 0;
+}
+
 static inline struct mmkv_state *state_of(const struct mmkv_view *v)
 {
     return (struct mmkv_state *)(v->base + MMKV_OFF_STATE);

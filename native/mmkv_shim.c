@@ -64,7 +64,8 @@ static const struct {
     OF(mmkv_view, hash) OF(mmkv_view, seg) OF(mmkv_view, slot)
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)
     OF(mmkv_view, probes)
-    SZ(mmkv_getbuf) OF(mmkv_getbuf, buf) OF(mmkv_getbuf, cap) OF(mmkv_getbuf, val_len)
+    SZ(mmkv_getbuf) OF(mmkv_getbuf, buf) OF(mmkv_getbuf, cap) OF(mmkv_getbuf, val_len) OF(mmkv_getbuf, alloc)
+    OF(mmkv_getbuf, alloc_ctx) OF(mmkv_getbuf, alloc_max)
     SZ(mmkv_journal) OF(mmkv_journal, magic) OF(mmkv_journal, txn) OF(mmkv_journal, count) OF(mmkv_journal, checksum)
     SZ(mmkv_free_block) OF(mmkv_free_block, header) OF(mmkv_free_block, next) OF(mmkv_free_block, prev)
 };

@@ -58,11 +58,18 @@ struct mmkv_view {
     uint32_t probes;         /* slots examined */
 };
 
-/* Per-thread output of mmkv_get: the value is copied into buf when it fits. */
+/* Per-thread output of mmkv_get and mmkv_take: the value is copied into buf when it fits, else,
+   when alloc is set and the value is at most alloc_max bytes, into alloc(alloc_ctx, length), a
+   buffer of exactly its length (NULL: ENOBUFS).  A lock-free read may call alloc more than once
+   (a read that raced a writer is thrown away and done again); the last call's buffer holds the
+   value when the result is 0. */
 struct mmkv_getbuf {
     uint8_t *buf;
     uint64_t cap;
     uint64_t val_len;        /* length of the value found (also when it did not fit) */
+    uint8_t *(*alloc)(void *alloc_ctx, uint64_t len);
+    void *alloc_ctx;
+    uint64_t alloc_max;
 };
 
 /* Error codes the Python side needs by name (values from <errno.h>). */

@@ -82,6 +82,9 @@ SCENARIO = textwrap.dedent('''
         rec("pop big", lambda: db.pop(b"bigpop"))
         rec("pop big again", lambda: db.pop(b"bigpop", None))
         rec("pop too many", lambda: db.pop(b"a", 1, 2))
+        rec("pop empty", lambda: (db.__setitem__(b"e0", b""), db.pop(b"e0"))[1])
+        rec("pop edge", lambda: (db.__setitem__(b"e1", b"x" * 65536), db.pop(b"e1"))[1])
+        rec("pop edge+1", lambda: (db.__setitem__(b"e2", b"y" * 65537), db.pop(b"e2"))[1])
         rec("incr", lambda: db.incr(b"c"))
         rec("incr delta kw", lambda: db.incr(b"c", delta=5))
         rec("incr key kw", lambda: db.incr(key=b"c"))
@@ -202,6 +205,8 @@ def test_both_bindings_give_identical_results(tmp_path):
     assert writes["pop"][:2] == ["bytes", 2] and writes["pop absent default"] == ["obj", "'dflt'"]
     assert writes["pop absent"][:2] == ["raised", "KeyError"] and writes["pop too many"][:2] == ["raised", "TypeError"]
     assert writes["pop big"][:2] == ["bytes", 204800] and writes["pop big again"] == ["obj", "None"]
+    assert [writes[k][:2] for k in ("pop empty", "pop edge", "pop edge+1")] == \
+        [["bytes", 0], ["bytes", 65536], ["bytes", 65537]]
     assert [writes[k] for k in ("incr", "incr delta kw", "incr key kw", "incr negative")] == \
         [["obj", "1"], ["obj", "6"], ["obj", "7"], ["obj", "-93"]]
     assert writes["incr huge delta"][:2] == writes["incr overflow"][:2] == ["raised", "OverflowError"]
