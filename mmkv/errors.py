@@ -3,7 +3,10 @@
 Where a standard exception says it better, the class derives from that too, so
 ``except KeyError`` / ``except ValueError`` / ``except OSError`` keep working.
 """
-from queue import Empty as _StdEmpty
+try:      # the standard library's queue.Empty itself, without importing queue (and threading)
+    from _queue import Empty as _StdEmpty
+except ImportError:  # pragma: no cover - an interpreter without the C module
+    from queue import Empty as _StdEmpty
 
 
 class Error(Exception):

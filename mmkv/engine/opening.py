@@ -74,12 +74,11 @@ Interleavings considered (P, Q processes; "dies" is SIGKILL at any instruction):
   leaves the file dirty rather than mark it clean.
 """
 import errno
-import logging
 import os
 import stat
 import time
 
-from . import index, mapping
+from . import index, mapping, report
 from .allocator import Allocator
 from .core import new_view
 from .shim import error_for, lib
@@ -87,8 +86,6 @@ from .tunables import INITIAL_FILE_SIZE
 from ..errors import Error, LockTimeoutError, NotRegularFileError
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS,
                      SEM_BYTES, STATE_WORD, Identity, Meta, build_identity, build_meta)
-
-log = logging.getLogger("mmkv")
 
 #: The byte of the data file whose exclusive OFD lock serialises opens and closes.
 PROTOCOL_BYTE = 0
@@ -367,7 +364,7 @@ def close_store(eng, lock, open_timeout: float) -> None:
     try:
         take_protocol_lock(fd, eng.path, open_timeout)
     except LockTimeoutError:       # no protocol: cannot know if last; leave it for recovery
-        log.warning("mmkv: %s: closing without the open/close lock; the file stays marked for recovery",
+        report.warn("mmkv: %s: closing without the open/close lock; the file stays marked for recovery",
                     eng.path)
         lock.forget()
         return
