@@ -78,7 +78,7 @@ import os
 import stat
 import time
 
-from . import index, mapping, report
+from . import mapping, report
 from .allocator import Allocator
 from .core import new_view
 from .shim import error_for, lib
@@ -319,6 +319,7 @@ def create_store_file(path: str, mode: int, replace: bool) -> None:
     """Build a new, empty store beside the path's target and give it the target's name:
     atomically, and (replace false) only if no file has that name yet.  A symlink is followed.
     Nothing is left behind on failure.  :raises DiskFullError: no room for the first 256 KiB."""
+    from . import index        # on first use: opening an existing store does not need it
     target = os.path.realpath(path)
     page = os.sysconf("SC_PAGE_SIZE")
     tmp = temporary_name(target)
