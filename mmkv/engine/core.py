@@ -30,6 +30,7 @@ from ..errors import CorruptionError, TruncatedError
 _GEN = STATE_WORD["generation"]
 _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
+_DIRTY = STATE_WORD["dirty"]
 
 
 def timeout_ns(seconds) -> int:
@@ -132,6 +133,19 @@ class Engine:
     def closed_cleanly(page0: bytes) -> bool:
         dirty = STATE_WORD["dirty"] * 8
         return int.from_bytes(page0[dirty:dirty + 8], "little") == CLEAN_MARK
+
+    def marked_clean(self) -> bool:
+        """The state's dirty word holds the clean mark: nothing changed the file since the
+        last clean close (only read-only handles have had it open since)."""
+        return self.words[_DIRTY] == CLEAN_MARK
+
+    def mark_dirty(self, always: bool = False) -> None:
+        """Before a change: clear the clean mark and make that durable (msync of the header),
+        so that a crash from here on makes the next first opener recover.  Nothing is written
+        when the file is not marked clean already, unless ``always``."""
+        if always or self.words[_DIRTY] == CLEAN_MARK:
+            self.words[_DIRTY] = 0
+            self.fm.sync(0, HEADER_SIZE)
 
     def set_meta(self, meta: Meta, which: int) -> None:
         """Adopt meta as current: remap if the file size changed, point the view at the index."""

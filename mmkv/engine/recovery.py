@@ -5,6 +5,8 @@ opener after an unclean shutdown, with the store lock held.  The index is the
 truth: a record is live if and only if a slot points to it and it verifies.
 
 Steps, each safe to repeat if recovery itself is killed:
+0. a file still marked clean (recovery run through a read-only handle, which leaves the mark
+   in place, see opening.mark_in_use) is marked not clean, durably, before anything changes;
 1. verify every slot's record (block in the heap and in use, lengths fit,
    checksum, key hash, tag); drop what fails, duplicates and overlaps;
 2. rebuild the allocator's headers and free lists from the gaps between the
@@ -110,6 +112,7 @@ def recover(eng, reason: str) -> RecoveryResult:
         fails its audit (the store is then beyond repair in place)."""
     result = RecoveryResult(reason)
     v, alloc = eng.view, eng.alloc
+    eng.mark_dirty()        # a read-only handle may run it on a file still marked clean: unmark it first
     result.journal = transaction.finish_committed(eng)       # 0. a committed transaction is finished
     keep, drop = live_records(eng, result)
     # overlaps: sort every live block by offset.  A block whose header claims more room than
