@@ -91,7 +91,7 @@ import os
 import stat
 import time
 
-from . import mapping, report
+from . import mapping
 from .allocator import Allocator
 from .core import new_view
 from .shim import error_for, lib
@@ -395,6 +395,7 @@ def close_store(eng, lock, open_timeout: float) -> None:
     try:
         take_protocol_lock(fd, eng.path, open_timeout)
     except LockTimeoutError:       # no protocol: cannot know if last; leave it for recovery
+        from . import report       # on first use, as logging itself: import mmkv needs neither
         report.warn("mmkv: %s: closing without the open/close lock; the file stays marked for recovery",
                     eng.path)
         lock.forget()
