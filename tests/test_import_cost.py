@@ -80,14 +80,14 @@ def test_close_without_the_protocol_lock_logs_and_leaves_the_file_for_recovery(p
     """opening.close_store's warning (through report.warn): another open file description holds
     the protocol byte, so the close cannot know whether it is the last one."""
     caplog.set_level(logging.WARNING, logger="mmkv")
-    db = mmkv.open(path, open_timeout=0.2)
-    db[b"k"] = b"v"
-    fd = os.open(path, os.O_RDWR)
-    try:
-        assert lib.mmkv_file_lock(fd, 0, lib.MMKV_FLOCK_EXCLUSIVE) == 0    # the protocol byte
-        db.close()
-    finally:
-        os.close(fd)
+    with mmkv.open(path, open_timeout=0.2) as db:      # the with: closed again (a no-op) whatever fails
+        db[b"k"] = b"v"
+        fd = os.open(path, os.O_RDWR)
+        try:
+            assert lib.mmkv_file_lock(fd, 0, lib.MMKV_FLOCK_EXCLUSIVE) == 0    # the protocol byte
+            db.close()
+        finally:
+            os.close(fd)
     assert any("closing without the open/close lock" in r.getMessage() for r in caplog.records if r.name == "mmkv")
     with mmkv.open(path) as db:                  # not marked clean: the next first opener recovers
         assert db.last_recovery is not None and db[b"k"] == b"v"
