@@ -21,8 +21,9 @@ NOT_AT_IMPORT = ["logging", "dataclasses", "inspect", "pathlib", "queue", "impor
                  "threading", "collections", "contextlib", "weakref", "_weakrefset",
                  "mmkv.sequence", "mmkv.queue", "mmkv.cli", "mmkv.engine.checker", "mmkv.crashkit",
                  "mmkv.engine.report", "mmkv.engine.index", "mmkv.engine.recovery", "mmkv.engine.transaction"]
-#: Still imported by mmkv/store.py or mmkv/engine/locking.py, which are being rewritten in another
-#: branch; the edits that drop them are written up for it.  Empty this set once they land.
+#: Still imported by mmkv/store.py, mmkv/cffi_binding.py or mmkv/engine/locking.py (logging: locking.py;
+#: threading: all three; the rest: store.py), which another engineer owns; the edits that drop them are
+#: written up for them.  Empty this set once they land.
 PENDING = {"logging", "threading", "collections", "contextlib", "weakref", "_weakrefset",
            "mmkv.engine.index", "mmkv.engine.recovery", "mmkv.engine.transaction"}
 
@@ -44,7 +45,7 @@ def loaded():
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    reason="imported by mmkv/store.py or engine/locking.py until their edits land")) if n in PENDING else n
+    reason="imported by store.py, cffi_binding.py or engine/locking.py until their edits land")) if n in PENDING else n
     for n in NOT_AT_IMPORT])
 def test_import_mmkv_does_not_load(loaded, name):
     assert "mmkv.store" in loaded           # the fixture really imported mmkv

@@ -23,7 +23,8 @@ from mmkv.engine import mapping
 from mmkv.engine.layout import CLEAN_MARK, HEADER_SIZE, STATE_WORD
 
 _DIRTY = STATE_WORD["dirty"]
-#: Needs the store.py edit that calls opening.mark_in_use (being rewritten in another branch).
+#: Needs the store.py edit that calls opening.mark_in_use (store.py is another engineer's; the edit is
+#: written up for them).  Remove the mark once it lands.
 PENDING_STORE_EDIT = pytest.mark.xfail(reason="Store._attach still clears the dirty word for every first opener")
 
 
