@@ -92,7 +92,6 @@ import stat
 import time
 
 from . import mapping
-from .allocator import Allocator
 from .core import new_view
 from .shim import error_for, lib
 from .tunables import INITIAL_FILE_SIZE
@@ -349,7 +348,8 @@ def create_store_file(path: str, mode: int, replace: bool) -> None:
     """Build a new, empty store beside the path's target and give it the target's name:
     atomically, and (replace false) only if no file has that name yet.  A symlink is followed.
     Nothing is left behind on failure.  :raises DiskFullError: no room for the first 256 KiB."""
-    from . import index        # on first use: opening an existing store does not need it
+    from . import index        # on first use: opening an existing store needs neither
+    from .allocator import Allocator
     target = os.path.realpath(path)
     page = os.sysconf("SC_PAGE_SIZE")
     tmp = temporary_name(target)
