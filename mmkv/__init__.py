@@ -10,7 +10,7 @@
 """
 from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
                      InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
-                     NotRegularFileError, QueueEmpty, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
+                     NotRegularFileError, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
 from .store import Store
 from .engine.tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
@@ -25,8 +25,10 @@ __all__ = [
 
 #: Names served on first use (PEP 562): the counter service is not needed to open a store, and
 #: ``import mmkv`` is part of every short-lived process's start-up.  ``mmkv.Queue``,
-#: ``from mmkv import Sequence`` and ``from mmkv import *`` work as before.
-_LAZY = {"Sequence": "sequence", "Queue": "queue", "sequence": "sequence", "queue": "queue"}
+#: ``from mmkv import Sequence`` and ``from mmkv import *`` work as before.  (QueueEmpty: see
+#: mmkv/errors.py.)
+_LAZY = {"Sequence": "sequence", "Queue": "queue", "sequence": "sequence", "queue": "queue",
+         "QueueEmpty": "errors"}
 
 
 def __getattr__(name):

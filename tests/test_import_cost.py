@@ -13,19 +13,24 @@ import sys
 import pytest
 
 import mmkv
+import mmkv.store
 from mmkv.engine import report
 from mmkv.engine.shim import lib
 
 #: Never imported by `import mmkv` (each costs 1 to 15 ms, or is a whole subsystem).
-NOT_AT_IMPORT = ["logging", "dataclasses", "inspect", "pathlib", "queue", "importlib.util", "argparse", "bisect",
+NOT_AT_IMPORT = ["logging", "dataclasses", "inspect", "pathlib", "queue", "_queue", "importlib.util", "argparse", "bisect",
                  "threading", "collections", "contextlib", "weakref", "_weakrefset",
                  "mmkv.sequence", "mmkv.queue", "mmkv.cli", "mmkv.engine.checker", "mmkv.crashkit",
-                 "mmkv.engine.report", "mmkv.engine.index", "mmkv.engine.recovery", "mmkv.engine.transaction"]
+                 "mmkv.engine.report", "mmkv.engine.index", "mmkv.engine.recovery", "mmkv.engine.transaction",
+                 "mmkv.engine.allocator"]
+if mmkv.store.BINDING == "cpython":       # the cffi twin of the per-call API serves only the cffi binding
+    NOT_AT_IMPORT.append("mmkv.cffi_binding")
 #: Still imported by mmkv/store.py, mmkv/cffi_binding.py or mmkv/engine/locking.py (logging: locking.py;
 #: threading: all three; the rest: store.py), which another engineer owns; the edits that drop them are
 #: written up for them.  Empty this set once they land.
 PENDING = {"logging", "threading", "collections", "contextlib", "weakref", "_weakrefset",
-           "mmkv.engine.index", "mmkv.engine.recovery", "mmkv.engine.transaction"}
+           "mmkv.engine.index", "mmkv.engine.recovery", "mmkv.engine.transaction", "mmkv.engine.allocator",
+           "mmkv.cffi_binding"}
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +69,19 @@ def test_lazy_public_names_are_the_same_objects():
         mmkv.no_such_name
 
 
-def test_queue_empty_is_the_standard_librarys():
+def test_queue_empty_is_the_standard_librarys_and_one_class():
+    import pickle
     import queue
-    assert issubclass(mmkv.QueueEmpty, queue.Empty) and issubclass(mmkv.QueueEmpty, mmkv.Error)
+    from mmkv.errors import QueueEmpty
+    from mmkv.queue import QueueEmpty as raised_by_queue
+    assert mmkv.QueueEmpty is QueueEmpty is mmkv.errors.QueueEmpty is raised_by_queue
+    assert issubclass(QueueEmpty, queue.Empty) and issubclass(QueueEmpty, mmkv.Error)
+    assert QueueEmpty.__module__ == "mmkv.errors" and QueueEmpty.__qualname__ == "QueueEmpty"
+    assert "QueueEmpty" in dir(mmkv.errors)
+    err = pickle.loads(pickle.dumps(QueueEmpty("no item")))
+    assert type(err) is QueueEmpty and str(err) == "no item"
+    with pytest.raises(AttributeError):
+        mmkv.errors.NoSuchError
 
 
 def test_report_logs_on_the_mmkv_logger_at_the_callers_line(caplog):
