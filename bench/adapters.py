@@ -20,15 +20,22 @@ adapter answers the same interface (see ``Adapter``):
 A system that does not take part in a workload leaves the method unimplemented (the workload's
 participant list in bench/run.py never calls it).  ``ADAPTERS`` lists the systems in table order.
 
-This module imports nothing but ``os`` and ``importlib`` at the top: the open workload's child
+This module imports nothing but ``os`` and ``sys`` at the top (not even ``importlib``: with the
+``warnings`` it pulls in, about 1 ms of every child): the open workload's child
 process imports it before its timer starts, and each system's own module is imported inside the
 methods, as the child's import time is part of what is measured.
 """
-import importlib
 import os
+import sys
 
 LMDB_MAP_SIZE = 16 << 30
 COUNTER_KEY = b"counter"
+
+
+def import_module(name):
+    """The module called name (dotted names too), imported: importlib.import_module without importlib."""
+    __import__(name)
+    return sys.modules[name]
 
 
 class Adapter:
@@ -82,7 +89,7 @@ class Adapter:
         if cls.module is None:
             return None
         try:
-            importlib.import_module(cls.module)
+            import_module(cls.module)
             return None
         except Exception as exc:      # not installed, or broken
             return f"module {cls.module!r} is not importable ({type(exc).__name__}: {exc})"
@@ -96,7 +103,7 @@ class Adapter:
     @classmethod
     def open_import(cls):
         """Import the system's module (timed apart from the open in the open workload's child)."""
-        return importlib.import_module(cls.module)
+        return import_module(cls.module)
 
     @classmethod
     def open_get(cls, path, k):

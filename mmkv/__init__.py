@@ -10,10 +10,8 @@
 """
 from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
                      InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
-                     NotRegularFileError, QueueEmpty, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
+                     NotRegularFileError, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
 from .store import Store
-from .sequence import Sequence
-from .queue import Queue
 from .engine.tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
 __version__ = "0.1.0"
@@ -24,6 +22,29 @@ __all__ = [
     "ReadOnlyError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
     "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError",
 ]
+
+#: Names served on first use (PEP 562): the counter service is not needed to open a store, and
+#: ``import mmkv`` is part of every short-lived process's start-up.  ``mmkv.Queue``,
+#: ``from mmkv import Sequence`` and ``from mmkv import *`` work as before.  (QueueEmpty: see
+#: mmkv/errors.py.)
+_LAZY = {"Sequence": "sequence", "Queue": "queue", "sequence": "sequence", "queue": "queue",
+         "QueueEmpty": "errors"}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmkv' has no attribute {name!r}")
+    from importlib import import_module
+    value = import_module(f"{__name__}.{module}")      # also sets mmkv.sequence / mmkv.queue
+    if name != module:
+        value = getattr(value, name)
+        globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def open(path, flag: str = "c", sync: str = "none", mode: int = 0o600, **options) -> Store:

@@ -20,10 +20,15 @@ after which the process changes directory again) and then
 
 * ``idle``: hold the handle and do nothing (the one that closes last after a
   death is the case that matters most);
-* ``reader``: read the victim's keys in a loop;
+* ``reader``: read the victim's keys in a loop, through a read-only handle;
 * ``writer``: write keys of its own (prefix ``b"by:"``, never touched by the
   victim, whose clears are left out of such rounds), acknowledging each;
 * ``reopener``: close and open its handle in a loop.
+
+``idle`` and ``reopener`` open read-only half the time (seeded, at each open): a read-only
+handle leaves a clean file marked clean, so the victim that opens after it must clear the
+mark itself, and a reader that finds the victim dead repairs the file through a read-only
+handle (see mmkv/engine/opening.py).
 
 After the victim's death the bystanders are asked to stop (a line on a control
 pipe), one after the other in a seeded random order, and each closes its handle
@@ -473,7 +478,7 @@ class Bystander:
         import mmkv
         rnd = random.Random(self.seed)
         names, name = self.names, self.name
-        db = mmkv.open(names.enter(name), sync=self.sync)
+        db = mmkv.open(names.enter(name), self._flag(rnd), sync=self.sync)
         names.leave(name)
         ops = enumerate(bystander_operations(self.ident, self.seed))
         if self.kind == "writer":           # one write before the victim starts, the rest during
@@ -496,10 +501,17 @@ class Bystander:
                 os.write(rep, b"%d\n" % n)
             elif self.kind == "reopener":
                 db.close()
-                db = mmkv.open(names.enter(name), sync=self.sync)
+                db = mmkv.open(names.enter(name), self._flag(rnd), sync=self.sync)
                 names.leave(name)
         db.close()
         os.write(rep, b"closed\n")
+
+    def _flag(self, rnd: random.Random) -> str:
+        """The open flag: a reader reads through a read-only handle, an idle one or a reopener
+        half the time, a writer never."""
+        if self.kind == "reader" or (self.kind in ("idle", "reopener") and rnd.random() < 0.5):
+            return "r"
+        return "c"
 
 
 def choose_bystanders(rnd: random.Random, most: int, kinds, names) -> list:

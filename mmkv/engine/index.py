@@ -14,7 +14,6 @@ Callers hold the store lock.  Every function is handed the engine (mmkv.engine.c
 view, never the Store; blocks are payload offsets from ``engine.allocate``.
 """
 import errno
-from bisect import bisect_left
 from itertools import chain, repeat
 
 from .shim import ffi, lib, raise_for
@@ -132,6 +131,7 @@ def reserve(eng, hashes, segments) -> None:
     index change that keeps the content.
     :raises DiskFullError, LimitError: from a split; the splits done stay (content unchanged).
     """
+    from bisect import bisect_left      # here: only a transaction's commit needs it, import mmkv does not
     v = eng.view
     hashes = sorted(hashes)
     todo = list(segments)

@@ -4,8 +4,6 @@ All numbers come from the compiled shim, whose structs are declared once in
 ``native/mmkv_layout.h``; no other module holds an offset or a struct format.
 Also here: building and validating the identity sector and the two meta copies.
 """
-from collections import namedtuple
-
 from .shim import ffi, lib
 from ..errors import ChecksumError, CorruptionError, NotMmkvFileError, TruncatedError, VersionError
 
@@ -119,10 +117,55 @@ def siphash(k0: int, k1: int, data) -> int:
     return out[0]
 
 
-#: The identity sector's fields (struct mmkv_identity), as Python values.
-Identity = namedtuple("Identity", "page_size seed0 seed1 created_ns")
-#: A meta copy's fields (struct mmkv_meta); change one with meta._replace(...).
-Meta = namedtuple("Meta", "seq file_size dir_off dir_bits journal_off journal_txn", defaults=(0, 0))
+class _Fields(tuple):
+    """A tuple with named fields, as ``collections.namedtuple`` makes them: written out here
+    because namedtuple imports ``collections`` (about 2 ms of ``import mmkv``, which needs
+    nothing else from it).  Subclasses name their fields in ``_fields`` and ``__new__``."""
+    __slots__ = ()
+    _fields = ()
+
+    def _replace(self, **changes):
+        """A copy with the named fields changed (namedtuple's ``_replace``)."""
+        return self.__class__(**{**self._asdict(), **changes})
+
+    def _asdict(self) -> dict:
+        return dict(zip(self._fields, self))
+
+    def __getnewargs__(self):      # copy and pickle through __new__(*fields)
+        return tuple(self)
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}({', '.join(f'{n}={v!r}' for n, v in zip(self._fields, self))})"
+
+
+class Identity(_Fields):
+    """The identity sector's fields (struct mmkv_identity), as Python values."""
+    __slots__ = ()
+    _fields = ("page_size", "seed0", "seed1", "created_ns")
+
+    def __new__(cls, page_size, seed0, seed1, created_ns):
+        return tuple.__new__(cls, (page_size, seed0, seed1, created_ns))
+
+    page_size = property(lambda self: self[0])
+    seed0 = property(lambda self: self[1])
+    seed1 = property(lambda self: self[2])
+    created_ns = property(lambda self: self[3])
+
+
+class Meta(_Fields):
+    """A meta copy's fields (struct mmkv_meta); change one with meta._replace(...)."""
+    __slots__ = ()
+    _fields = ("seq", "file_size", "dir_off", "dir_bits", "journal_off", "journal_txn")
+
+    def __new__(cls, seq, file_size, dir_off, dir_bits, journal_off=0, journal_txn=0):
+        return tuple.__new__(cls, (seq, file_size, dir_off, dir_bits, journal_off, journal_txn))
+
+    seq = property(lambda self: self[0])
+    file_size = property(lambda self: self[1])
+    dir_off = property(lambda self: self[2])
+    dir_bits = property(lambda self: self[3])
+    journal_off = property(lambda self: self[4])
+    journal_txn = property(lambda self: self[5])
 
 
 def build_identity(ident: Identity) -> bytes:

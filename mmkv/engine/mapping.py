@@ -14,7 +14,6 @@ Growth is geometric, so the retired mappings add up to less than the current one
 import errno
 import mmap
 import os
-import threading
 
 from . import failpoints
 from .shim import error_for, ffi, lib
@@ -59,6 +58,7 @@ class FileMap:
         background thread does it (the shim's call releases the GIL): growth does
         not pause the writer.  ``close`` waits for it before unmapping.
         """
+        import threading       # here, not at the top: growth is rare, and it costs 4 ms of import mmkv
         old_base, old_size = self.base, self.size
         self._retired.append((self.mm, self.words, self._cbuf))
         self._map(size)

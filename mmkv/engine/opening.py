@@ -17,7 +17,8 @@ locks byte ranges, so one file carries both locks.)
   open: it is the *first opener* (open) or the *last closer* (close).
 
 States of the file on disk: ``clean`` (the state's ``dirty`` word holds CLEAN_MARK: the last
-closer synced everything and no lock holder died unrepaired) or ``dirty`` (anything else).
+closer synced everything and no lock holder died unrepaired, and nothing has changed the file
+since but read-only handles, which change nothing but the lock area) or ``dirty`` (anything else).
 
 Open (``open_store``, called by ``Store.__init__``), each step with the protocol lock held from step 2 on:
 
@@ -34,7 +35,10 @@ Open (``open_store``, called by ``Store.__init__``), each step with the protocol
 5. validate the header and map the file.  First opener: reinitialise the mutex and semaphores
    (memory from a previous boot or a dead process), and run recovery unless the file is clean
    *and* its meta names no journal (a named journal is an unfinished commit: never trust a
-   clean mark beside it).  Then the dirty word is cleared (made durable).
+   clean mark beside it).  Then (``mark_in_use``) a handle that may write clears the dirty word,
+   durably: the first opener always, a later one when the word still holds the clean mark (only
+   read-only handles had the file open).  A read-only handle leaves a clean file marked clean
+   (a recovery it runs unmarks the file first), so it writes nothing to the disk to open or close.
 6. turn byte 1 into a shared lock, release the protocol lock.
 
 Close (``close_store``, called by ``Store.close``):
@@ -45,7 +49,8 @@ Close (``close_store``, called by ``Store.close``):
 3. take the store mutex (waiting for this handle's other threads that hold it).  ``EOWNERDEAD``
    (a process died holding it): run recovery now and mark the mutex consistent;
 4. try byte 1 exclusively: the last closer, *if it holds the mutex and no journal is named*,
-   syncs the whole file, then writes the clean mark and syncs the header;
+   syncs the whole file, then writes the clean mark and syncs the header (nothing to do when the
+   file is still marked clean: only read-only handles had it open, and they changed nothing);
 5. release the mutex, unmap, close the descriptor (which releases both byte locks).
 
 Interleavings considered (P, Q processes; "dies" is SIGKILL at any instruction):
@@ -72,23 +77,27 @@ Interleavings considered (P, Q processes; "dies" is SIGKILL at any instruction):
 * A lock holder that is alive but stuck while another process closes last: impossible while it
   has the file open (it holds byte 1); if the mutex cannot be taken in time anyway, the closer
   leaves the file dirty rather than mark it clean.
+* R opens a clean file read-only (first), then W opens to write: W's step 5 finds the clean mark
+  and clears it (durably) before W can change anything, under the protocol lock, so no last
+  close can mark the file clean meanwhile; whoever closes last syncs and marks it clean again.
+  W dies: the file is dirty, and R (or the next first opener) recovers.
+* R, read-only, finds a dead holder (EOWNERDEAD) or impossible counters on a file marked clean:
+  recovery unmarks the file, durably, before it repairs anything (``recovery.recover``).
+  R dies holding the mutex without having changed anything: the file stays clean, and the
+  next first opener reinitialises the mutex.
 """
 import errno
-import logging
 import os
 import stat
 import time
 
-from . import index, mapping
-from .allocator import Allocator
+from . import mapping
 from .core import new_view
 from .shim import error_for, lib
 from .tunables import INITIAL_FILE_SIZE
 from ..errors import Error, LockTimeoutError, NotRegularFileError
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_IDENTITY, OFF_META, OFF_MUTEX, OFF_SEMS, NSEMS,
                      SEM_BYTES, STATE_WORD, Identity, Meta, build_identity, build_meta)
-
-log = logging.getLogger("mmkv")
 
 #: The byte of the data file whose exclusive OFD lock serialises opens and closes.
 PROTOCOL_BYTE = 0
@@ -245,6 +254,23 @@ def init_locks(base) -> None:
             raise error_for(rc, f"initialising semaphore {i}")
 
 
+def mark_in_use(eng, first: bool, writable: bool) -> None:
+    """Open step 5's end: the dirty word of a handle that may write.
+
+    A handle that may write clears it and makes that durable before it can change anything:
+    the first opener always, a later opener when the word still holds the clean mark (only
+    read-only handles had the file open since the last clean close).  A read-only handle
+    leaves it as it is: it changes nothing but the lock area (which every first opener
+    reinitialises), and a recovery it runs unmarks the file itself first.  So a read-only
+    open and close of a clean file write nothing to the disk (the msync of the header
+    page here, and the close's whole-file msync, fsync and clean mark, were about 1 ms of a
+    fresh process's open, more on a busy disk).  Caller holds the protocol lock: no last
+    closer marks the file clean in between.
+    """
+    if writable:
+        eng.mark_dirty(always=first)
+
+
 def new_identity(page_size: int) -> Identity:
     seed = os.urandom(16)      # the per-file SipHash key: unpredictable, so no collision flooding
     return Identity(page_size, int.from_bytes(seed[:8], "little"), int.from_bytes(seed[8:], "little"),
@@ -322,6 +348,8 @@ def create_store_file(path: str, mode: int, replace: bool) -> None:
     """Build a new, empty store beside the path's target and give it the target's name:
     atomically, and (replace false) only if no file has that name yet.  A symlink is followed.
     Nothing is left behind on failure.  :raises DiskFullError: no room for the first 256 KiB."""
+    from . import index        # on first use: opening an existing store needs neither
+    from .allocator import Allocator
     target = os.path.realpath(path)
     page = os.sysconf("SC_PAGE_SIZE")
     tmp = temporary_name(target)
@@ -359,7 +387,7 @@ def close_store(eng, lock, open_timeout: float) -> None:
     refusing new calls, is the caller's; so is closing the descriptor, which releases both
     byte locks).  The last closer that holds the store mutex, with no journal named, syncs
     the whole file and writes the clean mark (the "last close" row of the README's commit
-    orders).  Blocks up to open_timeout for the protocol lock and lock_timeout for the mutex;
+    orders), unless the file is still marked clean (read-only handles only: nothing to sync).  Blocks up to open_timeout for the protocol lock and lock_timeout for the mutex;
     when either cannot be had, the file simply stays marked for recovery (logged).
     :raises: what recovery raises if a dead holder's work cannot be repaired.
     """
@@ -367,14 +395,15 @@ def close_store(eng, lock, open_timeout: float) -> None:
     try:
         take_protocol_lock(fd, eng.path, open_timeout)
     except LockTimeoutError:       # no protocol: cannot know if last; leave it for recovery
-        log.warning("mmkv: %s: closing without the open/close lock; the file stays marked for recovery",
+        from . import report       # on first use, as logging itself: import mmkv needs neither
+        report.warn("mmkv: %s: closing without the open/close lock; the file stays marked for recovery",
                     eng.path)
         lock.forget()
         return
     held = False
     try:
         held = lock.take_for_close()
-        if held and try_alone(fd) and not eng.meta.journal_off:
+        if held and try_alone(fd) and not eng.meta.journal_off and not eng.marked_clean():
             eng.fm.sync()              # last one out: everything durable, then the clean mark
             os.fsync(fd)
             eng.words[STATE_WORD["dirty"]] = CLEAN_MARK

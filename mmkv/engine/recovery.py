@@ -5,6 +5,8 @@ opener after an unclean shutdown, with the store lock held.  The index is the
 truth: a record is live if and only if a slot points to it and it verifies.
 
 Steps, each safe to repeat if recovery itself is killed:
+0. a file still marked clean (recovery run through a read-only handle, which leaves the mark
+   in place, see opening.mark_in_use) is marked not clean, durably, before anything changes;
 1. verify every slot's record (block in the heap and in use, lengths fit,
    checksum, key hash, tag); drop what fails, duplicates and overlaps;
 2. rebuild the allocator's headers and free lists from the gaps between the
@@ -13,8 +15,6 @@ Steps, each safe to repeat if recovery itself is killed:
    the good entries, make it durable, switch the meta to it;
 4. recompute the counters in the state sector.
 """
-from dataclasses import dataclass
-
 from . import index, transaction
 from .shim import lib, raise_for
 from ..errors import CorruptionError
@@ -22,17 +22,37 @@ from .allocator import block_size_for
 from .layout import MASK64, SEGMENT_HEADER, STATE_WORD, hash_tag, record_key_len, record_size, slot_tag, slot_word
 
 
-@dataclass
 class RecoveryResult:
-    reason: str
-    records: int = 0            # live records kept
-    dropped: int = 0            # slots whose record failed verification
-    duplicates: int = 0         # slots pointing at a record (or key) already seen
-    overlaps: int = 0           # records whose block overlaps another live block
-    resized: int = 0            # live blocks whose header claimed more room than they had (trimmed)
-    index_rebuilt: bool = False
-    leaked_bytes: int = 0       # allocated bytes no live structure referenced, now free
-    journal: str = ""           # a committed transaction: "replayed", or "dropped" (unreadable journal)
+    """What one recovery found.  A plain class, not a dataclass: ``dataclasses`` imports
+    ``inspect`` (about 8 ms of ``import mmkv``) and this module is imported with the store;
+    it keeps a dataclass's face (keyword construction, field-wise repr and equality)."""
+    __slots__ = ("reason", "records", "dropped", "duplicates", "overlaps", "resized", "index_rebuilt",
+                 "leaked_bytes", "journal")
+
+    def __init__(self, reason: str, records: int = 0, dropped: int = 0, duplicates: int = 0, overlaps: int = 0,
+                 resized: int = 0, index_rebuilt: bool = False, leaked_bytes: int = 0, journal: str = ""):
+        self.reason = reason
+        self.records = records              # live records kept
+        self.dropped = dropped              # slots whose record failed verification
+        self.duplicates = duplicates        # slots pointing at a record (or key) already seen
+        self.overlaps = overlaps            # records whose block overlaps another live block
+        self.resized = resized              # live blocks whose header claimed more room than they had (trimmed)
+        self.index_rebuilt = index_rebuilt
+        self.leaked_bytes = leaked_bytes    # allocated bytes no live structure referenced, now free
+        self.journal = journal              # a committed transaction: "replayed", or "dropped" (unreadable journal)
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None     # mutable, and equal by value: unhashable, as a dataclass is
+
+    def __repr__(self):
+        return f"RecoveryResult({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
 
 
 def live_records(eng, result=None):
@@ -92,6 +112,7 @@ def recover(eng, reason: str) -> RecoveryResult:
         fails its audit (the store is then beyond repair in place)."""
     result = RecoveryResult(reason)
     v, alloc = eng.view, eng.alloc
+    eng.mark_dirty()        # a read-only handle may run it on a file still marked clean: unmark it first
     result.journal = transaction.finish_committed(eng)       # 0. a committed transaction is finished
     keep, drop = live_records(eng, result)
     # overlaps: sort every live block by offset.  A block whose header claims more room than
