@@ -13,8 +13,8 @@ what the calls raise.
 Here cffi converts the arguments and releases the GIL around every C call; native/mmkv_fast.c
 says what the extension does instead.
 """
+import _thread
 import errno
-import threading
 from itertools import accumulate
 
 from .engine.shim import ffi, lib
@@ -69,7 +69,7 @@ def checked_pairs(source) -> list:
     return items
 
 
-class _PerThread(threading.local):
+class _PerThread(_thread._local):
     """Each thread's own output buffers for the fast paths."""
 
     def __init__(self):

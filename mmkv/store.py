@@ -16,19 +16,16 @@ another thread) or ForkedHandleError; every write raises ReadOnlyError on a hand
 with flag "r", and CorruptionError when the file is damaged beyond what recovery repairs in
 place.  The docstrings below name only what a call adds to these.
 """
+import _thread
+import _weakref
 import errno
 import os
-import threading
-import weakref
 from itertools import chain
-from collections.abc import ItemsView, MutableMapping, ValuesView
-from contextlib import contextmanager
-from .engine import index, recovery, transaction
+from _collections_abc import ItemsView, MutableMapping, ValuesView   # (collections.abc, loaded at start-up)
 from .engine.core import Engine, timeout_ns
 from .engine.locking import StoreLock
 from .engine.shim import BINDING, ffi, lib, raise_for  # noqa: F401 (mmkv.store.BINDING: the binding in use)
 from .engine.shim import fast as _fast
-from .cffi_binding import CffiCalls, as_bytes, check_sizes, checked_pairs
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      NotACounterError, ReadOnlyError)
 from .engine.layout import CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, STATE_WORD, record_size
@@ -51,10 +48,23 @@ _EVEN_U64 = MASK64 - 1
 _CLEAN_ERRORS = (KeyError, TypeError, ValueError, OverflowError, LimitError, NotACounterError, ReadOnlyError,
                  DiskFullError)
 #: The binding of the per-call operations (see engine/shim.py): the C type, or its cffi twin.
-_Binding = CffiCalls if _fast is None else _fast.Handle
+if _fast is None:
+    from .cffi_binding import CffiCalls as _Binding
+else:
+    _Binding = _fast.Handle
 
 
-_open_stores = weakref.WeakSet()
+#: id(store) -> weak reference, for every open handle (the fork handler drops them in a child).
+_open_stores = {}
+
+
+def _track(store) -> None:
+    key = id(store)
+    _open_stores[key] = _weakref.ref(store, lambda _, key=key: _open_stores.pop(key, None))
+
+
+def _untrack(store) -> None:
+    _open_stores.pop(id(store), None)
 
 
 def _after_fork_in_child():
@@ -65,7 +75,9 @@ def _after_fork_in_child():
     flock that tells who has the file open, so an idle child holding them would keep
     the parent's lock alive after the parent closed (and block the next opener).
     """
-    for store in list(_open_stores):
+    for store in [ref() for ref in list(_open_stores.values())]:
+        if store is None:
+            continue
         store._forked = True
         store._unbind()                                     # before the mapping goes
         store._view = None
@@ -109,14 +121,14 @@ class Store(_Binding, MutableMapping):
         self._forked = False
         self._lock = None        # the StoreLock (mmkv.engine.locking), made at attach
         self._txn = None         # the transaction in progress on this handle
-        self._close_guard = threading.Lock()
+        self._close_guard = _thread.allocate_lock()
         timeout_ns(lock_timeout)    # reject bad timeouts before touching anything
         timeout_ns(lock_report_after)
         self._report_after = lock_report_after
         if lock_report_after is not None and lock_timeout is not None and lock_report_after >= lock_timeout:
             self._report_after = None                   # the timeout comes first: nothing to report
         self._open(flag, mode, lock_timeout, open_timeout)
-        _open_stores.add(self)
+        _track(self)
 
     # ================================================================ open / close
     # The protocol, its states and the interleavings considered: mmkv/opening.py.
@@ -157,13 +169,14 @@ class Store(_Binding, MutableMapping):
                       "its meta names a journal" if eng.meta.journal_off else    # an unfinished commit
                       "its counters are impossible" if not eng.state_plausible() else None)
             if reason:
+                from .engine import recovery
                 self._acquire()
                 try:
                     recovery.recover(eng, reason)
                 finally:
                     self._release()
-            eng.words[_DIRTY] = 0          # "not clean" until the last handle closes
-            eng.fm.sync(0, HEADER_SIZE)
+        # a handle that may write marks the file "not clean" (durably) until the last one closes
+        opening.mark_in_use(eng, first, not self._readonly)
 
     def _reload(self):
         """Another process changed the meta (growth, new index): load it (under the lock)."""
@@ -204,7 +217,7 @@ class Store(_Binding, MutableMapping):
                 self._detach()
                 self._fd = None
                 os.close(fd)                   # releases the protocol and attached locks
-                _open_stores.discard(self)
+                _untrack(self)
 
     # ================================================================ for mmkv's own layers
     @property
@@ -265,24 +278,19 @@ class Store(_Binding, MutableMapping):
         if self._lock is not None:
             self._lock.release()
 
-    @contextmanager
     def lock(self):
-        """Hold the store lock for a block of calls on this handle (a read-modify-write, say).
+        """Hold the store lock for a block of calls on this handle (a read-modify-write, say):
+        ``with db.lock(): ...``.
 
         Other processes and threads wait (up to their lock_timeout) until the block ends;
         calls on this handle inside the block do not wait.  Nothing is rolled back on
         an exception: use ``transaction()`` for all-or-nothing.
         """
-        self._acquire()
-        try:
-            yield self
-        finally:
-            self._release()
+        return _LockBlock(self)
 
-    @contextmanager
     def transaction(self):
-        """All-or-nothing: the writes in the block are applied together, or (on an exception,
-        or a crash before the commit point) not at all.
+        """All-or-nothing: ``with db.transaction(): ...``; the writes in the block are applied
+        together, or (on an exception, or a crash before the commit point) not at all.
 
         Holds the store lock from the start of the block to the end of the commit: other
         processes' calls wait (up to their lock_timeout) — keep blocks short.  Reads in the
@@ -292,21 +300,27 @@ class Store(_Binding, MutableMapping):
         :raises DiskFullError: no room for the commit's records or journal; nothing is applied
             and no space is lost (a transaction of one write is then done as a plain write).
         """
+        return _TransactionBlock(self)
+
+    def _begin(self):
+        """Enter a transaction block: True when it joins one this thread has open."""
         self._writable()
         if self._txn is not None and self._lock.held_here():
-            yield self
-            return
+            return True
         self._acquire()
-        txn = self._txn = transaction.Transaction()
-        try:
-            yield self
-        except BaseException:
-            self._txn = None
+        from .engine import transaction
+        self._txn = transaction.Transaction()
+        return False
+
+    def _end(self, failed: bool) -> None:
+        """Leave the outermost transaction block: drop it (failed) or commit it, then unlock."""
+        txn, self._txn = self._txn, None
+        if failed:
             self._release()
-            raise
-        self._txn = None
+            return
         if self._view is None:          # the block closed the handle: nothing was applied
             raise self._dead()
+        from .engine import transaction
         try:
             transaction.commit(self._engine, txn, self._put, self._delete)
         except BaseException as exc:
@@ -376,10 +390,12 @@ class Store(_Binding, MutableMapping):
 
     def _recover(self, reason):
         """Run recovery (lock held) and remember what it found."""
+        from .engine import recovery
         return recovery.recover(self._engine, reason)
 
     def _snapshot(self, with_values: bool):
         """All keys (or (key, value) pairs) as of one moment, read under one lock hold."""
+        from .engine import index      # on first use: not needed to open or read
         self._acquire()
         try:
             eng = self._engine
@@ -462,6 +478,7 @@ class Store(_Binding, MutableMapping):
         this key: the free lists are damaged (the caller's recovery rebuilds them); never a
         file grown without end on the word of a damaged cache.
         """
+        from .engine import index      # on first use: not needed to open or read
         if rc == errno.ENOSPC:
             if grew_for is k:
                 raise self._engine.no_fit(record_size(len(k), len(val)))
@@ -510,6 +527,7 @@ class Store(_Binding, MutableMapping):
         """The value of key; if absent, store default first and return it, atomically under the
         lock (another process's setdefault of the same key sees one or the other, never both).
         :raises LimitError: key or default too large.  :raises DiskFullError: no room; unchanged."""
+        from .cffi_binding import as_bytes, check_sizes      # on first use: not needed to open or read
         k = key if type(key) is bytes else as_bytes(key, "key")
         d = as_bytes(default, "value")
         check_sizes(k, d)
@@ -543,6 +561,7 @@ class Store(_Binding, MutableMapping):
 
     def _update(self, source):
         """Put every pair: the binding's loop (_put_pairs), or into the transaction."""
+        from .cffi_binding import checked_pairs      # on first use: not needed to open or read
         if self._txn is None:
             self._put_pairs(source)
             return
@@ -556,6 +575,7 @@ class Store(_Binding, MutableMapping):
         is at least as large as the store (index.presize: O(keys)), and the file grows once
         for the records that do not fit in its free space.  Only an optimisation: a full disk
         leaves it to the puts, which grow as far as they can and report what does not fit."""
+        from .engine import index      # on first use: not needed to open or read
         if n < tunables.PRESIZE_PAIRS or self._txn is not None:
             return
         eng = self._engine
@@ -589,6 +609,7 @@ class Store(_Binding, MutableMapping):
         self._write_locked(self._clear)
 
     def _clear(self):
+        from .engine import index
         if self._txn is not None:
             raise Error("clear() inside a transaction is not supported; call it outside")
         try:
@@ -607,6 +628,7 @@ class Store(_Binding, MutableMapping):
         Each delete is the plain crash-safe one (no allocation); a new index is tried again
         after every SEGMENT_BYTES // 4 bytes freed.  Caller holds the lock.
         """
+        from .engine import index      # on first use: not needed to open or read
         eng = self._engine
         victims = sorted(((eng.alloc.capacity(rec), rec) for _, _, rec in index.entries(self._view)), reverse=True)
         freed = 0
@@ -625,6 +647,7 @@ class Store(_Binding, MutableMapping):
     def _incr_slow(self, rc, k, delta):
         """Finish an increment the fast path could not or did not try (rc None): also says why
         for a delta that is not an int, a key too long or a read-only handle."""
+        from .cffi_binding import check_sizes      # on first use: not needed to open or read
         if not isinstance(delta, int):
             raise TypeError(f"delta must be an int, not {type(delta).__name__}")
         if rc == errno.ERANGE:
@@ -701,6 +724,7 @@ class Store(_Binding, MutableMapping):
         """Counters and space figures (keys, bytes used and free, index shape, largest free
         block, lock reports), read under the lock: one consistent moment (O(1) but for one
         free-list walk and the directory).  :raises CorruptionError: a damaged free list."""
+        from .engine import index      # on first use: not needed to open or read
         self._acquire()
         try:
             w = self._engine.words
@@ -718,6 +742,39 @@ class Store(_Binding, MutableMapping):
             return st
         finally:
             self._release()
+
+
+class _LockBlock:
+    """``with db.lock():`` (see Store.lock)."""
+    __slots__ = ("store",)
+
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        self.store._acquire()
+        return self.store
+
+    def __exit__(self, *exc):
+        self.store._release()
+        return False
+
+
+class _TransactionBlock:
+    """``with db.transaction():`` (see Store.transaction): a nested block joins the outer one."""
+    __slots__ = ("store", "joined")
+
+    def __init__(self, store):
+        self.store, self.joined = store, False
+
+    def __enter__(self):
+        self.joined = self.store._begin()
+        return self.store
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.joined:
+            self.store._end(failed=exc_type is not None)
+        return False
 
 
 class _ItemsView(ItemsView):

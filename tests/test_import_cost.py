@@ -25,12 +25,8 @@ NOT_AT_IMPORT = ["logging", "dataclasses", "inspect", "pathlib", "queue", "_queu
                  "mmkv.engine.allocator"]
 if mmkv.store.BINDING == "cpython":       # the cffi twin of the per-call API serves only the cffi binding
     NOT_AT_IMPORT.append("mmkv.cffi_binding")
-#: Still imported by mmkv/store.py, mmkv/cffi_binding.py or mmkv/engine/locking.py (logging: locking.py;
-#: threading: all three; the rest: store.py), which another engineer owns; the edits that drop them are
-#: written up for them.  Empty this set once they land.
-PENDING = {"logging", "threading", "collections", "contextlib", "weakref", "_weakrefset",
-           "mmkv.engine.index", "mmkv.engine.recovery", "mmkv.engine.transaction", "mmkv.engine.allocator",
-           "mmkv.cffi_binding"}
+#: Still imported at `import mmkv` (none: the edits to store.py, cffi_binding.py and engine/locking.py landed).
+PENDING = set()
 
 
 @pytest.fixture(scope="module")

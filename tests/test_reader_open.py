@@ -25,7 +25,6 @@ from mmkv.engine.layout import CLEAN_MARK, HEADER_SIZE, STATE_WORD
 _DIRTY = STATE_WORD["dirty"]
 #: Needs the store.py edit that calls opening.mark_in_use (store.py is another engineer's; the edit is
 #: written up for them).  Remove the mark once it lands.
-PENDING_STORE_EDIT = pytest.mark.xfail(reason="Store._attach still clears the dirty word for every first opener")
 
 
 def dirty_word(path):
@@ -59,7 +58,6 @@ def syncs(monkeypatch):
     return calls
 
 
-@PENDING_STORE_EDIT
 def test_a_read_only_open_and_close_of_a_clean_file_sync_nothing(path, syncs):
     _clean_store(path)
     syncs.clear()
@@ -83,7 +81,6 @@ def test_a_writer_joining_readers_unmarks_the_file_and_the_last_reader_marks_it_
         assert db.last_recovery is None and db[b"new"] == b"value" and len(db) == 51
 
 
-@PENDING_STORE_EDIT
 def test_a_writer_joining_a_reader_makes_the_mark_durable_first(path, syncs):
     _clean_store(path)
     syncs.clear()

@@ -15,18 +15,15 @@ mutex, so the check ``held_here()`` is exact for the calling thread.  Blocking: 
 lock_timeout (None: forever) and raises LockTimeoutError after it; nothing else here waits,
 except ``take_for_close``, which also waits for this handle's own threads.
 """
+import _thread
 import errno
-import logging
-import threading
 import time
 
-from . import recovery
 from .core import timeout_ns
 from .layout import OFF_MUTEX, STATE_WORD
 from .shim import error_for, lib, raise_for, ESTALE
 from ..errors import CorruptionError, Error, LockTimeoutError
 
-log = logging.getLogger("mmkv")
 
 #: Fast-call results after which the general (locked) path runs: nothing was changed and the
 #: lock is not held (ESTALE: remap first; ENOBUFS: a value bigger than the buffer (get, pop); ENOSPC,
@@ -59,14 +56,14 @@ class StoreLock:
         self.depth = 0              # db.lock() nesting in the owning thread
         self.owner = None           # that thread's ident
         self.reports = 0            # times this handle logged a long lock holder
-        self._local = threading.local()   # .waited: a fast call already waited report_after
+        self._local = _thread._local()    # .waited: a fast call already waited report_after
 
     def held_here(self) -> bool:
         """True when the calling thread holds the lock through this handle."""
-        return bool(self.depth) and self.owner == threading.get_ident()
+        return bool(self.depth) and self.owner == _thread.get_ident()
 
     def _mine(self) -> None:
-        self.depth, self.owner = 1, threading.get_ident()
+        self.depth, self.owner = 1, _thread.get_ident()
         self.engine.view.held = 1       # the bindings' fast paths take the general path meanwhile
 
     # ------------------------------------------------------------ acquire, release
@@ -79,7 +76,7 @@ class StoreLock:
         (an earlier recovery failed) or recovery fails now.  :raises ClosedError: close()
         began in another thread.
         """
-        if self.depth and self.owner == threading.get_ident():
+        if self.depth and self.owner == _thread.get_ident():
             self.depth += 1
             return
         eng = self.engine
@@ -107,7 +104,8 @@ class StoreLock:
         """The lock was not free within lock_report_after seconds: log who holds it and for how
         long, then wait for the rest of lock_timeout.  Returns the shim's result."""
         w = self.engine.words
-        log.warning("mmkv: %s: waited %.1fs for the lock; pid %s has held it for %s",
+        from . import report          # (logging is imported at the first warning)
+        report.warn("mmkv: %s: waited %.1fs for the lock; pid %s has held it for %s",
                     self.path, self.report_after, w[STATE_WORD["lock_pid"]] or "?", waited_since(w))
         self.reports += 1
         rest = None if self.timeout is None else max(0.0, self.timeout - self.report_after)
@@ -162,6 +160,7 @@ class StoreLock:
         eng = self.engine
         try:
             eng.reload()
+            from . import recovery        # on first use: not needed to open or read
             recovery.recover(eng, "a process died holding the lock")
         except BaseException:
             lib.mmkv_unlock(eng.view)
@@ -217,6 +216,7 @@ class StoreLock:
         self._mine()                     # still held, the write maybe half done: repair, then report
         failed = f"a write failed ({errno.errorcode.get(rc, rc)})"
         try:
+            from . import recovery
             recovery.recover(self.engine, failed)
         except Error as exc:
             raise CorruptionError(f"{self.path}: {failed} and recovery could not repair the store: {exc}") from exc
