@@ -485,23 +485,19 @@ static int lock_holder(struct mmkv_view *v, int wait)
     return rc;
 }
 
-int mmkv_lock(struct mmkv_view *v)
+/* lock_holder for a caller that does not hold the lock yet: counted in v->active (see above). */
+static int lock_entered(struct mmkv_view *v, int wait)
 {
     if (!enter(v))
         return EBADF;
-    int rc = lock_holder(v, 1);
+    int rc = lock_holder(v, wait);
     leave(v);
     return rc;
 }
 
-int mmkv_lock_try(struct mmkv_view *v)
-{
-    if (!enter(v))
-        return EBADF;
-    int rc = lock_holder(v, 0);
-    leave(v);
-    return rc;
-}
+int mmkv_lock(struct mmkv_view *v) { return lock_entered(v, 1); }
+
+int mmkv_lock_try(struct mmkv_view *v) { return lock_entered(v, 0); }
 
 int mmkv_lock_final(struct mmkv_view *v) { return lock_holder(v, 1); }
 
