@@ -25,6 +25,8 @@ uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r)
     uint64_t len = REC_HDR - REC_SUM_FROM + PAD8((uint64_t)r->key_len);
     if (!(r->flags & MMKV_REC_COUNTER))
         len += r->val_len;
+    if (v->crc_sums)
+        return crc32c((uint32_t)(v->seed0 ^ MMKV_REC_SUM_K0), (const uint8_t *)r + REC_SUM_FROM, len);
     return siphash24(v->seed0 ^ MMKV_REC_SUM_K0, v->seed1 ^ MMKV_REC_SUM_K1, (const uint8_t *)r + REC_SUM_FROM, len);
 }
 

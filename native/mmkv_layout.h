@@ -22,7 +22,8 @@
 
 /* Format constants. */
 #define MMKV_MAGIC 0x1a0a0d564b4d4d89      /* bytes 89 'M' 'M' 'K' 'V' \r \n 1a */
-#define MMKV_VERSION 1                     /* bump on any incompatible layout change */
+#define MMKV_VERSION 2                     /* bump on any incompatible layout change */
+#define MMKV_VERSION_OLDEST 1              /* version 1: the same layout, SipHash record checksums */
 #define MMKV_HEADER_SIZE 4096              /* page 0; a padding word and the heap follow it */
 #define MMKV_OFF_IDENTITY 0                /* sector 0: written once at creation */
 #define MMKV_OFF_META0 512                 /* sector 1: meta copy A */
@@ -107,7 +108,9 @@ struct mmkv_free_block {
 /* Record flags. */
 #define MMKV_REC_COUNTER 1                 /* value is an 8-byte signed counter, updated in place;
                                               the checksum then covers header and key only */
-/* The record checksum's SipHash key is the file's seed xor these (distinct from the key-hash key). */
+/* The record checksum's key is the file's seed xor these (distinct from the key-hash key): version 2,
+ * CRC32C from initial value (uint32)(seed0 ^ K0), stored zero-extended; version 1, SipHash keyed
+ * with (seed0 ^ K0, seed1 ^ K1). */
 #define MMKV_REC_SUM_K0 0x6d6d6b762d726563  /* "mmkv-rec" as a big-endian word */
 #define MMKV_REC_SUM_K1 0x636865636b73756d  /* "checksum" as a big-endian word */
 
@@ -208,10 +211,9 @@ struct mmkv_locks {
  * padding to 8 bytes, then the value.  Never overwritten while live, except
  * the 8-byte value of a MMKV_REC_COUNTER record.
  * Invariants: 32 + pad8(key_len) + val_len fits in the block's payload,
- * key_hash == siphash(file seed, key), checksum == siphash keyed with
- * (seed0 ^ MMKV_REC_SUM_K0, seed1 ^ MMKV_REC_SUM_K1) over the record from
- * key_hash to the end of the value (to the end of the key and its padding for
- * counters).
+ * key_hash == siphash(file seed, key), checksum == CRC32C (version 2; SipHash
+ * in version 1 files, see MMKV_REC_SUM_K0) over the record from key_hash to the
+ * end of the value (to the end of the key and its padding for counters).
  */
 struct mmkv_record {
     uint64_t checksum;

@@ -46,6 +46,7 @@ struct mmkv_view {
     uint32_t held;           /* not read by the core: 1 while the handle owning this view holds the store lock
                                 (db.lock(), a transaction; kept by its StoreLock), so a binding's fast path
                                 takes the general path instead of waiting for itself */
+    uint32_t crc_sums;       /* 1: record checksums are CRC32C (format version 2); 0: SipHash (version 1) */
     void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
@@ -123,6 +124,8 @@ int mmkv_atomic_cas(uint8_t *base, uint64_t size, uint64_t off, uint64_t *expect
 
 /* SipHash-2-4 of data keyed with (k0, k1). */
 int mmkv_siphash(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len, uint64_t *out);
+int mmkv_crc32c(uint32_t crc, const uint8_t *data, uint64_t len, uint32_t *out);       /* CRC32C, the fastest way this CPU has */
+int mmkv_crc32c_soft(uint32_t crc, const uint8_t *data, uint64_t len, uint32_t *out);  /* the same, bytewise table (tests compare) */
 
 /* Index and records: the hot loops, all bounds-checked against view->size.  A record's offset
    (off below, a slot's low bits) is the payload offset of the block that holds it. */

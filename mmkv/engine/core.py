@@ -20,7 +20,7 @@ import os
 from . import failpoints
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, RECORD_HEADER,
                      SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, parse_identity, parse_meta, record_key)
-from .mapping import FileMap, grow_file, next_size
+from .mapping import FileMap, grow_file, next_size, prefill
 from .shim import ffi, lib
 from . import tunables
 from .tunables import FIT_SCAN, LARGE_BLOCK
@@ -51,6 +51,7 @@ def new_view(fm, ident, sync_full: bool, lock_timeout):
     v = ffi.new("struct mmkv_view *")
     v.base, v.size = fm.base, fm.size
     v.seed0, v.seed1 = ident.seed0, ident.seed1
+    v.crc_sums = int(ident.version >= 2)
     v.pid = os.getpid()
     v.lock_timeout_ns = timeout_ns(lock_timeout)
     v.page_size = ident.page_size
@@ -243,6 +244,7 @@ class Engine:
         need = fm.size + payload + 2 * page + 64     # room for the page alignment of a large block
         old_end = self.alloc.end
         new_size = grow_file(self.fd, next_size(fm.size, need, page), minimum=need, page=page)
+        prefill(self.fd, fm.size, new_size)
         if failpoints.armed:
             failpoints.hit(b"grow.after_fallocate")
         # sync="full": the meta's msync (datasync of the header page) also makes the new file

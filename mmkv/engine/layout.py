@@ -9,7 +9,8 @@ from ..errors import ChecksumError, CorruptionError, NotMmkvFileError, Truncated
 
 MAGIC = lib.MMKV_MAGIC                   #: first 8 bytes of every mmkv file, as a little-endian u64
 MAGIC_BYTES = MAGIC.to_bytes(8, "little")
-VERSION = lib.MMKV_VERSION               #: format version this package reads and writes
+VERSION = lib.MMKV_VERSION               #: format version this package writes
+OLDEST_VERSION = lib.MMKV_VERSION_OLDEST  #: oldest format version it reads (and writes to, keeping its version)
 HEADER_SIZE = lib.MMKV_HEADER_SIZE       #: size of page 0; the heap starts after it
 OFF_IDENTITY = lib.MMKV_OFF_IDENTITY     #: identity sector, written once
 OFF_META = (lib.MMKV_OFF_META0, lib.MMKV_OFF_META1)  #: the two meta copies
@@ -141,15 +142,16 @@ class _Fields(tuple):
 class Identity(_Fields):
     """The identity sector's fields (struct mmkv_identity), as Python values."""
     __slots__ = ()
-    _fields = ("page_size", "seed0", "seed1", "created_ns")
+    _fields = ("page_size", "seed0", "seed1", "created_ns", "version")
 
-    def __new__(cls, page_size, seed0, seed1, created_ns):
-        return tuple.__new__(cls, (page_size, seed0, seed1, created_ns))
+    def __new__(cls, page_size, seed0, seed1, created_ns, version=VERSION):
+        return tuple.__new__(cls, (page_size, seed0, seed1, created_ns, version))
 
     page_size = property(lambda self: self[0])
     seed0 = property(lambda self: self[1])
     seed1 = property(lambda self: self[2])
     created_ns = property(lambda self: self[3])
+    version = property(lambda self: self[4])     # 2: CRC32C record checksums; 1: SipHash ones
 
 
 class Meta(_Fields):
@@ -171,7 +173,7 @@ class Meta(_Fields):
 def build_identity(ident: Identity) -> bytes:
     """The identity sector's bytes for a new file, checksum included."""
     p = ffi.new("struct mmkv_identity *")
-    p.magic, p.version, p.page_size = MAGIC, VERSION, ident.page_size
+    p.magic, p.version, p.page_size = MAGIC, ident.version, ident.page_size
     p.seed0, p.seed1, p.created_ns = ident.seed0, ident.seed1, ident.created_ns
     raw = ffi.buffer(p)
     p.checksum = siphash(0, 0, raw[:_ID_SUM_AT])
@@ -193,15 +195,16 @@ def parse_identity(page: bytes, file_size: int) -> Identity:
     p = ffi.cast("struct mmkv_identity *", ffi.from_buffer(page))
     if p.magic != MAGIC:
         raise NotMmkvFileError(f"not an mmkv file: bad magic {bytes(page[:8])!r}")
-    if p.version != VERSION:
-        raise VersionError(f"file has format version {p.version}; this mmkv reads version {VERSION}")
+    if not OLDEST_VERSION <= p.version <= VERSION:
+        raise VersionError(f"file has format version {p.version}; this mmkv reads versions "
+                           f"{OLDEST_VERSION} to {VERSION}")
     if p.checksum != siphash(0, 0, page[:_ID_SUM_AT]):
         raise ChecksumError("header checksum mismatch: the identity sector is damaged")
     page_size = p.page_size
     if not HEADER_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
         raise CorruptionError(f"header names a page size of {page_size} bytes (a power of two from "
                               f"{HEADER_SIZE} to {MAX_PAGE_SIZE} expected): the identity sector is damaged")
-    return Identity(page_size, p.seed0, p.seed1, p.created_ns)
+    return Identity(page_size, p.seed0, p.seed1, p.created_ns, p.version)
 
 
 def build_meta(meta: Meta, ident: Identity) -> bytes:
