@@ -79,6 +79,12 @@ class Adapter:
         """The store's own statistics (recorded in the JSON), or None if it has none."""
         return None
 
+    def compact(self):
+        """Run the system's own compaction; returns the folder whose files now hold the store
+        (self.folder, or a compacted copy where the system compacts only into a new file).
+        NotImplementedError: the system has none."""
+        raise NotImplementedError
+
     def close(self):
         pass
 
@@ -184,6 +190,10 @@ class MmkvStore(MappingStore):
     def stats(self):
         return self.db.stats()
 
+    def compact(self):
+        self.last_compaction = self.db.compact()
+        return self.folder
+
     def close(self):
         self.db.close()
         super().close()
@@ -246,6 +256,11 @@ class DiskCacheStore(MappingStore):
         with c.transact():
             for k, v in mapping.items():
                 c[k] = v
+
+    def compact(self):
+        self.cache.check(fix=True)        # diskcache's repair pass: its SQLite database is vacuumed
+        self.cache._sql("VACUUM")           # (check alone does not always); no public call for it
+        return self.folder
 
     def close(self):
         self.cache.close()
@@ -338,6 +353,13 @@ class LmdbStore(Adapter):
 
     def count(self):
         return self.env.stat()["entries"]
+
+    def compact(self):
+        """mdb_env_copy with MDB_CP_COMPACT: LMDB compacts only into a new file."""
+        out = self.folder + "-compacted"
+        os.makedirs(out, exist_ok=True)
+        self.env.copy(out, compact=True)
+        return out
 
     def close(self):
         self.env.close()
@@ -465,6 +487,11 @@ class SqliteStore(Adapter):
 
     def count(self):
         return self.con.execute("SELECT count(*) FROM kv").fetchone()[0]
+
+    def compact(self):
+        self.con.execute("VACUUM")
+        self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return self.folder
 
     def close(self):
         self.con.close()

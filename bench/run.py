@@ -98,10 +98,10 @@ REPO = os.path.dirname(HERE)
 SIZES = {
     "full": dict(n=50_000, durable=300, counter_per_proc=25_000, procs=4,
                  open_small=1_000_000, open_big=10_000_000, space_n=50_000, space_rounds=5,
-                 scale_n=10_000_000),
+                 scale_n=10_000_000, compact_bytes=1 << 30),
     "quick": dict(n=2_000, durable=30, counter_per_proc=500, procs=4,
                   open_small=10_000, open_big=100_000, space_n=2_000, space_rounds=5,
-                  scale_n=100_000),
+                  scale_n=100_000, compact_bytes=20 << 20),
 }
 
 VALUE_SIZE = 100          # bytes, unless a workload says otherwise
@@ -120,12 +120,13 @@ PARTICIPANTS = {
     "open": ["mmkv", "lmdb", "sqlite"],
     "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
     "scale": ["mmkv"],
+    "compact": ["mmkv"],
 }
 TABLE_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
-               "scale"]
+               "compact", "scale"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
-RUN_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "space", "scale",
-             "open"]
+RUN_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "space", "compact",
+             "scale", "open"]
 
 TITLES = {
     "get": "get, present keys (per call)",
@@ -139,6 +140,7 @@ TITLES = {
     "open": "fresh process: open a big store and read one key",
     "space": "space: bytes on disk / live logical bytes",
     "scale": "scale: mmkv alone",
+    "compact": "compaction of a big, half-free store with a reader and a writer in other processes",
 }
 
 
@@ -644,10 +646,22 @@ def tree_bytes(folder):
     return apparent, allocated, files
 
 
+def _hold_open(path):
+    """A child process that opens the mmkv store at path and keeps it open until its stdin closes."""
+    import subprocess
+    code = "import sys, mmkv; db = mmkv.open(sys.argv[1]); print('open', flush=True); sys.stdin.read(); db.close()"
+    child = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    if child.stdout.readline().strip() != "open":
+        child.kill()
+        raise RuntimeError("the process meant to hold the store open did not open it")
+    return child
+
+
 def wl_space(run, workload):
     n, rounds = run.size["space_n"], run.size["space_rounds"]
     systems = run.systems(workload)
-    after_load, after_churn = {}, {}
+    after_load, after_churn, churn_disk, shared, compacted, compacted_disk = {}, {}, {}, {}, {}, {}
     folders = []
     for s in systems:
         rng = random.Random(9)        # the same sizes and deletions for every system
@@ -683,9 +697,31 @@ def wl_space(run, workload):
             app, alloc, files = tree_bytes(ad.folder)
             after_churn[s] = summarize([app / logical], bytes=app, allocated_bytes=alloc, logical_bytes=logical,
                                        keys=len(live), files=files)
+            churn_disk[s] = summarize([alloc / logical], bytes=app, allocated_bytes=alloc, logical_bytes=logical)
             stats = ad.stats()
             if stats is not None:           # the store's own account (mmkv: db.stats())
                 after_churn[s]["stats"] = stats
+            if s == "mmkv":                 # compaction while another process holds the store open
+                holder = _hold_open(ad.path)
+                try:
+                    ad.compact()
+                    app2, alloc2, _ = tree_bytes(ad.folder)
+                    shared[s] = summarize([alloc2 / logical], bytes=app2, allocated_bytes=alloc2,
+                                          file_ratio=app2 / logical, compaction=ad.last_compaction)
+                finally:
+                    holder.stdin.close()
+                    holder.wait(timeout=60)
+            try:
+                where = ad.compact()
+            except NotImplementedError:
+                where = None
+            if where is not None:
+                if where != ad.folder:
+                    folders.append(where)
+                app3, alloc3, files3 = tree_bytes(where)
+                extra = {"compaction": ad.last_compaction} if s == "mmkv" else {}
+                compacted[s] = summarize([app3 / logical], bytes=app3, allocated_bytes=alloc3, files=files3, **extra)
+                compacted_disk[s] = summarize([alloc3 / logical], bytes=app3, allocated_bytes=alloc3)
             ad.close()
             after_churn[s]["bytes_after_close"] = tree_bytes(ad.folder)[0]
             ad = None
@@ -701,6 +737,13 @@ def wl_space(run, workload):
     run.metric(workload, "space_load", f"after loading {n:,} keys (10..2000 B values)", "x", "lower", after_load)
     run.metric(workload, "space_churn", f"after {rounds} rounds of overwrite-all + delete-half", "x", "lower",
                after_churn)
+    run.metric(workload, "space_churn_disk", "the same, bytes allocated on disk (st_blocks)", "x", "lower",
+               churn_disk)
+    run.metric(workload, "space_compact_shared", "allocated on disk after compact() while another process has "
+               "the store open (mmkv)", "x", "lower", shared)
+    run.metric(workload, "space_compact", "after each system's own compaction (mmkv compact(), sqlite VACUUM, "
+               "lmdb copy with compaction, diskcache check(fix) + VACUUM)", "x", "lower", compacted)
+    run.metric(workload, "space_compact_disk", "the same, bytes allocated on disk", "x", "lower", compacted_disk)
     run.note(workload, "Bytes of every file the system keeps (main file, WAL, lock or sidecar files), measured "
                        "while the store is open, divided by the live logical bytes (sum of len(key)+len(value) of "
                        "what is stored). Each call its own commit; one run (a size, not a timing). A round "
@@ -826,9 +869,86 @@ def wl_scale(run, workload):
     run.prebuilt[("mmkv", n)] = path
 
 
+_COMPACT_WORKER = """
+import json, sys, time, mmkv
+path, role, stop, out = sys.argv[1:5]
+db = mmkv.open(path)
+lat, n, t_end = [], 0, time.time() + 3600
+import os
+while not (n % 256 == 0 and (os.path.exists(stop) or time.time() > t_end)):
+    k = b"key%08d" % ((n * 7919) % 1_000_000 * 2)           # keys the compaction keeps (even ones)
+    t = time.perf_counter_ns()
+    if role == "reader":
+        db.get(k)
+    else:
+        db[b"w%d" % (n % 1000)] = b"x" * 100
+    lat.append(time.perf_counter_ns() - t)
+    n += 1
+lat.sort()
+json.dump(dict(ops=n, max_us=lat[-1] / 1e3, p999_us=lat[int(len(lat) * 0.999)] / 1e3,
+               over_10ms=sum(1 for x in lat if x > 10_000_000)), open(out, "w"))
+"""
+
+
+def wl_compact(run, workload):
+    """A store of compact_bytes of 1000-byte values, every other key deleted, compacted while a
+    reader and a writer in other processes time each of their calls."""
+    total = run.size["compact_bytes"]
+    n = total // 1000
+    folder = run.folder("compact-mmkv")
+    path = os.path.join(folder, "store.mmkv")
+    import mmkv
+    value = os.urandom(1000)
+    with mmkv.open(path, "n") as db:
+        for start in range(0, n, CHUNK):
+            db.update({key(i): value for i in range(start, min(n, start + CHUNK))})
+        for i in range(1, n, 2):
+            del db[key(i)]
+        live = db.stats()["live_bytes"]
+    script, stop = os.path.join(folder, "worker.py"), os.path.join(folder, "stop")
+    with open(script, "w") as f:
+        f.write(_COMPACT_WORKER)
+    outs = {role: os.path.join(folder, role + ".json") for role in ("reader", "writer")}
+    kids = [subprocess.Popen([sys.executable, script, path, role, stop, outs[role]]) for role in outs]
+    time.sleep(1.0)
+    with mmkv.open(path) as db:
+        res = db.compact()
+        check = db.check()
+    with open(stop, "w"):
+        pass
+    for kid in kids:
+        kid.wait(timeout=600)
+    seen = {}
+    for role, p in outs.items():
+        with open(p) as f:
+            seen[role] = json.load(f)
+    if not check.ok:
+        run.fail(workload, "mmkv", f"check() after compaction: {check.problems[:3]}")
+    mb = res["moved_bytes"] / 1e6
+    rows = [("compact_rate", f"live data moved, {total / 1e9:.2f} GB store half free", "MB/s", "higher",
+             mb / res["seconds"] if res["seconds"] else 0.0),
+            ("compact_hold", "longest lock hold of the compaction", "ms", "lower", res["longest_step_seconds"] * 1e3),
+            ("compact_reader_max", "longest get of a reader in another process meanwhile", "ms", "lower",
+             seen["reader"]["max_us"] / 1e3),
+            ("compact_writer_max", "longest put of a writer in another process meanwhile", "ms", "lower",
+             seen["writer"]["max_us"] / 1e3),
+            ("compact_disk", "bytes allocated on disk after, per live logical byte (the file is shared: no shrink)",
+             "x", "lower", res["disk_bytes_after"] / live)]
+    for mid, label, unit, better, v in rows:
+        extra = dict(result=res, workers=seen) if mid == "compact_rate" else {}
+        run.metric(workload, mid, label, unit, better, {"mmkv": summarize([v], **extra)})
+    run.note(workload, f"{n:,} keys of 1000 B written, every other one deleted, then db.compact() while two other "
+                       f"processes run: one doing gets, one puts, each call timed (reader {seen['reader']['ops']:,} "
+                       f"gets, {seen['reader']['over_10ms']} over 10 ms; writer {seen['writer']['ops']:,} puts, "
+                       f"{seen['writer']['over_10ms']} over 10 ms). {res['moved_records']:,} records "
+                       f"({mb:,.0f} MB) moved in {res['seconds']:.1f} s; longest hold by phase: "
+                       + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res['longest_hold_by_phase'].items()) + ".")
+    remove(folder)
+
+
 WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
-             "scale": wl_scale}
+             "scale": wl_scale, "compact": wl_compact}
 
 
 # ===================================================================== machine info

@@ -52,6 +52,41 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    """Compact a store: move live records down, then shrink the file (no other handle open) or
+    release its free pages (another handle open).  Progress on stderr for big files."""
+    if not os.path.exists(args.path):
+        print(f"mmkv compact: {args.path}: no such file", file=sys.stderr)
+        return 2
+    progress = None
+    if os.path.getsize(args.path) >= args.progress_from:
+        last = [0.0]
+        tty = sys.stderr.isatty()
+
+        def progress(done, total):
+            now = time.monotonic()
+            if now - last[0] < 0.5 and done < total:
+                return
+            last[0] = now
+            pct = 100.0 * done / total if total else 100.0
+            end = "\r" if tty and done < total else "\n"
+            sys.stderr.write(f"mmkv compact: {args.path}: {pct:5.1f}% of {total / 1e6:,.1f} MB walked{end}")
+            sys.stderr.flush()
+    try:
+        with open_store(args.path, "w") as db:
+            result = db.compact(progress)
+    except Error as exc:
+        print(f"mmkv compact: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    how = "file shrunk" if result["shrunk"] else "free pages released (another handle has the file open: size kept)"
+    print(f"{args.path}: moved {result['moved_records']:,} records ({result['moved_bytes'] / 1e6:,.1f} MB) in "
+          f"{result['seconds']:.2f}s; {how}")
+    print(f"  file {result['file_size_before']:,} -> {result['file_size_after']:,} bytes, on disk "
+          f"{result['disk_bytes_before']:,} -> {result['disk_bytes_after']:,} bytes; longest lock hold "
+          f"{result['longest_step_seconds'] * 1000:.1f} ms")
+    return 0
+
+
 def say_line(value) -> None:
     """Print value as one line in one write: processes started together share the output pipe,
     and print() makes two writes (value, then newline) when Python runs unbuffered
@@ -111,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("name", help="sequence name (UTF-8); each name counts from 1 on its own")
     _sync_option(n)
     n.set_defaults(func=cmd_next_id)
+    m = sub.add_parser("compact", help="move live records down and give free space back (shrink the file "
+                                       "when no other process has it open)")
+    m.add_argument("path")
+    m.add_argument("--progress-from", type=int, default=64 << 20, metavar="BYTES",
+                   help="report progress on stderr for files of at least this size (default 64 MiB)")
+    m.set_defaults(func=cmd_compact)
     sub.add_parser("torture", help="crash-durability runs: 'kill PATH --kills N' or 'powerloss DIR --images N' "
                                    "(see mmkv torture --help)")
     return p

@@ -24,7 +24,7 @@ from itertools import chain
 from _collections_abc import ItemsView, MutableMapping, ValuesView   # (collections.abc, loaded at start-up)
 from .engine.core import Engine, timeout_ns
 from .engine.locking import StoreLock
-from .engine.shim import BINDING, ffi, lib, raise_for  # noqa: F401 (mmkv.store.BINDING: the binding in use)
+from .engine.shim import BINDING, ENEEDBACK, ffi, lib, raise_for  # noqa: F401 (mmkv.store.BINDING: the binding in use)
 from .engine.shim import fast as _fast
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      NotACounterError, ReadOnlyError)
@@ -486,6 +486,8 @@ class Store(_Binding, MutableMapping):
             return k
         if rc == errno.EAGAIN:
             index.split(self._engine, self._view, self._view.seg)
+        elif rc == ENEEDBACK:
+            self._engine.alloc.back(self._view.holes_block, record_size(len(k), len(val)))
         else:
             raise_for(rc, "put")
         return None
@@ -720,9 +722,51 @@ class Store(_Binding, MutableMapping):
         finally:
             self._release()
 
+    def compact(self, progress=None) -> dict:
+        """Move live records toward the start of the file and give the free space back: the file
+        shrinks when no other handle (in any process) has it open, else the pages of its free
+        space are released to the filesystem (the size stays, so no other process can fault).
+        Returns what was done (records and bytes moved, sizes and disk bytes before and after,
+        the longest lock hold).  ``progress(done, total)``, when given, is called after each step
+        (bytes of the heap walked so far, of the whole heap).
+
+        Works in steps of about 2 ms each under the store lock (with sync="full", each move also
+        waits for two msyncs); other processes' writes wait at most one step, reads never.  Each
+        move is as crash-safe as a put.  The shrink waits for the open/close protocol lock (up to
+        open_timeout) so that no handle opens meanwhile.
+        :raises Error: called inside lock() or a transaction on this thread.
+        :raises ReadOnlyError: a read-only handle.  :raises DiskFullError: space released earlier
+            could not be backed for a move (the store is consistent; moves so far stay).
+        """
+        from .errors import Error
+        from .engine import compaction
+        self._writable()
+        if self._txn is not None or self._lock.held_here():
+            raise Error("compact() cannot run inside lock() or a transaction: it takes and releases the lock "
+                        "in steps, and the open/close protocol lock before it")
+        return compaction.compact(self._engine, self.lock, self._when_alone, progress)
+
+    def _when_alone(self, fn) -> bool:
+        """Run fn() holding the open/close protocol lock and the store lock, if no other handle has
+        the file open; True when it ran.  Lock order as close(): protocol lock first."""
+        from .engine import opening
+        fd = self._engine.fd
+        opening.take_protocol_lock(fd, self.path, self._open_timeout)
+        try:
+            with self.lock():
+                if not opening.try_alone(fd):
+                    return False
+                try:
+                    return fn()
+                finally:
+                    opening.hold_attached(fd)
+        finally:
+            opening.release_protocol_lock(fd)
+
     def stats(self) -> dict:
         """Counters and space figures (keys, bytes used and free, index shape, largest free
-        block, lock reports), read under the lock: one consistent moment (O(1) but for one
+        block, bytes on disk (``disk_bytes``: st_blocks * 512) and at most how many of them
+        compact() could give back (``reclaimable_bytes``), lock reports), read under the lock: one consistent moment (O(1) but for one
         free-list walk and the directory).  :raises CorruptionError: a damaged free list."""
         from .engine import index      # on first use: not needed to open or read
         self._acquire()
@@ -737,6 +781,10 @@ class Store(_Binding, MutableMapping):
             st["load_factor"] = st["keys"] / st["index_slots"]
             st["largest_free_block"] = largest
             st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
+            st["disk_bytes"] = os.fstat(self._engine.fd).st_blocks * 512
+            # what compaction and release could give back at most: disk blocks beyond the header,
+            # the blocks in use and the epilogue
+            st["reclaimable_bytes"] = max(0, st["disk_bytes"] - (HEADER_SIZE + st["used_bytes"] + 8))
             st["sync"] = self.sync_mode
             st["lock_reports"] = self._lock.reports
             return st

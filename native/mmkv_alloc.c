@@ -128,14 +128,72 @@ static int unlink_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_
     return 0;
 }
 
-/* Make [b, b + size) one free block at the head of its list (its neighbours are in use). */
-static int make_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size, uint64_t prev_alloc)
+/* ---------------------------------------------------------------- released space */
+
+static uint64_t page_down(const struct mmkv_view *v, uint64_t off) { return off & ~(v->page_size - 1); }
+static uint64_t page_up(const struct mmkv_view *v, uint64_t off) { return page_down(v, off + v->page_size - 1); }
+
+/* The pages of the free block [b, b + size) that may be holes: after its first MMKV_FREE_HOLES_HEAD
+   bytes, before the page of its footer.  0 when there is none (too small). */
+static int inner_pages(const struct mmkv_view *v, uint64_t b, uint64_t size, uint64_t *lo, uint64_t *hi)
+{
+    *lo = page_up(v, b + MMKV_FREE_HOLES_HEAD);
+    *hi = page_down(v, footer_of(b, size));
+    return *lo < *hi;
+}
+
+/* What a free block says of its released pages: from `at` on they may be holes (0: none), and
+   about `unreleased` bytes of it were freed or backed since its pages were last released. */
+struct holes {
+    uint64_t at, unreleased;
+};
+
+static struct holes holes_of(const struct mmkv_view *v, uint64_t b, uint64_t head)
+{
+    struct holes h = {0, 0};
+    if (head & MMKV_BLOCK_HOLES) {
+        h.at = *word(v, b + MMKV_FREE_HOLES_AT);
+        h.unreleased = *word(v, b + MMKV_FREE_UNRELEASED);
+    }
+    return h;
+}
+
+/* Bytes of the free block b (size bytes, header head) freed into it and not released since.  A
+   block without holes counts whole when small (freed records); one of release_min bytes or more
+   without holes is the space a growth added, kept backed for the allocations to come: 0. */
+static uint64_t unreleased_of(const struct mmkv_view *v, uint64_t b, uint64_t head, uint64_t size)
+{
+    if (head & MMKV_BLOCK_HOLES)
+        return *word(v, b + MMKV_FREE_UNRELEASED);
+    return size < v->release_min ? size : 0;
+}
+
+/* The header of a free block [b, b + size) with holes h (h.at 0: none): the flag and the words
+   after the links are written only when inner pages exist to be holes. */
+static uint64_t free_header(const struct mmkv_view *v, uint64_t b, uint64_t size, uint64_t bits, struct holes h)
+{
+    uint64_t lo, hi;
+    bits &= MMKV_BLOCK_PREV_ALLOC;
+    if (h.at && inner_pages(v, b, size, &lo, &hi) && h.at < hi) {
+        *word(v, b + MMKV_FREE_HOLES_AT) = h.at < lo ? lo : h.at;
+        *word(v, b + MMKV_FREE_UNRELEASED) = h.unreleased < size ? h.unreleased : size;
+        bits |= MMKV_BLOCK_HOLES;
+    }
+    return size | bits;
+}
+
+static const struct holes no_holes = {0, 0};
+
+/* Make [b, b + size) one free block at the head of its list (its neighbours are in use), with
+   holes h. */
+static int make_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t size, uint64_t prev_alloc,
+                     struct holes h)
 {
     unsigned c = size_class(size);
     uint64_t head = st->free_heads[c], hs;
     if (head && (!member_ok(v, head, c, &hs) || *word(v, prev_link(head)) || (head < b + size && b < head + hs)))
         return EBADMSG;
-    *word(v, b) = size | prev_alloc;
+    *word(v, b) = free_header(v, b, size, prev_alloc, h);
     *word(v, footer_of(b, size)) = size;
     *word(v, next_link(b)) = head;
     *word(v, prev_link(b)) = 0;
@@ -146,9 +204,19 @@ static int make_free(const struct mmkv_view *v, struct mmkv_state *st, uint64_t 
     return 0;
 }
 
-/* Mark [b, b + size) in use out of the unlinked free block [b, b + bsize). */
+/* The free block b (bsize bytes, header head) has holes where carving size bytes from its start
+   would write: the carved bytes, or the rest's header, links and words after them. */
+static int needs_back(const struct mmkv_view *v, uint64_t b, uint64_t head, uint64_t bsize, uint64_t size)
+{
+    uint64_t at = holes_of(v, b, head).at;
+    uint64_t end = bsize - size < MMKV_BLOCK_MIN ? b + bsize : b + size + MMKV_FREE_HOLES_HEAD;
+    return at && end > at;
+}
+
+/* Mark [b, b + size) in use out of the unlinked free block [b, b + bsize) with holes h (the caller
+   checked that the carved bytes and the rest's head lie below h.at). */
 static int carve(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t bsize, uint64_t size,
-                 uint64_t prev_alloc)
+                 uint64_t prev_alloc, struct holes h)
 {
     int rc = 0;
     if (bsize - size < MMKV_BLOCK_MIN) {
@@ -159,7 +227,10 @@ static int carve(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, u
        rest goes to, and as a member it must be followed by a block in use */
     *word(v, b) = size | MMKV_BLOCK_ALLOC | prev_alloc;
     if (size < bsize)
-        rc = make_free(v, st, b + size, bsize - size, MMKV_BLOCK_PREV_ALLOC);
+    {
+        struct holes rest = {h.at, h.unreleased > size ? h.unreleased - size : 0};
+        rc = make_free(v, st, b + size, bsize - size, MMKV_BLOCK_PREV_ALLOC, rest);
+    }
     st->used_bytes += size;
     st->free_bytes -= size;
     return rc;
@@ -167,7 +238,7 @@ static int carve(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, u
 
 /* Carve a page-aligned block of size bytes out of the checked member b (bsize bytes) if it
    fits: 0, or ENOSPC (nothing changed). */
-static int take_aligned(const struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t bsize, uint64_t size,
+static int take_aligned(struct mmkv_view *v, struct mmkv_state *st, uint64_t b, uint64_t bsize, uint64_t size,
                         uint64_t *out)
 {
     uint64_t page = v->page_size;
@@ -176,20 +247,25 @@ static int take_aligned(const struct mmkv_view *v, struct mmkv_state *st, uint64
         start += page;
     if (start - b > bsize || size > bsize - (start - b))
         return ENOSPC;
-    uint64_t lead = start - b, prev_alloc = *word(v, b) & MMKV_BLOCK_PREV_ALLOC;
+    uint64_t lead = start - b, head = *word(v, b), prev_alloc = head & MMKV_BLOCK_PREV_ALLOC;
+    struct holes h = holes_of(v, b, head);
+    if (needs_back(v, b, head, bsize, lead + size)) {
+        v->holes_block = b;
+        return MMKV_ENEEDBACK;
+    }
     int rc = unlink_free(v, st, b, bsize);
     if (rc)
         return rc;
     if (lead) {
-        if ((rc = make_free(v, st, b, lead, prev_alloc)))
+        if ((rc = make_free(v, st, b, lead, prev_alloc, no_holes)))   /* below h.at: backed */
             return rc;
         prev_alloc = 0;
     }
     *out = start;
-    return carve(v, st, start, bsize - lead, size, prev_alloc);
+    return carve(v, st, start, bsize - lead, size, prev_alloc, h);
 }
 
-static int alloc_large(const struct mmkv_view *v, struct mmkv_state *st, uint64_t size, uint64_t *out)
+static int alloc_large(struct mmkv_view *v, struct mmkv_state *st, uint64_t size, uint64_t *out)
 {
     uint64_t page = v->page_size, b, s;
     if (!page || (page & (page - 1)) || page % MMKV_BLOCK_ALIGN)
@@ -261,12 +337,20 @@ int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out)
         return ENOSPC;
     if (bsize < size)
         return EBADMSG;
+    uint64_t head = *word(v, b);
+    if (needs_back(v, b, head, bsize, size)) {
+        v->holes_block = b;
+        return MMKV_ENEEDBACK;
+    }
     if ((rc = unlink_free(v, st, b, bsize)))
         return rc;
     FAILPOINT("alloc.mid");                  /* unlinked, not yet marked in use */
     *out = b;
-    return carve(v, st, b, bsize, size, *word(v, b) & MMKV_BLOCK_PREV_ALLOC);
+    return carve(v, st, b, bsize, size, head & MMKV_BLOCK_PREV_ALLOC, holes_of(v, b, head));
 }
+
+static int release_free_block(const struct mmkv_view *v, uint64_t b, uint64_t size, uint64_t from, uint64_t to,
+                              uint64_t *released);
 
 int mmkv_free(struct mmkv_view *v, uint64_t b)
 {
@@ -301,24 +385,38 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
     }
     int rc;
     uint64_t freed = size;
+    struct holes h = {0, size};
     if (nsize) {
+        struct holes nh = holes_of(v, nxt, nhead);
+        h.at = nh.at;
+        h.unreleased += unreleased_of(v, nxt, nhead, nsize);
         if ((rc = unlink_free(v, st, nxt, nsize)))
             return rc;
         size += nsize;
         FAILPOINT("free.mid");               /* a neighbour unlinked, the block not yet listed */
     }
     if (!prev_alloc) {
-        prev_alloc = *word(v, p) & MMKV_BLOCK_PREV_ALLOC;
+        uint64_t phead = *word(v, p);
+        prev_alloc = phead & MMKV_BLOCK_PREV_ALLOC;
+        if (phead & MMKV_BLOCK_HOLES)
+            h.at = holes_of(v, p, phead).at;   /* the lower one: p lies before nxt */
+        h.unreleased += unreleased_of(v, p, phead, psize);
         if ((rc = unlink_free(v, st, p, psize)))
             return rc;
         b = p;
         size += psize;
     }
-    if ((rc = make_free(v, st, b, size, prev_alloc)))
+    if ((rc = make_free(v, st, b, size, prev_alloc, h)))
         return rc;
     *word(v, b + size) &= ~(uint64_t)MMKV_BLOCK_PREV_ALLOC;
     st->used_bytes -= freed;
     st->free_bytes += freed;
+    /* a free block of at least release_min bytes gives its inner pages back once a quarter of
+       release_min has been freed into it since it last did: a punch per that many bytes freed */
+    if (v->release_min && size >= v->release_min && h.unreleased >= v->release_min / 4) {
+        uint64_t released;
+        release_free_block(v, b, size, 0, UINT64_MAX, &released);   /* a failed punch leaves them backed */
+    }
     return 0;
 }
 
@@ -350,3 +448,167 @@ int mmkv_free_fitting(struct mmkv_view *v, uint64_t b, uint64_t payload)
     return mmkv_free(v, b);
 }
 
+
+/* ---------------------------------------------------------------- released space (see mmkv_layout.h) */
+
+/* Give back the inner pages of the free block [b, b + size) that lie in [from, to): first the
+   header says they may be holes (a crash after it only costs a later fallocate), then the punch.
+   *released: bytes punched. */
+static int release_free_block(const struct mmkv_view *v, uint64_t b, uint64_t size, uint64_t from, uint64_t to,
+                              uint64_t *released)
+{
+    uint64_t lo, hi, head = *word(v, b);
+    *released = 0;
+    if (v->fd < 0 || !inner_pages(v, b, size, &lo, &hi))
+        return 0;
+    uint64_t start = page_up(v, from) > lo ? page_up(v, from) : lo, end = page_down(v, to) < hi ? page_down(v, to) : hi;
+    if (start >= end)
+        return 0;
+    struct holes h = holes_of(v, b, head);
+    h.at = h.at && h.at < lo ? h.at : lo;
+    h.unreleased = 0;
+    *word(v, b) = free_header(v, b, size, head, h);
+    FAILPOINT("release.before_punch");
+    int rc = mmkv_punch((int)v->fd, start, end - start);
+    FAILPOINT("release.after_punch");
+    if (!rc)
+        *released = end - start;
+    return rc;
+}
+
+/* b is a free block (any list): its size goes to *size. */
+static int free_block_at(const struct mmkv_view *v, uint64_t b, uint64_t *size)
+{
+    if (!heap_ok(v) || !block_ok(v, b))
+        return 0;
+    uint64_t head = *word(v, b), s = head & SIZE_MASK;
+    if (head & MMKV_BLOCK_ALLOC || !size_ok(v, b, s) || *word(v, footer_of(b, s)) != s)
+        return 0;
+    *size = s;
+    return 1;
+}
+
+int mmkv_release_block(struct mmkv_view *v, uint64_t b, uint64_t from, uint64_t len, uint64_t *released)
+{
+    uint64_t size;
+    *released = 0;
+    if (!free_block_at(v, b, &size))
+        return EBADMSG;
+    return release_free_block(v, b, size, from, len > UINT64_MAX - from ? UINT64_MAX : from + len, released);
+}
+
+int mmkv_holes_span(struct mmkv_view *v, uint64_t b, uint64_t *holes_at, uint64_t *holes_end)
+{
+    uint64_t size, lo, hi;
+    if (!free_block_at(v, b, &size))
+        return EBADMSG;
+    uint64_t at = holes_of(v, b, *word(v, b)).at;
+    if (!at)
+        return EINVAL;
+    if (!inner_pages(v, b, size, &lo, &hi) || at < lo || at >= hi || at & (v->page_size - 1))
+        return EBADMSG;
+    *holes_at = at;
+    *holes_end = hi;
+    return 0;
+}
+
+int mmkv_holes_backed(struct mmkv_view *v, uint64_t b, uint64_t backed_to)
+{
+    uint64_t at, end, size;
+    int rc = mmkv_holes_span(v, b, &at, &end);
+    if (rc)
+        return rc;
+    if (backed_to <= at || backed_to & (v->page_size - 1))
+        return EINVAL;
+    free_block_at(v, b, &size);
+    uint64_t head = *word(v, b);
+    struct holes h = holes_of(v, b, head);
+    h.unreleased += backed_to - at;
+    h.at = backed_to;
+    *word(v, b) = backed_to >= end ? head & ~(uint64_t)MMKV_BLOCK_HOLES : free_header(v, b, size, head, h);
+    return 0;
+}
+
+int mmkv_holes_mark(struct mmkv_view *v, uint64_t b)
+{
+    uint64_t size, lo, hi;
+    if (!free_block_at(v, b, &size))
+        return EBADMSG;
+    if (inner_pages(v, b, size, &lo, &hi)) {
+        struct holes h = {lo, size};
+        *word(v, b) = free_header(v, b, size, *word(v, b), h);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- compaction */
+
+int mmkv_alloc_at(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *out)
+{
+    if (!heap_ok(v) || payload > (1ULL << 48))
+        return EINVAL;
+    struct mmkv_state *st = state_of(v);
+    uint64_t size = block_size_for(payload), bsize, head;
+    if (!block_ok(v, b) || (head = *word(v, b)) & MMKV_BLOCK_ALLOC)
+        return ENOENT;
+    unsigned c = size_class(head & SIZE_MASK);
+    /* a member of its list, reached from its back link (or the list head): a stale offset from an
+       earlier walk, now inside another block, fails here before anything is written */
+    if (!member_ok(v, b, c, &bsize))
+        return ENOENT;
+    uint64_t prv = *word(v, prev_link(b)), s;
+    if (prv ? !member_ok(v, prv, c, &s) || *word(v, next_link(prv)) != b : st->free_heads[c] != b)
+        return ENOENT;
+    if (bsize < size)
+        return ENOSPC;
+    if (needs_back(v, b, head, bsize, size)) {
+        v->holes_block = b;
+        return MMKV_ENEEDBACK;
+    }
+    int rc = unlink_free(v, st, b, bsize);
+    if (rc)
+        return rc;
+    *out = b;
+    return carve(v, st, b, bsize, size, head & MMKV_BLOCK_PREV_ALLOC, holes_of(v, b, head));
+}
+
+int mmkv_heap_tail(struct mmkv_view *v, uint64_t *start)
+{
+    if (!heap_ok(v))
+        return EINVAL;
+    uint64_t end = v->heap_end, ep = *word(v, end);
+    *start = end;
+    if (ep & MMKV_BLOCK_PREV_ALLOC || end == MMKV_HEAP_START)
+        return 0;   /* the last block is in use: no free tail */
+    uint64_t size = *word(v, footer_before(end)), s;
+    if (size < MMKV_BLOCK_MIN || size & ALIGN_MASK || size > end - MMKV_HEAP_START ||
+        !member_ok(v, end - size, size_class(size), &s))
+        return EBADMSG;
+    *start = end - size;
+    return 0;
+}
+
+int mmkv_heap_shrink(struct mmkv_view *v, uint64_t new_end)
+{
+    uint64_t start;
+    int rc = mmkv_heap_tail(v, &start);
+    if (rc)
+        return rc;
+    uint64_t end = v->heap_end;
+    if (new_end > end || new_end < start || (new_end > start && new_end - start < MMKV_BLOCK_MIN) ||
+        (new_end - MMKV_HEAP_START) & ALIGN_MASK)
+        return EINVAL;
+    if (new_end == end)
+        return 0;
+    struct mmkv_state *st = state_of(v);
+    uint64_t head = *word(v, start), prev_alloc = head & MMKV_BLOCK_PREV_ALLOC;
+    if ((rc = unlink_free(v, st, start, end - start)))
+        return rc;
+    FAILPOINT("shrink.mid");                 /* the tail unlinked, the epilogue not yet moved */
+    *word(v, new_end) = MMKV_BLOCK_ALLOC | (new_end > start ? 0 : prev_alloc);
+    st->free_bytes -= end - new_end;
+    v->heap_end = new_end;
+    if (new_end > start)
+        return make_free(v, st, start, new_end - start, prev_alloc, holes_of(v, start, head));
+    return 0;
+}

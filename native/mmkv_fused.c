@@ -27,7 +27,7 @@ static int lock_current(struct mmkv_view *v, int take_lock)
 /* Results after which a fused call has changed nothing and released the lock. */
 static int clean_result(int rc)
 {
-    return rc == 0 || rc == ENOENT || rc == EAGAIN || rc == ENOSPC || rc == ERANGE;
+    return rc == 0 || rc == ENOENT || rc == EAGAIN || rc == ENOSPC || rc == ERANGE || rc == MMKV_ENEEDBACK;
 }
 
 static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
@@ -59,7 +59,7 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
     }
     uint64_t need = REC_HDR + PAD8(klen) + vlen, b;
     if ((rc = mmkv_alloc(v, need, &b)))
-        return rc;  /* ENOSPC: nothing changed, grow the file */
+        return rc;  /* ENOSPC: nothing changed, grow the file; MMKV_ENEEDBACK: back released pages */
     uint64_t rec = payload_of(b), cap = capacity_of(*word(v, b) & SIZE_MASK);
     uint64_t old_vlen = l.rec ? l.rec->val_len : 0, *slots = seg_slots(l.segment);
     if ((rc = mmkv_record_write(v, rec, cap, l.hash, key, klen, val, vlen, flags)) ||
@@ -200,3 +200,33 @@ int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t de
     return rc;
 }
 
+
+/* Commit order: the README's "Commit orders" table, row "compaction move" (that of a put). */
+int mmkv_move_record(struct mmkv_view *v, uint64_t rec_off, uint64_t dest)
+{
+    int rc = mmkv_record_verify(v, rec_off);
+    if (rc)
+        return rc;
+    const struct mmkv_record *r = (const struct mmkv_record *)(v->base + rec_off);
+    uint64_t klen = r->key_len, need = REC_HDR + PAD8(klen) + r->val_len;
+    struct lookup l;
+    rc = lookup(v, (const uint8_t *)r + REC_HDR, klen, &l);
+    if (rc || l.rec_off != rec_off)
+        return rc == EBADMSG ? rc : ENOENT;   /* no slot names this record: nothing to move */
+    if (dest < payload_of(MMKV_HEAP_START) || dest % 8 || !range_ok(v->size, block_of(dest), MMKV_BLOCK_HEADER))
+        return EINVAL;
+    uint64_t head = *word(v, block_of(dest));
+    if (!(head & MMKV_BLOCK_ALLOC) || !range_ok(v->size, block_of(dest), head & SIZE_MASK) ||
+        !block_holds(head & SIZE_MASK, need) || (dest < rec_off + need && rec_off < dest + need))
+        return EINVAL;
+    memcpy(v->base + dest, r, need);
+    if ((rc = sync_range(v, block_of(dest), need + MMKV_BLOCK_HEADER)))  /* 1. the copy is durable ... */
+        return rc;
+    FAILPOINT("compact.after_copy");
+    uint64_t *slots = seg_slots(l.segment);
+    __atomic_store_n(&slots[l.slot], slot_word(l.hash, dest), __ATOMIC_RELEASE);
+    if ((rc = sync_range(v, l.seg + SEG_HDR + 8 * l.slot, 8)))      /* 2. ... before the slot names it */
+        return rc;
+    FAILPOINT("compact.after_switch");
+    return mmkv_free_fitting(v, block_of(rec_off), need) ? EBADMSG : 0;  /* 3. the old block is free */
+}

@@ -63,6 +63,8 @@ static inline int range_ok(uint64_t size, uint64_t off, uint64_t len)
 
 MMKV_INTERNAL uint64_t siphash24(uint64_t k0, uint64_t k1, const uint8_t *data, uint64_t len);
 /* CRC32C of len bytes, continuing from crc (0 to start): hardware on x86-64 with SSE4.2. */
+/* fallocate(PUNCH_HOLE | KEEP_SIZE) of [off, off + len), EINTR retried: 0 or an errno (mmkv_sys.c). */
+MMKV_INTERNAL int mmkv_punch(int fd, uint64_t off, uint64_t len);
 MMKV_INTERNAL uint32_t crc32c(uint32_t crc, const uint8_t *data, uint64_t len);
 
 /* ---------------------------------------------------------------- records (mmkv_index.c) */

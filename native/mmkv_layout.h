@@ -49,7 +49,8 @@
  * MMKV_BLOCK_ALIGN, at least MMKV_BLOCK_MIN, and b + size <= the epilogue;
  * MMKV_BLOCK_ALLOC is set when the block is in use; MMKV_BLOCK_PREV_ALLOC is
  * set exactly when the block before b is in use (always set on the first block);
- * no other flag bit is set.
+ * MMKV_BLOCK_HOLES only on a free block (see "Released space" below); no other
+ * flag bit is set.
  *
  * A free block (ALLOC clear) is laid out as struct mmkv_free_block: the header,
  * then the links of the doubly linked free list of its size class (byte offsets
@@ -65,16 +66,35 @@
  * set and MMKV_BLOCK_PREV_ALLOC telling whether the last block is in use: the
  * heap's walks stop there, and a free last block never merges past it.
  * Growing the file turns the old epilogue into a block and writes a new one.
+ *
+ * Released space (format version 2).  The pages inside a large free block can be
+ * given back to the filesystem (fallocate PUNCH_HOLE, KEEP_SIZE: the file's size,
+ * and so every mapping, is unchanged).  Such a block has MMKV_BLOCK_HOLES set and
+ * a word at b + MMKV_FREE_HOLES_AT, holes_at: a page-aligned file offset with
+ * b + MMKV_FREE_HOLES_HEAD <= holes_at < the start of the page holding its footer.  Pages
+ * in [holes_at, that footer page) may be holes; every other byte of the block (its
+ * header, links, holes_at and unreleased words, its footer) is backed by disk blocks, so the
+ * allocator can write them on a full disk without SIGBUS.  Carving from such a
+ * block requires the carved bytes and the remainder's header below holes_at: the
+ * engine backs them first (posix_fallocate, then holes_at moves up; once it reaches
+ * the footer's page the flag is cleared).  Merging keeps the lower holes_at.  The word
+ * at b + MMKV_FREE_UNRELEASED counts (roughly) the bytes freed into the block or backed
+ * again since its pages were last released: the allocator releases them again when it
+ * reaches a quarter of the view's release_min (a hint: any value is safe).
  */
 #define MMKV_HEAP_START 4104               /* first block header: MMKV_HEADER_SIZE + MMKV_BLOCK_HEADER, so payloads are 16-aligned */
 #define MMKV_BLOCK_HEADER 8                /* bytes of a block's header word; the payload follows it */
 #define MMKV_BLOCK_ALLOC 1                 /* header flag: block is in use */
 #define MMKV_BLOCK_PREV_ALLOC 2            /* header flag: the block before this one is in use */
+#define MMKV_BLOCK_HOLES 4                 /* header flag of a free block: pages from its holes_at word on may be holes */
 #define MMKV_BLOCK_FLAGS 15                /* low bits of the header that are not part of the size */
 #define MMKV_BLOCK_ALIGN 16                /* every block size is a multiple of this */
 #define MMKV_BLOCK_MIN 32                  /* header + two links + footer */
 #define MMKV_FREE_NEXT 8                   /* free block: byte offset of the next link (0: end of list) */
 #define MMKV_FREE_PREV 16                  /* free block: byte offset of the previous link (0: list head) */
+#define MMKV_FREE_HOLES_AT 24              /* free block with MMKV_BLOCK_HOLES: byte offset of its holes_at word */
+#define MMKV_FREE_UNRELEASED 32            /* ... and of its unreleased word (bytes freed into it since its last release) */
+#define MMKV_FREE_HOLES_HEAD 40            /* ... whose inner pages (the ones that may be holes) start at or after this */
 #define MMKV_FREE_FOOTER 8                 /* free block: its footer (size copy) starts this many bytes before its end */
 #define MMKV_EPILOGUE_BYTES 8              /* the epilogue word, the last bytes of the file */
 #define MMKV_EXACT_CLASSES 31              /* classes 0..30 hold blocks of exactly 32, 48, ..., 512 bytes */

@@ -40,6 +40,10 @@ struct mmkv_view {
     uint64_t large_block;    /* allocations of at least this many bytes are page-aligned */
     uint64_t fit_scan;       /* blocks a first-fit scan of one free list may inspect */
     uint64_t max_count;      /* an insert that would take a segment's count above this returns EAGAIN (split it) */
+    int64_t fd;              /* the file, for releasing free pages (fallocate PUNCH_HOLE); < 0: never release */
+    uint64_t release_min;    /* a free that makes a free block of at least this many bytes enter a larger size
+                                class releases the block's inner pages; 0: never (format version 1, growth) */
+    uint64_t holes_block;    /* set with MMKV_ENEEDBACK: the free block whose pages must be backed first */
     uint32_t sync_full;      /* 1: msync record, then slot, before a write returns */
     uint32_t closing;        /* set by mmkv_view_close: mmkv_lock, mmkv_get and the take_lock writes then return EBADF */
     uint64_t active;         /* threads inside mmkv_lock or mmkv_get, which run without the store lock (see mmkv_view_close) */
@@ -74,6 +78,7 @@ struct mmkv_getbuf {
 };
 
 /* Error codes the Python side needs by name (values from <errno.h>). */
+#define MMKV_ENEEDBACK 61      /* ENODATA: the free block that fits has holes where the allocation would go */
 #define MMKV_ESTALE 116        /* the mapping is older than the header says: remap */
 #define MMKV_SYNC_ASYNC 1      /* mmkv_msync: schedule write-back */
 #define MMKV_SYNC_SYNC 4       /* mmkv_msync: wait for write-back */
@@ -170,7 +175,35 @@ int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slo
 
 /* Allocator hot paths (the caller holds the lock): EBADMSG on a damaged heap.  Offsets named off
    or out are block offsets (the block's header word; its payload starts MMKV_BLOCK_HEADER later). */
-int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out);   /* ENOSPC: nothing fits, grow */
+int mmkv_alloc(struct mmkv_view *v, uint64_t payload, uint64_t *out);   /* ENOSPC: nothing fits, grow;
+                                           MMKV_ENEEDBACK: the block that fits (v->holes_block) has holes where
+                                           the allocation would go: back them (mmkv_holes_backed), retry */
+/* Released space (mmkv_release.c; see "Released space" in mmkv_layout.h). */
+int mmkv_holes_span(struct mmkv_view *v, uint64_t b, uint64_t *holes_at, uint64_t *holes_end);
+                                        /* the free block b's may-be-holes range; EINVAL: b has none */
+int mmkv_holes_backed(struct mmkv_view *v, uint64_t b, uint64_t backed_to);
+                                        /* the caller backed [holes_at, backed_to) of free block b: move holes_at */
+int mmkv_holes_mark(struct mmkv_view *v, uint64_t b);
+                                        /* free block b: every page inside it may be a hole (recovery) */
+int mmkv_release_block(struct mmkv_view *v, uint64_t b, uint64_t from, uint64_t len, uint64_t *released);
+                                        /* give back the inner pages of free block b that lie in [from, from + len)
+                                           (needs v->fd): *released bytes; EBADMSG: b is no free block */
+/* Compaction (engine/compaction.py). */
+int mmkv_alloc_at(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *out);
+                                        /* carve payload bytes from the start of free block b: ENOENT (b is no
+                                           longer a free block), ENOSPC (too small), MMKV_ENEEDBACK */
+int mmkv_move_record(struct mmkv_view *v, uint64_t rec_off, uint64_t dest);
+                                        /* copy the live record at rec_off into the allocated block whose payload
+                                           is dest, switch its slot, free the old block; ENOENT: not live */
+int mmkv_slots_above(struct mmkv_view *v, uint64_t cursor, uint64_t above, uint64_t budget, uint64_t *out,
+                     uint64_t max_out, uint64_t *n_out, uint64_t *next);
+                                        /* record offsets >= above of the slots from cursor on (as mmkv_slot_next),
+                                           at most budget slots read; *next: where to go on, UINT64_MAX at the end */
+int mmkv_heap_tail(struct mmkv_view *v, uint64_t *start);   /* start of the free last block (heap_end: none) */
+int mmkv_heap_shrink(struct mmkv_view *v, uint64_t new_end);
+                                        /* move the epilogue down to new_end, inside the free last block */
+int mmkv_map_zero(uint8_t *base, uint64_t size, uint64_t off, uint64_t len);
+                                        /* replace [off, off + len) of a mapping with private zero pages */
 int mmkv_free(struct mmkv_view *v, uint64_t off);
 int mmkv_free_fitting(struct mmkv_view *v, uint64_t off, uint64_t payload);
                                         /* mmkv_free of a block allocated for payload bytes: EBADMSG when

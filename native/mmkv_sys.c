@@ -160,6 +160,27 @@ int mmkv_fallocate(int fd, int64_t off, int64_t len)
     return rc;
 }
 
+int mmkv_punch(int fd, uint64_t off, uint64_t len)
+{
+    if (off > INT64_MAX || len > INT64_MAX - off)
+        return EINVAL;
+    int rc;
+    do
+        rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) ? errno : 0;
+    while (rc == EINTR);
+    return rc;
+}
+
+int mmkv_map_zero(uint8_t *base, uint64_t size, uint64_t off, uint64_t len)
+{
+    if (!base || off > size || len > size - off || (uintptr_t)(base + off) % (uintptr_t)sysconf(_SC_PAGESIZE))
+        return EINVAL;
+    if (!len)
+        return 0;
+    void *p = mmap(base + off, len, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? errno : 0;
+}
+
 int mmkv_writeback(int fd, int64_t off, int64_t len)
 {
     if (off < 0 || len < 0)

@@ -26,7 +26,7 @@ def _value(i):
     return b"v%d" % i
 
 
-@pytest.mark.parametrize("n", [200_000, 1_000_000], ids=["200k", "1M"])
+@pytest.mark.parametrize("n", [200_000, pytest.param(1_000_000, marks=pytest.mark.slow)], ids=["200k", "1M"])
 def test_many_small_keys(path, n):
     with mmkv.open(path) as db:
         for i in range(n):

@@ -73,6 +73,7 @@ POOL = 600                      # keys the writer draws from
 SIZES = (0, 1, 10, 100, 1000, 5000, 70_000)
 TORTURE_MAX_LOAD = 0.01         # the writer's split threshold: 163 keys per segment
 TORTURE_PRESIZE_PAIRS = 100     # the writer's update() presizes the index from this many pairs
+TORTURE_RELEASE = (64 << 10, 16 << 10)   # free blocks of 64 KiB release their pages; backing by 16 KiB
 #: The kinds of bystander process, and the names of the file a process may open it through.
 BYSTANDER_KINDS = ("idle", "reader", "writer", "reopener")
 NAME_KINDS = ("path", "hardlink", "symlink", "relative")
@@ -109,10 +110,12 @@ def operations(seed: int, clears: bool = True):
             yield ("incr", b"counter", rnd.choice((1, 1, 1, 7, -3)))
         elif r < 0.88:
             yield ("txn", [(key(), None if rnd.random() < 0.25 else value()) for _ in range(rnd.randint(2, 6))])
-        elif r < 0.998:
+        elif r < 0.99:
             size = rnd.randint(10, 120) if rnd.random() < 0.85 else rnd.randint(150, 500)
             batch = {key(): rnd.randbytes(rnd.randrange(64)) for _ in range(size)}
             yield ("batch", list(batch.items()))
+        elif r < 0.998:
+            yield ("compact",)
         elif clears:
             yield ("clear",)
         else:
@@ -180,6 +183,8 @@ def perform(db, op) -> None:
         db.update(dict(op[1]))
     elif kind == "clear":
         db.clear()
+    elif kind == "compact":
+        db.compact()
 
 
 # ---------------------------------------------------------------- names of one file
@@ -370,6 +375,7 @@ def _lower_split_threshold() -> None:
     from ..engine import tunables
     tunables.set_max_load(TORTURE_MAX_LOAD)
     tunables.set_presize_pairs(TORTURE_PRESIZE_PAIRS)
+    tunables.set_release(*TORTURE_RELEASE)
 
 
 # ---------------------------------------------------------------- the victim
@@ -882,6 +888,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
         path = os.path.join(folder, f"power-{seed}-{run}.mmkv")
         saved = tunables.set_max_load(TORTURE_MAX_LOAD)
         saved_presize = tunables.set_presize_pairs(TORTURE_PRESIZE_PAIRS)
+        saved_release = tunables.set_release(*TORTURE_RELEASE)
         try:
             db = mmkv.open(path, sync=sync)
             recorder = BarrierRecorder(db)
@@ -900,6 +907,7 @@ def run_powerloss(folder: str, images: int, sync: str = "full", seed: int = 1, o
         finally:
             tunables.set_max_load(saved)
             tunables.set_presize_pairs(saved_presize)
+            tunables.set_release(*saved_release)
         # replay the barriers: durable state after barrier i, pages pending until barrier i + 1
         # one image per barrier: the durable state after i barriers, cut before barrier i + 1
         durable = bytearray(recorder.first)

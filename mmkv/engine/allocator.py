@@ -30,9 +30,11 @@ why recovery rebuilds instead of trusting the lists.
 """
 import errno
 
-from .shim import ffi, lib, raise_for
-from ..errors import CorruptionError
-from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_NEXT, FREE_PREV, HEAP_START, MASK64,
+from .shim import ENEEDBACK, ffi, lib, raise_for
+from ..errors import CorruptionError, DiskFullError
+from .layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_HEADER, BLOCK_HOLES, BLOCK_MIN, BLOCK_PREV_ALLOC, FREE_HOLES_AT,
+                     FREE_HOLES_HEAD, FREE_NEXT,
+                     FREE_PREV, HEAP_START, MASK64,
                      NCLASSES, STATE_WORD)
 
 _HEADS = STATE_WORD["free_heads"]
@@ -110,12 +112,56 @@ class Allocator:
     def alloc_block(self, payload: int) -> int:
         """``alloc`` at the block level: the block's offset (its header), or 0.  For this
         module and the allocator's own tests; the engine deals in payload offsets."""
-        rc = lib.mmkv_alloc(self.view, payload, self._out)
-        if rc == 0:
-            return self._out[0]
-        if rc == errno.ENOSPC:
-            return 0
+        for _ in range(64):          # each backing moves a block's holes up: a bound, not a retry count
+            rc = lib.mmkv_alloc(self.view, payload, self._out)
+            if rc == 0:
+                return self._out[0]
+            if rc == errno.ENOSPC:
+                return 0
+            if rc != ENEEDBACK:
+                break
+            self.back(self.view.holes_block, payload)
         raise self._bad(f"allocating {payload} bytes failed ({errno.errorcode.get(rc, rc)})")
+
+    # ------------------------------------------------------------ released space
+    def back(self, b: int, payload: int) -> None:
+        """Back with disk blocks (posix_fallocate) the released pages at the start of the free
+        block b, enough for an allocation of payload bytes from it and at least BACK_CHUNK bytes,
+        then move its holes_at past them (mmkv_layout.h, "Released space").  Caller holds the lock.
+
+        :raises DiskFullError: the disk cannot back them; nothing changed (the block keeps its
+            holes, so no write can reach an unbacked page).
+        :raises CorruptionError: b is not a free block with holes.
+        """
+        from .tunables import BACK_CHUNK
+        at, end = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        rc = lib.mmkv_holes_span(self.view, b, at, end)
+        if rc:
+            raise self._bad(f"block {b} was named for backing but has no released pages ({errno.errorcode.get(rc, rc)})")
+        page = self.view.page_size
+        want = b + block_size_for(payload) + 2 * page + 2 * BLOCK_MIN     # a large block's alignment, the rest's header
+        to = min(end[0], max(at[0] + BACK_CHUNK, (want + page - 1) // page * page))
+        rc = lib.mmkv_fallocate(self.fm.fd, at[0], to - at[0])
+        if rc:
+            from .mapping import _DISK_FULL
+            if rc in _DISK_FULL:
+                raise DiskFullError(rc, f"cannot back {to - at[0]} bytes of released space for a new block: "
+                                        f"{errno.errorcode.get(rc, rc)}; free disk space and retry (the store is unchanged)")
+            raise_for(rc, "posix_fallocate of released space")
+        raise_for(lib.mmkv_holes_backed(self.view, b, to), "backing released space")
+
+    def release(self, b: int, start: int = 0, length: int = MASK64) -> int:
+        """Give the pages inside the free block b that lie in [start, start + length) back to the
+        filesystem; returns the bytes punched (0 on a filesystem that cannot punch holes).  Caller
+        holds the lock.  :raises CorruptionError: b is not a free block (any more)."""
+        rc = lib.mmkv_release_block(self.view, b, start, length, self._out)
+        if rc == errno.EBADMSG:
+            raise self._bad(f"releasing block {b}: not a free block")
+        return self._out[0]
+
+    def _quiet(self):
+        """A context in which frees release nothing (growth, rebuild)."""
+        return _NoRelease(self.view)
 
     def free(self, off: int, payload: int) -> None:
         """Return the block whose payload is at off, allocated for ``payload`` bytes, to the
@@ -207,7 +253,8 @@ class Allocator:
         w[old >> 3] = size | BLOCK_ALLOC | prev_alloc
         w[_USED] = (w[_USED] + size) & MASK64         # a cache: a damaged count must not raise
         self.end = new_end
-        self.free_block(old)                         # merges with a free last block
+        with self._quiet():                          # the new space is about to be used: keep it backed
+            self.free_block(old)                     # merges with a free last block
 
     def format(self, end: int) -> None:
         """Lay out an empty heap ending at ``end``: one free block and the epilogue."""
@@ -257,9 +304,12 @@ class Allocator:
             w[b >> 3] = size | BLOCK_ALLOC | BLOCK_PREV_ALLOC
         w[self.end >> 3] = BLOCK_ALLOC | BLOCK_PREV_ALLOC
         w[_USED] = self.end - HEAP_START
-        for b, _, gap in blocks:                       # ...then each gap freed: lists and bits follow
-            if gap:
-                self.free_block(b)
+        with self._quiet():
+            for b, _, gap in blocks:                   # ...then each gap freed: lists and bits follow
+                if gap:
+                    self.free_block(b)
+                    # what was released before is unknown: any page inside may be a hole
+                    raise_for(lib.mmkv_holes_mark(self.view, b), "marking a rebuilt free block")
 
     def audit(self) -> list:
         """Every problem found in the heap and the free lists (empty when sound).
@@ -283,7 +333,11 @@ class Allocator:
             if head & BLOCK_ALLOC:
                 used += size
                 prev_free = False
+                if head & BLOCK_HOLES:
+                    problems.append(f"block at {pos}: in use but flagged as holding released pages")
             else:
+                if head & BLOCK_HOLES:
+                    problems.extend(self._holes_problems(pos, size))
                 if prev_free:
                     problems.append(f"block at {pos}: two free blocks side by side (not coalesced)")
                 if w[(pos + size - 8) >> 3] != size:
@@ -321,6 +375,25 @@ class Allocator:
             problems.append(f"counters say used={w[_USED]} free={w[_FREE]}, blocks say used={used} free={free}")
         return problems
 
+    def _holes_problems(self, b: int, size: int) -> list:
+        """What is wrong with the holes_at word of the free block [b, b + size) flagged BLOCK_HOLES."""
+        page = self.view.page_size
+        lo = (b + FREE_HOLES_HEAD + page - 1) // page * page
+        hi = (b + size - 8) // page * page
+        at = self.fm.words[(b + FREE_HOLES_AT) >> 3]
+        if at % page or not lo <= at < hi:
+            return [f"free block at {b}: released pages from {at}, outside its inner pages [{lo}, {hi})"]
+        return []
+
+    def released_ranges(self) -> list:
+        """[(holes_at, end)] of every free block flagged BLOCK_HOLES, in address order: the only
+        places where the file may have holes.  :raises CorruptionError: an impossible size."""
+        w, page, out = self.fm.words, self.view.page_size, []
+        for b, size, in_use in self.blocks():
+            if not in_use and w[b >> 3] & BLOCK_HOLES:
+                out.append((w[(b + FREE_HOLES_AT) >> 3], (b + size - 8) // page * page))
+        return out
+
     def blocks(self):
         """Yield (offset, size, in_use) for every block, in address order.
 
@@ -335,3 +408,18 @@ class Allocator:
                 raise self._bad(f"block at {pos} has impossible size {size}")
             yield pos, size, bool(head & BLOCK_ALLOC)
             pos += size
+
+
+class _NoRelease:
+    """``with``: frees through this view release no pages (release_min 0) until the block ends."""
+    __slots__ = ("view", "saved")
+
+    def __init__(self, view):
+        self.view = view
+
+    def __enter__(self):
+        self.saved, self.view.release_min = self.view.release_min, 0
+
+    def __exit__(self, *exc):
+        self.view.release_min = self.saved
+        return False

@@ -39,6 +39,25 @@ class Report:
         return "\n".join(lines)
 
 
+def unbacked_outside(fd: int, size: int, allowed: list) -> list:
+    """The parts of the file's holes (mapping.unbacked_ranges) that no (start, end) of ``allowed``
+    (sorted, not overlapping) covers: at most 10; none where the filesystem cannot tell."""
+    from .mapping import unbacked_ranges
+    holes = unbacked_ranges(fd, size) or []
+    bad, i = [], 0
+    for start, end in holes:
+        while start < end and len(bad) < 10:
+            while i < len(allowed) and allowed[i][1] <= start:
+                i += 1
+            if i == len(allowed) or allowed[i][0] >= end:
+                bad.append((start, end))
+                break
+            if allowed[i][0] > start:
+                bad.append((start, allowed[i][0]))
+            start = allowed[i][1]
+    return bad
+
+
 def audit(eng) -> Report:
     """Audit the engine's file (lock held) and return the Report (never raises for damage:
     every problem found is in ``report.problems``)."""
@@ -82,6 +101,15 @@ def audit(eng) -> Report:
         for b, s, *_ in keep:
             if b in in_use and in_use[b] != s:
                 report.problem(f"heap: record block {b} size disagrees with the heap walk")
+    # released space: a hole anywhere but inside a free block that says it may have one would
+    # turn a write there on a full disk into SIGBUS
+    try:
+        allowed = alloc.released_ranges()
+    except CorruptionError:
+        allowed = None                       # the heap walk's own problem is reported above
+    if allowed is not None:
+        for start, end in unbacked_outside(fm.fd, fm.size, allowed):
+            report.problem(f"file: [{start}, {end}) is a hole (no disk blocks) outside released free space")
     # accounting
     used, free = w[STATE_WORD["used_bytes"]], w[STATE_WORD["free_bytes"]]
     report.used_bytes, report.free_bytes = used, free

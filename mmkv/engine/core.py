@@ -58,6 +58,8 @@ def new_view(fm, ident, sync_full: bool, lock_timeout):
     v.large_block = LARGE_BLOCK
     v.fit_scan = FIT_SCAN
     v.max_count = int(SEGMENT_SLOTS * tunables.MAX_LOAD)   # read at each open: see tunables.testing_load
+    v.fd = fm.fd
+    v.release_min = tunables.RELEASE_MIN if ident.version >= 2 else 0   # version 1 readers know no holes
     v.sync_full = int(sync_full)
     return v
 

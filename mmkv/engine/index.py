@@ -272,6 +272,52 @@ def rebuild(eng, words: list, depth: int = 0) -> None:
         eng.free(off, need)
 
 
+def relocate(eng, old: int, allocate) -> bool:
+    """Move one block of the live index (the directory, or a segment: ``old`` is its payload
+    offset) into a block from ``allocate(payload)`` (compaction passes one that takes the lowest
+    free space); commit order: the "index relocation" row of the README's "Commit orders" table,
+    that of a split: the copy and a new directory are made durable, the meta names them, the old
+    blocks are freed.  Lock-free readers that still hold the old directory or segment find it
+    intact until the free, and the lock's sequence word makes them retry after.  Caller holds the
+    lock.  Returns False when ``old`` is not a block of the index (nothing changed).
+    :raises DiskFullError: no room for the copy; nothing changed.
+    """
+    v, w, mm = eng.view, eng.words, eng.fm.mm
+    dir_bytes = 8 << v.dir_bits
+    entries = [w[(v.dir_off >> 3) + i] for i in range(1 << v.dir_bits)]
+    if old != v.dir_off and old not in entries:
+        return False
+    taken = []
+    try:
+        if old != v.dir_off:
+            taken.append((allocate(SEGMENT_BYTES), SEGMENT_BYTES))
+            eng.follow(v)
+            mm = eng.fm.mm
+            new_seg = taken[0][0]
+            mm[new_seg:new_seg + SEGMENT_BYTES] = mm[old:old + SEGMENT_BYTES]
+            entries = [new_seg if e == old else e for e in entries]
+        taken.append((allocate(dir_bytes), dir_bytes))
+        new_dir = taken[-1][0]
+        w = eng.words
+        for i, e in enumerate(entries):
+            w[(new_dir >> 3) + i] = e
+        eng.make_durable(*taken)
+        if failpoints.armed:
+            failpoints.hit(b"relocate.before_meta")
+    except BaseException:
+        for off, payload in taken:
+            eng.free(off, payload)
+        raise
+    old_dir = v.dir_off
+    eng.write_meta(dir_off=new_dir)
+    if failpoints.armed:
+        failpoints.hit(b"relocate.after_meta")
+    if old != old_dir:
+        eng.free(old, SEGMENT_BYTES)
+    eng.free(old_dir, dir_bytes)
+    return True
+
+
 def presize_depth(eng, total_keys: int):
     """The depth presize would rebuild the index at for total_keys, or None when the live index
     has enough segments (the new index takes 2^depth * SEGMENT_BYTES and a directory)."""

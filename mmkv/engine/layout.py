@@ -25,6 +25,9 @@ NCLASSES = lib.MMKV_NCLASSES
 BLOCK_ALLOC = lib.MMKV_BLOCK_ALLOC
 BLOCK_PREV_ALLOC = lib.MMKV_BLOCK_PREV_ALLOC
 BLOCK_FLAGS = lib.MMKV_BLOCK_FLAGS
+BLOCK_HOLES = lib.MMKV_BLOCK_HOLES     #: free block: pages from its holes_at word on may be holes
+FREE_HOLES_AT = lib.MMKV_FREE_HOLES_AT  #: free block with BLOCK_HOLES: byte offset of holes_at
+FREE_HOLES_HEAD = lib.MMKV_FREE_HOLES_HEAD  #: ... whose pages that may be holes start at or after this
 BLOCK_ALIGN = lib.MMKV_BLOCK_ALIGN
 BLOCK_MIN = lib.MMKV_BLOCK_MIN
 #: First block header; blocks start 8 bytes below a 16-byte boundary so that payloads are 16-aligned.

@@ -21,14 +21,15 @@ import time
 
 from .core import timeout_ns
 from .layout import OFF_MUTEX, STATE_WORD
-from .shim import error_for, lib, raise_for, ESTALE
+from .shim import error_for, lib, raise_for, ENEEDBACK, ESTALE
 from ..errors import CorruptionError, Error, LockTimeoutError
 
 
 #: Fast-call results after which the general (locked) path runs: nothing was changed and the
 #: lock is not held (ESTALE: remap first; ENOBUFS: a value bigger than the buffer (get, pop); ENOSPC,
-#: EAGAIN: the file or the index must grow first; ENOENT: an incr of a non-counter).
-_RETRY_LOCKED = (ESTALE, errno.ENOSPC, errno.EAGAIN, errno.ENOENT, errno.ENOBUFS)
+#: EAGAIN: the file or the index must grow first; ENEEDBACK: released pages must be backed first;
+#: ENOENT: an incr of a non-counter).
+_RETRY_LOCKED = (ESTALE, errno.ENOSPC, errno.EAGAIN, ENEEDBACK, errno.ENOENT, errno.ENOBUFS)
 #: Fused-write results that come from taking the lock: nothing was changed, nothing is held.
 _LOCK_FAILURES = (errno.ETIMEDOUT, errno.ENOTRECOVERABLE, errno.EINVAL, errno.EDEADLK, errno.EBADF)
 

@@ -67,6 +67,12 @@ class FileMap:
         t.start()
         self._releasers.append(t)
 
+    def mapped_ranges(self):
+        """(base pointer, bytes) of every mapping this FileMap holds: the current one and the
+        retired ones a late reader thread may still be using."""
+        for mm, _, cbuf in self._retired + [(self.mm, self.words, self._cbuf)]:
+            yield ffi.cast("uint8_t *", cbuf), len(mm)
+
     def close(self) -> None:
         if self.mm is None:
             return
@@ -191,3 +197,42 @@ def next_size(current: int, needed: int, page: int) -> int:
     step = min(max(current // 4, GROW_STEP_MIN), GROW_STEP_MAX)
     size = max(current + step, needed)
     return (size + page - 1) // page * page
+
+
+_FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_HEADER = 32            # struct fiemap: start, length, flags, mapped, count, reserved
+_FIEMAP_EXTENT = 56            # struct fiemap_extent: logical, physical, length, 2 reserved, flags, 3 reserved
+_FIEMAP_EXTENT_LAST = 1
+
+
+def unbacked_ranges(fd: int, size: int, batch: int = 256):
+    """The ranges [start, end) of the file's first ``size`` bytes that no disk block backs (holes;
+    fallocated but unwritten space counts as backed), from the FIEMAP ioctl; None where the
+    filesystem cannot tell (tmpfs, say).  Delayed-allocation extents count as backed.
+    Read-only; costs one ioctl per ``batch`` extents."""
+    import fcntl
+    import struct
+    holes, pos = [], 0
+    while pos < size:
+        buf = bytearray(_FIEMAP_HEADER + batch * _FIEMAP_EXTENT)
+        struct.pack_into("<QQIIII", buf, 0, pos, size - pos, 0, 0, batch, 0)
+        try:
+            fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf)
+        except OSError:
+            return None
+        mapped = struct.unpack_from("<I", buf, 20)[0]
+        if not mapped:
+            break
+        last = False
+        for i in range(mapped):
+            logical, _, length = struct.unpack_from("<QQQ", buf, _FIEMAP_HEADER + i * _FIEMAP_EXTENT)
+            flags = struct.unpack_from("<I", buf, _FIEMAP_HEADER + i * _FIEMAP_EXTENT + 40)[0]
+            if logical > pos:
+                holes.append((pos, min(logical, size)))
+            pos = max(pos, logical + length)
+            last = last or bool(flags & _FIEMAP_EXTENT_LAST)
+        if last:
+            break
+    if pos < size:
+        holes.append((pos, size))
+    return holes

@@ -22,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 from ..errors import ClosedError, CorruptionError, DiskFullError, Error, LockTimeoutError
 
 ESTALE = lib.MMKV_ESTALE
+ENEEDBACK = lib.MMKV_ENEEDBACK   #: an allocation found a free block with holes where it would write
 
 #: The binding of the per-call operations, chosen once at import: "cpython" (the extension
 #: mmkv._fast, calling this module's C core through function pointers) or "cffi" (the portable

@@ -25,6 +25,11 @@ GROW_STEP_MAX = 1 << 30
 #: so that the pages the allocator hands out next are already in the page cache: a first touch
 #: through the mapping of a fallocated page costs ~8 us (ext4), of a written one ~0.5 us.
 PREFILL_BYTES = 8 << 20
+#: A free that makes a free block of at least this many bytes reach a larger size class gives the
+#: pages inside it back to the filesystem (fallocate PUNCH_HOLE; format version 2 files).
+RELEASE_MIN = 1 << 20
+#: Bytes of released space backed again (posix_fallocate) at a time when an allocation reaches it.
+BACK_CHUNK = 1 << 20
 #: Allocations of at least this many bytes are page-aligned and sized in whole pages.
 LARGE_BLOCK = 64 * 1024
 #: update() of at least this many pairs first makes room in one step (Store._reserve_for): the
@@ -53,4 +58,14 @@ def set_presize_pairs(pairs: int) -> int:
     old value."""
     global PRESIZE_PAIRS
     old, PRESIZE_PAIRS = PRESIZE_PAIRS, pairs
+    return old
+
+
+def set_release(release_min: int, back_chunk: int) -> tuple:
+    """Set RELEASE_MIN and BACK_CHUNK (the crash kit lowers them so that its small stores release
+    and back space often); read by handles opened from now on (RELEASE_MIN) and at each backing
+    (BACK_CHUNK).  Returns the old values."""
+    global RELEASE_MIN, BACK_CHUNK
+    old = RELEASE_MIN, BACK_CHUNK
+    RELEASE_MIN, BACK_CHUNK = release_min, back_chunk
     return old
