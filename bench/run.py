@@ -913,11 +913,11 @@ def wl_compact(run, workload):
     time.sleep(1.0)
     with mmkv.open(path) as db:
         res = db.compact()
-        check = db.check()
-    with open(stop, "w"):
-        pass
-    for kid in kids:
-        kid.wait(timeout=600)
+        with open(stop, "w"):
+            pass
+        for kid in kids:
+            kid.wait(timeout=600)
+        check = db.check()                  # after the workers: it holds the lock for seconds
     seen = {}
     for role, p in outs.items():
         with open(p) as f:

@@ -572,6 +572,20 @@ int mmkv_alloc_at(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *o
     return carve(v, st, b, bsize, size, head & MMKV_BLOCK_PREV_ALLOC, holes_of(v, b, head));
 }
 
+int mmkv_is_free_block(struct mmkv_view *v, uint64_t b)
+{
+    uint64_t head, bsize, s;
+    if (!heap_ok(v) || !block_ok(v, b) || (head = *word(v, b)) & MMKV_BLOCK_ALLOC)
+        return ENOENT;
+    unsigned c = size_class(head & SIZE_MASK);
+    if (!member_ok(v, b, c, &bsize))
+        return ENOENT;
+    uint64_t prv = *word(v, prev_link(b));
+    if (prv ? !member_ok(v, prv, c, &s) || *word(v, next_link(prv)) != b : state_of(v)->free_heads[c] != b)
+        return ENOENT;
+    return 0;
+}
+
 int mmkv_heap_tail(struct mmkv_view *v, uint64_t *start)
 {
     if (!heap_ok(v))

@@ -199,6 +199,7 @@ int mmkv_slots_above(struct mmkv_view *v, uint64_t cursor, uint64_t above, uint6
                      uint64_t max_out, uint64_t *n_out, uint64_t *next);
                                         /* record offsets >= above of the slots from cursor on (as mmkv_slot_next),
                                            at most budget slots read; *next: where to go on, UINT64_MAX at the end */
+int mmkv_is_free_block(struct mmkv_view *v, uint64_t b);   /* 0: b starts a listed free block; ENOENT */
 int mmkv_heap_tail(struct mmkv_view *v, uint64_t *start);   /* start of the free last block (heap_end: none) */
 int mmkv_heap_shrink(struct mmkv_view *v, uint64_t new_end);
                                         /* move the epilogue down to new_end, inside the free last block */

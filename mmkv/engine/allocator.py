@@ -217,6 +217,26 @@ class Allocator:
             return least
         return size
 
+    def free_blocks_of(self, least: int) -> list:
+        """[(block, size)] of every listed free block of at least ``least`` bytes, from the lists
+        of the classes that can hold one (the large classes: few blocks).  Each link is checked
+        as in largest_free; a damaged list ends its walk (the audit reports it).  Lock held."""
+        w = self.fm.words
+        bitmap, out = w[_BITMAP], []
+        limit = (self.end - HEAP_START) // BLOCK_MIN + 1
+        for c in range(size_class(max(BLOCK_MIN, least & ~15)), NCLASSES):
+            if not bitmap >> c & 1:
+                continue
+            b, prev = w[_HEADS + c], 0
+            for _ in range(limit):
+                if not b or self.placement(b + BLOCK_HEADER) is None or w[(b + FREE_PREV) >> 3] != prev:
+                    break
+                size = w[b >> 3] & _SIZE_MASK
+                if size >= least and not w[b >> 3] & BLOCK_ALLOC:
+                    out.append((b, size))
+                prev, b = b, w[(b + FREE_NEXT) >> 3]
+        return out
+
     def largest_free(self) -> int:
         """Size of the largest free block: the biggest in the highest non-empty class.
 

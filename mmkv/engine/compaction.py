@@ -42,7 +42,7 @@ from .shim import ENEEDBACK, ffi, lib, raise_for
 #: Seconds of work per lock hold.
 STEP_SECONDS = 0.002
 #: Bytes punched per call when compaction releases free space (one call takes ~2 ms per MiB on ext4).
-RELEASE_CHUNK = 1 << 20
+RELEASE_CHUNK = 512 << 10
 #: Holes remembered at most (the lowest are kept): bounds the walk's memory.
 MAX_HOLES = 4096
 _SIZE_MASK = ~15
@@ -54,24 +54,40 @@ class _Walk:
     def __init__(self, eng):
         self.eng = eng
         self.pos = HEAP_START
-        self.anchor = None          # (block, size) placed last: the walk resumes after it
+        self.anchors = []           # (block, size) of the last live records the walk passed
         self.holes = _Holes()       # free blocks below pos
         self.moved = self.moved_bytes = self.restarts = 0
         self._out = ffi.new("uint64_t *")
 
     # -------------------------------------------------------------- resuming
     def resume(self) -> None:
-        """Check that the walk's position is still a block boundary (lock held)."""
-        if self.anchor is None or self.pos == HEAP_START:
+        """Make sure the walk's position is a block boundary (lock held): a listed free block, a
+        live record or a block of the index starts there.  If not (another process merged or
+        carved the blocks around it), the walk goes back to the end of the newest record it
+        passed that is still live, or to the heap's start when none is."""
+        w, v = self.eng.words, self.eng.view
+        pos = self.pos
+        if pos == HEAP_START or pos >= v.heap_end or self._boundary(pos):
             return
-        b, size = self.anchor
-        w = self.eng.words
-        v = self.eng.view
-        if b + size <= v.heap_end and w[b >> 3] & BLOCK_ALLOC and w[b >> 3] & _SIZE_MASK == size \
-                and lib.mmkv_record_verify(v, b + BLOCK_HEADER) == 0 and self._live(b + BLOCK_HEADER):
-            return
-        self.pos, self.anchor, self.holes = HEAP_START, None, _Holes()
         self.restarts += 1
+        while self.anchors:
+            b, size = self.anchors.pop()
+            if b + size <= v.heap_end and w[b >> 3] & BLOCK_ALLOC and w[b >> 3] & _SIZE_MASK == size \
+                    and self._record_here(b):
+                self.pos = b + size               # the end of a block in use: a boundary
+                return
+        self.pos, self.holes = HEAP_START, _Holes()
+
+    def _boundary(self, b: int) -> bool:
+        """A block starts at b: a listed free block, a live record, or a block of the index."""
+        if not self.eng.words[b >> 3] & BLOCK_ALLOC:
+            return lib.mmkv_is_free_block(self.eng.view, b) == 0
+        from . import index
+        return self._record_here(b) or b in {blk for blk, _ in index.blocks(self.eng)}
+
+    def _record_here(self, b: int) -> bool:
+        rec = b + BLOCK_HEADER
+        return lib.mmkv_record_verify(self.eng.view, rec) == 0 and self._live(rec)
 
     def _live(self, rec: int) -> bool:
         """A slot names the record at rec (its key's lookup finds it there)."""
@@ -104,6 +120,7 @@ class _Walk:
             if b in structure or lib.mmkv_record_verify(v, rec) != 0:
                 self.pos = b + size          # the index, or a block no slot can name: stays
                 continue
+            self._anchor(b, size)
             # where the free block that will cover b ends: read now, while b + size is a block
             # start for sure (after the move the words inside the merged block are stale, or holes)
             nxt = b + size
@@ -113,9 +130,16 @@ class _Walk:
             if dest is None:
                 self.pos = nxt
                 continue
-            self.anchor = (dest - BLOCK_HEADER, w[(dest - BLOCK_HEADER) >> 3] & _SIZE_MASK)
+            self.anchors.pop()                # b is free now
             self._add_hole(end - w[(end - 8) >> 3])   # its footer (in its last page: never a hole)
             self.pos = end
+        return False
+
+    def _anchor(self, b: int, size: int) -> None:
+        """Remember the live record at b (size bytes) the walk passes: a boundary to go back to."""
+        self.anchors.append((b, size))
+        if len(self.anchors) > 64:
+            del self.anchors[:32]
         return False
 
     def _add_hole(self, b: int) -> None:
@@ -311,7 +335,9 @@ def _release_free_space(eng, hold, walk) -> int:
     bytes released."""
     released = 0
     with hold("release"):
-        candidates = sorted(set(walk.holes) | {_tail_start(eng)}, reverse=True)
+        page = eng.ident.page_size
+        listed = {b for b, _ in eng.alloc.free_blocks_of(3 * page)}   # any with a whole inner page
+        candidates = sorted(listed | set(walk.holes) | {_tail_start(eng)}, reverse=True)
     start = 0
     while candidates:
         _let_others_in()
