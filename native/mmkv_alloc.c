@@ -411,9 +411,9 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
     *word(v, b + size) &= ~(uint64_t)MMKV_BLOCK_PREV_ALLOC;
     st->used_bytes -= freed;
     st->free_bytes += freed;
-    /* a free block of at least release_min bytes gives its inner pages back once a quarter of
-       release_min has been freed into it since it last did: a punch per that many bytes freed */
-    if (v->release_min && size >= v->release_min && h.unreleased >= v->release_min / 4) {
+    /* a free block of at least release_min bytes gives its inner pages back once release_min
+       bytes have been freed into it since it last did: a punch per that many bytes freed */
+    if (v->release_min && size >= v->release_min && h.unreleased >= v->release_min) {
         uint64_t released;
         release_free_block(v, b, size, 0, UINT64_MAX, &released);   /* a failed punch leaves them backed */
     }

@@ -80,7 +80,7 @@
  * the footer's page the flag is cleared).  Merging keeps the lower holes_at.  The word
  * at b + MMKV_FREE_UNRELEASED counts (roughly) the bytes freed into the block or backed
  * again since its pages were last released: the allocator releases them again when it
- * reaches a quarter of the view's release_min (a hint: any value is safe).
+ * reaches the view's release_min (a hint: any value is safe).
  */
 #define MMKV_HEAP_START 4104               /* first block header: MMKV_HEADER_SIZE + MMKV_BLOCK_HEADER, so payloads are 16-aligned */
 #define MMKV_BLOCK_HEADER 8                /* bytes of a block's header word; the payload follows it */
