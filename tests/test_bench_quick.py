@@ -26,6 +26,7 @@ EXPECTED = {
     "open": ["mmkv", "lmdb", "sqlite"],
     "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
     "scale": ["mmkv"],
+    "compact": ["mmkv"],
 }
 
 
