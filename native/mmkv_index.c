@@ -271,37 +271,6 @@ int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64
     return ENOENT;
 }
 
-int mmkv_slots_above(struct mmkv_view *v, uint64_t cursor, uint64_t above, uint64_t budget, uint64_t *out,
-                     uint64_t max_out, uint64_t *n_out, uint64_t *next)
-{
-    const uint64_t *dir = directory(v);
-    if (!dir)
-        return EBADMSG;
-    uint64_t entries = 1ULL << v->dir_bits, n = 0, d = cursor / MMKV_SEGMENT_SLOTS;
-    *n_out = 0;
-    for (; d < entries && budget && n < max_out; d++, cursor = d * MMKV_SEGMENT_SLOTS) {
-        if (d > 0 && dir[d - 1] == dir[d])
-            continue;
-        struct mmkv_segment *seg = segment_at(v, dir[d]);
-        if (!seg)
-            return EBADMSG;
-        uint64_t i = cursor % MMKV_SEGMENT_SLOTS;
-        for (; i < MMKV_SEGMENT_SLOTS && budget && n < max_out; i++, budget--) {
-            uint64_t off = seg_slots(seg)[i] & MMKV_SLOT_OFF_MASK;
-            if (off && off >= above)
-                out[n++] = off;
-        }
-        if (i < MMKV_SEGMENT_SLOTS) {
-            *n_out = n;
-            *next = d * MMKV_SEGMENT_SLOTS + i;
-            return 0;
-        }
-    }
-    *n_out = n;
-    *next = d < entries ? d * MMKV_SEGMENT_SLOTS : UINT64_MAX;
-    return 0;
-}
-
 /* Put the entry w (whose record has hash h) into seg by linear probing. */
 static int seg_insert(struct mmkv_segment *seg, uint64_t h, uint64_t w)
 {

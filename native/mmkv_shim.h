@@ -195,10 +195,6 @@ int mmkv_alloc_at(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *o
 int mmkv_move_record(struct mmkv_view *v, uint64_t rec_off, uint64_t dest);
                                         /* copy the live record at rec_off into the allocated block whose payload
                                            is dest, switch its slot, free the old block; ENOENT: not live */
-int mmkv_slots_above(struct mmkv_view *v, uint64_t cursor, uint64_t above, uint64_t budget, uint64_t *out,
-                     uint64_t max_out, uint64_t *n_out, uint64_t *next);
-                                        /* record offsets >= above of the slots from cursor on (as mmkv_slot_next),
-                                           at most budget slots read; *next: where to go on, UINT64_MAX at the end */
 int mmkv_is_free_block(struct mmkv_view *v, uint64_t b);   /* 0: b starts a listed free block; ENOENT */
 int mmkv_heap_tail(struct mmkv_view *v, uint64_t *start);   /* start of the free last block (heap_end: none) */
 int mmkv_heap_shrink(struct mmkv_view *v, uint64_t new_end);

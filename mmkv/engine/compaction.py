@@ -57,7 +57,6 @@ class _Walk:
         self.anchors = []           # (block, size) of the last live records the walk passed
         self.holes = _Holes()       # free blocks below pos
         self.moved = self.moved_bytes = self.restarts = 0
-        self._out = ffi.new("uint64_t *")
 
     # -------------------------------------------------------------- resuming
     def resume(self) -> None:
@@ -307,11 +306,11 @@ def _lower_the_index(eng, hold, walk) -> int:
                     and off - BLOCK_HEADER + eng.alloc.block_size(off - BLOCK_HEADER) == tail]
             if not last:
                 return moved
-            before = eng.view.dir_off, eng.view.dir_bits
             lowest = _lowest_hole_allocator(eng, walk, below=last[0])
-            if not index.relocate(eng, last[0], lowest) or lowest.fell_back:
-                return moved + 1 if before != (eng.view.dir_off, eng.view.dir_bits) else moved
-            moved += 1
+            relocated = index.relocate(eng, last[0], lowest)
+            moved += relocated
+            if not relocated or lowest.fell_back:    # fell back: its copy went anywhere, stop
+                return moved
         _let_others_in()
 
 
