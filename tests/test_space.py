@@ -232,6 +232,7 @@ _WORKER = textwrap.dedent("""
     import os, sys, time, mmkv
     path, role, stop = sys.argv[1], sys.argv[2], sys.argv[3]
     db = mmkv.open(path)
+    print("open", flush=True)
     n, worst, deadline = 0, 0.0, time.time() + 60
     while not (n % 64 == 0 and (os.path.exists(stop) or time.time() > deadline)):
         i = n % 500
@@ -263,7 +264,9 @@ def test_compaction_with_a_reader_and_a_writer_in_other_processes(path, tmp_path
             f.write(_WORKER)
         kids = [subprocess.Popen([sys.executable, script, path, role, stop], stdout=subprocess.PIPE, text=True)
                 for role in ("reader", "writer")]
-        time.sleep(0.5)                                   # both running
+        for kid in kids:                                  # both have the store open
+            assert kid.stdout.readline().strip() == "open"
+        time.sleep(0.2)                                   # and are running their loops
         result = db.compact()
         open(stop, "w").close()
         outs = [kid.communicate(timeout=60)[0] for kid in kids]
