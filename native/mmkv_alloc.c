@@ -543,21 +543,28 @@ int mmkv_holes_mark(struct mmkv_view *v, uint64_t b)
 
 /* ---------------------------------------------------------------- compaction */
 
+/* b starts a free block on its list, reached from its back link (or the list head): a stale
+   offset from an earlier walk, now inside another block, fails here before anything is written.
+   Its header goes to *head and its size to *bsize. */
+static int listed_free(const struct mmkv_view *v, uint64_t b, uint64_t *head, uint64_t *bsize)
+{
+    uint64_t s;
+    if (!block_ok(v, b) || (*head = *word(v, b)) & MMKV_BLOCK_ALLOC)
+        return 0;
+    unsigned c = size_class(*head & SIZE_MASK);
+    if (!member_ok(v, b, c, bsize))
+        return 0;
+    uint64_t prv = *word(v, prev_link(b));
+    return prv ? member_ok(v, prv, c, &s) && *word(v, next_link(prv)) == b : state_of(v)->free_heads[c] == b;
+}
+
 int mmkv_alloc_at(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *out)
 {
     if (!heap_ok(v) || payload > (1ULL << 48))
         return EINVAL;
     struct mmkv_state *st = state_of(v);
     uint64_t size = block_size_for(payload), bsize, head;
-    if (!block_ok(v, b) || (head = *word(v, b)) & MMKV_BLOCK_ALLOC)
-        return ENOENT;
-    unsigned c = size_class(head & SIZE_MASK);
-    /* a member of its list, reached from its back link (or the list head): a stale offset from an
-       earlier walk, now inside another block, fails here before anything is written */
-    if (!member_ok(v, b, c, &bsize))
-        return ENOENT;
-    uint64_t prv = *word(v, prev_link(b)), s;
-    if (prv ? !member_ok(v, prv, c, &s) || *word(v, next_link(prv)) != b : st->free_heads[c] != b)
+    if (!listed_free(v, b, &head, &bsize))
         return ENOENT;
     if (bsize < size)
         return ENOSPC;
@@ -574,16 +581,8 @@ int mmkv_alloc_at(struct mmkv_view *v, uint64_t b, uint64_t payload, uint64_t *o
 
 int mmkv_is_free_block(struct mmkv_view *v, uint64_t b)
 {
-    uint64_t head, bsize, s;
-    if (!heap_ok(v) || !block_ok(v, b) || (head = *word(v, b)) & MMKV_BLOCK_ALLOC)
-        return ENOENT;
-    unsigned c = size_class(head & SIZE_MASK);
-    if (!member_ok(v, b, c, &bsize))
-        return ENOENT;
-    uint64_t prv = *word(v, prev_link(b));
-    if (prv ? !member_ok(v, prv, c, &s) || *word(v, next_link(prv)) != b : state_of(v)->free_heads[c] != b)
-        return ENOENT;
-    return 0;
+    uint64_t head, bsize;
+    return heap_ok(v) && listed_free(v, b, &head, &bsize) ? 0 : ENOENT;
 }
 
 int mmkv_heap_tail(struct mmkv_view *v, uint64_t *start)

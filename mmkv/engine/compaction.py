@@ -175,9 +175,6 @@ class _Holes:
         self.by_class = {}
         self._out = ffi.new("uint64_t *")
 
-    def __len__(self):
-        return len(self.size)
-
     def __iter__(self):
         return iter(sorted(self.size))
 
