@@ -22,6 +22,8 @@
 #define _GNU_SOURCE
 #include "mmkv_internal.h"
 
+#include <signal.h>
+
 static unsigned size_class(uint64_t size)
 {
     if (size <= MMKV_EXACT_MAX)
@@ -183,6 +185,21 @@ static uint64_t free_header(const struct mmkv_view *v, uint64_t b, uint64_t size
 }
 
 static const struct holes no_holes = {0, 0};
+
+/* A compaction is running: the state names a process that is alive (or that this process may not
+   signal).  Its walk fills the space it frees, so a release now would only be backed again; and a
+   punch takes the file's page-cache lock while it waits for writeback, stalling every process's
+   page faults behind the compaction's writes (measured: gets of 125-325 ms).  A crashed
+   compaction's pid, once no process has it, counts as none. */
+static int compaction_running(const struct mmkv_state *st)
+{
+    uint64_t pid = __atomic_load_n(&st->compacting_pid, __ATOMIC_RELAXED);
+    if (pid == 0 || pid > (uint64_t)INT32_MAX)
+        return 0;
+    int saved = errno, alive = kill((pid_t)pid, 0) == 0 || errno == EPERM;
+    errno = saved;
+    return alive;
+}
 
 /* Make [b, b + size) one free block at the head of its list (its neighbours are in use), with
    holes h. */
@@ -413,7 +430,7 @@ int mmkv_free(struct mmkv_view *v, uint64_t b)
     st->free_bytes += freed;
     /* a free block of at least release_min bytes gives its inner pages back once release_min
        bytes have been freed into it since it last did: a punch per that many bytes freed */
-    if (v->release_min && size >= v->release_min && h.unreleased >= v->release_min) {
+    if (v->release_min && size >= v->release_min && h.unreleased >= v->release_min && !compaction_running(st)) {
         uint64_t released;
         release_free_block(v, b, size, 0, UINT64_MAX, &released);   /* a failed punch leaves them backed */
     }

@@ -187,7 +187,10 @@ struct mmkv_state {
     uint64_t lock_since_ns;  /* CLOCK_MONOTONIC time the holder took the lock */
     uint64_t recoveries;     /* times recovery has run on this file */
     uint64_t seq;            /* odd while a process holds the lock: lock-free readers retry */
-    uint64_t reserved[5];
+    uint64_t compacting_pid; /* pid of a process running compact(), 0 if none: while it lives, frees
+                                release no pages (the compaction fills the space it frees, and
+                                releases at its end); a dead one's pid is ignored */
+    uint64_t reserved[4];
     uint64_t free_heads[64]; /* MMKV_NCLASSES heads of doubly linked free lists */
 };
 

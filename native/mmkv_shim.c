@@ -50,7 +50,7 @@ static const struct {
     SZ(mmkv_state) OF(mmkv_state, generation) OF(mmkv_state, dirty) OF(mmkv_state, count)
     OF(mmkv_state, live_bytes) OF(mmkv_state, used_bytes) OF(mmkv_state, free_bytes)
     OF(mmkv_state, free_bitmap) OF(mmkv_state, lock_pid) OF(mmkv_state, lock_since_ns)
-    OF(mmkv_state, recoveries) OF(mmkv_state, seq) OF(mmkv_state, reserved) OF(mmkv_state, free_heads)
+    OF(mmkv_state, recoveries) OF(mmkv_state, seq) OF(mmkv_state, compacting_pid) OF(mmkv_state, reserved) OF(mmkv_state, free_heads)
     SZ(mmkv_locks) OF(mmkv_locks, mutex) OF(mmkv_locks, sems)
     SZ(mmkv_record) OF(mmkv_record, checksum) OF(mmkv_record, key_hash) OF(mmkv_record, key_len)
     OF(mmkv_record, flags) OF(mmkv_record, val_len)

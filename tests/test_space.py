@@ -293,3 +293,67 @@ def test_the_compact_command_and_stats(path, capsys):
         assert dict(db.items()) == model
         assert db.stats()["reclaimable_bytes"] < st["reclaimable_bytes"] / 4
     assert cli.main(["compact", path + ".missing"]) == 2
+
+
+# ---------------------------------------------------------------- no release during a compaction
+
+def _set_compacting(db, pid):
+    with db.lock():
+        db._engine.words[layout.STATE_WORD["compacting_pid"]] = pid
+
+
+def test_frees_release_nothing_while_a_live_process_compacts_and_do_after_it_died(path):
+    """While the state names a live compacting process, a free that would release does not (the
+    compaction fills that space); a dead process's pid counts as none."""
+    with mmkv.open(path, "n") as db:
+        for i in range(3000):
+            db[b"k%d" % i] = bytes([i % 251]) * 20000
+        needs_fiemap(path)
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            _set_compacting(db, other.pid)
+            full = disk_bytes(path)
+            for i in range(1000):
+                del db[b"k%d" % i]
+            assert disk_bytes(path) >= full, "released while another process was compacting"
+            db.check()
+        finally:
+            other.kill()
+            other.wait()
+        # the named process is gone: frees release again (in a run of their own: the block the
+        # first run left is as large as growth space, which frees next to it never release; the
+        # compaction that suppressed its release would have released it at its end)
+        for i in range(1500, 3000):
+            del db[b"k%d" % i]
+        assert disk_bytes(path) < full - 15_000_000, (full, disk_bytes(path))
+        db.check()
+
+
+def test_compact_names_itself_while_it_runs_and_clears_the_name(path, monkeypatch):
+    from mmkv.engine import compaction
+    seen = []
+    real = compaction._release_free_space
+
+    def spy(eng, hold, walk):
+        seen.append(eng.words[layout.STATE_WORD["compacting_pid"]])
+        return real(eng, hold, walk)
+    monkeypatch.setattr(compaction, "_release_free_space", spy)
+    with mmkv.open(path, "n") as db:
+        for i in range(200):
+            db[b"k%d" % i] = b"v" * 5000
+        for i in range(0, 200, 2):
+            del db[b"k%d" % i]
+        db.compact()
+        assert seen == [os.getpid()]
+        assert db._engine.words[layout.STATE_WORD["compacting_pid"]] == 0
+        db.check()
+
+
+def test_recovery_forgets_a_compaction_that_was_running(path):
+    with mmkv.open(path, "n") as db:
+        db[b"a"] = b"1"
+        _set_compacting(db, os.getpid())
+        db.recover()
+        assert db._engine.words[layout.STATE_WORD["compacting_pid"]] == 0
+        assert db[b"a"] == b"1"
+        db.check()

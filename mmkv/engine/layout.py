@@ -73,7 +73,7 @@ IDENTITY_SIZE = ffi.sizeof("struct mmkv_identity")
 STATE_WORD = {
     name: (OFF_STATE + ffi.offsetof("struct mmkv_state", name)) // 8
     for name in ("generation", "dirty", "count", "live_bytes", "used_bytes", "free_bytes",
-                 "free_bitmap", "lock_pid", "lock_since_ns", "recoveries", "seq", "free_heads")
+                 "free_bitmap", "lock_pid", "lock_since_ns", "recoveries", "seq", "compacting_pid", "free_heads")
 }
 
 

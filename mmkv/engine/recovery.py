@@ -163,6 +163,7 @@ def recover(eng, reason: str) -> RecoveryResult:
     w[STATE_WORD["count"]] = records
     w[STATE_WORD["live_bytes"]] = live_bytes
     w[STATE_WORD["recoveries"]] = (w[STATE_WORD["recoveries"]] + 1) & MASK64
+    w[STATE_WORD["compacting_pid"]] = 0       # a compaction that was running is not any more
     # every other handle reloads the meta before its next locked step: a holder may have died
     # between writing a new meta (a growth, say) and bumping the generation that announces it
     w[STATE_WORD["generation"]] = (w[STATE_WORD["generation"]] + 1) & MASK64
