@@ -24,6 +24,7 @@ from itertools import chain
 from _collections_abc import ItemsView, MutableMapping, ValuesView   # (collections.abc, loaded at start-up)
 from .engine.core import Engine, timeout_ns
 from .engine.locking import StoreLock
+from .engine.mapping import disk_bytes
 from .engine.shim import BINDING, ENEEDBACK, ffi, lib, raise_for  # noqa: F401 (mmkv.store.BINDING: the binding in use)
 from .engine.shim import fast as _fast
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
@@ -781,7 +782,7 @@ class Store(_Binding, MutableMapping):
             st["load_factor"] = st["keys"] / st["index_slots"]
             st["largest_free_block"] = largest
             st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
-            st["disk_bytes"] = os.fstat(self._engine.fd).st_blocks * 512
+            st["disk_bytes"] = disk_bytes(self._engine.fd)
             # what compaction and release could give back at most: disk blocks beyond the header,
             # the blocks in use and the epilogue
             st["reclaimable_bytes"] = max(0, st["disk_bytes"] - (HEADER_SIZE + st["used_bytes"] + 8))

@@ -35,7 +35,7 @@ import errno
 import time
 
 from ..errors import CorruptionError
-from . import failpoints
+from . import failpoints, mapping
 from .layout import BLOCK_ALLOC, BLOCK_HEADER, BLOCK_MIN, EPILOGUE_BYTES, HEAP_START, STATE_WORD
 from .shim import ENEEDBACK, ffi, lib, raise_for
 
@@ -270,7 +270,7 @@ def _announce(eng, pid: int) -> None:
 
 def _compact(eng, hold, holds, alone, progress, t0, size_before) -> dict:
     import os
-    disk_before = os.fstat(eng.fd).st_blocks * 512
+    disk_before = mapping.disk_bytes(eng.fd)
     walk = _Walk(eng)
     more, written_back = True, 0
     while more:
@@ -296,7 +296,7 @@ def _compact(eng, hold, holds, alone, progress, t0, size_before) -> dict:
     return {"moved_records": walk.moved, "moved_bytes": walk.moved_bytes, "walk_restarts": walk.restarts,
             "index_blocks_moved": index_moves, "released_bytes": released, "shrunk": bool(shrunk),
             "file_size_before": size_before, "file_size_after": size_after,
-            "disk_bytes_before": disk_before, "disk_bytes_after": os.fstat(eng.fd).st_blocks * 512,
+            "disk_bytes_before": disk_before, "disk_bytes_after": mapping.disk_bytes(eng.fd),
             "longest_step_seconds": max(holds.values()), "longest_hold_by_phase": holds,
             "seconds": time.monotonic() - t0}
 

@@ -205,6 +205,12 @@ _FIEMAP_EXTENT = 56            # struct fiemap_extent: logical, physical, length
 _FIEMAP_EXTENT_LAST = 1
 
 
+def disk_bytes(fd: int) -> int:
+    """Bytes the file has allocated on disk (st_blocks counts 512-byte units whatever the
+    filesystem's block size): less than its size where pages were released."""
+    return os.fstat(fd).st_blocks * 512
+
+
 def unbacked_ranges(fd: int, size: int, batch: int = 256):
     """The ranges [start, end) of the file's first ``size`` bytes that no disk block backs (holes;
     fallocated but unwritten space counts as backed), from the FIEMAP ioctl; None where the
