@@ -415,20 +415,49 @@ class Store(_Binding, MutableMapping):
         finally:
             self._release()
 
+    def _stream(self, with_keys: bool, with_values: bool):
+        """Keys, values or (key, value) pairs in hash order, read in batches under short lock
+        holds (see engine/scanning.py for what is guaranteed).  Inside a transaction of this
+        thread: from one snapshot that includes its writes."""
+        if self._txn is not None and self._lock.held_here():
+            for item in self._snapshot(with_values):
+                yield item if with_keys or not with_values else item[1]
+            return
+        from .engine.scanning import Cursor
+        cursor = Cursor()
+        while not cursor.done:
+            self._acquire()
+            try:
+                batch = cursor.batch(self._engine, with_keys, with_values)
+            finally:
+                self._release()
+            yield from batch
+
     def __iter__(self):
-        """Keys as bytes, from a snapshot taken under the lock when iteration starts (holds the
-        lock while it collects: O(keys); later writes by other processes are not seen)."""
-        return iter(self._snapshot(False))
+        """Keys as bytes, in hash order, read in batches (a segment of the index at most) under
+        short lock holds: other processes' writes go on between batches, and memory stays
+        bounded whatever the store's size.  A key present for the whole iteration is yielded
+        exactly once, none twice; one added or removed meanwhile may or may not be.  For one
+        consistent moment, use snapshot() (or iterate under db.lock()).
+        :raises CorruptionError: a damaged index slot or record (recover() repairs).
+        :raises ClosedError: the handle was closed (also while iterating).
+        """
+        return self._stream(True, False)
 
     def items(self):
-        """(key, value) pairs from one snapshot taken under the lock when iteration starts
-        (writes by other processes after that are not seen).  Holds the lock while it
-        collects: O(keys).  :raises CorruptionError: a damaged index slot (recover() repairs)."""
+        """(key, value) pairs, streamed as __iter__ streams keys; each value is the key's value
+        when its batch was read."""
         return _ItemsView(self)
 
     def values(self):
-        """Values, from one snapshot (as items())."""
+        """Values, streamed as items()."""
         return _ValuesView(self)
+
+    def snapshot(self) -> dict:
+        """Every key and value as of one moment: a dict, read under one lock hold (other
+        processes' writes wait for it: O(keys); memory for the whole store).  Inside a
+        transaction, its writes included."""
+        return dict(self._snapshot(True))
 
     # ================================================================ writes
     def _put_slow(self, rc, k, val):
@@ -828,9 +857,9 @@ class _TransactionBlock:
 
 class _ItemsView(ItemsView):
     def __iter__(self):
-        return iter(self._mapping._snapshot(True))
+        return self._mapping._stream(True, True)
 
 
 class _ValuesView(ValuesView):
     def __iter__(self):
-        return (value for _, value in self._mapping._snapshot(True))
+        return self._mapping._stream(False, True)

@@ -1023,8 +1023,83 @@ static PyObject *fast_init(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ iteration batches */
+
+PyDoc_STRVAR(scan_batch_doc,
+"_scan_batch(entries, n, base, size, mode, budget) -> (items, used)\n\n"
+"Build one batch of iteration from n entries (hash, record offset, key length, value length) that\n"
+"mmkv_scan wrote at address entries, reading keys and values from the mapping at address base\n"
+"(size bytes): mode 0 keys, 1 values, 2 (key, value) pairs.  Stops, between two hashes, once the\n"
+"bytes taken reach budget.  used: the entries taken.  The caller holds the store lock (the\n"
+"entries are only valid under it); every range is checked against size.");
+
+static PyObject *fast_scan_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "_scan_batch() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    const uint64_t *e = PyLong_AsVoidPtr(args[0]);
+    unsigned long long n = PyLong_AsUnsignedLongLong(args[1]);
+    const uint8_t *base = PyLong_AsVoidPtr(args[2]);
+    unsigned long long size = PyLong_AsUnsignedLongLong(args[3]);
+    long mode = PyLong_AsLong(args[4]);
+    unsigned long long budget = PyLong_AsUnsignedLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!e || !base || mode < 0 || mode > 2 || n > ((unsigned long long)1 << 32)) {
+        PyErr_SetString(PyExc_ValueError, "_scan_batch: bad arguments");
+        return NULL;
+    }
+    PyObject *list = PyList_New(0);
+    if (!list)
+        return NULL;
+    unsigned long long used = 0, taken = 0;
+    for (; used < n; used++) {
+        uint64_t h = e[4 * used], rec = e[4 * used + 1], klen = e[4 * used + 2], vlen = e[4 * used + 3];
+        if (used && taken >= budget && h != e[4 * (used - 1)])
+            break;
+        uint64_t k0 = rec + sizeof(struct mmkv_record), v0 = k0 + ((klen + 7) & ~(uint64_t)7);
+        if (rec > size || k0 > size || klen > size - k0 || v0 > size || vlen > size - v0) {
+            Py_DECREF(list);
+            PyErr_SetString(PyExc_ValueError, "_scan_batch: an entry lies outside the mapping");
+            return NULL;
+        }
+        PyObject *key = NULL, *value = NULL, *item;
+        if (mode != 1 && !(key = PyBytes_FromStringAndSize((const char *)base + k0, (Py_ssize_t)klen)))
+            goto fail;
+        if (mode != 0 && !(value = PyBytes_FromStringAndSize((const char *)base + v0, (Py_ssize_t)vlen)))
+            goto fail;
+        if (mode == 2) {
+            item = PyTuple_New(2);
+            if (!item)
+                goto fail;
+            PyTuple_SET_ITEM(item, 0, key);
+            PyTuple_SET_ITEM(item, 1, value);
+        } else {
+            item = mode ? value : key;
+        }
+        if (PyList_Append(list, item) < 0) {
+            Py_DECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+        taken += klen * (mode != 1) + vlen * (mode != 0);
+        continue;
+    fail:
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        Py_DECREF(list);
+        return NULL;
+    }
+    return Py_BuildValue("(NK)", list, used);
+}
+
 static PyMethodDef fast_methods[] = {
     {"init", (PyCFunction)(void (*)(void))fast_init, METH_FASTCALL, init_doc},
+    {"_scan_batch", (PyCFunction)(void (*)(void))fast_scan_batch, METH_FASTCALL, scan_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 

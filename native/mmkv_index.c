@@ -6,6 +6,8 @@
 #define _GNU_SOURCE
 #include "mmkv_internal.h"
 
+#include <stdlib.h>
+
 /* ---------------------------------------------------------------- records */
 
 /* The record at off, if its header and body lie inside the mapping. */
@@ -64,8 +66,10 @@ int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t 
     return 0;
 }
 
-/* The record at off, whatever its block header says: bounds, flags, checksum, key hash. */
-static int record_contents_ok(struct mmkv_view *v, uint64_t off, uint64_t room)
+/* The record at off, whatever its block header says: bounds, flags, checksum, and (with
+   key_hash) that its key hashes to the hash it carries (the checksum covers that word: a
+   mismatch is a writer's bug, not damage; scans, which only order by it, skip the SipHash). */
+static int record_contents_check(struct mmkv_view *v, uint64_t off, uint64_t room, int key_hash)
 {
     const struct mmkv_record *r = record_at(v, off);
     if (!r)
@@ -76,14 +80,19 @@ static int record_contents_ok(struct mmkv_view *v, uint64_t off, uint64_t room)
         return EBADMSG;
     if (r->checksum != record_sum(v, r))
         return EBADMSG;
-    uint64_t h = siphash24(v->seed0, v->seed1, (const uint8_t *)r + REC_HDR, r->key_len);
-    if (h != r->key_hash)
+    if (key_hash && siphash24(v->seed0, v->seed1, (const uint8_t *)r + REC_HDR, r->key_len) != r->key_hash)
         return EBADMSG;
     fill_result(v, off, r);
     return 0;
 }
 
-int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
+static int record_contents_ok(struct mmkv_view *v, uint64_t off, uint64_t room)
+{
+    return record_contents_check(v, off, room, 1);
+}
+
+/* The record at off in a block in use that holds it: the checks of mmkv_record_verify. */
+static int record_check(struct mmkv_view *v, uint64_t off, int key_hash)
 {
     if (off < payload_of(MMKV_HEADER_SIZE) || off % 8 || !range_ok(v->size, block_of(off), MMKV_BLOCK_HEADER))
         return EBADMSG;
@@ -91,7 +100,12 @@ int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
     uint64_t bsize = head & SIZE_MASK;
     if (!(head & MMKV_BLOCK_ALLOC) || bsize < MMKV_BLOCK_MIN || !range_ok(v->size, block_of(off), bsize))
         return EBADMSG;
-    return record_contents_ok(v, off, capacity_of(bsize));
+    return record_contents_check(v, off, capacity_of(bsize), key_hash);
+}
+
+int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
+{
+    return record_check(v, off, 1);
 }
 
 int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off)
@@ -269,6 +283,126 @@ int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64
         }
     }
     return ENOENT;
+}
+
+/* One entry of mmkv_scan's output: sorted by hash. */
+struct scan_entry {
+    uint64_t hash, rec, key_len, val_len;
+};
+
+/* Sort n entries by hash, all of whose top `depth` bits are equal (one segment's): a counting
+   sort on the 14 bits below those (the hashes are uniform, so each bucket holds about one
+   entry), then an insertion sort, which has almost nothing left to do.  ENOMEM: no scratch. */
+#define SCAN_BUCKET_BITS 14
+static int sort_entries(struct scan_entry *e, uint64_t n, uint64_t depth)
+{
+    if (n < 2)
+        return 0;
+    uint32_t *count = calloc((size_t)1 << SCAN_BUCKET_BITS, sizeof *count);
+    struct scan_entry *tmp = malloc(n * sizeof *tmp);
+    if (!count || !tmp) {
+        free(count);
+        free(tmp);
+        return ENOMEM;
+    }
+#define BUCKET(h) ((uint32_t)(((h) << depth) >> (64 - SCAN_BUCKET_BITS)))
+    for (uint64_t i = 0; i < n; i++)
+        count[BUCKET(e[i].hash)]++;
+    uint32_t at = 0;
+    for (uint32_t b = 0; b < (1u << SCAN_BUCKET_BITS); b++) {
+        uint32_t c = count[b];
+        count[b] = at;
+        at += c;
+    }
+    for (uint64_t i = 0; i < n; i++)
+        tmp[count[BUCKET(e[i].hash)]++] = e[i];
+#undef BUCKET
+    for (uint64_t i = 1; i < n; i++) {
+        struct scan_entry x = tmp[i];
+        uint64_t j = i;
+        for (; j > 0 && tmp[j - 1].hash > x.hash; j--)
+            tmp[j] = tmp[j - 1];
+        tmp[j] = x;
+    }
+    memcpy(e, tmp, n * sizeof *e);
+    free(count);
+    free(tmp);
+    return 0;
+}
+
+/*
+ * Iteration in hash order, one segment per call.  The segment whose hash range holds `from`
+ * gives every key with a hash in [from, the end of that range], verified (the record's block,
+ * lengths, checksum and key hash; the slot's tag; the hash inside the segment's range), as
+ * entries (hash, record offset, key length, value length) sorted by hash in out[4 * cap]
+ * (verified as mmkv_record_verify does but for the SipHash of the key: the checksum covers the
+ * hash word, and the order is all the scan takes from it);
+ * *n entries, *range_end the range's last hash (UINT64_MAX: the last segment).  Two slots
+ * naming one key are damage.  The caller holds the lock, or reads lock-free and checks the
+ * sequence word after: the walk is bounded (one segment's slots) and every offset checked, so
+ * a racing writer can make the result wrong, never unsafe.
+ * EBADMSG: damage (v->rec_off: the record at fault, 0 for the directory or segment);
+ * ENOBUFS: more than cap entries (*n: how many).
+ */
+int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, uint64_t *n, uint64_t *range_end)
+{
+    v->rec_off = 0;
+    const uint64_t *dir = directory(v);
+    if (!dir)
+        return EBADMSG;
+    uint64_t d = dir_index(v, from), seg_off = dir[d];
+    struct mmkv_segment *seg = segment_at(v, seg_off);
+    if (!seg)
+        return EBADMSG;
+    uint64_t depth = seg->depth;
+    /* the directory entry must lie in the segment's own range: entries of one segment are
+       those whose top `depth` bits are its prefix */
+    if (depth > v->dir_bits || (depth && (d >> (v->dir_bits - depth)) != seg->prefix))
+        return EBADMSG;
+    uint64_t lo = depth ? seg->prefix << (64 - depth) : 0;
+    uint64_t hi = depth ? lo | (UINT64_MAX >> depth) : UINT64_MAX;
+    *range_end = hi;
+    struct scan_entry *e = (struct scan_entry *)out;
+    uint64_t count = 0, *slots = seg_slots(seg);
+    for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++) {
+        /* the records lie anywhere: fetch a few slots ahead, so their cache misses overlap */
+        uint64_t ahead = __atomic_load_n(&slots[(i + 8) & SEG_MASK], __ATOMIC_RELAXED) & MMKV_SLOT_OFF_MASK;
+        if (ahead && ahead < v->size)
+            __builtin_prefetch(v->base + ahead);
+        uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
+        if (!w)
+            continue;
+        uint64_t off = w & MMKV_SLOT_OFF_MASK;
+        const struct mmkv_record *r = record_at(v, off);
+        if (!r) {
+            v->rec_off = off;
+            return EBADMSG;
+        }
+        uint64_t h = r->key_hash;
+        if (h < from)
+            continue;                      /* before the cursor (or damage the verify below would see) */
+        if (h > hi || h < lo || w >> MMKV_SLOT_OFF_BITS != tag_of(h) || record_check(v, off, 0)) {
+            v->rec_off = off;
+            return EBADMSG;
+        }
+        if (count < cap)
+            e[count] = (struct scan_entry){h, off, r->key_len, r->val_len};
+        count++;
+    }
+    *n = count;
+    if (count > cap)
+        return ENOBUFS;
+    int rc = sort_entries(e, count, depth);
+    if (rc)
+        return rc;
+    for (uint64_t i = 1; i < count; i++)   /* a key in two slots: equal hashes, equal keys */
+        for (uint64_t j = i; j-- > 0 && e[j].hash == e[i].hash;)
+            if (e[j].key_len == e[i].key_len &&
+                memcmp(v->base + e[j].rec + REC_HDR, v->base + e[i].rec + REC_HDR, e[i].key_len) == 0) {
+                v->rec_off = e[i].rec;
+                return EBADMSG;
+            }
+    return 0;
 }
 
 /* Put the entry w (whose record has hash h) into seg by linear probing. */

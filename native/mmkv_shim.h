@@ -163,6 +163,8 @@ int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off);  /* the reco
 int mmkv_slot_set(struct mmkv_view *v, uint64_t seg, uint64_t slot, uint64_t word);
 int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg, uint64_t slot);  /* backward shift; v->slot = last changed */
 int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64_t *seg, uint64_t *word);
+int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, uint64_t *n,
+              uint64_t *range_end);  /* iteration in hash order: one segment's keys from `from`, 4 words each */
                                         /* next slot in use at or after cursor (dir entry * slots + slot),
                                            each segment once; ENOENT past the end */
 int mmkv_segment_init(struct mmkv_view *v, uint64_t off, uint64_t depth, uint64_t prefix);  /* empty segment */
