@@ -59,6 +59,10 @@ class Adapter:
     def contains_loop(self, keys):
         raise NotImplementedError
 
+    def items_loop(self):
+        """Read every (key, value) pair through the system's own iteration; returns how many."""
+        raise NotImplementedError
+
     def put_loop(self, items):
         raise NotImplementedError
 
@@ -135,6 +139,12 @@ class MappingStore(Adapter):
     def __init__(self, folder, mapping):
         super().__init__(folder)
         self.m = mapping
+
+    def items_loop(self):
+        n = 0
+        for _k, _v in self.m.items():
+            n += 1
+        return n
 
     def get_loop(self, keys):
         m = self.m
@@ -251,6 +261,13 @@ class DiskCacheStore(MappingStore):
         super().__init__(folder, diskcache.Cache(os.path.join(folder, "diskcache")))
         self.cache = self.m
 
+    def items_loop(self):
+        n, c = 0, self.cache
+        for k in c:                        # diskcache iterates keys; a value is a get
+            c[k]
+            n += 1
+        return n
+
     def batch(self, mapping):
         c = self.cache
         with c.transact():
@@ -322,6 +339,13 @@ class LmdbStore(Adapter):
         for k in keys:
             with begin() as txn:
                 txn.get(k)
+
+    def items_loop(self):
+        n = 0
+        with self.env.begin() as txn:
+            for _k, _v in txn.cursor():
+                n += 1
+        return n
 
     absent_loop = get_loop      # txn.get returns None for an absent key
 
@@ -463,6 +487,12 @@ class SqliteStore(Adapter):
         ex = self.con.execute
         for k in keys:
             ex(SQL_GET, (k,)).fetchone()
+
+    def items_loop(self):
+        n = 0
+        for _k, _v in self.con.execute("SELECT k, v FROM kv"):
+            n += 1
+        return n
 
     absent_loop = get_loop
 

@@ -31,8 +31,10 @@ delete          delete of every key, each call its own commit
 durable_put     put, each call durable when it returns (fewer ops)
 counter         4 processes increment one shared counter; the final count is checked
 open            a fresh process opens a big store and reads one key (1M keys; mmkv also at 10M)
+iterate         every (key, value) pair through each system's own iteration (1M keys)
 space           file size / live logical bytes, after loading and after 5 rounds of churn
-scale           mmkv alone at 10M keys: insert and get rate, file size, peak RSS, put latencies
+compact         mmkv compact() of a 1 GB half-free store, a reader and a writer in other processes
+scale           mmkv alone at 10M keys: insert and get rate, file size, peak RSS, put latencies, items()
 ==============  ==============================================================================
 
 Peers: py-lmdb, sqlite3 (stdlib, WAL mode), diskcache, a plain dict (the in-memory floor),
@@ -98,10 +100,10 @@ REPO = os.path.dirname(HERE)
 SIZES = {
     "full": dict(n=50_000, durable=300, counter_per_proc=25_000, procs=4,
                  open_small=1_000_000, open_big=10_000_000, space_n=50_000, space_rounds=5,
-                 scale_n=10_000_000, compact_bytes=1 << 30),
+                 scale_n=10_000_000, compact_bytes=1 << 30, iterate_n=1_000_000),
     "quick": dict(n=2_000, durable=30, counter_per_proc=500, procs=4,
                   open_small=10_000, open_big=100_000, space_n=2_000, space_rounds=5,
-                  scale_n=100_000, compact_bytes=20 << 20),
+                  scale_n=100_000, compact_bytes=20 << 20, iterate_n=20_000),
 }
 
 VALUE_SIZE = 100          # bytes, unless a workload says otherwise
@@ -121,11 +123,12 @@ PARTICIPANTS = {
     "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
     "scale": ["mmkv"],
     "compact": ["mmkv"],
+    "iterate": ["mmkv", "lmdb", "sqlite", "diskcache", "dict"],
 }
 TABLE_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
                "compact", "scale"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
-RUN_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "space", "compact",
+RUN_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "space", "compact",
              "scale", "open"]
 
 TITLES = {
@@ -141,6 +144,7 @@ TITLES = {
     "space": "space: bytes on disk / live logical bytes",
     "scale": "scale: mmkv alone",
     "compact": "compaction of a big, half-free store with a reader and a writer in other processes",
+    "iterate": "every (key, value) pair read through each system's own iteration (mmkv items(), an lmdb cursor)",
 }
 
 
@@ -381,6 +385,42 @@ def wl_delete(run, workload):
 
     values = rate_runs(run, workload, systems, n, make, lambda ad, keys: ad.delete_loop(keys), check, "delete")
     run.metric(workload, workload, f"delete, {n:,} keys of {VALUE_SIZE} B", "ops/s", "higher", values)
+
+
+# ===================================================================== iterate
+def wl_iterate(run, workload):
+    """Every (key, value) pair of a store of iterate_n keys, read through each system's own
+    iteration, one full pass per repeat (the store built once per system)."""
+    n = run.size["iterate_n"]
+    mapping = {key(i): os.urandom(VALUE_SIZE) for i in range(n)}
+    values = {}
+    for s in run.systems(workload):
+        ad = None
+        try:
+            ad = ADAPTERS[s](run.folder(f"iterate-{s}"))
+            for start in range(0, n, CHUNK):
+                ad.batch({key(i): mapping[key(i)] for i in range(start, min(n, start + CHUNK))})
+            runs = []
+            for _ in range(run.repeats):
+                t = time.perf_counter()
+                got = ad.items_loop()
+                runs.append(got / (time.perf_counter() - t))
+                if got != n:
+                    raise AssertionError(f"{got} items of {n}")
+            values[s] = summarize(runs)
+        except NotImplementedError:
+            continue
+        except Exception as exc:
+            run.fail(workload, s, f"iterate: {type(exc).__name__}: {exc}")
+            log(traceback.format_exc())
+        finally:
+            if ad is not None:
+                try:
+                    ad.close()
+                except Exception:
+                    pass
+                remove(ad.folder)
+    run.metric(workload, workload, f"items over {n:,} keys of {VALUE_SIZE} B, per item", "items/s", "higher", values)
 
 
 # ===================================================================== workload 6: durable put
@@ -802,12 +842,28 @@ def scale_child(path, n, out_path):
         get_s += time.perf_counter() - t
         gc.enable()
         bad += sum(1 for k in keys[:100] if len(db[k]) != VALUE_SIZE)
-    status = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                status[name] = int(rest.split()[0]) * 1024
+
+    def proc_status():
+        status = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    status[name] = int(rest.split()[0]) * 1024
+        return status
+    status = proc_status()
+    # streaming iteration of every item: its rate, and the process's anonymous memory (the Python
+    # heap, not the mapped file) sampled every 100k items
+    gc.collect()
+    anon_before = anon_peak = proc_status()["RssAnon"]
+    t = time.perf_counter()
+    seen = 0
+    for k, v in db.items():
+        seen += 1
+        if seen % 100_000 == 0:
+            anon_peak = max(anon_peak, proc_status()["RssAnon"])
+    iter_s = time.perf_counter() - t
+    anon_peak = max(anon_peak, proc_status()["RssAnon"])
     file_size = os.path.getsize(path)
     db.close()
     slowest = heapq.nlargest(10, range(n), key=lat.__getitem__)
@@ -816,6 +872,7 @@ def scale_child(path, n, out_path):
     def pct(q):
         return s[min(n - 1, int(q * n))] / 1e3
     out = dict(n=n, insert_rate=n / put_s, get_rate=n / get_s, file_bytes=file_size, keys=st["keys"],
+               iterated=seen, iter_rate=seen / iter_s, iter_anon_before=anon_before, iter_anon_peak=anon_peak,
                stats=st, bad_values=bad, proc_status=status, peak_rss_bytes=status.get("VmHWM"),
                p50_us=pct(0.50), p99_us=pct(0.99), p999_us=pct(0.999), max_us=s[-1] / 1e3,
                mean_us=sum(s) / n / 1e3,
@@ -843,6 +900,8 @@ def wl_scale(run, workload):
         run.fail(workload, "mmkv", f"{out['keys']} keys after inserting {n}")
     if out["bad_values"]:
         run.fail(workload, "mmkv", f"{out['bad_values']} values read back with the wrong length")
+    if out["iterated"] != n:
+        run.fail(workload, "mmkv", f"items() yielded {out['iterated']} of {n} keys")
     tag = label_n(n)
     rows = [("scale_insert", f"insert rate, {tag} keys, per call", "ops/s", "higher", out["insert_rate"]),
             ("scale_get", f"get rate, {tag} keys, random order", "ops/s", "higher", out["get_rate"]),
@@ -850,6 +909,9 @@ def wl_scale(run, workload):
             ("scale_bytes_per_key", f"file bytes per key ({len(key(0))} B key + {VALUE_SIZE} B value)", "B",
              "lower", out["file_bytes"] / n),
             ("scale_rss", "peak RSS of the process (VmHWM)", "MB", "lower", (out["peak_rss_bytes"] or 0) / 1e6),
+            ("scale_iter", f"items() over all {tag} keys, per item", "items/s", "higher", out["iter_rate"]),
+            ("scale_iter_memory", "anonymous memory (RssAnon) items() added at its peak, sampled every 100k items",
+             "MB", "lower", (out["iter_anon_peak"] - out["iter_anon_before"]) / 1e6),
             ("scale_p50", "put latency p50", "us", "lower", out["p50_us"]),
             ("scale_p99", "put latency p99", "us", "lower", out["p99_us"]),
             ("scale_p999", "put latency p99.9", "us", "lower", out["p999_us"]),
@@ -979,7 +1041,7 @@ def wl_compact(run, workload):
 
 WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
-             "scale": wl_scale, "compact": wl_compact}
+             "scale": wl_scale, "compact": wl_compact, "iterate": wl_iterate}
 
 
 # ===================================================================== machine info
