@@ -125,7 +125,7 @@ PARTICIPANTS = {
     "compact": ["mmkv"],
     "iterate": ["mmkv", "lmdb", "sqlite", "diskcache", "dict"],
 }
-TABLE_ORDER = ["get", "get_absent", "contains", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
+TABLE_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
                "compact", "scale"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
 RUN_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "space", "compact",

@@ -416,13 +416,16 @@ class Store(_Binding, MutableMapping):
             self._release()
 
     def _stream(self, with_keys: bool, with_values: bool):
-        """Keys, values or (key, value) pairs in hash order, read in batches under short lock
-        holds (see engine/scanning.py for what is guaranteed).  Inside a transaction of this
-        thread: from one snapshot that includes its writes."""
+        """An iterator of keys, values or (key, value) pairs in hash order, read in batches
+        under short lock holds (see engine/scanning.py for what is guaranteed).  Inside a
+        transaction of this thread: from one snapshot that includes its writes."""
         if self._txn is not None and self._lock.held_here():
-            for item in self._snapshot(with_values):
-                yield item if with_keys or not with_values else item[1]
-            return
+            items = self._snapshot(with_values)
+            return iter(items if with_keys or not with_values else [v for _, v in items])
+        return chain.from_iterable(self._batches(with_keys, with_values))
+
+    def _batches(self, with_keys: bool, with_values: bool):
+        """The lists _stream yields from, each read under one lock hold."""
         from .engine.scanning import Cursor
         cursor = Cursor()
         while not cursor.done:
@@ -431,7 +434,7 @@ class Store(_Binding, MutableMapping):
                 batch = cursor.batch(self._engine, with_keys, with_values)
             finally:
                 self._release()
-            yield from batch
+            yield batch
 
     def __iter__(self):
         """Keys as bytes, in hash order, read in batches (a segment of the index at most) under

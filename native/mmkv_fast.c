@@ -1058,6 +1058,11 @@ static PyObject *fast_scan_batch(PyObject *module, PyObject *const *args, Py_ssi
     unsigned long long used = 0, taken = 0;
     for (; used < n; used++) {
         uint64_t h = e[4 * used], rec = e[4 * used + 1], klen = e[4 * used + 2], vlen = e[4 * used + 3];
+        if (used + 8 < n && e[4 * (used + 8) + 1] < size) {   /* the records lie anywhere: overlap the misses */
+            const uint8_t *ahead = base + e[4 * (used + 8) + 1];
+            __builtin_prefetch(ahead);
+            __builtin_prefetch(ahead + 64);
+        }
         if (used && taken >= budget && h != e[4 * (used - 1)])
             break;
         uint64_t k0 = rec + sizeof(struct mmkv_record), v0 = k0 + ((klen + 7) & ~(uint64_t)7);
@@ -1077,6 +1082,8 @@ static PyObject *fast_scan_batch(PyObject *module, PyObject *const *args, Py_ssi
                 goto fail;
             PyTuple_SET_ITEM(item, 0, key);
             PyTuple_SET_ITEM(item, 1, value);
+            PyObject_GC_UnTrack(item);      /* two bytes objects: no cycle; a batch of tracked
+                                               tuples makes every young collection walk them */
         } else {
             item = mode ? value : key;
         }

@@ -294,6 +294,8 @@ struct scan_entry {
    sort on the 14 bits below those (the hashes are uniform, so each bucket holds about one
    entry), then an insertion sort, which has almost nothing left to do.  ENOMEM: no scratch. */
 #define SCAN_BUCKET_BITS 14
+/* Slots ahead whose records a scan prefetches (about 3/4 of slots are in use). */
+#define SCAN_AHEAD 16
 static int sort_entries(struct scan_entry *e, uint64_t n, uint64_t depth)
 {
     if (n < 2)
@@ -366,9 +368,12 @@ int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, u
     uint64_t count = 0, *slots = seg_slots(seg);
     for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++) {
         /* the records lie anywhere: fetch a few slots ahead, so their cache misses overlap */
-        uint64_t ahead = __atomic_load_n(&slots[(i + 8) & SEG_MASK], __ATOMIC_RELAXED) & MMKV_SLOT_OFF_MASK;
-        if (ahead && ahead < v->size)
-            __builtin_prefetch(v->base + ahead);
+        uint64_t ahead = __atomic_load_n(&slots[(i + SCAN_AHEAD) & SEG_MASK], __ATOMIC_RELAXED) & MMKV_SLOT_OFF_MASK;
+        if (ahead && ahead < v->size - 128) {
+            __builtin_prefetch(v->base + ahead);          /* header and key */
+            __builtin_prefetch(v->base + ahead + 64);     /* the value the checksum reads */
+            __builtin_prefetch(v->base + ahead + 128);
+        }
         uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
         if (!w)
             continue;
