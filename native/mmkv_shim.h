@@ -111,6 +111,8 @@ int mmkv_madvise(uint8_t *base, uint64_t size, uint64_t off, uint64_t len, int a
 int mmkv_fallocate(int fd, int64_t off, int64_t len);
 int mmkv_writeback(int fd, int64_t off, int64_t len);  /* start writing the range's dirty pages back (no wait):
                                         the msyncs that follow overlap their waits instead of queueing them */
+int mmkv_writeback_wait(int fd, int64_t off, int64_t len);  /* write the range's dirty pages back and wait (no
+                                                            metadata, no barrier: pacing, not durability) */
 
 /* Open-file-description (OFD) byte locks on a file: owned by the open file description, not the
    process, so two opens in one process conflict, fork shares them, and closing an unrelated

@@ -192,6 +192,18 @@ int mmkv_writeback(int fd, int64_t off, int64_t len)
     return rc;
 }
 
+int mmkv_writeback_wait(int fd, int64_t off, int64_t len)
+{
+    if (off < 0 || len < 0)
+        return EINVAL;
+    int rc;
+    do
+        rc = sync_file_range(fd, off, len,
+                             SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER) ? errno : 0;
+    while (rc == EINTR);
+    return rc;
+}
+
 int mmkv_file_lock(int fd, uint64_t byte, int mode)
 {
     if (mode < MMKV_FLOCK_UNLOCK || mode > MMKV_FLOCK_EXCLUSIVE || byte > INT64_MAX)

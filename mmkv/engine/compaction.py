@@ -37,7 +37,7 @@ from bisect import bisect_left, insort
 
 from ..errors import CorruptionError
 from . import failpoints, mapping
-from .layout import BLOCK_ALLOC, BLOCK_HEADER, BLOCK_MIN, EPILOGUE_BYTES, HEAP_START, STATE_WORD
+from .layout import BLOCK_ALLOC, BLOCK_HEADER, BLOCK_MIN, EPILOGUE_BYTES, HEAP_START, MASK64, STATE_WORD
 from .shim import ENEEDBACK, ffi, lib, raise_for
 
 #: Seconds of work per lock hold.
@@ -45,7 +45,7 @@ STEP_SECONDS = 0.002
 #: Bytes punched per call when compaction releases free space (one call takes ~2 ms per MiB on ext4).
 RELEASE_CHUNK = 512 << 10
 #: Live bytes moved between two starts of the file's write-back, outside the lock (see _write_back).
-WRITE_BACK_BYTES = 2 << 20
+WRITE_BACK_BYTES = 1 << 20
 #: Holes remembered at most (the lowest are kept): bounds the walk's memory.
 MAX_HOLES = 4096
 _SIZE_MASK = ~15
@@ -62,6 +62,23 @@ class _Walk:
         self.holes = _Holes()       # free blocks below pos
         self.moved = self.moved_bytes = self.restarts = 0
         self._index_key = self._index = None
+        self.written = (MASK64, 0)        # the span the moves wrote into since the last write-back
+        self.written_back_to = HEAP_START  # the walk's position at the last write-back
+        self.moved_at_write_back = 0
+
+    def write_back(self, fd: int) -> None:
+        """Write back and wait for (holding no lock) the pages the walk dirtied since the last call:
+        the span its moves wrote into, and the heap it walked (the old copies it freed, and
+        whatever was already dirty there: a store just written has its every page dirty)."""
+        lo, hi = self.written
+        if lo < hi:
+            lib.mmkv_writeback_wait(fd, lo, hi - lo)        # pacing: the barriers after the walk check
+        lib.mmkv_writeback_wait(fd, self.written_back_to, max(0, self.pos - self.written_back_to))
+        self.written, self.written_back_to, self.moved_at_write_back = (MASK64, 0), self.pos, self.moved_bytes
+
+    def write_back_due(self) -> bool:
+        return (self.moved_bytes - self.moved_at_write_back >= WRITE_BACK_BYTES
+                or self.pos - self.written_back_to >= 2 * WRITE_BACK_BYTES)
 
     def index_blocks(self) -> set:
         """The blocks of the live index (lock held), computed again only after the meta changed
@@ -174,6 +191,8 @@ class _Walk:
             raise_for(rc, "compaction move")
         self.moved += 1
         self.moved_bytes += size - BLOCK_HEADER
+        lo, hi = self.written
+        self.written = (min(lo, dest), max(hi, dest + need))
         return dest
 
 
@@ -278,7 +297,7 @@ def _compact(eng, hold, holds, alone, progress, t0, size_before) -> dict:
     import os
     disk_before = mapping.disk_bytes(eng.fd)
     walk = _Walk(eng)
-    more, written_back = True, 0
+    more = True
     while more:
         with hold("walk"):
             walk.resume()
@@ -286,9 +305,8 @@ def _compact(eng, hold, holds, alone, progress, t0, size_before) -> dict:
             done, total = walk.pos, eng.view.heap_end
         if progress is not None:
             progress(done - HEAP_START, total - HEAP_START)
-        if walk.moved_bytes - written_back >= WRITE_BACK_BYTES:
-            lib.mmkv_writeback(eng.fd, 0, 0)      # a hint: the barriers below check
-            written_back = walk.moved_bytes
+        if walk.write_back_due():
+            walk.write_back(eng.fd)
         _let_others_in()
     _write_back(eng)
     index_moves = _lower_the_index(eng, hold, walk)
@@ -314,10 +332,14 @@ def _write_back(eng) -> None:
     queue ahead of the next durable barrier, and a barrier taken under the lock (an index
     relocation, the shrink's meta, a split in another process) waits for all of them: one
     relocation held the lock for 2.1 s after a 500 MB walk.  Written back here, between holds, the
-    barriers under the lock find little to write.  During the walk the write-back is only started
-    (sync_file_range), every WRITE_BACK_BYTES moved: a page fault of another process that meets a
-    page under write-back waits for the writes queued ahead of it, so bursts must stay small
-    (measured with a reader in another process: 64 MB bursts, gets of up to 325 ms; 4 MB, 45 ms)."""
+    barriers under the lock find little to write.  During the walk, every WRITE_BACK_BYTES moved
+    or twice that walked, the ranges it dirtied are written back and waited for (sync_file_range,
+    no lock held): not the whole file (a store written just before has all its pages dirty, and
+    starting them all at once makes one huge burst), and never more than a few MB queued: a page
+    fault of another process that meets a page under write-back waits for the writes queued ahead
+    of it (measured with a reader in another process: 64 MB bursts, gets of up to 325 ms; 4 MB,
+    45 ms).  The walk so goes no faster than the disk writes, which it outruns only on small
+    records."""
     eng.fm.sync_file()
 
 
