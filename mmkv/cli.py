@@ -1,5 +1,7 @@
 """The ``mmkv`` command line (also ``python -m mmkv``)."""
 import argparse
+import base64
+import json
 import os
 import sys
 import time
@@ -119,10 +121,177 @@ def cmd_next_id(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ looking inside a store
+#
+# Keys on the command line are UTF-8 text, or hex with --hex.  Output: the value's bytes as they
+# are (get), or with --json one object per line in which a key or value that is valid UTF-8 is a
+# string under "key"/"value" and any other is base64 under "key_b64"/"value_b64" (lossless).
+# Exit codes: 0 ok, 1 not found or damage, 2 usage (argparse's, and a missing file).
+
+def encode_field(name: str, data: bytes) -> dict:
+    """{name: text} when data is UTF-8, else {name + "_b64": base64}: lossless either way."""
+    try:
+        return {name: data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {name + "_b64": base64.b64encode(data).decode("ascii")}
+
+
+def decode_field(obj: dict, name: str) -> bytes:
+    """The inverse of encode_field.  :raises ValueError: neither form is there, or bad base64."""
+    if name in obj and isinstance(obj[name], str):
+        return obj[name].encode("utf-8")
+    if name + "_b64" in obj and isinstance(obj[name + "_b64"], str):
+        return base64.b64decode(obj[name + "_b64"], validate=True)
+    raise ValueError(f"no {name!r} (text) or {name + '_b64'!r} (base64) field")
+
+
+def _key(args, text: str) -> bytes:
+    if args.hex:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise SystemExit(_usage(args, f"not hex: {text!r}"))
+    return text.encode("utf-8")
+
+
+def _usage(args, message: str) -> int:
+    print(f"mmkv {args.command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _existing(args) -> bool:
+    if os.path.exists(args.path):
+        return True
+    print(f"mmkv {args.command}: {args.path}: no such file", file=sys.stderr)
+    return False
+
+
+def _out_line(obj) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def cmd_get(args) -> int:
+    """Print the value of KEY (its bytes as they are, or a JSON line with --json)."""
+    if not _existing(args):
+        return 2
+    key = _key(args, args.key)
+    try:
+        with open_store(args.path, "r") as db:
+            value = db.get(key)
+    except Error as exc:
+        print(f"mmkv get: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    if value is None:
+        print(f"mmkv get: {args.path}: no key {args.key!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        _out_line({**encode_field("key", key), **encode_field("value", value)})
+    else:
+        sys.stdout.buffer.write(value)
+        if sys.stdout.isatty():
+            sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_put(args) -> int:
+    """Set KEY to VALUE (UTF-8, or hex with --hex; "-" reads the value's bytes from stdin)."""
+    key = _key(args, args.key)
+    if args.value == "-":
+        value = sys.stdin.buffer.read()
+    else:
+        value = _key(args, args.value)
+    try:
+        with open_store(args.path, "c", sync=args.sync) as db:
+            db[key] = value
+    except Error as exc:
+        print(f"mmkv put: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_del(args) -> int:
+    """Delete KEY; exit 1 if it was not there."""
+    if not _existing(args):
+        return 2
+    key = _key(args, args.key)
+    try:
+        with open_store(args.path, "w", sync=args.sync) as db:
+            found = db.pop(key, None) is not None
+    except Error as exc:
+        print(f"mmkv del: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    if not found:
+        print(f"mmkv del: {args.path}: no key {args.key!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_ls(args) -> int:
+    """List keys (streamed, in hash order), those starting with --prefix, at most --limit."""
+    if not _existing(args):
+        return 2
+    prefix = _key(args, args.prefix) if args.prefix is not None else b""
+    shown = 0
+    try:
+        with open_store(args.path, "r") as db:
+            source = db.items() if args.values else ((k, None) for k in db)
+            for key, value in source:
+                if not key.startswith(prefix):
+                    continue
+                if args.limit is not None and shown >= args.limit:
+                    break
+                shown += 1
+                if args.json:
+                    obj = encode_field("key", key)
+                    if value is not None:
+                        obj.update(encode_field("value", value))
+                    _out_line(obj)
+                else:
+                    text = key.hex() if args.hex else key.decode("utf-8", "backslashreplace")
+                    if value is not None:
+                        text += "\t" + (value.hex() if args.hex else value.decode("utf-8", "backslashreplace"))
+                    sys.stdout.write(text + "\n")
+    except Error as exc:
+        print(f"mmkv ls: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_stats(args) -> int:
+    """Print the store's statistics (keys, bytes, index, space), as JSON with --json."""
+    if not _existing(args):
+        return 2
+    try:
+        with open_store(args.path, "r") as db:
+            st = db.stats()
+    except Error as exc:
+        print(f"mmkv stats: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    st = {k: v for k, v in sorted(st.items(), key=lambda kv: kv[0] != "keys")
+          if isinstance(v, (int, float, str, bool)) or v is None}
+    if args.json:
+        _out_line(st)
+    else:
+        width = max(map(len, st))
+        for k, v in st.items():
+            sys.stdout.write(f"{k:<{width}}  {v:,}\n" if isinstance(v, int) and not isinstance(v, bool)
+                             else f"{k:<{width}}  {v}\n")
+    return 0
+
+
 def _sync_option(parser):
     parser.add_argument("--sync", choices=("full", "none"), default="full",
                         help="full (default): the new value is on disk before it is printed; "
                              "none: survives a crash of this process, not power loss")
+
+
+def _key_options(parser, json_output: bool):
+    parser.add_argument("--hex", action="store_true", help="keys and values are given (and shown) as hex")
+    if json_output:
+        parser.add_argument("--json", action="store_true",
+                            help="JSON lines: text as \"key\"/\"value\", other bytes as base64 \"key_b64\"/\"value_b64\"")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +321,35 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--progress-from", type=int, default=64 << 20, metavar="BYTES",
                    help="report progress on stderr for files of at least this size (default 64 MiB)")
     m.set_defaults(func=cmd_compact)
+    g = sub.add_parser("get", help="print the value of KEY (exit 1 if absent)")
+    g.add_argument("path")
+    g.add_argument("key")
+    _key_options(g, json_output=True)
+    g.set_defaults(func=cmd_get)
+    pu = sub.add_parser("put", help="set KEY to VALUE ('-': read the value from stdin)")
+    pu.add_argument("path")
+    pu.add_argument("key")
+    pu.add_argument("value")
+    _key_options(pu, json_output=False)
+    _sync_option(pu)
+    pu.set_defaults(func=cmd_put)
+    de = sub.add_parser("del", help="delete KEY (exit 1 if absent)")
+    de.add_argument("path")
+    de.add_argument("key")
+    _key_options(de, json_output=False)
+    _sync_option(de)
+    de.set_defaults(func=cmd_del)
+    ls = sub.add_parser("ls", help="list keys, streamed (in hash order, not sorted)")
+    ls.add_argument("path")
+    ls.add_argument("--prefix", help="only keys that start with this")
+    ls.add_argument("--limit", type=int, help="at most this many keys")
+    ls.add_argument("--values", action="store_true", help="values too (tab-separated, or in the JSON)")
+    _key_options(ls, json_output=True)
+    ls.set_defaults(func=cmd_ls)
+    stt = sub.add_parser("stats", help="keys, bytes, index and space figures of a store")
+    stt.add_argument("path")
+    stt.add_argument("--json", action="store_true", help="one JSON object")
+    stt.set_defaults(func=cmd_stats)
     sub.add_parser("torture", help="crash-durability runs: 'kill PATH --kills N' or 'powerloss DIR --images N' "
                                    "(see mmkv torture --help)")
     return p
@@ -163,4 +361,9 @@ def main(argv=None) -> int:
         from .crashkit import torture
         return torture.main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:                 # `mmkv ls PATH | head`: the reader has had enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # (Python's flush at exit would raise again)
+        return 0

@@ -95,3 +95,75 @@ def test_torture_command_runs_both_modes(tmp_path):
     power = run(["torture", "powerloss", str(tmp_path / "images"), "--images", "20", "--seed", "9"])
     assert power.returncode == 0, power.stderr
     assert "20 images" in power.stdout and "no failure" in power.stdout
+
+
+# ---------------------------------------------------------------- get, put, del, ls, stats (issue 13)
+
+def test_put_get_del_round_trip_with_exit_codes(path):
+    assert run(["put", path, "greeting", "héllo"]).returncode == 0
+    out = run(["get", path, "greeting"])
+    assert out.returncode == 0 and out.stdout == "héllo"
+    missing = run(["get", path, "nope"])
+    assert missing.returncode == 1 and "no key" in missing.stderr
+    assert run(["del", path, "greeting"]).returncode == 0
+    again = run(["del", path, "greeting"])
+    assert again.returncode == 1 and "no key" in again.stderr
+    assert run(["get", path + ".absent", "k"]).returncode == 2
+    assert run(["get", path]).returncode == 2                     # usage: a missing argument
+    with mmkv.open(path, "r") as db:
+        assert len(db) == 0
+
+
+def test_binary_keys_and_values_are_lossless_in_hex_and_json(path):
+    assert run(["put", "--hex", path, "00ff", "01fe80"]).returncode == 0
+    assert subprocess.run(MMKV + ["put", path, "blob", "-"], input=b"\x00\xff raw", capture_output=True,
+                          timeout=120).returncode == 0
+    out = run(["get", "--json", "--hex", path, "00ff"])
+    import json
+    import base64
+    obj = json.loads(out.stdout)
+    assert base64.b64decode(obj["key_b64"]) == b"\x00\xff" and base64.b64decode(obj["value_b64"]) == b"\x01\xfe\x80"
+    raw = subprocess.run(MMKV + ["get", path, "blob"], capture_output=True, timeout=120)
+    assert raw.returncode == 0 and raw.stdout == b"\x00\xff raw"
+    bad = run(["put", "--hex", path, "zz", "00"])
+    assert bad.returncode == 2 and "not hex" in bad.stderr
+
+
+def test_ls_streams_with_a_prefix_a_limit_and_values(path):
+    import json
+    with mmkv.open(path, "n") as db:
+        db.update({b"user:%d" % i: b"u%d" % i for i in range(300)})
+        db.update({b"order:%d" % i: b"o%d" % i for i in range(50)})
+    out = run(["ls", path, "--prefix", "order:"])
+    assert out.returncode == 0 and sorted(out.stdout.split()) == sorted("order:%d" % i for i in range(50))
+    out = run(["ls", path, "--prefix", "user:", "--limit", "7", "--values", "--json"])
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 7 and all(r["value"] == "u" + r["key"].split(":")[1] for r in rows)
+    assert len(run(["ls", path]).stdout.splitlines()) == 350
+
+
+def test_ls_into_a_closed_pipe_is_quiet(path):
+    with mmkv.open(path, "n") as db:
+        db.update({b"k%d" % i: b"v" * 100 for i in range(50_000)})
+    proc = subprocess.Popen(MMKV + ["ls", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()                                          # like `| head -1`
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
+
+
+def test_stats_text_and_json(path):
+    import json
+    with mmkv.open(path, "n") as db:
+        db.update({b"k%d" % i: b"v" for i in range(10)})
+    out = run(["stats", "--json", path])
+    st = json.loads(out.stdout)
+    assert out.returncode == 0 and st["keys"] == 10 and st["file_size"] > 0 and "disk_bytes" in st
+    text = run(["stats", path]).stdout.splitlines()
+    assert text[0].split() == ["keys", "10"]
+
+
+def test_every_command_has_help():
+    for command in ("demo", "check", "incr", "next-id", "compact", "get", "put", "del", "ls", "stats"):
+        out = run([command, "--help"])
+        assert out.returncode == 0 and "usage: mmkv " + command in out.stdout, command
