@@ -44,8 +44,11 @@ def _translated(exc: BaseException) -> BaseException:
     cls = type(exc)
     sub = _classes.get(cls)
     if sub is None:
-        sub = _classes[cls] = type(cls.__name__, (cls, error), {"__module__": cls.__module__,
-                                                               "__doc__": cls.__doc__})
+        try:
+            sub = type(cls.__name__, (cls, error), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        except TypeError:                   # a class that cannot be combined with OSError: as it is
+            return exc
+        _classes[cls] = sub
     try:
         new = sub(*exc.args)
     except TypeError:                        # a constructor with other arguments: keep the message
@@ -67,8 +70,8 @@ def _raising(exc: BaseException):
 
 class Database(MutableMapping):
     """A dbm-style database over one mmkv store.  Each call is one call of ``mmkv.Store`` (see
-    its docstrings for what blocks and what other processes see); ``keys()`` returns a list,
-    taken under one lock hold.  Closing twice is allowed; any other call on a closed database
+    its docstrings for what blocks and what other processes see); ``keys()`` returns a list
+    (read in batches: see ``mmkv.Store.__iter__``).  Closing twice is allowed; any other call on a closed database
     raises ``error`` (also ``mmkv.ClosedError`` and ``ValueError``)."""
 
     __slots__ = ("_db", "__weakref__")
@@ -118,7 +121,7 @@ class Database(MutableMapping):
             raise _raising(exc) from None
 
     def keys(self) -> list:
-        """Every key, as a list (as in every dbm module), read under one lock hold."""
+        """Every key, as a list (as in every dbm module), read as ``list(store)`` reads it."""
         try:
             return list(self._db)
         except Exception as exc:

@@ -44,7 +44,8 @@ from .shim import ENEEDBACK, ffi, lib, raise_for
 STEP_SECONDS = 0.002
 #: Bytes punched per call when compaction releases free space (one call takes ~2 ms per MiB on ext4).
 RELEASE_CHUNK = 512 << 10
-#: Live bytes moved between two starts of the file's write-back, outside the lock (see _write_back).
+#: Live bytes moved (or twice that walked) between two write-backs of what the walk dirtied,
+#: each waited for outside the lock (see _write_back).
 WRITE_BACK_BYTES = 1 << 20
 #: Holes remembered at most (the lowest are kept): bounds the walk's memory.
 MAX_HOLES = 4096
@@ -294,7 +295,6 @@ def _announce(eng, pid: int) -> None:
 
 
 def _compact(eng, hold, holds, alone, progress, t0, size_before) -> dict:
-    import os
     disk_before = mapping.disk_bytes(eng.fd)
     walk = _Walk(eng)
     more = True
