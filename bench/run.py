@@ -233,6 +233,15 @@ def remove(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def close_quietly(ad) -> None:
+    """Close an adapter on the way out of a failed or finished workload; a failure to close is
+    not the workload's result (the failure that led here, if any, is already recorded)."""
+    try:
+        ad.close()
+    except Exception:
+        pass
+
+
 def rate_runs(run, workload, systems, n, make, body, check, label_fmt):
     """Generic 'fresh store per repeat' loop: make(system) -> (adapter, arg); time body(adapter, arg).
 
@@ -258,10 +267,7 @@ def rate_runs(run, workload, systems, n, make, body, check, label_fmt):
                 alive.remove(s)
             finally:
                 if ad is not None:
-                    try:
-                        ad.close()
-                    except Exception:
-                        pass
+                    close_quietly(ad)
                     remove(ad.folder)
     return {s: summarize(runs[s]) for s in systems if runs[s]}
 
@@ -415,10 +421,7 @@ def wl_iterate(run, workload):
             log(traceback.format_exc())
         finally:
             if ad is not None:
-                try:
-                    ad.close()
-                except Exception:
-                    pass
+                close_quietly(ad)
                 remove(ad.folder)
     run.metric(workload, workload, f"items over {n:,} keys of {VALUE_SIZE} B, per item", "items/s", "higher", values)
 
@@ -770,10 +773,7 @@ def wl_space(run, workload):
             log(traceback.format_exc())
         finally:
             if ad is not None:
-                try:
-                    ad.close()
-                except Exception:
-                    pass
+                close_quietly(ad)
     run.metric(workload, "space_load", f"after loading {n:,} keys (10..2000 B values)", "x", "lower", after_load)
     run.metric(workload, "space_churn", f"after {rounds} rounds of overwrite-all + delete-half", "x", "lower",
                after_churn)
