@@ -10,7 +10,8 @@
 """
 from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
                      InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
-                     NotRegularFileError, ReadOnlyError, TooManyQueuesError, TruncatedError, VersionError)
+                     NotRegularFileError, ReadOnlyError, RecoveryNeededError, TooManyQueuesError, TruncatedError,
+                     VersionError)
 from .store import Store
 from .engine.tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "open", "Store", "Error", "CorruptionError", "NotMmkvFileError", "VersionError", "ChecksumError",
     "TruncatedError", "LockTimeoutError", "DiskFullError", "ClosedError", "ForkedHandleError", "NotRegularFileError",
-    "ReadOnlyError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
+    "ReadOnlyError", "RecoveryNeededError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
     "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError",
 ]
 
@@ -54,7 +55,9 @@ def open(path, flag: str = "c", sync: str = "none", mode: int = 0o600, **options
     "n" always a new empty store.  sync: "none" (survives any process crash) or "full"
     (every write is on disk when the call returns).  options: lock_timeout (seconds,
     None for no limit), lock_report_after (seconds a lock wait lasts before the holder's pid
-    and time held are logged on the "mmkv" logger; None: never), open_timeout (seconds).
+    and time held are logged on the "mmkv" logger; None: never), open_timeout (seconds),
+    lockless (flag "r" only: map the file read-only and never write a byte of it, not even the
+    lock; automatic when the process may read the file but not write it).
     :raises CorruptionError: not an mmkv file, other version, bad checksum, truncated.
     :raises FileNotFoundError: flag "r" or "w" and no file (nothing is created).
     :raises NotRegularFileError: path names a directory, device, FIFO or socket (left untouched).

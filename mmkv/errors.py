@@ -64,6 +64,12 @@ class ReadOnlyError(Error, PermissionError):
     """The handle was opened with flag "r"; open with "w" or "c" to write."""
 
 
+class RecoveryNeededError(Error):
+    """The file needs a recovery that this handle cannot run: a lockless handle (no write access)
+    found it left by a crash, or the process holding its lock died mid-write.  Any handle that
+    may write repairs it (at its open, or its next lock); so does ``mmkv check --repair``."""
+
+
 class LimitError(Error, ValueError):
     """A key or value is larger than mmkv allows (see mmkv.MAX_KEY_SIZE, mmkv.MAX_VALUE_SIZE)."""
 

@@ -15,6 +15,12 @@ than lock_timeout; the message names its pid), ClosedError (the handle is closed
 another thread) or ForkedHandleError; every write raises ReadOnlyError on a handle opened
 with flag "r", and CorruptionError when the file is damaged beyond what recovery repairs in
 place.  The docstrings below name only what a call adds to these.
+
+A *lockless* handle (flag "r" on a file this process may read but not write, or
+``lockless=True``) maps the file read-only and never writes a byte of it, not even the lock:
+every read is lock-free, waits (up to lock_timeout) while a writer holds the lock and retries
+when a writer changed the store under it, and raises RecoveryNeededError where a crash left
+work only a writer can repair.  ``lock()`` and ``transaction()`` raise ReadOnlyError on it.
 """
 import _thread
 import _weakref
@@ -23,12 +29,12 @@ import os
 from itertools import chain
 from _collections_abc import ItemsView, MutableMapping, ValuesView   # (collections.abc, loaded at start-up)
 from .engine.core import Engine, timeout_ns
-from .engine.locking import StoreLock
+from .engine.locking import LocklessReads, StoreLock
 from .engine.mapping import disk_bytes
 from .engine.shim import BINDING, ENEEDBACK, ffi, lib, raise_for  # noqa: F401 (mmkv.store.BINDING: the binding in use)
 from .engine.shim import fast as _fast
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
-                     NotACounterError, ReadOnlyError)
+                     NotACounterError, ReadOnlyError, RecoveryNeededError)
 from .engine.layout import CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, STATE_WORD, record_size
 from .engine import opening
 from .engine import tunables
@@ -106,9 +112,11 @@ class Store(_Binding, MutableMapping):
 
     def __init__(self, path, flag: str = "c", sync: str = "none", mode: int = 0o600,
                  lock_timeout: float | None = LOCK_TIMEOUT, open_timeout: float = OPEN_TIMEOUT,
-                 lock_report_after: float | None = LOCK_REPORT_AFTER):
+                 lock_report_after: float | None = LOCK_REPORT_AFTER, lockless: bool = False):
         if flag not in FLAGS:
             raise ValueError(f"flag must be one of {FLAGS}, not {flag!r}")
+        if lockless and flag != "r":
+            raise ValueError(f"lockless=True is a read-only open: flag must be 'r', not {flag!r}")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
         self.path = os.path.abspath(os.fsdecode(os.fspath(path)))   # resolved once: chdir changes nothing
@@ -116,6 +124,8 @@ class Store(_Binding, MutableMapping):
         self.sync_mode = sync
         self._full = sync == "full"
         self._readonly = flag == "r"
+        self._lockless = False   # set by _open: a read-only mapping that never takes the lock
+        self._reads = None       # its LocklessReads
         self._engine = None      # the mapped file beneath this handle (mmkv.engine.core.Engine)
         self._view = None        # self._engine.view (one object for the handle's life), for the hot paths
         self._fd = None
@@ -128,25 +138,34 @@ class Store(_Binding, MutableMapping):
         self._report_after = lock_report_after
         if lock_report_after is not None and lock_timeout is not None and lock_report_after >= lock_timeout:
             self._report_after = None                   # the timeout comes first: nothing to report
-        self._open(flag, mode, lock_timeout, open_timeout)
+        self._open(flag, mode, lock_timeout, open_timeout, lockless)
         _track(self)
 
     # ================================================================ open / close
     # The protocol, its states and the interleavings considered: mmkv/opening.py.
 
-    def _open(self, flag, mode, lock_timeout, open_timeout):
+    def _open(self, flag, mode, lock_timeout, open_timeout, lockless):
         """Open (or create) the file and attach to it: opening.open_store runs the protocol
-        and calls back _attach (header, mapping, first-opener recovery) at its step 5."""
+        and calls back _attach (header, mapping, first-opener recovery) at its step 5;
+        opening.open_lockless, for a read-only handle without write access, _attach_lockless."""
         self._open_timeout = open_timeout
 
         def attach(fd, first):
             self._fd = fd
             self._attach(lock_timeout, first)
 
+        def attach_lockless(fd, writers_open):
+            self._fd = fd
+            self._attach_lockless(lock_timeout, writers_open)
+
         def detach():
             self._detach()
             self._fd = None
 
+        if flag == "r" and (lockless or not opening.can_write(self.path)):
+            self._lockless = True
+            opening.open_lockless(self.path, open_timeout, attach_lockless, detach)
+            return
         fd, first = opening.open_store(self.path, flag, mode, open_timeout, attach, detach)
         if flag == "n" and not first:
             self.clear()
@@ -178,6 +197,27 @@ class Store(_Binding, MutableMapping):
                     self._release()
         # a handle that may write marks the file "not clean" (durably) until the last one closes
         opening.mark_in_use(eng, first, not self._readonly)
+
+    def _attach_lockless(self, lock_timeout, writers_open):
+        """Map the file read-only.  With no handle that may write open, a file a crash left
+        unrepaired is refused: only a writer can recover it.
+
+        :raises RecoveryNeededError: not marked clean (or a journal named, or impossible
+            counters) and no handle that may write has it open."""
+        eng = self._engine = Engine(self.path, self._fd, self._full, writable=False)
+        eng.attach(lock_timeout, False, True)
+        if not writers_open:
+            reason = ("was not closed cleanly" if eng.words[_DIRTY] != CLEAN_MARK else
+                      "names an unfinished commit" if eng.meta.journal_off else
+                      "has impossible counters" if not eng.state_plausible() else None)
+            if reason:
+                raise RecoveryNeededError(
+                    f"{self.path}: the file {reason} and needs recovery, which this handle cannot run (no "
+                    "write access): open it once with write access, or run `mmkv check --repair`")
+        self._view = eng.view
+        self._bind(eng.view, int(ffi.cast("uintptr_t", eng.view)), True)
+        self._lock = StoreLock(eng, lock_timeout, None, self._dead)
+        self._reads = LocklessReads(eng, lock_timeout, self._dead)
 
     def _reload(self):
         """Another process changed the meta (growth, new index): load it (under the lock)."""
@@ -213,7 +253,8 @@ class Store(_Binding, MutableMapping):
             lib.mmkv_view_close(view)          # new unlocked calls: EBADF; wait for those inside the shim
             fd = self._fd
             try:
-                opening.close_store(self._engine, self._lock, self._open_timeout)
+                if not self._lockless:         # a lockless handle wrote nothing: nothing to close but the fd
+                    opening.close_store(self._engine, self._lock, self._open_timeout)
             finally:
                 self._detach()
                 self._fd = None
@@ -234,6 +275,12 @@ class Store(_Binding, MutableMapping):
     def readonly(self) -> bool:
         """True when the handle was opened with flag "r"."""
         return self._readonly
+
+    @property
+    def lockless(self) -> bool:
+        """True when the handle maps the file read-only and never takes the lock (flag "r"
+        without write access to the file, or lockless=True): it never writes a byte of it."""
+        return self._lockless
 
     @property
     def last_recovery(self):
@@ -270,10 +317,27 @@ class Store(_Binding, MutableMapping):
         return ClosedError(f"the mmkv handle on {self.path!r} is closed")
 
     def _acquire(self):
-        """Take the store lock for this thread (see StoreLock.acquire)."""
+        """Take the store lock for this thread (see StoreLock.acquire).
+        :raises ReadOnlyError: a lockless handle (it may not write the lock)."""
         if self._forked or self._view is None:
             raise self._dead()
+        if self._lockless:
+            raise ReadOnlyError(f"{self.path!r} is open lockless (read-only, without write access): it cannot take "
+                                "the store lock, so lock() and transaction() are not available")
         self._lock.acquire()
+
+    def _consistently(self, read):
+        """read() as of one moment: under the store lock, or, on a lockless handle, retried
+        until no writer was active around it (LocklessReads.read: waits up to lock_timeout)."""
+        if self._lockless:
+            if self._forked or self._view is None:
+                raise self._dead()
+            return self._reads.read(read)
+        self._acquire()
+        try:
+            return read()
+        finally:
+            self._release()
 
     def _release(self):
         if self._lock is not None:
@@ -344,6 +408,12 @@ class Store(_Binding, MutableMapping):
         """Finish a read the fast path could not (rc None: not tried); the value or None."""
         if rc == errno.ENOENT:
             return None
+        if self._lockless:  # EAGAIN (a writer was active), ESTALE (remap), ENOBUFS, EOWNERDEAD
+            if rc == errno.EBADMSG:     # (the core returns it only when no writer was active: damage)
+                raise_for(rc, f"lookup of {bytes(k)[:40]!r}")
+            if self._forked or self._view is None:
+                raise self._dead()
+            return self._reads.get(k)
         self._lock.after_fast_read(rc)
         self._acquire()     # remap, a value bigger than the buffer, inside db.lock(), after repair
         try:
@@ -376,18 +446,20 @@ class Store(_Binding, MutableMapping):
 
     def _len_slow(self):
         """The number of keys, under the lock (inside a transaction, counting its writes)."""
-        self._acquire()
-        try:
-            if not self._engine.count_plausible():     # a damaged cache word: recount
-                self._recover("the key count is impossible")
-            n = self._engine.words[_COUNT]
-            if self._txn is not None:
-                for k, op in self._txn.writes.items():
-                    exists = lib.mmkv_find(self._view, k, len(k)) == 0
-                    n += (op is not None) - exists
-            return n
-        finally:
-            self._release()
+        return self._consistently(self._count)
+
+    def _count(self):
+        if not self._engine.count_plausible():     # a damaged cache word: recount
+            if self._lockless:
+                raise RecoveryNeededError(f"{self.path}: the key count is impossible and this handle cannot "
+                                          "repair it (no write access); open it with write access")
+            self._recover("the key count is impossible")
+        n = self._engine.words[_COUNT]
+        if self._txn is not None:
+            for k, op in self._txn.writes.items():
+                exists = lib.mmkv_find(self._view, k, len(k)) == 0
+                n += (op is not None) - exists
+        return n
 
     def _recover(self, reason):
         """Run recovery (lock held) and remember what it found."""
@@ -396,24 +468,23 @@ class Store(_Binding, MutableMapping):
 
     def _snapshot(self, with_values: bool):
         """All keys (or (key, value) pairs) as of one moment, read under one lock hold."""
+        return self._consistently(lambda: self._collect(with_values))
+
+    def _collect(self, with_values: bool):
         from .engine import index      # on first use: not needed to open or read
-        self._acquire()
-        try:
-            eng = self._engine
-            mm, v, out = eng.fm.mm, self._view, []
-            txn = self._txn.writes if self._txn is not None else {}
-            # a slot that is not its record's (wrong tag) or a key listed twice is damage: it
-            # raises rather than list a stale or foreign value (lookups never reach such a slot)
-            for rec, key in index.verified_records(eng):
-                if key in txn:
-                    continue        # the transaction's version follows
-                out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
-            for key, op in txn.items():
-                if op is not None:
-                    out.append((key, op[0]) if with_values else key)
-            return out
-        finally:
-            self._release()
+        eng = self._engine
+        mm, v, out = eng.fm.mm, self._view, []
+        txn = self._txn.writes if self._txn is not None else {}
+        # a slot that is not its record's (wrong tag) or a key listed twice is damage: it
+        # raises rather than list a stale or foreign value (lookups never reach such a slot)
+        for rec, key in index.verified_records(eng):
+            if key in txn:
+                continue        # the transaction's version follows
+            out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
+        for key, op in txn.items():
+            if op is not None:
+                out.append((key, op[0]) if with_values else key)
+        return out
 
     def _stream(self, with_keys: bool, with_values: bool):
         """An iterator of keys, values or (key, value) pairs in hash order, read in batches
@@ -428,13 +499,13 @@ class Store(_Binding, MutableMapping):
         """The lists _stream yields from, each read under one lock hold."""
         from .engine.scanning import Cursor
         cursor = Cursor()
+
+        def read():
+            cursor.start, cursor.done = start     # a lockless read may run more than once
+            return cursor.batch(self._engine, with_keys, with_values)
         while not cursor.done:
-            self._acquire()
-            try:
-                batch = cursor.batch(self._engine, with_keys, with_values)
-            finally:
-                self._release()
-            yield batch
+            start = cursor.start, cursor.done
+            yield self._consistently(read)
 
     def __iter__(self):
         """Keys as bytes, in hash order, read in batches (a segment of the index at most) under
@@ -718,7 +789,12 @@ class Store(_Binding, MutableMapping):
         """Make every write so far durable (msync MS_SYNC of the whole file, then fsync).
 
         Holds the store lock through the whole-file msync: other processes' calls wait for it
-        (a large file with many dirty pages takes seconds).  :raises OSError: msync or fsync failed."""
+        (a large file with many dirty pages takes seconds).  A lockless handle wrote nothing:
+        nothing to do.  :raises OSError: msync or fsync failed."""
+        if self._lockless:
+            if self._view is None:
+                raise self._dead()
+            return
         self._acquire()
         try:
             self._engine.fm.sync()
@@ -733,11 +809,7 @@ class Store(_Binding, MutableMapping):
         keys).  :raises CorruptionError: the audit found a problem (``exc.report`` lists all).
         """
         from .engine import checker      # imported on first use: the audit is not on any hot path
-        self._acquire()
-        try:
-            report = checker.audit(self._engine)
-        finally:
-            self._release()
+        report = self._consistently(lambda: checker.audit(self._engine))
         if not report.ok:
             err = CorruptionError(f"{self.path}: {len(report.problems)} problem(s): " + "; ".join(report.problems[:5]))
             err.report = report
@@ -781,13 +853,16 @@ class Store(_Binding, MutableMapping):
 
     def _when_alone(self, fn) -> bool:
         """Run fn() holding the open/close protocol lock and the store lock, if no other handle has
-        the file open; True when it ran.  Lock order as close(): protocol lock first."""
+        the file open (lockless handles included); True when it ran.  Lock order as close(): protocol lock first."""
         from .engine import opening
         fd = self._engine.fd
         opening.take_protocol_lock(fd, self.path, self._open_timeout)
         try:
             with self.lock():
                 if not opening.try_alone(fd):
+                    return False
+                if not opening.no_lockless_handles(fd):   # a read-only mapping would fault past a shrink
+                    opening.hold_attached(fd)
                     return False
                 try:
                     return fn()
@@ -801,28 +876,27 @@ class Store(_Binding, MutableMapping):
         block, bytes on disk (``disk_bytes``: st_blocks * 512) and at most how many of them
         compact() could give back (``reclaimable_bytes``), lock reports), read under the lock: one consistent moment (O(1) but for one
         free-list walk and the directory).  :raises CorruptionError: a damaged free list."""
+        return self._consistently(self._stats)
+
+    def _stats(self) -> dict:
         from .engine import index      # on first use: not needed to open or read
-        self._acquire()
-        try:
-            w = self._engine.words
-            largest = self._engine.alloc.largest_free()
-            st = {name: w[STATE_WORD[name]] for name in ("count", "live_bytes", "used_bytes", "free_bytes",
-                                                         "generation", "recoveries", "lock_pid")}
-            st["keys"] = st.pop("count")
-            st["file_size"] = self._engine.fm.size
-            st.update(index.shape(self._engine))
-            st["load_factor"] = st["keys"] / st["index_slots"]
-            st["largest_free_block"] = largest
-            st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
-            st["disk_bytes"] = disk_bytes(self._engine.fd)
-            # what compaction and release could give back at most: disk blocks beyond the header,
-            # the blocks in use and the epilogue
-            st["reclaimable_bytes"] = max(0, st["disk_bytes"] - (HEADER_SIZE + st["used_bytes"] + 8))
-            st["sync"] = self.sync_mode
-            st["lock_reports"] = self._lock.reports
-            return st
-        finally:
-            self._release()
+        w = self._engine.words
+        largest = self._engine.alloc.largest_free()
+        st = {name: w[STATE_WORD[name]] for name in ("count", "live_bytes", "used_bytes", "free_bytes",
+                                                     "generation", "recoveries", "lock_pid")}
+        st["keys"] = st.pop("count")
+        st["file_size"] = self._engine.fm.size
+        st.update(index.shape(self._engine))
+        st["load_factor"] = st["keys"] / st["index_slots"]
+        st["largest_free_block"] = largest
+        st["fragmentation"] = 1 - largest / st["free_bytes"] if st["free_bytes"] else 0.0
+        st["disk_bytes"] = disk_bytes(self._engine.fd)
+        # what compaction and release could give back at most: disk blocks beyond the header,
+        # the blocks in use and the epilogue
+        st["reclaimable_bytes"] = max(0, st["disk_bytes"] - (HEADER_SIZE + st["used_bytes"] + 8))
+        st["sync"] = self.sync_mode
+        st["lock_reports"] = self._lock.reports
+        return st
 
 
 class _LockBlock:

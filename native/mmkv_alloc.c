@@ -193,7 +193,12 @@ static const struct holes no_holes = {0, 0};
    compaction's pid, once no process has it, counts as none. */
 static int compaction_running(const struct mmkv_state *st)
 {
-    uint64_t pid = __atomic_load_n(&st->compacting_pid, __ATOMIC_RELAXED);
+    return mmkv_pid_alive(__atomic_load_n(&st->compacting_pid, __ATOMIC_RELAXED));
+}
+
+/* 0, or a pid beyond pid_t's range, names no process. */
+int mmkv_pid_alive(uint64_t pid)
+{
     if (pid == 0 || pid > (uint64_t)INT32_MAX)
         return 0;
     int saved = errno, alive = kill((pid_t)pid, 0) == 0 || errno == EPERM;

@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include "mmkv_internal.h"
 
+#include <sched.h>
 #include <stdlib.h>
 
 /* ---------------------------------------------------------------- records */
@@ -613,6 +614,8 @@ static int lock_holder(struct mmkv_view *v, int wait)
 {
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
+    if (v->lockless)
+        return EROFS; /* the mutex lives in a mapping this handle may not write */
     int rc = wait ? mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns)
                   : mmkv_mutex_trylock(v->base + MMKV_OFF_LOCKS);
     if (rc == 0 || rc == EOWNERDEAD) {
@@ -652,6 +655,20 @@ int mmkv_unlock(struct mmkv_view *v)
     return mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
 }
 
+/* 1 when a writer holds the lock (the sequence word odd) and the process it names is gone: its
+   work is unfinished until a process that may write takes the lock and repairs it.  (Between a
+   holder's seq_enter and its pid store the pid is 0: not dead, only early.) */
+static int lock_holder_dead(const struct mmkv_state *st)
+{
+    uint64_t pid = __atomic_load_n(&st->lock_pid, __ATOMIC_ACQUIRE);
+    return (__atomic_load_n(&st->seq, __ATOMIC_ACQUIRE) & 1) && pid != 0 && !mmkv_pid_alive(pid);
+}
+
+int mmkv_lock_holder_dead(struct mmkv_view *v)
+{
+    return v->size >= MMKV_HEADER_SIZE && lock_holder_dead(state_of(v));
+}
+
 /* Look key up and copy its value into g; the caller makes sure nothing changes meanwhile. */
 static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
 {
@@ -664,6 +681,22 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
     return rc;
 }
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/* Lock-free attempts a lockless view makes before it answers EAGAIN: a busy writer leaves the
+   lock free for a microsecond or so between its calls, and a read must land in such a gap.
+   Without wait (the caller holds the GIL) a few microseconds of spinning; with wait, yielding
+   the CPU now and then, up to about a millisecond. */
+#define LOCKLESS_SPINS 64
+#define LOCKLESS_SPINS_WAIT 4096
+
 static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g,
                        int wait)
 {
@@ -673,13 +706,25 @@ static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t k
     /* lock-free first: valid when no lock holder was active before, during or after the read.
        Every offset is bounds-checked, so a read racing a writer can only be wrong, never unsafe,
        and a wrong one is thrown away by the sequence check. */
-    uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
-    if (!(s1 & 1) && __atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) == v->generation) {
-        int rc = get_into(v, key, klen, g);
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && rc != EBADMSG)
-            return rc;
+    int spins = !v->lockless ? 1 : wait ? LOCKLESS_SPINS_WAIT : LOCKLESS_SPINS;
+    for (int i = 0; i < spins; i++) {
+        uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
+            break;
+        if (!(s1 & 1)) {
+            int rc = get_into(v, key, klen, g);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && (rc != EBADMSG || v->lockless))
+                return rc;
+        }
+        if (i % 64 == 63)
+            sched_yield();
+        else
+            cpu_relax();
     }
+    if (v->lockless) /* no lock to fall back on: the caller retries (or finds the holder dead) */
+        return __atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation ? MMKV_ESTALE
+               : lock_holder_dead(st) ? EOWNERDEAD : EAGAIN;
     /* a writer was active: take the lock (no holder bookkeeping: a reader holds it briefly);
        without wait only if it is free now (EBUSY: the caller may wait with mmkv_get) */
     int rc = wait ? mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns)

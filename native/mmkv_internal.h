@@ -66,6 +66,8 @@ MMKV_INTERNAL uint64_t siphash24(uint64_t k0, uint64_t k1, const uint8_t *data, 
 /* fallocate(PUNCH_HOLE | KEEP_SIZE) of [off, off + len), EINTR retried: 0 or an errno (mmkv_sys.c). */
 MMKV_INTERNAL int mmkv_punch(int fd, uint64_t off, uint64_t len);
 MMKV_INTERNAL uint32_t crc32c(uint32_t crc, const uint8_t *data, uint64_t len);
+/* 1 when pid (a word read from the file: any value) names a live process (mmkv_alloc.c). */
+MMKV_INTERNAL int mmkv_pid_alive(uint64_t pid);
 
 /* ---------------------------------------------------------------- records (mmkv_index.c) */
 

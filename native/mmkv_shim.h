@@ -51,6 +51,8 @@ struct mmkv_view {
                                 (db.lock(), a transaction; kept by its StoreLock), so a binding's fast path
                                 takes the general path instead of waiting for itself */
     uint32_t crc_sums;       /* 1: record checksums are CRC32C (format version 2); 0: SipHash (version 1) */
+    uint32_t lockless;       /* 1: a handle that may not write the file (mapped PROT_READ): never takes the
+                                store lock (mmkv_lock*: EROFS); mmkv_get returns EAGAIN where it would lock */
     void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
@@ -121,6 +123,8 @@ int mmkv_writeback_wait(int fd, int64_t off, int64_t len);  /* write the range's
 #define MMKV_FLOCK_UNLOCK 0
 #define MMKV_FLOCK_SHARED 1
 #define MMKV_FLOCK_EXCLUSIVE 2
+#define MMKV_FLOCK_TEST 3        /* take nothing: 0 when no other description holds any lock on the byte,
+                                    EAGAIN when one does (works on a read-only descriptor) */
 int mmkv_file_lock(int fd, uint64_t byte, int mode);
 
 /* 64-bit atomics on an 8-aligned offset inside [base, base + size). */
@@ -142,13 +146,16 @@ int mmkv_lock_try(struct mmkv_view *v);  /* mmkv_lock that never waits: EBUSY wh
 int mmkv_lock_final(struct mmkv_view *v);  /* mmkv_lock for the closer itself (ignores closing) */
 int mmkv_view_close(struct mmkv_view *v);  /* refuse new unlocked calls on v (EBADF), wait for those running */
 int mmkv_unlock(struct mmkv_view *v);
+int mmkv_lock_holder_dead(struct mmkv_view *v);  /* 1: a writer holds the lock (seq odd) and its pid is gone */
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent */
 int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
                                         /* find and copy, writing only *g (so threads sharing v are safe):
                                            without the lock when no holder is active before or after the read
                                            (state.seq even and unchanged), else under the lock; 0, ENOENT,
                                            ENOBUFS (g->val_len set), MMKV_ESTALE (remap), EBADF (closing) or
-                                           a lock error; on EOWNERDEAD the lock is held */
+                                           a lock error; on EOWNERDEAD the lock is held.  A lockless view
+                                           (read-only mapping) never locks: EAGAIN where a writer was active
+                                           (retry later), EOWNERDEAD where the lock's holder is dead */
 int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
                                         /* mmkv_get that never waits: EBUSY where mmkv_get would wait for
                                            the lock (another holder has it); for a caller that must not

@@ -206,9 +206,9 @@ int mmkv_writeback_wait(int fd, int64_t off, int64_t len)
 
 int mmkv_file_lock(int fd, uint64_t byte, int mode)
 {
-    if (mode < MMKV_FLOCK_UNLOCK || mode > MMKV_FLOCK_EXCLUSIVE || byte > INT64_MAX)
+    if (mode < MMKV_FLOCK_UNLOCK || mode > MMKV_FLOCK_TEST || byte > INT64_MAX)
         return EINVAL;
-    static const short types[] = {F_UNLCK, F_RDLCK, F_WRLCK};
+    static const short types[] = {F_UNLCK, F_RDLCK, F_WRLCK, F_WRLCK};
     struct flock fl;
     memset(&fl, 0, sizeof fl);                    /* l_pid must be 0 for an open file description lock */
     fl.l_type = types[mode];
@@ -216,6 +216,12 @@ int mmkv_file_lock(int fd, uint64_t byte, int mode)
     fl.l_start = (off_t)byte;
     fl.l_len = 1;
     int rc;
+    if (mode == MMKV_FLOCK_TEST) {                /* F_GETLK needs no write access, unlike a write lock */
+        do
+            rc = fcntl(fd, F_OFD_GETLK, &fl) ? errno : 0;
+        while (rc == EINTR);
+        return rc ? rc : fl.l_type == F_UNLCK ? 0 : EAGAIN;
+    }
     do
         rc = fcntl(fd, F_OFD_SETLK, &fl) ? errno : 0;
     while (rc == EINTR);

@@ -400,10 +400,11 @@ def test_writes_racing_a_close_in_another_thread(path):
 
 
 #: The suites run again on the other binding within the default run: the store API, the hypothesis
-#: state machines, concurrency, transactions, lock-free reads, batches and iteration.  The crash
+#: state machines, concurrency, transactions, lock-free reads, batches, iteration and lockless handles.  The crash
 #: suites (a minute there) are not: the kill harness runs on the other binding in the test below.
 OTHER_BINDING_SUITES = ("test_store_api.py", "test_stateful.py", "test_concurrency.py", "test_transactions.py",
-                        "test_lockfree_reads.py", "test_multiprocess_lock.py", "test_batch.py", "test_iteration.py")
+                        "test_lockfree_reads.py", "test_multiprocess_lock.py", "test_batch.py", "test_iteration.py",
+                        "test_lockless.py")
 
 
 def test_the_store_suites_pass_on_the_other_binding(tmp_path):

@@ -47,8 +47,10 @@ def timeout_ns(seconds) -> int:
 
 
 def new_view(fm, ident, sync_full: bool, lock_timeout):
-    """A process-local view of a mapping for the shim (index fields are set from the meta)."""
+    """A process-local view of a mapping for the shim (index fields are set from the meta);
+    lockless (never takes the store lock) when the mapping is read-only."""
     v = ffi.new("struct mmkv_view *")
+    v.lockless = int(not fm.writable)
     v.base, v.size = fm.base, fm.size
     v.seed0, v.seed1 = ident.seed0, ident.seed1
     v.crc_sums = int(ident.version >= 2)
@@ -86,8 +88,8 @@ class Engine:
     (sync="full"), ``last_recovery`` (what the last recovery found, or None).
     """
 
-    def __init__(self, path: str, fd: int, full: bool):
-        self.path, self.fd, self.full = path, fd, full
+    def __init__(self, path: str, fd: int, full: bool, writable: bool = True):
+        self.path, self.fd, self.full, self.writable = path, fd, full, writable
         self.fm = self.view = self.words = self._alloc = None
         self.ident = self.meta = None
         self.meta_slot = 0
@@ -125,7 +127,7 @@ class Engine:
                 raise TruncatedError(f"file is {real} bytes but its header says {meta.file_size}: more than a "
                                      "power loss can cut off; the file was cut short or its header is damaged")
             grow_file(fd, meta.file_size)
-        self.fm = FileMap(fd, meta.file_size)
+        self.fm = FileMap(fd, meta.file_size, self.writable)
         self.view = new_view(self.fm, self.ident, self.full, view_timeout)
         self.set_meta(meta, which)
         self.view.generation = generation
@@ -176,11 +178,18 @@ class Engine:
         return self.words[_GEN] != self.view.generation
 
     def reload(self) -> None:
-        """Another process changed the meta (growth, new index): load it (lock held).
+        """Another process changed the meta (growth, new index): load it (lock held, or inside
+        a lockless read, which checks the sequence word after it).
         :raises CorruptionError: neither meta copy is sound."""
+        # the generation first, the meta second (a writer writes the meta, then bumps the
+        # generation): without the lock the view can then only be older than its generation
+        # says (reloaded again), never newer (a stale view taken for current: found by lockless
+        # readers beside a growing writer, as lookups past the old mapping's end)
+        generation = self.words[_GEN]
         page0 = self.fm.mm[:HEADER_SIZE]
         meta, which = parse_meta(page0, self.ident, os.fstat(self.fd).st_size)
         self.set_meta(meta, which)
+        self.view.generation = generation
 
     def write_meta(self, durable: bool = True, **changes) -> None:
         """Write the meta copy not in force (seq + 1), sync it (unless durable is false: a

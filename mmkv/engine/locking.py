@@ -22,7 +22,7 @@ import time
 from .core import timeout_ns
 from .layout import OFF_MUTEX, STATE_WORD
 from .shim import error_for, lib, raise_for, ENEEDBACK, ESTALE
-from ..errors import CorruptionError, Error, LockTimeoutError
+from ..errors import CorruptionError, Error, LockTimeoutError, RecoveryNeededError
 
 
 #: Fast-call results after which the general (locked) path runs: nothing was changed and the
@@ -224,3 +224,111 @@ class StoreLock:
         finally:
             self.release()
         raise_for(rc, "write")
+
+
+_SEQ_OFF = STATE_WORD["seq"] * 8
+
+
+class LocklessReads:
+    """Consistent reads for a lockless handle (read-only descriptor and mapping), which can
+    never take the store mutex: run a read, and keep it only if no writer held the lock
+    before, during or after it (the state's sequence word even and unchanged), as the C
+    core's lock-free get does.  Every offset the shim reads is bounds-checked and the Python
+    layers' walks are bounded, so a read that raced a writer can only be wrong, and a wrong
+    one is thrown away and run again.
+
+    Blocking: while a writer holds the lock, a read waits (sleeping, with backoff) up to
+    ``timeout`` seconds (None: forever); a long read (an audit, a big batch) that writers
+    keep invalidating is retried up to the same limit.  Threads of one handle read one at
+    a time (the lookup results live in the shared view).
+    """
+
+    def __init__(self, engine, timeout, dead):
+        self.engine = engine
+        self.timeout = timeout
+        self.dead = dead
+        self._mutex = _thread.allocate_lock()
+
+    def get(self, key: bytes):
+        """The value of key, or None: the C core's lock-free get (it spins, GIL released, for a
+        moment without a writer), retried with backoff as read() retries.
+        :raises RecoveryNeededError, LockTimeoutError: as read()."""
+        from .shim import ffi
+        g = ffi.new("struct mmkv_getbuf *")
+        buf = ffi.new("uint8_t[]", 4096)
+        g.buf, g.cap = buf, 4096
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            rc = lib.mmkv_get(self.engine.view, key, len(key), g)
+            if rc == 0:
+                return ffi.unpack(ffi.cast("char *", buf), g.val_len)
+            if rc == errno.ENOENT:
+                return None
+            if rc == errno.ENOBUFS:              # a bigger value: a buffer of its size, and again
+                buf = ffi.new("uint8_t[]", g.val_len)
+                g.buf, g.cap = buf, g.val_len
+                continue
+            if rc not in (errno.EAGAIN, ESTALE, errno.EOWNERDEAD):
+                raise_for(rc, f"lookup of {bytes(key)[:40]!r}")
+            if rc == errno.EAGAIN and deadline is not None and time.monotonic() >= deadline:
+                raise self.timed_out()
+            self.read(_nothing)                 # waits for the writer (remaps if stale; a dead holder raises)
+
+    def timed_out(self) -> LockTimeoutError:
+        pid = self.engine.words[STATE_WORD["lock_pid"]]
+        return LockTimeoutError(
+            f"{self.engine.path}: writers kept the store changing for {self.timeout}s (last holder pid {pid}); a "
+            "lockless read needs a moment without a writer (one key, or one batch of an iteration): raise "
+            "lock_timeout, or read through a handle with write access, which waits for the lock")
+
+    def _seq(self) -> int:
+        eng = self.engine
+        out = _ffi_word()
+        raise_for(lib.mmkv_atomic_load(eng.fm.base, eng.fm.size, _SEQ_OFF, out), "read of the sequence word")
+        return out[0]
+
+    def read(self, fn):
+        """fn()'s result, from a moment when no writer was active.
+
+        :raises RecoveryNeededError: the lock's holder died mid-write (only a handle that may
+            write can repair).  :raises LockTimeoutError: writers kept the store changing past
+            the timeout.  :raises: what fn raises on a read no writer disturbed (damage).
+        """
+        with self._mutex:
+            if self.engine.view is None:
+                raise self.dead()
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            delay, tries = 0, 0
+            while True:
+                s1 = self._seq()
+                if not s1 & 1:
+                    try:
+                        if self.engine.stale():
+                            self.engine.reload()
+                        result = fn()
+                    except Exception:
+                        if self._seq() == s1:
+                            raise            # nothing changed meanwhile: the file says so
+                    else:
+                        if self._seq() == s1:
+                            return result
+                elif lib.mmkv_lock_holder_dead(self.engine.view):
+                    pid = self.engine.words[STATE_WORD["lock_pid"]]
+                    raise RecoveryNeededError(
+                        f"{self.engine.path}: process {pid} died holding the lock, mid-write; this handle "
+                        "cannot repair it (opened without write access): any handle that may write repairs "
+                        "it when it next takes the lock (or run `mmkv check --repair`)")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self.timed_out()
+                time.sleep(delay)        # 0 at first: only yield (a busy writer leaves gaps of microseconds)
+                delay = min(max(delay * 2, 0.00002), 0.005) if tries > 16 else 0
+                tries += 1
+
+
+def _nothing():
+    return None
+
+
+def _ffi_word():
+    from .shim import ffi
+    return ffi.new("uint64_t *")

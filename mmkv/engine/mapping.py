@@ -22,8 +22,13 @@ from .tunables import GROW_STEP_MAX, GROW_STEP_MIN
 
 
 class FileMap:
-    def __init__(self, fd: int, size: int):
+    """The file mapped MAP_SHARED: ``mm`` (the mmap), ``base`` (its address for the shim),
+    ``words`` (64-bit words), ``size``.  ``writable`` false maps it PROT_READ (a lockless
+    handle: any store into it would be a fault, and Python's views of it refuse writes)."""
+
+    def __init__(self, fd: int, size: int, writable: bool = True):
         self.fd = fd
+        self.writable = writable
         self.mm = None
         self._retired = []
         self._releasers = []       # threads dropping retired mappings' pages
@@ -31,7 +36,8 @@ class FileMap:
         self._map(size)
 
     def _map(self, size: int) -> None:
-        mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE if self.writable else mmap.PROT_READ
+        mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=prot)
         try:
             mm.madvise(mmap.MADV_RANDOM)  # readahead makes a cold open of a big file crawl
         except (AttributeError, OSError):  # pragma: no cover - platform without madvise

@@ -53,6 +53,24 @@ Close (``close_store``, called by ``Store.close``):
    file is still marked clean: only read-only handles had it open, and they changed nothing);
 5. release the mutex, unmap, close the descriptor (which releases both byte locks).
 
+Lockless open (``open_lockless``: flag "r" on a file this process may read but not write, or
+``lockless=True``).  A read-only descriptor cannot take a write lock, and a read-only mapping
+cannot take the mutex, so such a handle takes part only as far as reading allows:
+
+1. open the path O_RDONLY (regular files only, as above);
+2. take the protocol lock *shared* (waits while another process opens, closes or shrinks; other
+   lockless openers share it), and check that the path still names that inode;
+3. test, without taking it, whether any handle that may write holds the attached byte
+   (``F_OFD_GETLK``); attach: validate the header and map the file PROT_READ.  A file that is not
+   marked clean (or names a journal, or has impossible counters) with no such handle open was left
+   by a crash and needs a recovery this handle cannot run: ``RecoveryNeededError``, nothing read;
+4. hold the lockless byte shared, release the protocol lock.
+
+It never writes a byte of the file.  It reads lock-free (the sequence word, see mmkv_get) and
+retries while a writer holds the lock; a holder that died leaves the word odd, and its reads
+raise ``RecoveryNeededError`` until a handle that may write repairs the file (its next lock).
+Close releases the descriptor and nothing else.
+
 Interleavings considered (P, Q processes; "dies" is SIGKILL at any instruction):
 
 * P dies holding the store mutex while Q has the file open and closes afterwards: Q's step 3
@@ -103,6 +121,10 @@ from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, OFF_IDENTITY, OFF_
 PROTOCOL_BYTE = 0
 #: The byte every open handle holds a shared OFD lock on (exclusive: nobody else has it open).
 ATTACHED_BYTE = 1
+#: The byte every lockless handle (read-only descriptor and mapping) holds shared: the shrink
+#: waits until none does.  Lockless handles take no part in "first opener" and "last closer":
+#: they never use the mutex, the semaphores or the clean mark those decide about.
+LOCKLESS_BYTE = 2
 
 
 def raise_for_os(rc: int, what: str) -> None:
@@ -159,13 +181,91 @@ def hold_attached(fd: int) -> None:
     raise_for_os(lib.mmkv_file_lock(fd, ATTACHED_BYTE, lib.MMKV_FLOCK_SHARED), "lock of the store file")
 
 
+def can_write(path: str) -> bool:
+    """False when this process may not open the file at path for writing (permissions, a
+    read-only filesystem or mount); True otherwise (also when the path names nothing, or
+    something open_store refuses with its own error)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        return exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)
+    os.close(fd)
+    return True
+
+
+def open_lockless(path: str, open_timeout: float, attach, detach) -> int:
+    """Run the lockless open above (steps 1 to 4) and return the read-only descriptor.
+    ``attach(fd, writers_open)`` is step 3 (validate, map, refuse a file that needs recovery);
+    if it raises, ``detach()`` undoes it and the descriptor is closed.
+
+    :raises FileNotFoundError: no file.  :raises PermissionError: not even readable.
+    :raises NotRegularFileError: not a regular file.
+    :raises LockTimeoutError: another open or close held the protocol lock past open_timeout.
+    """
+    for _ in range(OPEN_ATTEMPTS):
+        fd = open_readable(path)
+        try:
+            if not lock_within(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_SHARED, open_timeout):
+                raise LockTimeoutError(f"timed out after {open_timeout}s waiting to open {path!r}: another "
+                                       "process is opening or closing it; raise open_timeout or find that process")
+            if not same_file(fd, path):                     # replaced while we waited: start over
+                os.close(fd)
+                continue
+            attach(fd, not lock_free(fd, ATTACHED_BYTE))
+            raise_for_os(lib.mmkv_file_lock(fd, LOCKLESS_BYTE, lib.MMKV_FLOCK_SHARED), "lock of the store file")
+            raise_for_os(lib.mmkv_file_lock(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_UNLOCK), "unlock of the store file")
+        except BaseException:
+            detach()
+            os.close(fd)
+            raise
+        return fd
+    raise Error(f"could not open {path!r}: it was replaced {OPEN_ATTEMPTS} times while opening; "
+                "another process keeps recreating it")
+
+
+def lock_free(fd: int, byte: int) -> bool:
+    """True when no other open file description holds a lock on the byte (takes nothing;
+    works on a read-only descriptor).  :raises OSError: the test failed."""
+    rc = lib.mmkv_file_lock(fd, byte, lib.MMKV_FLOCK_TEST)
+    if rc in (0, errno.EAGAIN):
+        return rc == 0
+    raise error_for(rc, "lock test of the store file", OSError)
+
+
+def no_lockless_handles(fd: int) -> bool:
+    """True when no lockless handle has the file open (the caller holds the protocol lock, so
+    none can open meanwhile)."""
+    return lock_free(fd, LOCKLESS_BYTE)
+
+
+def open_readable(path: str) -> int:
+    """A read-only descriptor on the regular file at path.
+    :raises FileNotFoundError, PermissionError, NotRegularFileError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no store here (flag 'r' needs an existing file; nothing "
+                                              "was created)", path) from None
+    except IsADirectoryError:
+        raise not_regular(path, stat.S_IFDIR) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_existing(path: str, flag: str) -> int | None:
     """A read-write descriptor on the regular file at path, or None when there is none.
 
     Opened with O_NONBLOCK so that a FIFO cannot block the open; the type is checked on the
     descriptor itself (no race with a rename).
     :raises NotRegularFileError: a directory, device, FIFO or socket.
-    :raises PermissionError: the file is not writable (mmkv needs write access even for "r").
+    :raises PermissionError: the file is not writable (flag "r" opens such a file lockless).
+    :raises OSError: EROFS, a read-only filesystem (likewise).
     """
     try:
         st = os.stat(path)
@@ -180,8 +280,13 @@ def open_existing(path: str, flag: str) -> int | None:
     except IsADirectoryError:
         raise not_regular(path, stat.S_IFDIR) from None
     except PermissionError as exc:
-        raise PermissionError(exc.errno, f"{exc.strerror}: mmkv needs read-write access to the file, "
-                                         f"even for flag {flag!r} (its lock lives in the file)", path) from None
+        raise PermissionError(exc.errno, f"{exc.strerror}: flag {flag!r} needs read-write access to the file "
+                                         "(flag 'r' opens it read-only)", path) from None
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        raise OSError(exc.errno, f"{exc.strerror}: flag {flag!r} needs to write; flag 'r' opens a store on a "
+                                 "read-only filesystem", path) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

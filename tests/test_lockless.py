@@ -1,0 +1,324 @@
+"""Read-only opens that need only read permission: lockless handles.
+
+A process that may read a store but not write it (another user's file, a read-only directory,
+a read-only mount) opens it with flag "r" as a lockless handle: the file is mapped read-only,
+the lock is never taken, every read is validated by the sequence word.  These tests run such
+handles on a real read-only bind mount and as user ``nobody``, beside writers in other
+processes, and show that a lockless handle never changes a byte of the file.
+"""
+import hashlib
+import multiprocessing as mp
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+import mmkv
+from test_lockfree_reads import KEYS, make_value, valid
+
+STABLE = 3000        # keys no writer touches: iteration must yield each exactly once
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def fill_stable(path: str) -> None:
+    with mmkv.open(path) as db:
+        db.update((b"stable%05d" % i, make_value(b"stable%05d" % i, 0, 24 + i % 300)) for i in range(STABLE))
+        db.update((b"key%d" % i, make_value(b"key%d" % i, 0, 100)) for i in range(KEYS))
+
+
+def timed_writer(path, seconds, done):
+    """Rewrite KEYS keys (sizes changing, some deleted) and add others (growth, index splits)
+    for a number of seconds."""
+    with mmkv.open(path) as db:
+        deadline, v = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            for i in range(KEYS):
+                key = b"key%d" % i
+                db[key] = make_value(key, v, 24 + (v * 7919 + i * 104729) % 20000)
+                if (v + i) % 11 == 0:
+                    del db[key]
+            db[b"fill%d" % v] = bytes(3000)
+            db.update((b"small%d-%d" % (v, j), b"") for j in range(20))
+            v += 1
+            time.sleep(0.001)    # a service pauses; a writer that never does starves lockless iteration
+    done.value = 1
+
+
+def lockless_reader_any(path, ready, done, out):
+    lockless_reader(path, ready, done, out, lockless=True)
+
+
+def lockless_reader(path, ready, done, out, lockless=False):
+    """Gets and whole iterations through a lockless handle until done; (seen, bad, passes)."""
+    seen = bad = passes = newest = 0
+    with mmkv.open(path, "r", lockless=lockless) as db:
+        assert db.lockless, "the path is on a read-only mount: the open must be lockless"
+        ready.release()
+        while not done.value:
+            for i in range(KEYS):
+                value = db.get(b"key%d" % i)
+                if value is not None:
+                    seen += 1
+                    bad += not valid(b"key%d" % i, value)
+                    newest = max(newest, int.from_bytes(value[:8], "little"))
+            stable = [k for k in db if k.startswith(b"stable")]
+            if len(stable) != STABLE or len(set(stable)) != STABLE:
+                bad += 1
+            passes += 1
+        db.check()
+    out.put((seen, bad, passes, newest))
+
+
+@pytest.fixture
+def ro_mount(tmp_path):
+    """(read-write folder, the same folder bind-mounted read-only)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a read-only bind mount")
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", str(rw), str(ro)], capture_output=True).returncode:
+        pytest.skip("the environment refuses bind mounts")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True).returncode:
+            pytest.skip("the environment refuses a read-only remount")
+        yield rw, ro
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def run_readers_beside_a_writer(write_path: str, read_path: str, reader) -> None:
+    """Two lockless readers (through read_path) and a writer (through write_path) in other
+    processes: gets and whole iterations stay exact while the writer rewrites values (sizes
+    changing, blocks freed and reused), grows the file and splits the index."""
+    path = write_path
+    fill_stable(path)
+    ctx = mp.get_context("spawn")
+    done, out, ready = ctx.Value("i", 0), ctx.Queue(), ctx.Semaphore(0)
+    readers = [ctx.Process(target=reader, args=(read_path, ready, done, out)) for _ in range(2)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        assert ready.acquire(timeout=60)
+    w = ctx.Process(target=timed_writer, args=(path, 4.0, done))
+    w.start()
+    w.join(240)
+    assert w.exitcode == 0
+    results = [out.get(timeout=120) for _ in readers]
+    for r in readers:
+        r.join(30)
+        assert r.exitcode == 0
+    assert all(seen > 500 and passes > 3 for seen, _, passes, _ in results), results
+    assert all(newest > 10 for *_, newest in results), ("the readers should see the writer's versions", results)
+    assert all(bad == 0 for _, bad, *_ in results), results
+    with mmkv.open(path) as db:
+        st = db.stats()
+        assert st["index_segments"] >= 3, "the index should have split under the readers"
+        assert st["file_size"] > 1 << 20, "the file should have grown under the readers"
+
+
+def test_lockless_readers_beside_a_writer_in_another_process(tmp_path):
+    run_readers_beside_a_writer(str(tmp_path / "s.mmkv"), str(tmp_path / "s.mmkv"), lockless_reader_any)
+
+
+def test_readers_on_a_read_only_mount_beside_a_writer_through_another_mount(ro_mount):
+    rw, ro = ro_mount
+    run_readers_beside_a_writer(str(rw / "s.mmkv"), str(ro / "s.mmkv"), lockless_reader)
+
+
+def test_a_read_only_mount_refuses_writing_flags_clearly(ro_mount):
+    rw, ro = ro_mount
+    with mmkv.open(str(rw / "s.mmkv")) as db:
+        db[b"k"] = b"v"
+    for flag in ("w", "c"):
+        with pytest.raises(OSError, match="flag 'r' opens a store on a read-only filesystem"):
+            mmkv.open(str(ro / "s.mmkv"), flag)
+    with mmkv.open(str(ro / "s.mmkv"), "r") as db:
+        assert db.lockless and db[b"k"] == b"v" and len(db) == 1 and list(db.items()) == [(b"k", b"v")]
+        db.check()
+        assert db.stats()["keys"] == 1
+        with pytest.raises(mmkv.ReadOnlyError):
+            db[b"k"] = b"w"
+        with pytest.raises(mmkv.ReadOnlyError, match="lockless"):
+            with db.lock():
+                pass
+        with pytest.raises(mmkv.ReadOnlyError):
+            with db.transaction():
+                pass
+        db.sync()          # nothing to make durable: no error
+
+
+@pytest.fixture
+def open_folder():
+    """A folder outside pytest's (which only root may enter) that every user may enter."""
+    top = tempfile.mkdtemp(prefix="mmkv-lockless-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        yield pathlib.Path(top)
+    finally:
+        for root, dirs, _ in os.walk(top):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        shutil.rmtree(top)
+
+
+def test_another_users_store_in_a_folder_it_cannot_write(open_folder):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a step as user nobody")
+    folder = open_folder / "data"
+    folder.mkdir()
+    path = str(folder / "s.mmkv")
+    with mmkv.open(path, mode=0o644) as db:
+        db.update((b"k%d" % i, b"v%d" % i) for i in range(1000))
+    os.chmod(str(folder), 0o555)          # nobody may read the folder and the file, write neither
+    before = digest(path)
+    code = textwrap.dedent(f"""
+        import os, sys
+        import mmkv                       # before dropping root: nobody cannot read this interpreter's files,
+        with mmkv.open({path!r}, "r", lockless=True) as db:   # so every module the calls below need is loaded
+            db.check(); db.stats(); dict(db.items())
+        os.setgid(65534); os.setuid(65534)
+        try:
+            mmkv.open({path!r}, "w")
+        except PermissionError as exc:
+            assert "flag 'r'" in str(exc), exc
+        else:
+            sys.exit("flag 'w' opened a file this user may not write")
+        with mmkv.open({path!r}, "r") as db:
+            assert db.lockless
+            assert db[b"k7"] == b"v7" and len(db) == 1000
+            assert dict(db.items()) == {{b"k%d" % i: b"v%d" % i for i in range(1000)}}
+            db.check()
+            db.stats()
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+    assert digest(path) == before
+    with mmkv.open(path) as db:
+        db.check()
+
+
+def test_a_lockless_handle_never_changes_a_byte_of_the_file(path):
+    with mmkv.open(path) as db:
+        db.update((b"k%d" % i, b"v" * (i % 50)) for i in range(5000))
+    before, mtime = digest(path), os.stat(path).st_mtime_ns
+    with mmkv.open(path, "r", lockless=True) as db:
+        assert db.lockless
+        assert len(db) == 5000 and db[b"k9"] == b"v" * 9 and b"k1" in db and b"nope" not in db
+        assert sum(1 for _ in db.items()) == 5000
+        assert len(db.snapshot()) == 5000
+        db.check()
+        db.stats()
+    assert digest(path) == before and os.stat(path).st_mtime_ns == mtime
+
+
+def test_lockless_is_only_a_read_only_flag(path):
+    with pytest.raises(ValueError, match="flag must be 'r'"):
+        mmkv.open(path, "c", lockless=True)
+
+
+def _crash_after_writing(path):
+    db = mmkv.open(path)
+    db[b"late"] = b"x"
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _die_holding_the_lock(path, ready):
+    db = mmkv.open(path)
+    db._acquire()
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_file_left_by_a_crash_is_refused_until_a_writer_repairs_it(path):
+    with mmkv.open(path) as db:
+        db[b"k"] = b"v"
+    p = mp.get_context("spawn").Process(target=_crash_after_writing, args=(path,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    with pytest.raises(mmkv.RecoveryNeededError, match="not closed cleanly"):
+        mmkv.open(path, "r", lockless=True)
+    with mmkv.open(path, "r") as db:          # with write access: the first opener recovers
+        assert not db.lockless and db[b"late"] == b"x"
+    with mmkv.open(path, "r", lockless=True) as db:
+        assert db[b"k"] == b"v"
+
+
+def test_a_writer_that_dies_holding_the_lock_stops_lockless_reads_until_repaired(path):
+    with mmkv.open(path) as db:
+        db[b"k"] = b"v"
+    ctx = mp.get_context("spawn")
+    reader = mmkv.open(path, "r", lockless=True, lock_timeout=30)
+    try:
+        ready = ctx.Event()
+        p = ctx.Process(target=_die_holding_the_lock, args=(path, ready))
+        p.start()
+        assert ready.wait(60)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        t0 = time.monotonic()
+        with pytest.raises(mmkv.RecoveryNeededError, match="died holding the lock"):
+            reader.get(b"k")
+        assert time.monotonic() - t0 < 5, "a dead holder is told at once, not after lock_timeout"
+        with pytest.raises(mmkv.RecoveryNeededError):
+            list(reader)
+        with mmkv.open(path) as w:            # the first handle that may write repairs it
+            w[b"k2"] = b"v2"
+            assert reader[b"k"] == b"v" and reader[b"k2"] == b"v2"
+    finally:
+        reader.close()
+
+
+def _hold_the_lock(path, ready, seconds):
+    with mmkv.open(path) as db:
+        with db.lock():
+            ready.set()
+            time.sleep(seconds)
+
+
+def test_a_lockless_read_waits_for_a_writer_up_to_lock_timeout(path):
+    with mmkv.open(path) as db:
+        db[b"k"] = b"v"
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=_hold_the_lock, args=(path, ready, 1.5))
+    p.start()
+    try:
+        assert ready.wait(60)
+        with mmkv.open(path, "r", lockless=True, lock_timeout=0.2) as db:
+            with pytest.raises(mmkv.LockTimeoutError, match="lockless read"):
+                db.get(b"k")
+        with mmkv.open(path, "r", lockless=True, lock_timeout=30) as db:
+            t0 = time.monotonic()
+            assert db[b"k"] == b"v"
+            assert time.monotonic() - t0 > 0.2, "the read should have waited for the holder"
+    finally:
+        p.join(30)
+
+
+def test_no_shrink_while_a_lockless_handle_has_the_file_mapped(path):
+    with mmkv.open(path) as db:
+        db.update((b"k%d" % i, bytes(1000)) for i in range(3000))
+        for i in range(2900):
+            del db[b"k%d" % i]
+        size = os.stat(path).st_size
+        with mmkv.open(path, "r", lockless=True) as reader:
+            db.compact()
+            assert os.stat(path).st_size == size, "a shrink under a read-only mapping would fault its reads"
+            assert sum(1 for _ in reader) == 100
+        db.compact()
+        assert os.stat(path).st_size < size
