@@ -22,6 +22,8 @@ every read is lock-free, waits (up to lock_timeout) while a writer holds the loc
 when a writer changed the store under it, and raises RecoveryNeededError where a crash left
 work only a writer can repair.  ``lock()`` and ``transaction()`` raise ReadOnlyError on it.
 """
+from __future__ import annotations
+
 import _thread
 import _weakref
 import errno
@@ -54,11 +56,41 @@ _EVEN_U64 = MASK64 - 1
 #: Errors a write raises before it changes anything (so no repair is needed).
 _CLEAN_ERRORS = (KeyError, TypeError, ValueError, OverflowError, LimitError, NotACounterError, ReadOnlyError,
                  DiskFullError)
+TYPE_CHECKING = False       # (typing is not imported at run time: import mmkv stays cheap)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from typing import Any, TypeVar, overload
+
+    #: What a key or value may be: str is stored UTF-8; the others as they are.
+    Bytes = bytes | bytearray | memoryview | str
+    _T = TypeVar("_T")
+    _MutableMapping = MutableMapping[bytes, bytes]
+
+    class _Binding:
+        """The per-call operations as the bindings give them (C or cffi), for type checkers."""
+        def __getitem__(self, key: Bytes) -> bytes: ...
+        @overload
+        def get(self, key: Bytes) -> bytes | None: ...
+        @overload
+        def get(self, key: Bytes, default: bytes | _T) -> bytes | _T: ...
+        def get(self, key: Bytes, default: Any = None) -> Any: ...
+        def __contains__(self, key: object) -> bool: ...
+        def __len__(self) -> int: ...
+        def __setitem__(self, key: Bytes, value: Bytes) -> None: ...
+        def __delitem__(self, key: Bytes) -> None: ...
+        @overload
+        def pop(self, key: Bytes) -> bytes: ...
+        @overload
+        def pop(self, key: Bytes, default: bytes | _T) -> bytes | _T: ...
+        def pop(self, key: Bytes, *default: Any) -> Any: ...
+        def incr(self, key: Bytes, delta: int = 1) -> int: ...
 #: The binding of the per-call operations (see engine/shim.py): the C type, or its cffi twin.
-if _fast is None:
+elif _fast is None:
     from .cffi_binding import CffiCalls as _Binding
+    _MutableMapping = MutableMapping
 else:
     _Binding = _fast.Handle
+    _MutableMapping = MutableMapping
 
 
 #: id(store) -> weak reference, for every open handle (the fork handler drops them in a child).
@@ -103,14 +135,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Store(_Binding, MutableMapping):
+class Store(_Binding, _MutableMapping):
     """A persistent, process-shared mapping of bytes to bytes; see ``mmkv.open``."""
 
     # a handle compares and hashes by identity (comparing contents would read the whole file)
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
-    def __init__(self, path, flag: str = "c", sync: str = "none", mode: int = 0o600,
+    def __init__(self, path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c",
+                 sync: str = "none", mode: int = 0o600,
                  lock_timeout: float | None = LOCK_TIMEOUT, open_timeout: float = OPEN_TIMEOUT,
                  lock_report_after: float | None = LOCK_REPORT_AFTER, lockless: bool = False):
         if flag not in FLAGS:
@@ -263,7 +296,7 @@ class Store(_Binding, MutableMapping):
 
     # ================================================================ for mmkv's own layers
     @property
-    def engine(self):
+    def engine(self) -> Any:
         """The engine beneath this handle (``mmkv.engine.core.Engine``: mapping, view,
         allocator, meta).  For mmkv's own Queue, CLI, tests and crash kit; not a stable API.
         :raises ClosedError, ForkedHandleError: the handle is closed or was forked."""
@@ -283,7 +316,7 @@ class Store(_Binding, MutableMapping):
         return self._lockless
 
     @property
-    def last_recovery(self):
+    def last_recovery(self) -> Any:
         """What the last recovery run through this handle found (a RecoveryResult), or None."""
         return None if self._engine is None else self._engine.last_recovery
 
@@ -292,7 +325,7 @@ class Store(_Binding, MutableMapping):
         ``lock()`` or ``transaction()``): a blocking wait there would deadlock."""
         return self._lock is not None and self._lock.held_here()
 
-    def __enter__(self):
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc):
@@ -343,7 +376,7 @@ class Store(_Binding, MutableMapping):
         if self._lock is not None:
             self._lock.release()
 
-    def lock(self):
+    def lock(self) -> _LockBlock:
         """Hold the store lock for a block of calls on this handle (a read-modify-write, say):
         ``with db.lock(): ...``.
 
@@ -353,7 +386,7 @@ class Store(_Binding, MutableMapping):
         """
         return _LockBlock(self)
 
-    def transaction(self):
+    def transaction(self) -> _TransactionBlock:
         """All-or-nothing: ``with db.transaction(): ...``; the writes in the block are applied
         together, or (on an exception, or a crash before the commit point) not at all.
 
@@ -507,7 +540,7 @@ class Store(_Binding, MutableMapping):
             start = cursor.start, cursor.done
             yield self._consistently(read)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[bytes]:
         """Keys as bytes, in hash order, read in batches (a segment of the index at most) under
         short lock holds: other processes' writes go on between batches, and memory stays
         bounded whatever the store's size.  A key present for the whole iteration is yielded
@@ -518,16 +551,16 @@ class Store(_Binding, MutableMapping):
         """
         return self._stream(True, False)
 
-    def items(self):
+    def items(self) -> _ItemsView:
         """(key, value) pairs, streamed as __iter__ streams keys; each value is the key's value
         when its batch was read."""
         return _ItemsView(self)
 
-    def values(self):
+    def values(self) -> _ValuesView:
         """Values, streamed as items()."""
         return _ValuesView(self)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[bytes, bytes]:
         """Every key and value as of one moment: a dict, read under one lock hold (other
         processes' writes wait for it: O(keys); memory for the whole store).  Inside a
         transaction, its writes included."""
@@ -629,7 +662,7 @@ class Store(_Binding, MutableMapping):
             self._delete(k)
         return value
 
-    def setdefault(self, key, default=b""):
+    def setdefault(self, key: Bytes, default: Bytes = b"") -> bytes:
         """The value of key; if absent, store default first and return it, atomically under the
         lock (another process's setdefault of the same key sees one or the other, never both).
         :raises LimitError: key or default too large.  :raises DiskFullError: no room; unchanged."""
@@ -650,7 +683,7 @@ class Store(_Binding, MutableMapping):
             value = d
         return value
 
-    def update(self, other=(), /, **kw):
+    def update(self, other: Mapping[Any, Any] | Iterable[tuple[Any, Any]] = (), /, **kw: Bytes) -> None:
         """Store every pair of other (a mapping or pairs) and kw, under one lock hold.
 
         Every pair is checked first: a TypeError, ValueError or LimitError is raised before
@@ -698,7 +731,7 @@ class Store(_Binding, MutableMapping):
         except DiskFullError:
             pass
 
-    def clear(self):
+    def clear(self) -> None:
         """Remove every key, atomically: a new empty index replaces the old one in one meta switch
         (the "clear" row of the README's "Commit orders" table).
 
@@ -785,7 +818,7 @@ class Store(_Binding, MutableMapping):
         return new
 
     # ================================================================ durability, audit
-    def sync(self):
+    def sync(self) -> None:
         """Make every write so far durable (msync MS_SYNC of the whole file, then fsync).
 
         Holds the store lock through the whole-file msync: other processes' calls wait for it
@@ -802,7 +835,7 @@ class Store(_Binding, MutableMapping):
         finally:
             self._release()
 
-    def check(self):
+    def check(self) -> Any:
         """Audit every structure in the file; returns a checker.Report.
 
         Holds the lock for the whole audit (O(file size): about a second per million
@@ -816,7 +849,7 @@ class Store(_Binding, MutableMapping):
             raise err
         return report
 
-    def recover(self):
+    def recover(self) -> Any:
         """Run recovery now (verify every record, rebuild free lists, rebuild the index if a
         slot was bad); returns what it found (a RecoveryResult).  Holds the lock throughout:
         O(keys + file size).  :raises CorruptionError: the index cannot be repaired in place."""
@@ -827,7 +860,7 @@ class Store(_Binding, MutableMapping):
         finally:
             self._release()
 
-    def compact(self, progress=None) -> dict:
+    def compact(self, progress: Callable[[int, int], object] | None = None) -> dict[str, Any]:
         """Move live records toward the start of the file and give the free space back: the file
         shrinks when no other handle (in any process) has it open, else the pages of its free
         space are released to the filesystem (the size stays, so no other process can fault).
@@ -871,7 +904,7 @@ class Store(_Binding, MutableMapping):
         finally:
             opening.release_protocol_lock(fd)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Counters and space figures (keys, bytes used and free, index shape, largest free
         block, bytes on disk (``disk_bytes``: st_blocks * 512) and at most how many of them
         compact() could give back (``reclaimable_bytes``), lock reports), read under the lock: one consistent moment (O(1) but for one
