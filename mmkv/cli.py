@@ -1,14 +1,14 @@
 """The ``mmkv`` command line (also ``python -m mmkv``)."""
 import argparse
-import base64
 import json
 import os
 import sys
 import time
 
 from . import open as open_store
-from .errors import Error
+from .errors import Error, RecoveryNeededError
 from .sequence import Sequence
+from .transfer import encode_field
 
 
 def cmd_demo(args) -> int:
@@ -33,20 +33,39 @@ def cmd_demo(args) -> int:
 
 
 def cmd_check(args) -> int:
-    """Audit a store; exit 0 when sound, 1 when damaged."""
+    """Audit a store; exit 0 when sound, 1 when damaged or in need of recovery.  Without --repair
+    the file is opened lockless (read-only, no lock): checking never changes a byte of it."""
     if not os.path.exists(args.path):
         print(f"mmkv check: {args.path}: no such file", file=sys.stderr)
         return 2
+    if not args.repair:
+        try:
+            with open_store(args.path, "r", lockless=True) as db:
+                report = db.check()
+        except RecoveryNeededError as exc:
+            print(f"mmkv check: {args.path}: NEEDS RECOVERY: {exc}", file=sys.stderr)
+            return 1
+        except Error as exc:
+            print(f"mmkv check: {args.path}: DAMAGED: {exc} (`mmkv check --repair` runs recovery)",
+                  file=sys.stderr)
+            return 1
+        print(report)
+        return 0
     try:
         with open_store(args.path, "w") as db:
             recovered = db.last_recovery
+            if recovered is None:          # the file was sound at open: repair what the audit finds
+                try:
+                    db.check()
+                except Error:
+                    recovered = db.recover()
             report = db.check()
     except Error as exc:
-        print(f"mmkv check: {args.path}: DAMAGED: {exc}", file=sys.stderr)
+        print(f"mmkv check: {args.path}: DAMAGED beyond repair: {exc}", file=sys.stderr)
         return 1
     print(report)
     if recovered is not None:
-        print(f"  recovery ran on open ({recovered.reason}): kept {recovered.records} records, dropped "
+        print(f"  recovery ran ({recovered.reason}): kept {recovered.records} records, dropped "
               f"{recovered.dropped} bad, {recovered.duplicates} duplicate, {recovered.overlaps} overlapping")
         if recovered.dropped or recovered.overlaps:
             print(f"mmkv check: {args.path}: damaged records were dropped by recovery", file=sys.stderr)
@@ -127,23 +146,6 @@ def cmd_next_id(args) -> int:
 # are (get), or with --json one object per line in which a key or value that is valid UTF-8 is a
 # string under "key"/"value" and any other is base64 under "key_b64"/"value_b64" (lossless).
 # Exit codes: 0 ok, 1 not found or damage, 2 usage (argparse's, and a missing file).
-
-def encode_field(name: str, data: bytes) -> dict:
-    """{name: text} when data is UTF-8, else {name + "_b64": base64}: lossless either way."""
-    try:
-        return {name: data.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {name + "_b64": base64.b64encode(data).decode("ascii")}
-
-
-def decode_field(obj: dict, name: str) -> bytes:
-    """The inverse of encode_field.  :raises ValueError: neither form is there, or bad base64."""
-    if name in obj and isinstance(obj[name], str):
-        return obj[name].encode("utf-8")
-    if name + "_b64" in obj and isinstance(obj[name + "_b64"], str):
-        return base64.b64decode(obj[name + "_b64"], validate=True)
-    raise ValueError(f"no {name!r} (text) or {name + '_b64'!r} (base64) field")
-
 
 def _key(args, text: str) -> bytes:
     if args.hex:
@@ -281,6 +283,62 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_dump(args) -> int:
+    """Write every record as a JSON line (or, --format redis, a Redis SET command) to stdout or
+    --out, streamed: memory holds one iteration batch.  Progress on stderr (see progress.py)."""
+    from .progress import Progress
+    from .transfer import dump
+    if not _existing(args):
+        return 2
+    prefix = _key(args, args.prefix) if args.prefix is not None else b""
+    out = open(args.out, "wb") if args.out else sys.stdout.buffer
+    try:
+        with open_store(args.path, "r") as db, \
+                Progress(f"mmkv dump {args.path}", total=len(db), lines=args.progress) as progress:
+            n = dump(db.items(), out, args.format, prefix, progress)
+        out.flush()
+    except Error as exc:
+        print(f"mmkv dump: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.out:
+            out.close()
+    if args.progress:
+        print(f"mmkv dump: {args.path}: {n:,} records", file=sys.stderr)
+    return 0
+
+
+def cmd_load(args) -> int:
+    """Write the JSON-line records of FILE (or stdin) into the store (created if missing), in
+    batches of one update() each; keys already there take the loaded value."""
+    from .progress import Progress
+    from .transfer import LoadError, load
+    source = sys.stdin.buffer if args.file in (None, "-") else None
+    try:
+        if source is None:
+            source = open(args.file, "rb")
+    except OSError as exc:
+        return _usage(args, f"{args.file}: {exc.strerror}")
+    total = os.fstat(source.fileno()).st_size if source is not sys.stdin.buffer else None
+    try:
+        with open_store(args.path, "c", sync=args.sync) as db, \
+                Progress(f"mmkv load {args.path}", total=total or None, unit="bytes", lines=args.progress) as progress:
+            n = load(source, db.update, progress)
+    except LoadError as exc:
+        print(f"mmkv load: {args.path}: {exc}; the {exc.loaded:,} records before it were loaded (they stay)",
+              file=sys.stderr)
+        return 2
+    except Error as exc:
+        print(f"mmkv load: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    if args.progress:
+        print(f"mmkv load: {args.path}: {n:,} records", file=sys.stderr)
+    return 0
+
+
 def _sync_option(parser):
     parser.add_argument("--sync", choices=("full", "none"), default="full",
                         help="full (default): the new value is on disk before it is printed; "
@@ -301,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("path", nargs="?", default="demo.mmkv")
     d.add_argument("-n", type=int, default=10000, help="keys to write (default 10000)")
     d.set_defaults(func=cmd_demo)
-    c = sub.add_parser("check", help="audit a store file; exit 0 when sound")
+    c = sub.add_parser("check", help="audit a store file without changing it; exit 0 when sound, 1 when not")
     c.add_argument("path")
+    c.add_argument("--repair", action="store_true",
+                   help="open it for writing and run recovery when the file needs it or the audit fails")
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("incr", help="add DELTA (default 1) to counter KEY atomically; print the new value")
     i.add_argument("path")
@@ -350,6 +410,24 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("path")
     stt.add_argument("--json", action="store_true", help="one JSON object")
     stt.set_defaults(func=cmd_stats)
+    du = sub.add_parser("dump", help="write every record as JSON lines (or Redis commands) to stdout, streamed")
+    du.add_argument("path")
+    du.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    du.add_argument("--format", choices=("json", "redis"), default="json",
+                    help="json (default): one object per line, text as \"key\"/\"value\", other bytes as base64 "
+                         "\"key_b64\"/\"value_b64\"; redis: SET commands in the Redis protocol, for redis-cli --pipe")
+    du.add_argument("--prefix", help="only keys that start with this")
+    du.add_argument("--hex", action="store_true", help="--prefix is given as hex")
+    du.add_argument("--progress", action="store_true",
+                    help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
+    du.set_defaults(func=cmd_dump)
+    lo = sub.add_parser("load", help="write JSON-line records (as dump writes them) into a store")
+    lo.add_argument("path")
+    lo.add_argument("file", nargs="?", help="input file (default, or '-': stdin)")
+    lo.add_argument("--progress", action="store_true",
+                    help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
+    _sync_option(lo)
+    lo.set_defaults(func=cmd_load)
     sub.add_parser("torture", help="crash-durability runs: 'kill PATH --kills N' or 'powerloss DIR --images N' "
                                    "(see mmkv torture --help)")
     return p
