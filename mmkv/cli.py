@@ -339,6 +339,31 @@ def cmd_load(args) -> int:
     return 0
 
 
+def cmd_backup(args) -> int:
+    """Write a point-in-time, compact, audited copy of the store to DEST (a new file) while other
+    processes keep using it; writers wait only while the file's bytes are copied."""
+    from .progress import Progress
+    if not _existing(args):
+        return 2
+    try:
+        with open_store(args.path, "r") as db:
+            total = db.engine.meta.file_size if not db.lockless else None
+            with Progress(f"mmkv backup {args.path}", total=total, unit="bytes", lines=args.progress) as bar:
+                def progress(done, of):
+                    bar.total = of
+                    bar.advance(done - bar.done)
+                result = db.backup(args.dest, progress)
+    except FileExistsError as exc:
+        return _usage(args, f"{args.dest}: {exc.strerror}")
+    except (Error, OSError) as exc:
+        print(f"mmkv backup: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.dest}: {result['keys']:,} keys, {result['file_size']:,} bytes (the store's file: "
+          f"{result['source_file_size']:,}); writers waited {result['lock_seconds'] * 1000:.1f} ms while "
+          f"{result['bytes_copied'] / 1e6:,.1f} MB were copied; {result['seconds']:.2f}s in all")
+    return 0
+
+
 def _sync_option(parser):
     parser.add_argument("--sync", choices=("full", "none"), default="full",
                         help="full (default): the new value is on disk before it is printed; "
@@ -428,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
     _sync_option(lo)
     lo.set_defaults(func=cmd_load)
+    bk = sub.add_parser("backup", help="write a point-in-time, compact, audited copy to DEST while others keep "
+                                       "writing (writers wait only while the bytes are copied)")
+    bk.add_argument("path")
+    bk.add_argument("dest", help="the new file (never overwritten)")
+    bk.add_argument("--progress", action="store_true",
+                    help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
+    bk.set_defaults(func=cmd_backup)
     sub.add_parser("torture", help="crash-durability runs: 'kill PATH --kills N' or 'powerloss DIR --images N' "
                                    "(see mmkv torture --help)")
     return p

@@ -164,6 +164,6 @@ def test_stats_text_and_json(path):
 
 
 def test_every_command_has_help():
-    for command in ("demo", "check", "incr", "next-id", "compact", "get", "put", "del", "ls", "stats", "dump", "load"):
+    for command in ("demo", "check", "incr", "next-id", "compact", "get", "put", "del", "ls", "stats", "dump", "load", "backup"):
         out = run([command, "--help"])
         assert out.returncode == 0 and "usage: mmkv " + command in out.stdout, command
