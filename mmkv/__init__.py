@@ -8,6 +8,8 @@
     ids = mmkv.Sequence("ids.mmkv", "orders")      # unique ids across processes
     q = mmkv.Queue("jobs.mmkv", "resize")           # persistent multi-process FIFO, blocking get
 """
+from __future__ import annotations
+
 from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
                      InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
                      NotRegularFileError, ReadOnlyError, RecoveryNeededError, TooManyQueuesError, TruncatedError,
@@ -32,7 +34,16 @@ _LAZY = {"Sequence": "sequence", "Queue": "queue", "sequence": "sequence", "queu
          "QueueEmpty": "errors"}
 
 
-def __getattr__(name):
+TYPE_CHECKING = False        # (typing is not imported at run time)
+if TYPE_CHECKING:
+    import os
+    from typing import Any
+    from .errors import QueueEmpty
+    from .queue import Queue
+    from .sequence import Sequence
+
+
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'mmkv' has no attribute {name!r}")
@@ -44,11 +55,12 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-def open(path, flag: str = "c", sync: str = "none", mode: int = 0o600, **options) -> Store:
+def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c", sync: str = "none",
+         mode: int = 0o600, **options: Any) -> Store:
     """Open (and with flag "c" or "n", create) the store at path.
 
     flag: "r" read-only, "w" read-write (must exist), "c" read-write, created if missing,

@@ -18,6 +18,8 @@ raise ``TypeError``, as in ``dbm.gnu`` and ``dbm.dumb``); several processes may 
 open at once and see each other's writes (``dbm.dumb`` corrupts, ``dbm.gnu`` refuses); a file of
 another dbm module is refused with ``error`` (``mmkv.NotMmkvFileError``), never read.
 """
+from __future__ import annotations
+
 import builtins
 import os
 from collections.abc import MutableMapping
@@ -25,6 +27,13 @@ from collections.abc import MutableMapping
 from .engine.layout import MAGIC_BYTES
 from .errors import Error
 from .store import Store
+
+TYPE_CHECKING = False       # (typing is not imported at run time)
+if TYPE_CHECKING:
+    import shelve
+    from collections.abc import Iterator
+    from typing import Any
+    Bytes = bytes | bytearray | memoryview | str
 
 __all__ = ["open", "error", "whichdb", "register", "open_shelf", "Database"]
 
@@ -68,7 +77,7 @@ def _raising(exc: BaseException):
     return exc
 
 
-class Database(MutableMapping):
+class Database(MutableMapping):   # a MutableMapping[bytes, bytes] that also takes str
     """A dbm-style database over one mmkv store.  Each call is one call of ``mmkv.Store`` (see
     its docstrings for what blocks and what other processes see); ``keys()`` returns a list
     (read in batches: see ``mmkv.Store.__iter__``).  Closing twice is allowed; any other call on a closed database
@@ -80,7 +89,7 @@ class Database(MutableMapping):
         self._db = store
 
     # ------------------------------------------------------------------ mapping
-    def __getitem__(self, key):
+    def __getitem__(self, key: Bytes) -> bytes:
         try:
             return self._db[key]
         except KeyError:
@@ -88,13 +97,13 @@ class Database(MutableMapping):
         except Exception as exc:
             raise _raising(exc) from None
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Bytes, value: Bytes) -> None:
         try:
             self._db[key] = value
         except Exception as exc:
             raise _raising(exc) from None
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: Bytes) -> None:
         try:
             del self._db[key]
         except KeyError:
@@ -102,38 +111,38 @@ class Database(MutableMapping):
         except Exception as exc:
             raise _raising(exc) from None
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         try:
             return key in self._db
         except Exception as exc:
             raise _raising(exc) from None
 
-    def __len__(self):
+    def __len__(self) -> int:
         try:
             return len(self._db)
         except Exception as exc:
             raise _raising(exc) from None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[bytes]:
         try:
             return iter(list(self._db))
         except Exception as exc:
             raise _raising(exc) from None
 
-    def keys(self) -> list:
+    def keys(self) -> list[bytes]:  # type: ignore[override]  # a list, as in every dbm module
         """Every key, as a list (as in every dbm module), read as ``list(store)`` reads it."""
         try:
             return list(self._db)
         except Exception as exc:
             raise _raising(exc) from None
 
-    def get(self, key, default=None):
+    def get(self, key: Bytes, default: Any = None) -> Any:
         try:
             return self._db.get(key, default)
         except Exception as exc:
             raise _raising(exc) from None
 
-    def setdefault(self, key, default=b""):
+    def setdefault(self, key: Bytes, default: Bytes = b"") -> bytes:
         try:
             return self._db.setdefault(key, default)
         except Exception as exc:
@@ -173,10 +182,10 @@ class Database(MutableMapping):
         """The ``mmkv.Store`` underneath (its transactions, counters, ``check()``, ...)."""
         return self._db
 
-    def __enter__(self):
+    def __enter__(self) -> Database:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
         return False
 
@@ -187,7 +196,7 @@ class Database(MutableMapping):
 _FLAGS = {"r": "r", "w": "w", "c": "c", "n": "n"}
 
 
-def open(file, flag: str = "r", mode: int = 0o666) -> Database:
+def open(file: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "r", mode: int = 0o666) -> Database:
     """Open the mmkv store at ``file`` (str, bytes or os.PathLike) the way ``dbm.open`` opens its
     databases.  flag: "r" read-only (default), "w" read-write, "c" read-write and created if
     missing, "n" always a new empty database; "s" after it asks for every write to be on disk
@@ -211,7 +220,7 @@ def open(file, flag: str = "r", mode: int = 0o666) -> Database:
     return Database(store)
 
 
-def whichdb(filename) -> str | None:
+def whichdb(filename: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str | None:
     """"mmkv.dbm" for an mmkv file, else what the stdlib's ``dbm.whichdb`` says (None: no such
     file or it cannot be read; "": a file no module recognises)."""
     if _is_mmkv(filename):
@@ -257,7 +266,8 @@ def register(default: bool = False) -> None:
         dbm._defaultmod = sys.modules[__name__]
 
 
-def open_shelf(filename, flag: str = "c", protocol=None, writeback: bool = False):
+def open_shelf(filename: str | os.PathLike[str], flag: str = "c", protocol: int | None = None,
+               writeback: bool = False) -> shelve.Shelf[Any]:
     """A ``shelve.Shelf`` over the mmkv file at filename (``shelve.open`` for mmkv, without
     ``register()``): values are pickled, keys are str.  Closing the shelf closes the file.
     :raises error: as ``open``."""

@@ -64,6 +64,8 @@ The semaphore is reached through the Queue's own one-page mapping of the
 file's header, so a get blocked in one thread stays safe while another thread
 grows the file (remap) or closes the Store.
 """
+from __future__ import annotations
+
 import errno
 import math
 import mmap
@@ -75,6 +77,11 @@ from .engine.shim import error_for, ffi, lib
 from .errors import (ClosedError, Error, ForkedHandleError, NotACounterError, QueueEmpty, ReadOnlyError,
                      TooManyQueuesError)
 from .engine.layout import HEADER_SIZE, NSEMS, OFF_SEMS, SEM_BYTES
+
+TYPE_CHECKING = False       # (typing is not imported at run time)
+if TYPE_CHECKING:
+    from typing import Any
+    from .store import Store
 from .sequence import open_or_use, record_name
 
 #: Prefix of every queue's records.
@@ -180,7 +187,8 @@ class Queue:
     :raises TypeError, ValueError: a name that is not non-empty bytes or str.
     """
 
-    def __init__(self, path_or_store, name, sync: str = "none", **options):
+    def __init__(self, path_or_store: str | os.PathLike[str] | Store, name: str | bytes, sync: str = "none",
+                 **options: Any):
         self.name = record_name(name, "queue")
         base = QUEUE_PREFIX + b"%d:" % len(self.name) + self.name + b":"
         self._k_head, self._k_tail, self._k_item = base + b"head", base + b"tail", base + b"i"
@@ -274,7 +282,7 @@ class Queue:
             return item
 
     # ================================================================ API
-    def put(self, item) -> None:
+    def put(self, item: bytes | bytearray | memoryview | str) -> None:
         """Append item (bytes; str is UTF-8 encoded) and wake one waiting get, in any process.
 
         Durable (in the file, and with sync="full" on disk) when it returns.  Holds
@@ -416,10 +424,10 @@ class Queue:
         if self._owned:
             self._db.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Queue:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self):

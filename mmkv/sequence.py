@@ -27,11 +27,17 @@ process there draws one id).
 Keys starting with ``b"\\x00mmkv:"`` are reserved for mmkv's own records; they show
 up in ``len(db)`` and ``list(db)`` like any other key.
 """
+from __future__ import annotations
+
 import os
 import threading
 
 from .errors import ClosedError, ForkedHandleError
 from .store import Store
+
+TYPE_CHECKING = False       # (typing is not imported at run time)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Prefix of every sequence's counter key; the name follows as given.
 SEQ_PREFIX = b"\x00mmkv:seq:"
@@ -71,7 +77,8 @@ class Sequence:
     :raises ValueError: block < 1 or an empty name.
     """
 
-    def __init__(self, path_or_store, name, block: int = 1000, sync: str = "full", **options):
+    def __init__(self, path_or_store: str | os.PathLike[str] | Store, name: str | bytes, block: int = 1000,
+                 sync: str = "full", **options: Any):
         if type(block) is not int:
             raise TypeError(f"block must be an int, not {type(block).__name__}")
         if block < 1:
@@ -143,10 +150,10 @@ class Sequence:
                 if self._owned:
                     db.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Sequence:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self):
