@@ -34,7 +34,9 @@ open            a fresh process opens a big store and reads one key (1M keys; mm
 iterate         every (key, value) pair through each system's own iteration (1M keys)
 space           file size / live logical bytes, after loading and after 5 rounds of churn
 compact         mmkv compact() of a 1 GB half-free store, a reader and a writer in other processes
+backup          db.backup() of a 1 GB store beside a writer process; lmdb env.copy(compact=True) beside its own
 scale           mmkv alone at 10M keys: insert and get rate, file size, peak RSS, put latencies, items()
+transfer        mmkv dump of the 10M-key store to JSON lines, and mmkv load of them into a new store
 ==============  ==============================================================================
 
 Peers: py-lmdb, sqlite3 (stdlib, WAL mode), diskcache, a plain dict (the in-memory floor),
@@ -123,13 +125,15 @@ PARTICIPANTS = {
     "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
     "scale": ["mmkv"],
     "compact": ["mmkv"],
+    "backup": ["mmkv", "lmdb"],
+    "transfer": ["mmkv"],
     "iterate": ["mmkv", "lmdb", "sqlite", "diskcache", "dict"],
 }
 TABLE_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
-               "compact", "scale"]
+               "compact", "backup", "scale", "transfer"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
 RUN_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "space", "compact",
-             "scale", "open"]
+             "backup", "scale", "transfer", "open"]
 
 TITLES = {
     "get": "get, present keys (per call)",
@@ -145,6 +149,8 @@ TITLES = {
     "scale": "scale: mmkv alone",
     "compact": "compaction of a big, half-free store with a reader and a writer in other processes",
     "iterate": "every (key, value) pair read through each system's own iteration (mmkv items(), an lmdb cursor)",
+    "backup": "online backup of a big store while a writer in another process keeps writing",
+    "transfer": "mmkv dump and mmkv load of the scale store (command line, fresh processes)",
 }
 
 
@@ -1039,9 +1045,168 @@ def wl_compact(run, workload):
     remove(folder)
 
 
+_LMDB_WRITER = """
+import json, os, sys, time, lmdb
+path, stop, out = sys.argv[1:4]
+env = lmdb.open(path, map_size=4 << 30, subdir=False, lock=True)
+lat, n = [], 0
+while not (n % 256 == 0 and os.path.exists(stop)):
+    t = time.perf_counter_ns()
+    with env.begin(write=True) as txn:
+        txn.put(b"w%d" % (n % 1000), b"x" * 100)
+    lat.append(time.perf_counter_ns() - t)
+    n += 1
+lat.sort()
+json.dump(dict(ops=n, max_us=lat[-1] / 1e3, p999_us=lat[int(len(lat) * 0.999)] / 1e3,
+               over_10ms=sum(1 for x in lat if x > 10_000_000)), open(out, "w"))
+"""
+
+
+def wl_backup(run, workload):
+    """db.backup() of a store of compact_bytes (1000-byte values, a quarter deleted) while a writer
+    in another process times each put; py-lmdb's env.copy(compact=True) of the same data beside
+    its own writer process."""
+    total = run.size["compact_bytes"]
+    n = total // 1000
+    value = os.urandom(1000)
+    results, notes = {}, []
+    for system in run.systems(workload):
+        folder = run.folder(f"backup-{system}")
+        path, dest = os.path.join(folder, "store"), os.path.join(folder, "copy")
+        script, stop = os.path.join(folder, "writer.py"), os.path.join(folder, "stop")
+        if system == "mmkv":
+            import mmkv
+            with mmkv.open(path, "n") as db:
+                for start in range(0, n, CHUNK):
+                    db.update({key(i): value for i in range(start, min(n, start + CHUNK))})
+                for i in range(3, n, 4):
+                    del db[key(i)]
+            with open(script, "w") as f:
+                f.write(_COMPACT_WORKER)
+            argv = [sys.executable, script, path, "writer", stop]
+        else:
+            import lmdb
+            env = lmdb.open(path, map_size=4 << 30, subdir=False)
+            for start in range(0, n, CHUNK):
+                with env.begin(write=True) as txn:
+                    for i in range(start, min(n, start + CHUNK)):
+                        txn.put(key(i), value)
+            with env.begin(write=True) as txn:
+                for i in range(3, n, 4):
+                    txn.delete(key(i))
+            env.close()
+            with open(script, "w") as f:
+                f.write(_LMDB_WRITER)
+            argv = [sys.executable, script, path, stop]
+
+        def writer(phase):
+            if os.path.exists(stop):
+                os.remove(stop)
+            out = os.path.join(folder, f"{phase}.json")
+            kid = subprocess.Popen(argv + [out])
+            time.sleep(1.0)
+
+            def finish():
+                with open(stop, "w"):
+                    pass
+                kid.wait(timeout=600)
+                with open(out) as f:
+                    return json.load(f)
+            return finish
+        finish = writer("base")
+        time.sleep(3.0)
+        base = finish()
+        finish = writer("backup")
+        t0 = time.perf_counter()
+        if system == "mmkv":
+            with mmkv.open(path, "r") as db:
+                res = db.backup(dest)
+            held = res["lock_seconds"]
+        else:
+            env = lmdb.open(path, map_size=4 << 30, subdir=False)
+            env.copy(dest, compact=True)
+            env.close()
+            held = None
+        seconds = time.perf_counter() - t0
+        seen = finish()
+        size_ratio = os.path.getsize(dest) / os.path.getsize(path)
+        results[system] = dict(seconds=seconds, held=held, seen=seen, base=base, size_ratio=size_ratio,
+                               source=os.path.getsize(path))
+        remove(folder)
+    rows = [("backup_seconds", f"backup of a {total / 1e9:.2f} GB store (a quarter deleted), start to finish", "s",
+             "lower", {s: r["seconds"] for s, r in results.items()}),
+            ("backup_writer_max", "longest put of a writer in another process during the backup", "ms", "lower",
+             {s: r["seen"]["max_us"] / 1e3 for s, r in results.items()}),
+            ("backup_writer_base_max", "the same writer's longest put with no backup (3 s)", "ms", "lower",
+             {s: r["base"]["max_us"] / 1e3 for s, r in results.items()}),
+            ("backup_size", "the copy's file size / the store's", "x", "lower",
+             {s: r["size_ratio"] for s, r in results.items()})]
+    if "mmkv" in results:
+        rows.insert(1, ("backup_lock", "mmkv: the store lock held to copy the bytes (what writers may wait)", "ms",
+                        "lower", {"mmkv": results["mmkv"]["held"] * 1e3}))
+    for mid, label, unit, better, values in rows:
+        run.metric(workload, mid, label, unit, better, {s: summarize([v]) for s, v in values.items()})
+    run.note(workload, "; ".join(f"{s}: writer {r['seen']['ops']:,} puts during the backup, {r['seen']['over_10ms']} "
+                                 f"over 10 ms (with no backup: {r['base']['over_10ms']} of {r['base']['ops']:,})"
+                                 for s, r in results.items())
+             + ". mmkv's copy is recovered, compacted and audited after the lock is released; lmdb's writers "
+               "never wait for a copy (its readers see a snapshot), and its compacting copy rewrites the tree.")
+
+
+def _child_run(argv, stdin=None, stdout=None):
+    """Run argv to completion; (seconds, peak RSS in bytes of that child alone)."""
+    t0 = time.perf_counter()
+    kid = subprocess.Popen(argv, stdin=stdin, stdout=stdout)
+    _, status, usage = os.wait4(kid.pid, 0)
+    kid.returncode = os.waitstatus_to_exitcode(status)
+    if kid.returncode:
+        raise RuntimeError(f"{argv[:4]} exited {kid.returncode}")
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024
+
+
+def wl_transfer(run, workload):
+    """`mmkv dump` of the scale store (scale_n keys of 100 B; built here when the scale workload did
+    not run) to a JSON-lines file, then `mmkv load` of that file into a new store: rates and the
+    peak memory of each process."""
+    n = run.size["scale_n"]
+    folder = run.folder("transfer")
+    src = run.prebuilt.get(("mmkv", n))
+    if src is None or not os.path.exists(src):
+        import mmkv
+        src = os.path.join(folder, "src.mmkv")
+        value = b"v" * VALUE_SIZE
+        with mmkv.open(src, "n") as db:
+            for start in range(0, n, CHUNK):
+                db.update({key(i): value for i in range(start, min(n, start + CHUNK))})
+    lines, dst = os.path.join(folder, "dump.jsonl"), os.path.join(folder, "dst.mmkv")
+    cli = [sys.executable, "-m", "mmkv"]
+    dump_s, dump_rss = _child_run(cli + ["dump", src, "--out", lines])
+    load_s, load_rss = _child_run(cli + ["load", dst, lines])
+    size = os.path.getsize(lines)
+    import mmkv
+    with mmkv.open(dst, "r") as db:
+        loaded = len(db)
+    if loaded != n:
+        run.fail(workload, "mmkv", f"load wrote {loaded} keys of {n}")
+    tag = label_n(n)
+    for mid, label, unit, better, v in [
+            ("dump_rate", f"mmkv dump of {tag} keys to a JSON-lines file", "records/s", "higher", n / dump_s),
+            ("dump_mb", "the same, bytes of JSON written per second", "MB/s", "higher", size / dump_s / 1e6),
+            ("dump_rss", "peak RSS of the dump process (counts the mapped file's resident pages)", "MB", "lower",
+             dump_rss / 1e6),
+            ("load_rate", f"mmkv load of those {tag} records into a new store", "records/s", "higher", n / load_s),
+            ("load_rss", "peak RSS of the load process (counts the mapped file's resident pages)", "MB", "lower",
+             load_rss / 1e6)]:
+        run.metric(workload, mid, label, unit, better, {"mmkv": summarize([v])})
+    run.note(workload, f"{n:,} keys (key{{i:08d}}, {VALUE_SIZE} B values): dump {dump_s:.1f} s, {size / 1e9:.2f} GB "
+                       f"of JSON lines; load {load_s:.1f} s. Both are the command line in a fresh process.")
+    remove(folder)
+
+
 WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
-             "scale": wl_scale, "compact": wl_compact, "iterate": wl_iterate}
+             "scale": wl_scale, "compact": wl_compact, "iterate": wl_iterate, "backup": wl_backup,
+             "transfer": wl_transfer}
 
 
 # ===================================================================== machine info
