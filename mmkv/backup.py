@@ -35,7 +35,7 @@ def backup(hold, fd: int, file_size, dest: str, open_store, progress=None) -> di
     is compacted.  Returns what was done: bytes copied, seconds under the lock (what writers
     waited), total seconds, the copy's keys and size.
 
-    Blocks: other processes' writes wait for step 2 (the copy: about 1 s per GB from the page
+    Blocks: other processes' writes wait for step 2 (the copy: about 1.6 s per GB from the page
     cache on this machine, more from disk); reads do not wait.
     :raises FileExistsError: dest exists (nothing is created).  :raises FileNotFoundError: no
         such folder.  :raises DiskFullError, OSError: no room for the copy (nothing is left).

@@ -891,7 +891,7 @@ class Store(_Binding, _MutableMapping):
         ``file_size``).  ``progress(done, total)``: bytes copied, then the copy's compaction.
 
         Writers in every process wait while the file's bytes are copied under the store lock (in
-        the kernel, data extents only: about a second per GB on this machine, measured in the
+        the kernel, data extents only: about 1.6 s per GB on this machine, measured in the
         README); readers do not wait.  Then, holding nothing, the copy is recovered (every record
         verified), compacted, audited, synced and linked to dest.  See mmkv/backup.py.
         :raises FileExistsError: dest exists (nothing is written).  :raises DiskFullError: no room
