@@ -84,13 +84,13 @@ if TYPE_CHECKING:
         def pop(self, key: Bytes, default: bytes | _T) -> bytes | _T: ...
         def pop(self, key: Bytes, *default: Any) -> Any: ...
         def incr(self, key: Bytes, delta: int = 1) -> int: ...
-#: The binding of the per-call operations (see engine/shim.py): the C type, or its cffi twin.
-elif _fast is None:
-    from .cffi_binding import CffiCalls as _Binding
-    _MutableMapping = MutableMapping
 else:
-    _Binding = _fast.Handle
     _MutableMapping = MutableMapping
+    #: The binding of the per-call operations (see engine/shim.py): the C type, or its cffi twin.
+    if _fast is None:
+        from .cffi_binding import CffiCalls as _Binding
+    else:
+        _Binding = _fast.Handle
 
 
 #: id(store) -> weak reference, for every open handle (the fork handler drops them in a child).
@@ -349,11 +349,15 @@ class Store(_Binding, _MutableMapping):
                                      "call mmkv.open again in the child process")
         return ClosedError(f"the mmkv handle on {self.path!r} is closed")
 
+    def _alive(self):
+        """:raises ClosedError, ForkedHandleError: the handle is closed or was forked."""
+        if self._forked or self._view is None:
+            raise self._dead()
+
     def _acquire(self):
         """Take the store lock for this thread (see StoreLock.acquire).
         :raises ReadOnlyError: a lockless handle (it may not write the lock)."""
-        if self._forked or self._view is None:
-            raise self._dead()
+        self._alive()
         if self._lockless:
             raise ReadOnlyError(f"{self.path!r} is open lockless (read-only, without write access): it cannot take "
                                 "the store lock, so lock() and transaction() are not available")
@@ -363,8 +367,7 @@ class Store(_Binding, _MutableMapping):
         """read() as of one moment: under the store lock, or, on a lockless handle, retried
         until no writer was active around it (LocklessReads.read: waits up to lock_timeout)."""
         if self._lockless:
-            if self._forked or self._view is None:
-                raise self._dead()
+            self._alive()
             return self._reads.read(read)
         self._acquire()
         try:
@@ -444,8 +447,7 @@ class Store(_Binding, _MutableMapping):
         if self._lockless:  # EAGAIN (a writer was active), ESTALE (remap), ENOBUFS, EOWNERDEAD
             if rc == errno.EBADMSG:     # (the core returns it only when no writer was active: damage)
                 raise_for(rc, f"lookup of {bytes(k)[:40]!r}")
-            if self._forked or self._view is None:
-                raise self._dead()
+            self._alive()
             return self._reads.get(k)
         self._lock.after_fast_read(rc)
         self._acquire()     # remap, a value bigger than the buffer, inside db.lock(), after repair
@@ -825,8 +827,7 @@ class Store(_Binding, _MutableMapping):
         (a large file with many dirty pages takes seconds).  A lockless handle wrote nothing:
         nothing to do.  :raises OSError: msync or fsync failed."""
         if self._lockless:
-            if self._view is None:
-                raise self._dead()
+            self._alive()
             return
         self._acquire()
         try:
@@ -905,8 +906,7 @@ class Store(_Binding, _MutableMapping):
         if self._lockless:
             self._acquire()              # raises ReadOnlyError, naming the lock
         eng = self.engine
-        return _backup.backup(self.lock, eng.fd, lambda: self._engine.meta.file_size, os.fspath(dest),
-                              open_store, progress)
+        return _backup.backup(self.lock, eng.fd, lambda: eng.meta.file_size, os.fspath(dest), open_store, progress)
 
     def _when_alone(self, fn) -> bool:
         """Run fn() holding the open/close protocol lock and the store lock, if no other handle has

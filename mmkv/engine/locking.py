@@ -21,7 +21,7 @@ import time
 
 from .core import timeout_ns
 from .layout import OFF_MUTEX, STATE_WORD
-from .shim import error_for, lib, raise_for, ENEEDBACK, ESTALE
+from .shim import error_for, ffi, lib, raise_for, ENEEDBACK, ESTALE
 from ..errors import CorruptionError, Error, LockTimeoutError, RecoveryNeededError
 
 
@@ -248,12 +248,12 @@ class LocklessReads:
         self.timeout = timeout
         self.dead = dead
         self._mutex = _thread.allocate_lock()
+        self._word = ffi.new("uint64_t *")      # _seq's output (read() runs one thread at a time)
 
     def get(self, key: bytes):
         """The value of key, or None: the C core's lock-free get (it spins, GIL released, for a
         moment without a writer), retried with backoff as read() retries.
         :raises RecoveryNeededError, LockTimeoutError: as read()."""
-        from .shim import ffi
         g = ffi.new("struct mmkv_getbuf *")
         buf = ffi.new("uint8_t[]", 4096)
         g.buf, g.cap = buf, 4096
@@ -282,10 +282,10 @@ class LocklessReads:
             "lock_timeout, or read through a handle with write access, which waits for the lock")
 
     def _seq(self) -> int:
+        """The state's sequence word (caller holds self._mutex)."""
         eng = self.engine
-        out = _ffi_word()
-        raise_for(lib.mmkv_atomic_load(eng.fm.base, eng.fm.size, _SEQ_OFF, out), "read of the sequence word")
-        return out[0]
+        raise_for(lib.mmkv_atomic_load(eng.fm.base, eng.fm.size, _SEQ_OFF, self._word), "read of the sequence word")
+        return self._word[0]
 
     def read(self, fn):
         """fn()'s result, from a moment when no writer was active.
@@ -328,7 +328,3 @@ class LocklessReads:
 def _nothing():
     return None
 
-
-def _ffi_word():
-    from .shim import ffi
-    return ffi.new("uint64_t *")

@@ -148,12 +148,14 @@ def lock_within(fd: int, byte: int, mode: int, timeout: float) -> bool:
         delay = min(delay * 2, 0.02)
 
 
-def take_protocol_lock(fd: int, path: str, timeout: float) -> None:
-    """Exclusive lock on the protocol byte (released by release_protocol_lock, close or death).
+def take_protocol_lock(fd: int, path: str, timeout: float, shared: bool = False) -> None:
+    """Exclusive (or, for a lockless open, shared) lock on the protocol byte (released by
+    release_protocol_lock, close or death).
 
     :raises LockTimeoutError: another process is stuck opening or closing the store.
     """
-    if not lock_within(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_EXCLUSIVE, timeout):
+    mode = lib.MMKV_FLOCK_SHARED if shared else lib.MMKV_FLOCK_EXCLUSIVE
+    if not lock_within(fd, PROTOCOL_BYTE, mode, timeout):
         raise LockTimeoutError(f"timed out after {timeout}s waiting to open or close {path!r}: another process "
                                "is opening or closing it; raise open_timeout or find that process")
 
@@ -205,15 +207,13 @@ def open_lockless(path: str, open_timeout: float, attach, detach) -> int:
     for _ in range(OPEN_ATTEMPTS):
         fd = open_readable(path)
         try:
-            if not lock_within(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_SHARED, open_timeout):
-                raise LockTimeoutError(f"timed out after {open_timeout}s waiting to open {path!r}: another "
-                                       "process is opening or closing it; raise open_timeout or find that process")
+            take_protocol_lock(fd, path, open_timeout, shared=True)
             if not same_file(fd, path):                     # replaced while we waited: start over
                 os.close(fd)
                 continue
             attach(fd, not lock_free(fd, ATTACHED_BYTE))
             raise_for_os(lib.mmkv_file_lock(fd, LOCKLESS_BYTE, lib.MMKV_FLOCK_SHARED), "lock of the store file")
-            raise_for_os(lib.mmkv_file_lock(fd, PROTOCOL_BYTE, lib.MMKV_FLOCK_UNLOCK), "unlock of the store file")
+            release_protocol_lock(fd)
         except BaseException:
             detach()
             os.close(fd)
@@ -248,14 +248,7 @@ def open_readable(path: str) -> int:
                                               "was created)", path) from None
     except IsADirectoryError:
         raise not_regular(path, stat.S_IFDIR) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise not_regular(path, mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return regular_or_close(fd, path)
 
 
 def open_existing(path: str, flag: str) -> int | None:
@@ -287,6 +280,12 @@ def open_existing(path: str, flag: str) -> int | None:
             raise
         raise OSError(exc.errno, f"{exc.strerror}: flag {flag!r} needs to write; flag 'r' opens a store on a "
                                  "read-only filesystem", path) from None
+    return regular_or_close(fd, path)
+
+
+def regular_or_close(fd: int, path: str) -> int:
+    """fd, when it is open on a regular file (checked on the descriptor itself: no race with a
+    rename); else it is closed.  :raises NotRegularFileError: a device, FIFO, socket..."""
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
