@@ -54,12 +54,13 @@ def cmd_check(args) -> int:
     try:
         with open_store(args.path, "w") as db:
             recovered = db.last_recovery
-            if recovered is None:          # the file was sound at open: repair what the audit finds
-                try:
-                    db.check()
-                except Error:
-                    recovered = db.recover()
-            report = db.check()
+            try:
+                report = db.check()
+            except Error:
+                if recovered is not None:  # recovery ran on open and the audit still fails
+                    raise
+                recovered = db.recover()   # the file was sound at open: repair what the audit finds
+                report = db.check()
     except Error as exc:
         print(f"mmkv check: {args.path}: DAMAGED beyond repair: {exc}", file=sys.stderr)
         return 1
@@ -346,13 +347,9 @@ def cmd_backup(args) -> int:
     if not _existing(args):
         return 2
     try:
-        with open_store(args.path, "r") as db:
-            total = db.engine.meta.file_size if not db.lockless else None
-            with Progress(f"mmkv backup {args.path}", total=total, unit="bytes", lines=args.progress) as bar:
-                def progress(done, of):
-                    bar.total = of
-                    bar.advance(done - bar.done)
-                result = db.backup(args.dest, progress)
+        with open_store(args.path, "r") as db, \
+                Progress(f"mmkv backup {args.path}", unit="bytes", lines=args.progress) as bar:
+            result = db.backup(args.dest, bar.update)
     except FileExistsError as exc:
         return _usage(args, f"{args.dest}: {exc.strerror}")
     except (Error, OSError) as exc:
@@ -368,6 +365,11 @@ def _sync_option(parser):
     parser.add_argument("--sync", choices=("full", "none"), default="full",
                         help="full (default): the new value is on disk before it is printed; "
                              "none: survives a crash of this process, not power loss")
+
+
+def _progress_option(parser):
+    parser.add_argument("--progress", action="store_true",
+                        help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
 
 
 def _key_options(parser, json_output: bool):
@@ -443,22 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "\"key_b64\"/\"value_b64\"; redis: SET commands in the Redis protocol, for redis-cli --pipe")
     du.add_argument("--prefix", help="only keys that start with this")
     du.add_argument("--hex", action="store_true", help="--prefix is given as hex")
-    du.add_argument("--progress", action="store_true",
-                    help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
+    _progress_option(du)
     du.set_defaults(func=cmd_dump)
     lo = sub.add_parser("load", help="write JSON-line records (as dump writes them) into a store")
     lo.add_argument("path")
     lo.add_argument("file", nargs="?", help="input file (default, or '-': stdin)")
-    lo.add_argument("--progress", action="store_true",
-                    help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
+    _progress_option(lo)
     _sync_option(lo)
     lo.set_defaults(func=cmd_load)
     bk = sub.add_parser("backup", help="write a point-in-time, compact, audited copy to DEST while others keep "
                                        "writing (writers wait only while the bytes are copied)")
     bk.add_argument("path")
     bk.add_argument("dest", help="the new file (never overwritten)")
-    bk.add_argument("--progress", action="store_true",
-                    help="report progress on stderr also when it is not a terminal (a bar is drawn on a terminal)")
+    _progress_option(bk)
     bk.set_defaults(func=cmd_backup)
     sub.add_parser("torture", help="crash-durability runs: 'kill PATH --kills N' or 'powerloss DIR --images N' "
                                    "(see mmkv torture --help)")

@@ -50,6 +50,12 @@ class Progress:
                 self.last = now
                 self._draw(now, final=False)
 
+    def update(self, done: int, total: int) -> None:
+        """Set the count and the total (a callback of the form ``progress(done, total)``, as
+        compact() and backup() call it; a job of several phases starts each from 0)."""
+        self.total = total
+        self.advance(done - self.done)
+
     def finish(self) -> None:
         """Draw the final state (on a terminal, or when lines were asked for and one was drawn or
         the job took longer than one interval)."""
