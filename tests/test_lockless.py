@@ -240,6 +240,15 @@ def _crash_after_writing(path):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def crash_while_writing(path: str) -> None:
+    """Leave the store at path as a process killed with it open leaves it: not closed cleanly
+    (it wrote b"late" first)."""
+    p = mp.get_context("spawn").Process(target=_crash_after_writing, args=(path,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+
+
 def _die_holding_the_lock(path, ready):
     db = mmkv.open(path)
     db._acquire()
@@ -250,10 +259,7 @@ def _die_holding_the_lock(path, ready):
 def test_a_file_left_by_a_crash_is_refused_until_a_writer_repairs_it(path):
     with mmkv.open(path) as db:
         db[b"k"] = b"v"
-    p = mp.get_context("spawn").Process(target=_crash_after_writing, args=(path,))
-    p.start()
-    p.join(60)
-    assert p.exitcode == -signal.SIGKILL
+    crash_while_writing(path)
     with pytest.raises(mmkv.RecoveryNeededError, match="not closed cleanly"):
         mmkv.open(path, "r", lockless=True)
     with mmkv.open(path, "r") as db:          # with write access: the first opener recovers

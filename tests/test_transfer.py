@@ -1,22 +1,19 @@
 """Data in and out and the read-only audit, end to end as subprocesses: `mmkv dump`, `mmkv load`,
 `mmkv dump --format redis` into a real redis-server, `mmkv check` (never changes the file) and
 `--repair`, and the progress bar on a terminal."""
-import hashlib
 import json
-import multiprocessing as mp
 import os
 import pty
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 import mmkv
-from test_cli import MMKV, run
+from test_cli import MMKV, assert_quiet_into_a_closed_pipe, run
+from test_lockless import crash_while_writing, digest
 
 BINARY = {bytes([i]) * (i % 7 + 1): bytes(range(i, 256)) + bytes(range(0, i)) for i in range(256)}
 
@@ -93,11 +90,7 @@ def test_dump_with_a_prefix_and_into_a_closed_pipe(tmp_path):
     out = run(["dump", src, "--prefix", "b"])
     assert out.returncode == 0
     assert sorted(json.loads(line)["key"] for line in out.stdout.splitlines()) == sorted("b%d" % i for i in range(10))
-    proc = subprocess.Popen(MMKV + ["dump", src], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.readline()
-    proc.stdout.close()                                          # like `| head -1`
-    assert proc.wait(timeout=120) == 0
-    assert proc.stderr.read() == b""
+    assert_quiet_into_a_closed_pipe(["dump", src])
 
 
 def test_redis_format_is_byte_exact(tmp_path):
@@ -165,36 +158,23 @@ def test_dump_into_a_real_redis_server(tmp_path, redis_port):
 
 
 # ---------------------------------------------------------------- check: read-only, and --repair
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def test_check_never_changes_the_file(path):
     with mmkv.open(path) as db:
         db.update({b"k%d" % i: b"v" * (i % 100) for i in range(3000)})
-    before, mtime = _digest(path), os.stat(path).st_mtime_ns
+    before, mtime = digest(path), os.stat(path).st_mtime_ns
     out = run(["check", path])
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
-    assert _digest(path) == before and os.stat(path).st_mtime_ns == mtime
-
-
-def _crash_after_writing(path):
-    db = mmkv.open(path)
-    db[b"late"] = b"x"
-    os.kill(os.getpid(), signal.SIGKILL)
+    assert digest(path) == before and os.stat(path).st_mtime_ns == mtime
 
 
 def test_check_reports_a_file_that_needs_recovery_and_repair_runs_it(path):
     with mmkv.open(path) as db:
         db[b"k"] = b"v"
-    p = mp.get_context("spawn").Process(target=_crash_after_writing, args=(path,))
-    p.start()
-    p.join(60)
-    before = _digest(path)
+    crash_while_writing(path)
+    before = digest(path)
     out = run(["check", path])
     assert out.returncode == 1 and "NEEDS RECOVERY" in out.stderr and "--repair" in out.stderr
-    assert _digest(path) == before, "check without --repair changed the file"
+    assert digest(path) == before, "check without --repair changed the file"
     out = run(["check", "--repair", path])
     assert out.returncode == 0, out.stderr
     assert "recovery ran (the file was not closed cleanly)" in out.stdout
