@@ -559,6 +559,12 @@ def parse_open_child(stdout):
             "maxrss_kb": int(maxrss_kb)}
 
 
+def write_chunks(update, n, value):
+    """update({key(i): value, ...}) for keys 0..n-1, CHUNK keys per call."""
+    for start in range(0, n, CHUNK):
+        update({key(i): value for i in range(start, min(n, start + CHUNK))})
+
+
 def build_store(system, n, folder):
     """A store of keys key(0..n-1) with random 100-byte values, built in chunks; returns its path."""
     chunks = ({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))}
@@ -941,6 +947,37 @@ def wl_scale(run, workload):
 #: (3 in --quick).
 BASELINE_SECONDS = 15
 
+#: The end of every timing worker: its latencies (nanoseconds in ``lat``, ``n`` calls) summarised
+#: as JSON into the file ``out``.
+_LATENCY_SUMMARY = """
+lat.sort()
+json.dump(dict(ops=n, max_us=lat[-1] / 1e3, p999_us=lat[int(len(lat) * 0.999)] / 1e3,
+               over_10ms=sum(1 for x in lat if x > 10_000_000)), open(out, "w"))
+"""
+
+
+def start_workers(commands: dict, stop: str, outs: dict):
+    """Start one timing worker per name (``commands[name]``: its argv, to which its output file
+    ``outs[name]`` is appended) and give them a second to settle; returns a function that
+    stops them (by creating the file ``stop``) and returns what each measured, by name."""
+    if os.path.exists(stop):
+        os.remove(stop)
+    kids = [subprocess.Popen(argv + [outs[name]]) for name, argv in commands.items()]
+    time.sleep(1.0)
+
+    def finish():
+        with open(stop, "w"):
+            pass
+        for kid in kids:
+            kid.wait(timeout=600)
+        seen = {}
+        for name in commands:
+            with open(outs[name]) as f:
+                seen[name] = json.load(f)
+        return seen
+    return finish
+
+
 _COMPACT_WORKER = """
 import json, sys, time, mmkv
 path, role, stop, out = sys.argv[1:5]
@@ -956,10 +993,7 @@ while not (n % 256 == 0 and (os.path.exists(stop) or time.time() > t_end)):
         db[b"w%d" % (n % 1000)] = b"x" * 100
     lat.append(time.perf_counter_ns() - t)
     n += 1
-lat.sort()
-json.dump(dict(ops=n, max_us=lat[-1] / 1e3, p999_us=lat[int(len(lat) * 0.999)] / 1e3,
-               over_10ms=sum(1 for x in lat if x > 10_000_000)), open(out, "w"))
-"""
+""" + _LATENCY_SUMMARY
 
 
 def wl_compact(run, workload):
@@ -972,8 +1006,7 @@ def wl_compact(run, workload):
     import mmkv
     value = os.urandom(1000)
     with mmkv.open(path, "n") as db:
-        for start in range(0, n, CHUNK):
-            db.update({key(i): value for i in range(start, min(n, start + CHUNK))})
+        write_chunks(db.update, n, value)
         for i in range(1, n, 2):
             del db[key(i)]
         live = db.stats()["live_bytes"]
@@ -984,23 +1017,9 @@ def wl_compact(run, workload):
     def workers(phase):
         """Start the reader and the writer; returns a function that stops them and returns what
         each measured."""
-        if os.path.exists(stop):
-            os.remove(stop)
-        outs = {role: os.path.join(folder, f"{phase}-{role}.json") for role in ("reader", "writer")}
-        kids = [subprocess.Popen([sys.executable, script, path, role, stop, outs[role]]) for role in outs]
-        time.sleep(1.0)
-
-        def finish():
-            with open(stop, "w"):
-                pass
-            for kid in kids:
-                kid.wait(timeout=600)
-            seen = {}
-            for role, p in outs.items():
-                with open(p) as f:
-                    seen[role] = json.load(f)
-            return seen
-        return finish
+        roles = ("reader", "writer")
+        return start_workers({role: [sys.executable, script, path, role, stop] for role in roles}, stop,
+                             {role: os.path.join(folder, f"{phase}-{role}.json") for role in roles})
 
     # the same two workers with no compaction, a CPU-bound loop in its place: what this machine's
     # scheduler alone does to their calls (three busy processes on the cores)
@@ -1056,10 +1075,7 @@ while not (n % 256 == 0 and os.path.exists(stop)):
         txn.put(b"w%d" % (n % 1000), b"x" * 100)
     lat.append(time.perf_counter_ns() - t)
     n += 1
-lat.sort()
-json.dump(dict(ops=n, max_us=lat[-1] / 1e3, p999_us=lat[int(len(lat) * 0.999)] / 1e3,
-               over_10ms=sum(1 for x in lat if x > 10_000_000)), open(out, "w"))
-"""
+""" + _LATENCY_SUMMARY
 
 
 def wl_backup(run, workload):
@@ -1069,7 +1085,7 @@ def wl_backup(run, workload):
     total = run.size["compact_bytes"]
     n = total // 1000
     value = os.urandom(1000)
-    results, notes = {}, []
+    results = {}
     for system in run.systems(workload):
         folder = run.folder(f"backup-{system}")
         path, dest = os.path.join(folder, "store"), os.path.join(folder, "copy")
@@ -1077,8 +1093,7 @@ def wl_backup(run, workload):
         if system == "mmkv":
             import mmkv
             with mmkv.open(path, "n") as db:
-                for start in range(0, n, CHUNK):
-                    db.update({key(i): value for i in range(start, min(n, start + CHUNK))})
+                write_chunks(db.update, n, value)
                 for i in range(3, n, 4):
                     del db[key(i)]
             with open(script, "w") as f:
@@ -1100,19 +1115,8 @@ def wl_backup(run, workload):
             argv = [sys.executable, script, path, stop]
 
         def writer(phase):
-            if os.path.exists(stop):
-                os.remove(stop)
-            out = os.path.join(folder, f"{phase}.json")
-            kid = subprocess.Popen(argv + [out])
-            time.sleep(1.0)
-
-            def finish():
-                with open(stop, "w"):
-                    pass
-                kid.wait(timeout=600)
-                with open(out) as f:
-                    return json.load(f)
-            return finish
+            finish = start_workers({"writer": argv}, stop, {"writer": os.path.join(folder, f"{phase}.json")})
+            return lambda: finish()["writer"]
         finish = writer("base")
         time.sleep(3.0)
         base = finish()
@@ -1153,15 +1157,31 @@ def wl_backup(run, workload):
                "never wait for a copy (its readers see a snapshot), and its compacting copy rewrites the tree.")
 
 
-def _child_run(argv, stdin=None, stdout=None):
-    """Run argv to completion; (seconds, peak RSS in bytes of that child alone)."""
+#: Runs the mmkv command line given as its arguments, then writes the process's peak RSS (VmHWM,
+#: kB) to the file named by MMKV_BENCH_HWM.  (The rusage of a child counts the parent's memory at
+#: fork: every child of this bench would report the bench's own peak.)
+_CLI_WITH_HWM = """
+import os, sys
+from mmkv.cli import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+with open(os.environ["MMKV_BENCH_HWM"], "w") as f:
+    f.write(hwm)
+sys.exit(code)
+"""
+
+
+def _cli_run(args, folder):
+    """Run `mmkv ARGS` in a fresh process to completion; (seconds, its peak RSS in bytes)."""
+    hwm = os.path.join(folder, "hwm")
     t0 = time.perf_counter()
-    kid = subprocess.Popen(argv, stdin=stdin, stdout=stdout)
-    _, status, usage = os.wait4(kid.pid, 0)
-    kid.returncode = os.waitstatus_to_exitcode(status)
-    if kid.returncode:
-        raise RuntimeError(f"{argv[:4]} exited {kid.returncode}")
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024
+    code = subprocess.run([sys.executable, "-c", _CLI_WITH_HWM] + args, env=dict(os.environ, MMKV_BENCH_HWM=hwm)).returncode
+    seconds = time.perf_counter() - t0
+    if code:
+        raise RuntimeError(f"mmkv {' '.join(args[:3])} exited {code}")
+    with open(hwm) as f:
+        return seconds, int(f.read()) * 1024
 
 
 def wl_transfer(run, workload):
@@ -1176,12 +1196,10 @@ def wl_transfer(run, workload):
         src = os.path.join(folder, "src.mmkv")
         value = b"v" * VALUE_SIZE
         with mmkv.open(src, "n") as db:
-            for start in range(0, n, CHUNK):
-                db.update({key(i): value for i in range(start, min(n, start + CHUNK))})
+            write_chunks(db.update, n, value)
     lines, dst = os.path.join(folder, "dump.jsonl"), os.path.join(folder, "dst.mmkv")
-    cli = [sys.executable, "-m", "mmkv"]
-    dump_s, dump_rss = _child_run(cli + ["dump", src, "--out", lines])
-    load_s, load_rss = _child_run(cli + ["load", dst, lines])
+    dump_s, dump_rss = _cli_run(["dump", src, "--out", lines], folder)
+    load_s, load_rss = _cli_run(["load", dst, lines], folder)
     size = os.path.getsize(lines)
     import mmkv
     with mmkv.open(dst, "r") as db:
