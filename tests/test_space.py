@@ -198,6 +198,24 @@ def test_compact_moves_records_down_and_shrinks_the_file(path):
         assert dict(db.items()) == model
 
 
+@pytest.mark.parametrize("keys", [0, 1, 50])
+def test_compacting_a_small_store_never_grows_it(path, tmp_path, keys):
+    """A fresh store's index is its last block and nothing below it can take it: moving it
+    grew the file (a one-key store's backup was 282,624 bytes beside a 262,144-byte store)."""
+    with mmkv.open(path, "n") as db:
+        db.update((b"k%d" % i, b"v" * i) for i in range(keys))
+        before = os.path.getsize(path)
+        result = db.compact()
+        assert result["file_size_after"] == os.path.getsize(path) <= before, result
+        assert result["shrunk"] == (os.path.getsize(path) < before)
+        db.check()
+        db.backup(str(tmp_path / "copy.mmkv"))
+        assert os.path.getsize(tmp_path / "copy.mmkv") <= os.path.getsize(path)
+    with mmkv.open(str(tmp_path / "copy.mmkv"), "r") as copy:
+        assert len(copy) == keys
+        copy.check()
+
+
 def test_compact_with_another_handle_open_releases_instead_of_shrinking(path):
     rng = random.Random(13)
     with mmkv.open(path, "n") as db, mmkv.open(path) as other:

@@ -360,7 +360,9 @@ def _tail_start(eng) -> int:
 def _lower_the_index(eng, hold, walk) -> int:
     """While the last block in use is a block of the index, move it into the lowest hole that
     takes it (index.relocate: a durable copy, one meta switch), one block per lock hold, so that
-    the free tail grows down past it.  Returns the blocks moved."""
+    the free tail grows down past it.  A block with no free space below it stays (moving it
+    would only grow the file: a fresh store's index is its last block).  Returns the blocks
+    moved."""
     from . import index
     moved = 0
     while True:
@@ -370,27 +372,38 @@ def _lower_the_index(eng, hold, walk) -> int:
                     and off - BLOCK_HEADER + eng.alloc.block_size(off - BLOCK_HEADER) == tail]
             if not last:
                 return moved
-            lowest = _lowest_hole_allocator(eng, walk, below=last[0])
-            relocated = index.relocate(eng, last[0], lowest)
+            try:
+                relocated = index.relocate(eng, last[0], _LowerAllocator(eng, walk, below=last[0]))
+            except _NoRoomBelow:
+                return moved
             moved += relocated
-            if not relocated or lowest.fell_back:    # fell back: its copy went anywhere, stop
+            if not relocated:
                 return moved
         _let_others_in()
 
 
-class _lowest_hole_allocator:
-    """allocate(payload) from the lowest hole the walk knows below ``below``; past them (none
-    fits), the engine's own allocator (``fell_back`` is then set: nothing was gained)."""
+class _NoRoomBelow(Exception):
+    """No free space below the block being moved (index.relocate frees what it took)."""
+
+
+class _LowerAllocator:
+    """allocate(payload) from the lowest hole the walk knows below ``below``, else from the
+    free lists if they give a block below ``below`` (never by growing the file); else
+    _NoRoomBelow (index.relocate frees what it took for the move)."""
 
     def __init__(self, eng, walk, below):
-        self.eng, self.walk, self.below, self.fell_back = eng, walk, below, False
+        self.eng, self.walk, self.below = eng, walk, below
 
     def __call__(self, payload):
         b = self.walk.holes.take(self.eng, payload, self.below)
         if b is not None:
             return b + BLOCK_HEADER
-        self.fell_back = True
-        return self.eng.allocate(payload)
+        off = self.eng.alloc.alloc(payload)      # 0: none fits (never grows the file)
+        if off and off >= self.below:
+            self.eng.free(off, payload)
+        if not off or off >= self.below:
+            raise _NoRoomBelow()
+        return off
 
 
 def _release_free_space(eng, hold, walk) -> int:
