@@ -80,20 +80,19 @@ def cmd_compact(args) -> int:
     if not os.path.exists(args.path):
         print(f"mmkv compact: {args.path}: no such file", file=sys.stderr)
         return 2
-    progress = None
-    if os.path.getsize(args.path) >= args.progress_from:
-        last = [0.0]
-        tty = sys.stderr.isatty()
+    last = [0.0]
+    tty = sys.stderr.isatty()
 
-        def progress(done, total):
-            now = time.monotonic()
-            if now - last[0] < 0.5 and done < total:
-                return
-            last[0] = now
-            pct = 100.0 * done / total if total else 100.0
-            end = "\r" if tty and done < total else "\n"
-            sys.stderr.write(f"mmkv compact: {args.path}: {pct:5.1f}% of {total / 1e6:,.1f} MB walked{end}")
-            sys.stderr.flush()
+    def walked(done, total):
+        now = time.monotonic()
+        if now - last[0] < 0.5 and done < total:
+            return
+        last[0] = now
+        pct = 100.0 * done / total if total else 100.0
+        end = "\r" if tty and done < total else "\n"
+        sys.stderr.write(f"mmkv compact: {args.path}: {pct:5.1f}% of {total / 1e6:,.1f} MB walked{end}")
+        sys.stderr.flush()
+    progress = walked if os.path.getsize(args.path) >= args.progress_from else None
     try:
         with open_store(args.path, "w") as db:
             result = db.compact(progress)

@@ -1,6 +1,5 @@
 """Streaming iteration (issue 13): iter(db), keys(), values(), items() in hash order, in batches
 read under short lock holds, with bounded memory; snapshot() for one consistent moment."""
-import os
 import subprocess
 import sys
 import textwrap

@@ -62,7 +62,8 @@ def lockless_reader_any(path, ready, done, out):
 def lockless_reader(path, ready, done, out, lockless=False):
     """Gets and whole iterations through a lockless handle until done; (seen, bad, passes)."""
     import faulthandler
-    faulthandler.dump_traceback_later(100, exit=True)     # a hang shows where, in the test's stderr
+    faulthandler.enable()                                  # a fatal signal shows where, in the test's stderr
+    faulthandler.dump_traceback_later(100, exit=True)     # and so does a hang
     seen = bad = passes = newest = 0
     with mmkv.open(path, "r", lockless=lockless) as db:
         assert db.lockless, "the path is on a read-only mount: the open must be lockless"
@@ -100,6 +101,29 @@ def ro_mount(tmp_path):
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
+def collect(out, processes, timeout):
+    """One result from each of processes (through out); a process that ends without putting
+    one fails the test at once, with its exit code (a signal shows as its negative)."""
+    import queue
+    results, deadline = [], time.monotonic() + timeout
+    while len(results) < len(processes):
+        try:
+            results.append(out.get(timeout=0.5))
+            continue
+        except queue.Empty:
+            pass
+        ended = [p.exitcode for p in processes if p.exitcode is not None]
+        if len(ended) > len(results) + out.qsize():
+            time.sleep(1)                 # a result put just before the exit may still be in the pipe
+            if len(ended) > len(results) + out.qsize():
+                raise AssertionError(f"a reader ended without its result: exit codes {ended}")
+        assert time.monotonic() < deadline, f"no result after {timeout}s: exit codes {[p.exitcode for p in processes]}"
+    for p in processes:
+        p.join(30)
+        assert p.exitcode == 0, [q.exitcode for q in processes]
+    return results
+
+
 def run_readers_beside_a_writer(write_path: str, read_path: str, reader) -> None:
     """Two lockless readers (through read_path) and a writer (through write_path) in other
     processes: gets and whole iterations stay exact while the writer rewrites values (sizes
@@ -117,10 +141,7 @@ def run_readers_beside_a_writer(write_path: str, read_path: str, reader) -> None
     w.start()
     w.join(240)
     assert w.exitcode == 0
-    results = [out.get(timeout=120) for _ in readers]
-    for r in readers:
-        r.join(30)
-        assert r.exitcode == 0
+    results = collect(out, readers, 120)
     assert all(seen > 500 and passes > 3 for seen, _, passes, _ in results), results
     assert all(newest > 10 for *_, newest in results), ("the readers should see the writer's versions", results)
     assert all(bad == 0 for _, bad, *_ in results), results
