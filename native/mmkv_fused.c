@@ -156,10 +156,10 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
         return rc;
     struct lookup l;
     rc = lookup(v, key, klen, &l);
-    if (rc == 0 && l.rec->checksum != record_sum(v, l.rec))
+    if (rc == 0 && l.head.checksum != record_sum_of(v, l.rec, &l.head))
         rc = EBADMSG; /* damaged bytes are never returned as a value */
     if (rc == 0)   /* ENOBUFS: nothing changed, the caller takes the general path */
-        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), l.rec->val_len);
+        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len), l.head.val_len);
     if (rc == 0)
         rc = delete_found(v, &l, klen);
     if (take_lock && (clean_result(rc) || rc == ENOBUFS))

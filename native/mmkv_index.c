@@ -11,35 +11,51 @@
 
 /* ---------------------------------------------------------------- records */
 
-/* The record at off, if its header and body lie inside the mapping. */
-static const struct mmkv_record *record_at(const struct mmkv_view *v, uint64_t off)
+/* The record at off, if its header and body lie inside the mapping; its header, read once, in
+   *h (every length a caller uses must come from *h: see struct rec_head). */
+static const struct mmkv_record *record_head_at(const struct mmkv_view *v, uint64_t off, struct rec_head *h)
 {
     if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, REC_HDR))
         return NULL;
     const struct mmkv_record *r = (const struct mmkv_record *)(v->base + off);
-    uint64_t body = PAD8((uint64_t)r->key_len);
-    if (!range_ok(v->size, off + REC_HDR, body) || !range_ok(v->size, off + REC_HDR + body, r->val_len))
+    rec_head_read(r, h);
+    uint64_t body = PAD8((uint64_t)h->key_len);
+    if (!range_ok(v->size, off + REC_HDR, body) || !range_ok(v->size, off + REC_HDR + body, h->val_len))
         return NULL;
     return r;
 }
 
-uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r)
+/* record_head_at for callers that hold the lock and read only the key hash (nothing changes). */
+static const struct mmkv_record *record_at(const struct mmkv_view *v, uint64_t off)
 {
-    uint64_t len = REC_HDR - REC_SUM_FROM + PAD8((uint64_t)r->key_len);
-    if (!(r->flags & MMKV_REC_COUNTER))
-        len += r->val_len;
+    struct rec_head h;
+    return record_head_at(v, off, &h);
+}
+
+uint64_t record_sum_of(const struct mmkv_view *v, const struct mmkv_record *r, const struct rec_head *h)
+{
+    uint64_t len = REC_HDR - REC_SUM_FROM + PAD8((uint64_t)h->key_len);
+    if (!(h->flags & MMKV_REC_COUNTER))
+        len += h->val_len;
     if (v->crc_sums)
         return crc32c((uint32_t)(v->seed0 ^ MMKV_REC_SUM_K0), (const uint8_t *)r + REC_SUM_FROM, len);
     return siphash24(v->seed0 ^ MMKV_REC_SUM_K0, v->seed1 ^ MMKV_REC_SUM_K1, (const uint8_t *)r + REC_SUM_FROM, len);
 }
 
-static void fill_result(struct mmkv_view *v, uint64_t off, const struct mmkv_record *r)
+uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r)
+{
+    struct rec_head h;
+    rec_head_read(r, &h);
+    return record_sum_of(v, r, &h);
+}
+
+static void fill_result(struct mmkv_view *v, uint64_t off, const struct rec_head *h)
 {
     v->rec_off = off;
-    v->hash = r->key_hash;
-    v->val_off = off + REC_HDR + PAD8((uint64_t)r->key_len);
-    v->val_len = r->val_len;
-    v->rec_flags = r->flags;
+    v->hash = h->key_hash;
+    v->val_off = off + REC_HDR + PAD8((uint64_t)h->key_len);
+    v->val_len = h->val_len;
+    v->rec_flags = h->flags;
 }
 
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash, const uint8_t *key,
@@ -63,37 +79,43 @@ int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t 
     if (vlen)
         memcpy(body + kpad, val, vlen);
     r->checksum = record_sum(v, r);
-    fill_result(v, off, r);
+    struct rec_head h;
+    rec_head_read(r, &h);
+    fill_result(v, off, &h);
     return 0;
 }
 
 /* The record at off, whatever its block header says: bounds, flags, checksum, and (with
    key_hash) that its key hashes to the hash it carries (the checksum covers that word: a
    mismatch is a writer's bug, not damage; scans, which only order by it, skip the SipHash). */
-static int record_contents_check(struct mmkv_view *v, uint64_t off, uint64_t room, int key_hash)
+static int record_contents_check(struct mmkv_view *v, uint64_t off, uint64_t room, int key_hash,
+                                 struct rec_head *out)
 {
-    const struct mmkv_record *r = record_at(v, off);
+    struct rec_head h;
+    const struct mmkv_record *r = record_head_at(v, off, &h);
     if (!r)
         return EBADMSG;
-    uint64_t need = REC_HDR + PAD8((uint64_t)r->key_len) + r->val_len;
-    if (need > room || (r->flags & ~(uint32_t)MMKV_REC_COUNTER) ||
-        (r->flags & MMKV_REC_COUNTER && r->val_len != 8))
+    uint64_t need = REC_HDR + PAD8((uint64_t)h.key_len) + h.val_len;
+    if (need > room || (h.flags & ~(uint32_t)MMKV_REC_COUNTER) || (h.flags & MMKV_REC_COUNTER && h.val_len != 8))
         return EBADMSG;
-    if (r->checksum != record_sum(v, r))
+    if (h.checksum != record_sum_of(v, r, &h))
         return EBADMSG;
-    if (key_hash && siphash24(v->seed0, v->seed1, (const uint8_t *)r + REC_HDR, r->key_len) != r->key_hash)
+    if (key_hash && siphash24(v->seed0, v->seed1, (const uint8_t *)r + REC_HDR, h.key_len) != h.key_hash)
         return EBADMSG;
-    fill_result(v, off, r);
+    fill_result(v, off, &h);
+    if (out)
+        *out = h;
     return 0;
 }
 
 static int record_contents_ok(struct mmkv_view *v, uint64_t off, uint64_t room)
 {
-    return record_contents_check(v, off, room, 1);
+    return record_contents_check(v, off, room, 1, NULL);
 }
 
-/* The record at off in a block in use that holds it: the checks of mmkv_record_verify. */
-static int record_check(struct mmkv_view *v, uint64_t off, int key_hash)
+/* The record at off in a block in use that holds it: the checks of mmkv_record_verify; its
+   header as checked in *out (if not NULL). */
+static int record_check(struct mmkv_view *v, uint64_t off, int key_hash, struct rec_head *out)
 {
     if (off < payload_of(MMKV_HEADER_SIZE) || off % 8 || !range_ok(v->size, block_of(off), MMKV_BLOCK_HEADER))
         return EBADMSG;
@@ -101,12 +123,12 @@ static int record_check(struct mmkv_view *v, uint64_t off, int key_hash)
     uint64_t bsize = head & SIZE_MASK;
     if (!(head & MMKV_BLOCK_ALLOC) || bsize < MMKV_BLOCK_MIN || !range_ok(v->size, block_of(off), bsize))
         return EBADMSG;
-    return record_contents_check(v, off, capacity_of(bsize), key_hash);
+    return record_contents_check(v, off, capacity_of(bsize), key_hash, out);
 }
 
 int mmkv_record_verify(struct mmkv_view *v, uint64_t off)
 {
-    return record_check(v, off, 1);
+    return record_check(v, off, 1, NULL);
 }
 
 int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off)
@@ -174,10 +196,10 @@ int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct 
         if (w >> MMKV_SLOT_OFF_BITS != tag)
             continue;
         uint64_t off = w & MMKV_SLOT_OFF_MASK;
-        const struct mmkv_record *r = record_at(v, off);
+        const struct mmkv_record *r = record_head_at(v, off, &out->head);
         if (!r)
             return EBADMSG;
-        if (r->key_hash == h && r->key_len == klen && memcmp((const uint8_t *)r + REC_HDR, key, klen) == 0) {
+        if (out->head.key_hash == h && out->head.key_len == klen && memcmp((const uint8_t *)r + REC_HDR, key, klen) == 0) {
             out->slot = i;
             out->rec_off = off;
             out->rec = r;
@@ -198,7 +220,7 @@ int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
         v->slot = l.slot;
         v->rec_off = 0;
         if (rc == 0)
-            fill_result(v, l.rec_off, l.rec);
+            fill_result(v, l.rec_off, &l.head);
     }
     return rc;
 }
@@ -379,20 +401,23 @@ int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, u
         if (!w)
             continue;
         uint64_t off = w & MMKV_SLOT_OFF_MASK;
-        const struct mmkv_record *r = record_at(v, off);
-        if (!r) {
+        struct rec_head head;
+        if (!record_head_at(v, off, &head)) {
             v->rec_off = off;
             return EBADMSG;
         }
-        uint64_t h = r->key_hash;
+        uint64_t h = head.key_hash;
         if (h < from)
             continue;                      /* before the cursor (or damage the verify below would see) */
-        if (h > hi || h < lo || w >> MMKV_SLOT_OFF_BITS != tag_of(h) || record_check(v, off, 0)) {
+        /* the entry takes its lengths from the header the verify checked (a racing writer may
+           have changed the record since the first read: then the hashes differ) */
+        if (h > hi || h < lo || w >> MMKV_SLOT_OFF_BITS != tag_of(h) || record_check(v, off, 0, &head) ||
+            head.key_hash != h) {
             v->rec_off = off;
             return EBADMSG;
         }
         if (count < cap)
-            e[count] = (struct scan_entry){h, off, r->key_len, r->val_len};
+            e[count] = (struct scan_entry){h, off, head.key_len, head.val_len};
         count++;
     }
     *n = count;
@@ -674,10 +699,10 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
 {
     struct lookup l;
     int rc = lookup(v, key, klen, &l);
-    if (rc == 0 && l.rec->checksum != record_sum(v, l.rec))
+    if (rc == 0 && l.head.checksum != record_sum_of(v, l.rec, &l.head))
         rc = EBADMSG; /* damaged bytes are never returned as a value */
-    if (rc == 0)
-        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.rec->key_len), l.rec->val_len);
+    if (rc == 0)    /* lengths from the checked header only: a racing writer may change the record's */
+        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len), l.head.val_len);
     return rc;
 }
 

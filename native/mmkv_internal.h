@@ -76,6 +76,27 @@ MMKV_INTERNAL int mmkv_pid_alive(uint64_t pid);
 /* The record checksum covers the record from key_hash on (the checksum word itself excluded). */
 #define REC_SUM_FROM ((uint64_t)offsetof(struct mmkv_record, key_hash))
 
+/* A record's header, each field read from the file once.  A lock-free reader races writers that
+   reuse the record's block: a field read twice may differ between the reads, so a reader checks
+   bounds on, and takes every length from, this copy only (never from the record again). */
+struct rec_head {
+    uint64_t checksum, key_hash, val_len;
+    uint32_t key_len, flags;
+};
+
+static inline void rec_head_read(const struct mmkv_record *r, struct rec_head *h)
+{
+    h->checksum = __atomic_load_n(&r->checksum, __ATOMIC_RELAXED);
+    h->key_hash = __atomic_load_n(&r->key_hash, __ATOMIC_RELAXED);
+    h->key_len = __atomic_load_n(&r->key_len, __ATOMIC_RELAXED);
+    h->flags = __atomic_load_n(&r->flags, __ATOMIC_RELAXED);
+    h->val_len = __atomic_load_n(&r->val_len, __ATOMIC_RELAXED);
+}
+
+/* The checksum of record r over the lengths in h (which the caller bounds-checked). */
+MMKV_INTERNAL uint64_t record_sum_of(const struct mmkv_view *v, const struct mmkv_record *r,
+                                     const struct rec_head *h);
+/* The same over the lengths in r itself: for a writer holding the lock. */
 MMKV_INTERNAL uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r);
 
 /* ---------------------------------------------------------------- index (mmkv_index.c) */
@@ -93,9 +114,10 @@ struct lookup {
     uint64_t hash, seg, slot, rec_off, probes;
     struct mmkv_segment *segment;
     const struct mmkv_record *rec;
+    struct rec_head head;   /* rec's header as read and bounds-checked: use its lengths, not rec's */
 };
 
-/* Find key: 0 (found: rec, rec_off, slot), ENOENT (absent: slot is the first empty one) or
+/* Find key: 0 (found: rec, head, rec_off, slot), ENOENT (absent: slot is the first empty one) or
    EBADMSG; hash, seg and segment are set whenever the key's segment was reached. */
 MMKV_INTERNAL int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out);
 
