@@ -174,11 +174,11 @@ def churning_writer(path, seconds):
                     db[b"k%d" % i] = os.urandom(rng.choice((8, 40, 200, 1000, 3000)))
 
 
-def tight_lockless_reader(path, seconds, out):
+def tight_reader(path, seconds, lockless, out):
     import faulthandler
     faulthandler.enable()
     gets = scans = 0
-    with mmkv.open(path, "r", lockless=True) as db:
+    with mmkv.open(path, "r", lockless=lockless) as db:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             for i in range(200):
@@ -190,20 +190,23 @@ def tight_lockless_reader(path, seconds, out):
     out.put((gets, scans))
 
 
+@pytest.mark.parametrize("lockless", [True, False], ids=["lockless", "locking"])
 @pytest.mark.parametrize("binding", ["cpython", "cffi"])
-def test_lockless_reads_racing_block_reuse_never_crash(tmp_path, monkeypatch, binding):
-    """A lock-free read checks a record's lengths against the mapping and then uses them: it
-    read each length from the file again to use it, and a writer reusing the block in between
-    made it hash or copy far past the mapping (SIGSEGV in 3 of 3 runs of 5 s).  Every length a
-    lock-free read uses is now the one it checked (struct rec_head in the C core)."""
+def test_lock_free_reads_racing_block_reuse_never_crash(tmp_path, monkeypatch, binding, lockless):
+    """A lock-free read (every handle's get tries one first; a lockless handle's reads are all
+    lock-free) checks a record's lengths against the mapping and then uses them: it read each
+    length from the file again to use it, and a writer reusing the block in between made it
+    hash or copy far past the mapping (SIGSEGV in 3 of 3 runs of 5 s, with either kind of
+    handle).  Every length a lock-free read uses is now the one it checked (struct rec_head in
+    the C core)."""
     monkeypatch.setenv("MMKV_BINDING", binding)        # the children's binding
     path = str(tmp_path / "s.mmkv")
     with mmkv.open(path) as db:
         db.update((b"k%d" % i, b"x") for i in range(200))
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    readers = [ctx.Process(target=tight_lockless_reader, args=(path, 3.0, out)) for _ in range(2)]
-    writer = ctx.Process(target=churning_writer, args=(path, 3.0))
+    readers = [ctx.Process(target=tight_reader, args=(path, 2.5, lockless, out)) for _ in range(2)]
+    writer = ctx.Process(target=churning_writer, args=(path, 2.5))
     for p in readers + [writer]:
         p.start()
     results = collect(out, readers, 120)
