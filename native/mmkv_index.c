@@ -519,8 +519,9 @@ int mmkv_index_insert(struct mmkv_view *v, uint64_t word)
     return seg_insert(seg, r->key_hash, word);
 }
 
-/* Check one segment: header, counts, tags, prefixes and the probe invariant. */
-static int audit_segment(const struct mmkv_view *v, struct mmkv_segment *seg, uint64_t *bad_slot)
+/* Check one segment: header, counts, tags, prefixes and the probe invariant (depth: its depth as
+   the caller read and checked it, at most dir_bits). */
+static int audit_segment(const struct mmkv_view *v, struct mmkv_segment *seg, uint64_t depth, uint64_t *bad_slot)
 {
     uint64_t *slots = seg_slots(seg), start = MMKV_SEGMENT_SLOTS, used = 0;
     for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++)
@@ -543,7 +544,7 @@ static int audit_segment(const struct mmkv_view *v, struct mmkv_segment *seg, ui
         const struct mmkv_record *r = record_at(v, w & MMKV_SLOT_OFF_MASK);
         if (!r || tag_of(r->key_hash) != w >> MMKV_SLOT_OFF_BITS)
             return EBADMSG;
-        if (seg->depth && r->key_hash >> (64 - seg->depth) != seg->prefix)
+        if (depth && r->key_hash >> (64 - depth) != seg->prefix)
             return EBADMSG; /* the key belongs to another segment */
         uint64_t dist = (i - (r->key_hash & SEG_MASK)) & SEG_MASK;
         if (dist > k - run_start)
@@ -565,15 +566,20 @@ int mmkv_index_audit(struct mmkv_view *v, uint64_t *bad_entry, uint64_t *bad_slo
         struct mmkv_segment *seg = segment_at(v, dir[d]);
         if (!seg)
             return EBADMSG;
-        uint64_t span = 1ULL << (v->dir_bits - seg->depth); /* entries that must point here */
-        if (d != seg->prefix * span)
+        /* the depth read once and checked again: a lockless audit races writers that free and
+           reuse a segment's block (a depth re-read past dir_bits would make span anything) */
+        uint64_t depth = __atomic_load_n(&seg->depth, __ATOMIC_RELAXED);
+        if (depth > v->dir_bits)
+            return EBADMSG;
+        uint64_t span = 1ULL << (v->dir_bits - depth); /* entries that must point here */
+        if (span > entries - d || d != seg->prefix * span)
             return EBADMSG;
         for (uint64_t k = 1; k < span; k++)
             if (dir[d + k] != dir[d])
                 return EBADMSG;
         if (d + span < entries && dir[d + span] == dir[d])
             return EBADMSG;
-        int rc = audit_segment(v, seg, bad_slot);
+        int rc = audit_segment(v, seg, depth, bad_slot);
         if (rc)
             return rc;
         d += span;
