@@ -23,7 +23,11 @@ after which the process changes directory again) and then
 * ``reader``: read the victim's keys in a loop, through a read-only handle;
 * ``writer``: write keys of its own (prefix ``b"by:"``, never touched by the
   victim, whose clears are left out of such rounds), acknowledging each;
-* ``reopener``: close and open its handle in a loop.
+* ``reopener``: close and open its handle in a loop;
+* ``lockless``: read the victim's keys in a loop through a lockless handle (``lockless=True``:
+  a read-only mapping that never takes the lock, as a process without write access gets),
+  every read lock-free; after the victim dies holding the lock its reads raise
+  ``RecoveryNeededError`` until a handle that may write repairs, which it counts and goes on.
 
 ``idle`` and ``reopener`` open read-only half the time (seeded, at each open): a read-only
 handle leaves a clean file marked clean, so the victim that opens after it must clear the
@@ -75,7 +79,7 @@ TORTURE_MAX_LOAD = 0.01         # the writer's split threshold: 163 keys per seg
 TORTURE_PRESIZE_PAIRS = 100     # the writer's update() presizes the index from this many pairs
 TORTURE_RELEASE = (64 << 10, 16 << 10)   # free blocks of 64 KiB release their pages; backing by 16 KiB
 #: The kinds of bystander process, and the names of the file a process may open it through.
-BYSTANDER_KINDS = ("idle", "reader", "writer", "reopener")
+BYSTANDER_KINDS = ("idle", "reader", "writer", "reopener", "lockless")
 NAME_KINDS = ("path", "hardlink", "symlink", "relative")
 #: Prefix of the keys bystander writers own (the victim's keys are k0.. and counter).
 BYSTANDER_PREFIX = b"by:"
@@ -450,6 +454,7 @@ class Bystander:
         self.names, self.kind, self.name, self.seed, self.sync, self.ident = names, kind, name, seed, sync, ident
         self.child = None
         self.acked = 0
+        self.refused = False
 
     def __repr__(self):
         return f"{self.kind} through {self.name}"
@@ -467,6 +472,7 @@ class Bystander:
         status = self.child.finish()
         lines = self.child.lines()
         self.acked = sum(1 for line in lines if line.isdigit())
+        self.refused = b"recovery needed" in lines       # a lockless one met the victim's death
         if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and b"closed" in lines):
             raise AssertionError(f"{self.child.what} failed: {self.child.failure()}")
 
@@ -484,7 +490,8 @@ class Bystander:
         import mmkv
         rnd = random.Random(self.seed)
         names, name = self.names, self.name
-        db = mmkv.open(names.enter(name), self._flag(rnd), sync=self.sync)
+        lockless = self.kind == "lockless"
+        db = mmkv.open(names.enter(name), self._flag(rnd), sync=self.sync, lockless=lockless)
         names.leave(name)
         ops = enumerate(bystander_operations(self.ident, self.seed))
         if self.kind == "writer":           # one write before the victim starts, the rest during
@@ -492,9 +499,18 @@ class Bystander:
             perform(db, op)
             os.write(rep, b"%d\n" % n)
         os.write(rep, b"open\n")
-        pause = {"idle": None, "reader": 0.001, "writer": 0.002, "reopener": 0.005}[self.kind]
+        pause = {"idle": None, "reader": 0.001, "writer": 0.002, "reopener": 0.005, "lockless": 0.001}[self.kind]
+        refused = False
         while not select.select([ctl], [], [], pause)[0]:      # any line (or EOF) means stop
-            if self.kind == "reader":
+            if lockless:
+                try:
+                    read_locklessly(db, rnd)
+                    refused = False
+                except mmkv.RecoveryNeededError:
+                    if not refused:                            # the victim died holding the lock
+                        os.write(rep, b"recovery needed\n")
+                    refused = True
+            elif self.kind == "reader":
                 for _ in range(20):                           # the lock-free path
                     db.get(b"k%d" % rnd.randrange(POOL))
                 counter = db.get(b"counter")
@@ -513,11 +529,30 @@ class Bystander:
         os.write(rep, b"closed\n")
 
     def _flag(self, rnd: random.Random) -> str:
-        """The open flag: a reader reads through a read-only handle, an idle one or a reopener
-        half the time, a writer never."""
-        if self.kind == "reader" or (self.kind in ("idle", "reopener") and rnd.random() < 0.5):
+        """The open flag: a reader or a lockless one reads through a read-only handle, an idle
+        one or a reopener half the time, a writer never."""
+        if self.kind in ("reader", "lockless") or (self.kind in ("idle", "reopener") and rnd.random() < 0.5):
             return "r"
         return "c"
+
+
+def read_locklessly(db, rnd: random.Random) -> None:
+    """One round of a lockless bystander: gets, the count, a stretch of iteration; what it reads
+    must be plausible (a counter is 8 bytes, no key twice).  :raises RecoveryNeededError: the
+    victim died holding the lock and nobody has repaired yet."""
+    for _ in range(20):
+        db.get(b"k%d" % rnd.randrange(POOL))
+    counter = db.get(b"counter")
+    if counter is not None and len(counter) != 8:
+        raise AssertionError(f"the counter holds {len(counter)} bytes (read without the lock)")
+    len(db)
+    seen = set()
+    for key in db:
+        if key in seen:
+            raise AssertionError(f"iteration without the lock yielded {key!r} twice")
+        seen.add(key)
+        if len(seen) >= 50:
+            break
 
 
 def choose_bystanders(rnd: random.Random, most: int, kinds, names) -> list:
@@ -783,6 +818,7 @@ def run_kills(path: str, kills: int, sync: str = "none", seed: int = 1, failpoin
         for b in crowd:
             summary[f"bystander {b.kind}"] += 1
             summary[f"through {b.name}"] += 1
+            summary["lockless refused after the victim died holding the lock"] += b.refused
         if log and round_no % 50 == 0:
             log(f"  round {round_no}: {summary['killed']} killed, {summary['failpoint']} at failpoints, "
                 f"{len(model)} keys")
