@@ -217,12 +217,10 @@ def test_lock_free_reads_racing_block_reuse_never_crash(tmp_path, monkeypatch, b
         db.check()
 
 
-@pytest.mark.slow   # opt-in (MMKV_SLOW=1): on a loaded machine one reader hung once in three runs (open bug)
 def test_lockless_readers_beside_a_writer_in_another_process(tmp_path):
     run_readers_beside_a_writer(str(tmp_path / "s.mmkv"), str(tmp_path / "s.mmkv"), lockless_reader_any)
 
 
-@pytest.mark.slow   # as above
 def test_readers_on_a_read_only_mount_beside_a_writer_through_another_mount(ro_mount):
     rw, ro = ro_mount
     run_readers_beside_a_writer(str(rw / "s.mmkv"), str(ro / "s.mmkv"), lockless_reader)
