@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -108,8 +109,9 @@ def test_read_only_handle_cannot_start_one(path):
                 pass
 
 
-def _observer(path, done, out):
-    """Reads the two halves of every transaction until the writer is done; they must agree."""
+def _observer(path, done, out, seen_by_me):
+    """Reads the two halves of every transaction until the writer is done; they must agree.
+    seen_by_me: a shared count of its reads, which the writer waits on."""
     torn = seen = 0
     versions = set()
     with mmkv.open(path, "r") as db:
@@ -121,6 +123,7 @@ def _observer(path, done, out):
                 seen += 1
                 torn += x != y
                 versions.add(x)
+            seen_by_me.value = seen
     out.put((seen, torn, len(versions)))
 
 
@@ -129,13 +132,18 @@ def test_other_processes_never_see_half_a_transaction(path):
         db.update({b"a": b"0", b"b": b"0"})
         ctx = mp.get_context("fork")
         out, done = ctx.Queue(), ctx.Value("i", 0)
-        watchers = [ctx.Process(target=_observer, args=(path, done, out)) for _ in range(2)]
+        seen = [ctx.Value("i", 0, lock=False) for _ in range(2)]
+        watchers = [ctx.Process(target=_observer, args=(path, done, out, s)) for s in seen]
         for w in watchers:
             w.start()
-        for i in range(3000):
+        # at least 3000 transactions, and on (up to a minute) until each observer has read 500
+        # times: on a loaded machine the observers may get less of the CPU than the writer
+        i, deadline = 0, time.monotonic() + 60
+        while i < 3000 or (min(s.value for s in seen) <= 500 and time.monotonic() < deadline):
             with db.transaction():
                 db[b"a"] = b"%d" % i
                 db[b"b"] = b"%d" % i
+            i += 1
         done.value = 1
         results = [out.get(timeout=120) for _ in watchers]
         for w in watchers:
