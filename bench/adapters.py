@@ -131,6 +131,13 @@ class Adapter:
         """In an incrementing process: open an own handle on target; return (step, close)."""
         raise NotImplementedError
 
+    @classmethod
+    def cas_open(cls, target):
+        """As counter_open, but each step reads the counter and writes it back plus one only if it
+        is unchanged (compare-and-swap, retried until it succeeds); a system whose natural form of
+        that is a read-modify-write transaction returns counter_open's step."""
+        return cls.counter_open(target)
+
 
 # ===================================================================== dict-like stores
 class MappingStore(Adapter):
@@ -247,6 +254,19 @@ class MmkvStore(MappingStore):
 
         def step():
             incr(COUNTER_KEY)
+        return step, db.close
+
+    @classmethod
+    def cas_open(cls, target):
+        import mmkv
+        db = mmkv.open(target, "w")
+        get, cas = db.get, db.cas
+
+        def step():
+            while True:
+                old = get(COUNTER_KEY)
+                if cas(COUNTER_KEY, old, (int.from_bytes(old, "little") + 1).to_bytes(8, "little")):
+                    return
         return step, db.close
 
 

@@ -121,6 +121,7 @@ PARTICIPANTS = {
     "delete": ["mmkv", "lmdb", "sqlite", "diskcache", "dict", "redis"],
     "durable_put": ["mmkv", "lmdb", "sqlite"],
     "counter": ["mmkv", "lmdb", "sqlite", "diskcache", "mp.Value", "redis"],
+    "cas": ["mmkv", "lmdb"],
     "open": ["mmkv", "lmdb", "sqlite"],
     "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
     "scale": ["mmkv"],
@@ -129,10 +130,10 @@ PARTICIPANTS = {
     "transfer": ["mmkv"],
     "iterate": ["mmkv", "lmdb", "sqlite", "diskcache", "dict"],
 }
-TABLE_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "open", "space",
+TABLE_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "open", "space",
                "compact", "backup", "scale", "transfer"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
-RUN_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "space", "compact",
+RUN_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "space", "compact",
              "backup", "scale", "transfer", "open"]
 
 TITLES = {
@@ -144,6 +145,7 @@ TITLES = {
     "delete": "delete, each call its own commit",
     "durable_put": "durable put (each call on disk when it returns)",
     "counter": "shared counter, 4 processes",
+    "cas": "read-then-compare-and-swap increments of one counter, 4 processes",
     "open": "fresh process: open a big store and read one key",
     "space": "space: bytes on disk / live logical bytes",
     "scale": "scale: mmkv alone",
@@ -453,10 +455,11 @@ def wl_durable_put(run, workload):
 
 
 # ===================================================================== workload 7: counter
-def counter_child(system, target, n, barrier, queue):
-    """Body of one incrementing process: open own handle, wait for the others, increment n times."""
+def counter_child(system, target, n, barrier, queue, opener="counter_open"):
+    """Body of one incrementing process: open own handle (the adapter's opener: counter_open, or
+    cas_open for a read-then-compare-and-swap step), wait for the others, increment n times."""
     try:
-        step, close = ADAPTERS[system].counter_open(target)
+        step, close = getattr(ADAPTERS[system], opener)(target)
         barrier.wait(120)
         gc.disable()
         t0 = time.perf_counter()
@@ -469,12 +472,14 @@ def counter_child(system, target, n, barrier, queue):
         queue.put((None, None, f"{type(exc).__name__}: {exc}"))
 
 
-def wl_counter(run, workload):
+def shared_counter_runs(run, workload, systems, opener="counter_open"):
+    """Repeated runs of run.size["procs"] processes each taking counter_per_proc increments of one
+    counter through ADAPTERS[s].<opener>; the final count is checked to be exact.  Returns
+    (rates by system, final counts by system, expected total)."""
     import multiprocessing
     ctx = multiprocessing.get_context("fork")
     procs, per = run.size["procs"], run.size["counter_per_proc"]
     total = procs * per
-    systems = run.systems(workload)
     runs = {s: [] for s in systems}
     finals = {s: [] for s in systems}
     alive = list(systems)
@@ -485,7 +490,7 @@ def wl_counter(run, workload):
                 folder = run.folder(f"counter-{s}")
                 target, final = ADAPTERS[s].counter_setup(folder)
                 barrier, queue = ctx.Barrier(procs + 1), ctx.Queue()
-                children = [ctx.Process(target=counter_child, args=(s, target, per, barrier, queue))
+                children = [ctx.Process(target=counter_child, args=(s, target, per, barrier, queue, opener))
                             for _ in range(procs)]
                 for c in children:
                     c.start()
@@ -512,6 +517,10 @@ def wl_counter(run, workload):
             finally:
                 if folder:
                     remove(folder)
+    return runs, finals, total
+
+
+def counter_values(systems, runs, finals, total) -> dict:
     values = {}
     for s in systems:
         if runs[s] or finals[s]:
@@ -519,6 +528,13 @@ def wl_counter(run, workload):
                                   exact=all(f == total for f in finals[s]) and bool(finals[s]))
             if not runs[s]:
                 values[s]["median"] = None
+    return values
+
+
+def wl_counter(run, workload):
+    systems = run.systems(workload)
+    procs, per = run.size["procs"], run.size["counter_per_proc"]
+    values = counter_values(systems, *shared_counter_runs(run, workload, systems))
     run.metric(workload, workload, f"{procs} processes x {per:,} increments of one counter (total incr/s)",
                "ops/s", "higher", values)
     run.note(workload, "Each process opens its own handle (mp.Value: inherits the shared value and uses its "
@@ -526,6 +542,24 @@ def wl_counter(run, workload):
                        "(WAL, synchronous=OFF, autocommit, busy timeout 120 s); diskcache cache.incr; redis INCR. "
                        "Time from the first process starting to the last finishing; the final count is checked "
                        "to be exact.")
+
+
+def wl_cas(run, workload):
+    """Read-then-compare-and-swap increments of one counter from several processes: mmkv's
+    db.get + db.cas (retried until it swaps) beside lmdb's read-modify-write transaction, and
+    mmkv's incr of the same counter for scale."""
+    systems = run.systems(workload)
+    procs, per = run.size["procs"], run.size["counter_per_proc"]
+    values = counter_values(systems, *shared_counter_runs(run, workload, systems, "cas_open"))
+    run.metric(workload, "cas", f"{procs} processes x {per:,} read-then-cas increments of one counter "
+               "(successful increments/s; lmdb: a write txn reading and putting)", "ops/s", "higher", values)
+    if "mmkv" in systems:
+        incr = counter_values(["mmkv"], *shared_counter_runs(run, workload, ["mmkv"]))
+        run.metric(workload, "incr", f"the same with mmkv's incr (one call per increment)", "ops/s", "higher", incr)
+    run.note(workload, "mmkv: each step reads the counter (db.get, lock-free) and calls db.cas(key, read, read + 1) "
+                       "until it returns True (a failed cas is a retry, not an increment); lmdb: each step is one "
+                       "write transaction (get, put; sync=False, metasync=False), which serialises the processes "
+                       "on lmdb's writer lock. The final count is checked to be exact.")
 
 
 # ===================================================================== workload 8: open
@@ -1224,7 +1258,7 @@ def wl_transfer(run, workload):
 WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
              "scale": wl_scale, "compact": wl_compact, "iterate": wl_iterate, "backup": wl_backup,
-             "transfer": wl_transfer}
+             "transfer": wl_transfer, "cas": wl_cas}
 
 
 # ===================================================================== machine info

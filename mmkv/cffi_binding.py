@@ -245,6 +245,31 @@ class CffiCalls:
                 return out[0]
         return self._incr_slow(rc, k, delta)     # also says why for a bad delta, key or handle
 
+    def cas(self, key, expected, new) -> bool:
+        """Compare-and-swap: when key holds expected (None: when key is absent), store new (None:
+        delete key) and return True; else change nothing and return False.  Atomic across
+        processes (the comparison and the write under one hold of the store lock; inside a
+        transaction, against its view and into its writes).  Blocks while another process holds
+        the lock.  :raises TypeError: key, expected or new is not bytes or str (or None).
+        :raises LimitError: new too large.  :raises DiskFullError: no room; nothing changed.
+        :raises ReadOnlyError: a read-only handle."""
+        k = key if type(key) is bytes else as_bytes(key, "key")
+        e = expected if expected is None or type(expected) is bytes else as_bytes(expected, "value")
+        n = new if new is None or type(new) is bytes else as_bytes(new, "value")
+        if self._readonly:
+            self._writable()
+        check_sizes(k, b"" if n is None else n)
+        v = self._view
+        if v is None:
+            raise self._dead()
+        rc = None
+        if not self._lock.depth:
+            rc = lib.mmkv_cas(v, k, len(k), b"" if e is None else e, 0 if e is None else len(e), e is not None,
+                              b"" if n is None else n, 0 if n is None else len(n), n is not None, 1)
+            if rc == 0 or rc == errno.ECANCELED:
+                return rc == 0
+        return self._cas_slow(rc, k, (e, n))
+
     def _put_pairs(self, source):
         """Store every pair of source (a dict, an object with items(), or pairs) in order; the
         caller holds the lock.  Every pair is checked before anything is written."""

@@ -84,6 +84,7 @@ if TYPE_CHECKING:
         def pop(self, key: Bytes, default: bytes | _T) -> bytes | _T: ...
         def pop(self, key: Bytes, *default: Any) -> Any: ...
         def incr(self, key: Bytes, delta: int = 1) -> int: ...
+        def cas(self, key: Bytes, expected: Bytes | None, new: Bytes | None) -> bool: ...
 else:
     _MutableMapping = MutableMapping
     #: The binding of the per-call operations (see engine/shim.py): the C type, or its cffi twin.
@@ -663,6 +664,24 @@ class Store(_Binding, _MutableMapping):
         if value is not None:
             self._delete(k)
         return value
+
+    def _cas_slow(self, rc, k, pair):
+        """Finish a compare-and-swap the fast path could not (rc: its result; None: not tried,
+        e.g. inside lock() or a transaction); pair: (expected, new), bytes or None."""
+        if rc is not None:
+            self._lock.after_fused_write(rc)
+        return self._write_locked(self._cas, k, *pair)
+
+    def _cas(self, k, expected, new):
+        """The compare-and-swap itself; caller holds the lock (inside a transaction: its view and
+        its writes)."""
+        if self._lookup(k) != expected:
+            return False
+        if new is not None:
+            self._put(k, new, 0)
+        elif expected is not None:
+            self._delete(k)
+        return True
 
     def setdefault(self, key: Bytes, default: Bytes = b"") -> bytes:
         """The value of key; if absent, store default first and return it, atomically under the

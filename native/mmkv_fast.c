@@ -73,6 +73,8 @@ typedef int delete_fn(struct mmkv_view *, const uint8_t *, uint64_t, int);
 typedef int take_fn(struct mmkv_view *, const uint8_t *, uint64_t, struct mmkv_getbuf *, int);
 typedef int incr_fn(struct mmkv_view *, const uint8_t *, uint64_t, int64_t, int64_t *, int);
 typedef int count_fn(struct mmkv_view *, uint64_t *);
+typedef int cas_fn(struct mmkv_view *, const uint8_t *, uint64_t, const uint8_t *, uint64_t, int, const uint8_t *,
+                   uint64_t, int, int);
 
 /* The pointers must have the core's types (checked without referencing the core's symbols). */
 #define SAME_TYPE(fn, type) _Static_assert(__builtin_types_compatible_p(__typeof__(fn), type), #fn "'s type changed")
@@ -83,10 +85,12 @@ SAME_TYPE(mmkv_delete, delete_fn);
 SAME_TYPE(mmkv_take, take_fn);
 SAME_TYPE(mmkv_incr, incr_fn);
 SAME_TYPE(mmkv_count_nowait, count_fn);
+SAME_TYPE(mmkv_cas, cas_fn);
 
 /* init() receives the addresses in this order (exported as CORE_FUNCTIONS). */
 static const char *const core_names[] = {
     "mmkv_get", "mmkv_get_nowait", "mmkv_put", "mmkv_delete", "mmkv_take", "mmkv_incr", "mmkv_count_nowait",
+    "mmkv_cas",
 };
 #define N_CORE (sizeof(core_names) / sizeof(core_names[0]))
 
@@ -98,6 +102,7 @@ static struct {
     take_fn *take;
     incr_fn *incr;
     count_fn *count_nowait;
+    cas_fn *cas;
 } core;
 
 /* Set by init(): the limits and the error class of mmkv. */
@@ -108,7 +113,7 @@ static _Thread_local uint8_t thread_buf[FAST_BUFFER];
 
 /* Interned names of the Python subclass's general-path methods. */
 static PyObject *s_dead, *s_read_slow, *s_contains_slow, *s_put_slow, *s_delete_slow, *s_pop_slow,
-    *s_incr_slow, *s_len_slow, *s_make_room, *s_reserve_for, *s_writable, *s_items;
+    *s_incr_slow, *s_len_slow, *s_make_room, *s_reserve_for, *s_writable, *s_items, *s_cas_slow;
 
 typedef struct {
     PyObject_HEAD
@@ -608,6 +613,70 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(cas_doc,
+"cas(key, expected, new) -> True when key held expected (None: was absent) and now holds new\n"
+"(None: is deleted); False, and nothing changed, when it held anything else.\n\n"
+"Atomic across processes (under the store lock).  :raises TypeError: key, expected or new is not\n"
+"bytes or str (or None).  :raises LimitError: new too large.  :raises DiskFullError: no room; unchanged.");
+
+/* A value argument of cas: None (has = 0) or bytes_of's. */
+static int optional_bytes(PyObject *obj, const char *what, const char **data, Py_ssize_t *len, PyObject **tmp,
+                          int *has)
+{
+    *tmp = NULL;
+    *has = obj != Py_None;
+    if (!*has) {
+        *data = "";
+        *len = 0;
+        return 0;
+    }
+    return bytes_of(obj, what, data, len, tmp);
+}
+
+static PyObject *handle_cas(Handle *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "cas() takes 3 arguments (key, expected, new), got %zd", nargs);
+        return NULL;
+    }
+    PyObject *key = args[0], *ktmp = NULL, *etmp = NULL, *ntmp = NULL, *out = NULL;
+    const char *k, *e, *n;
+    Py_ssize_t klen, elen, nlen;
+    int has_e, has_n;
+    if (bytes_of(key, "key", &k, &klen, &ktmp) || optional_bytes(args[1], "value", &e, &elen, &etmp, &has_e) ||
+        optional_bytes(args[2], "value", &n, &nlen, &ntmp, &has_n) || check_writable(self) ||
+        check_sizes(klen, nlen))
+        goto done;
+    struct mmkv_view *v = self->view;
+    int rc = NOT_TRIED;
+    if (!v) {
+        raise_dead(self);
+        goto done;
+    }
+    if (!v->held) {
+        FUSED(self, rc, core.cas(v, (const uint8_t *)k, (uint64_t)klen, (const uint8_t *)e, (uint64_t)elen, has_e,
+                                 (const uint8_t *)n, (uint64_t)nlen, has_n, take));
+        if (rc == 0 || rc == ECANCELED) {
+            out = PyBool_FromLong(rc == 0);
+            goto done;
+        }
+    }
+    PyObject *eb = has_e ? bytes_object(args[1], e, elen) : Py_NewRef(Py_None);
+    PyObject *nb = !eb ? NULL : has_n ? bytes_object(args[2], n, nlen) : Py_NewRef(Py_None);
+    PyObject *pair = nb ? PyTuple_Pack(2, eb, nb) : NULL;
+    Py_XDECREF(eb);
+    Py_XDECREF(nb);
+    if (pair) {
+        out = call_slow(self, s_cas_slow, rc, key, k, klen, pair);
+        Py_DECREF(pair);
+    }
+done:
+    Py_XDECREF(ktmp);
+    Py_XDECREF(etmp);
+    Py_XDECREF(ntmp);
+    return out;
+}
+
 PyDoc_STRVAR(incr_doc,
 "incr(key, delta=1) -> add delta to the 8-byte signed counter at key; the new value.\n\n"
 "Atomic across processes; a missing key counts from 0.  The value is stored as 8 little-endian\n"
@@ -939,6 +1008,7 @@ static PyMethodDef handle_methods[] = {
     {"get", (PyCFunction)(void (*)(void))handle_get, METH_FASTCALL | METH_KEYWORDS, get_doc},
     {"pop", (PyCFunction)(void (*)(void))handle_pop, METH_FASTCALL, pop_doc},
     {"incr", (PyCFunction)(void (*)(void))handle_incr, METH_FASTCALL | METH_KEYWORDS, incr_doc},
+    {"cas", (PyCFunction)(void (*)(void))handle_cas, METH_FASTCALL, cas_doc},
     {"_put_pairs", (PyCFunction)handle_put_pairs, METH_O, put_pairs_doc},
     {"_bind", (PyCFunction)(void (*)(void))handle_bind, METH_FASTCALL, bind_doc},
     {"_unbind", (PyCFunction)handle_unbind, METH_NOARGS, unbind_doc},
@@ -1020,6 +1090,8 @@ static PyObject *fast_init(PyObject *module, PyObject *const *args, Py_ssize_t n
     core.take = (take_fn *)p[4];
     core.incr = (incr_fn *)p[5];
     core.count_nowait = (count_fn *)p[6];
+    core.cas = (cas_fn *)p[7];
+    _Static_assert(N_CORE == 8, "every name in core_names is assigned above, in its order");
     Py_RETURN_NONE;
 }
 
@@ -1125,7 +1197,7 @@ static int intern_names(void)
         {&s_put_slow, "_put_slow"}, {&s_delete_slow, "_delete_slow"}, {&s_pop_slow, "_pop_slow"},
         {&s_incr_slow, "_incr_slow"}, {&s_len_slow, "_len_slow"}, {&s_make_room, "_make_room"},
         {&s_reserve_for, "_reserve_for"},
-        {&s_writable, "_writable"}, {&s_items, "items"},
+        {&s_writable, "_writable"}, {&s_items, "items"}, {&s_cas_slow, "_cas_slow"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!(*names[i].slot = PyUnicode_InternFromString(names[i].name)))

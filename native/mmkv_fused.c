@@ -27,7 +27,8 @@ static int lock_current(struct mmkv_view *v, int take_lock)
 /* Results after which a fused call has changed nothing and released the lock. */
 static int clean_result(int rc)
 {
-    return rc == 0 || rc == ENOENT || rc == EAGAIN || rc == ENOSPC || rc == ERANGE || rc == MMKV_ENEEDBACK;
+    return rc == 0 || rc == ENOENT || rc == EAGAIN || rc == ENOSPC || rc == ERANGE || rc == MMKV_ENEEDBACK ||
+           rc == ECANCELED;
 }
 
 static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
@@ -163,6 +164,36 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
     if (rc == 0)
         rc = delete_found(v, &l, klen);
     if (take_lock && (clean_result(rc) || rc == ENOBUFS))
+        mmkv_unlock(v);
+    return rc;
+}
+
+/* Compare-and-swap under the lock: a put (or a delete) that happens only when the key's value is
+   the expected one.  Commit order: that of the put or the delete it becomes. */
+int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *expected, uint64_t elen,
+             int has_expected, const uint8_t *val, uint64_t vlen, int has_val, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v, take_lock)))
+        return rc;
+    struct lookup l;
+    rc = lookup(v, key, klen, &l);
+    if (rc == 0 && l.head.checksum != record_sum_of(v, l.rec, &l.head))
+        rc = EBADMSG; /* a damaged value is never compared (nor replaced): recovery first */
+    if (rc == 0 || rc == ENOENT) {
+        const uint8_t *now = (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len);
+        int same = rc == ENOENT ? !has_expected
+                                : has_expected && l.head.val_len == elen && (!elen || memcmp(now, expected, elen) == 0);
+        if (!same)
+            rc = ECANCELED;
+        else if (has_val)
+            rc = put_locked(v, key, klen, val, vlen, 0);   /* EAGAIN, ENOSPC: nothing changed */
+        else if (rc == 0)
+            rc = delete_found(v, &l, klen);
+        else
+            rc = 0;   /* absent, expected absent, and deleted: nothing to do */
+    }
+    if (take_lock && clean_result(rc))
         mmkv_unlock(v);
     return rc;
 }

@@ -252,6 +252,12 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
                                            changed, the lock released like ENOENT) */
 int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result,
               int take_lock);   /* ENOENT: absent or not a counter record (take the general path) */
+int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *expected, uint64_t elen,
+             int has_expected, const uint8_t *val, uint64_t vlen, int has_val, int take_lock);
+                                        /* compare-and-swap: when key's value is expected[:elen] (has_expected
+                                           0: when key is absent), put val[:vlen] (has_val 0: delete key);
+                                           0: done; ECANCELED: the value differed, nothing changed (the lock
+                                           released); EAGAIN, ENOSPC, MMKV_ENEEDBACK as mmkv_put */
 
 /*
  * Failpoints, for crash tests: the countdown-th time the named point is

@@ -182,6 +182,24 @@ class StoreMachine(RuleBasedStateMachine):
         got = self.dbs[i].pop(key, default)
         assert got == self.model.pop(key, default)
 
+    @rule(i=which, key=keys, expected=st.one_of(st.none(), values), new=st.one_of(st.none(), values))
+    def cas(self, i, key, expected, new):
+        """Compare-and-swap with an expected value drawn at random (mostly a miss)."""
+        self._cas(i, key, expected, new)
+
+    @rule(i=which, key=keys, new=st.one_of(st.none(), values))
+    def cas_current(self, i, key, new):
+        """Compare-and-swap against the model's value (it must swap)."""
+        self._cas(i, key, self.model.get(key), new)
+
+    def _cas(self, i, key, expected, new):
+        swaps = self.model.get(key) == expected
+        assert self.dbs[i].cas(key, expected, new) is swaps
+        if swaps and new is None:
+            self.model.pop(key, None)
+        elif swaps:
+            self.model[key] = new
+
     @rule(i=which, key=keys, value=values)
     def setdefault(self, i, key, value):
         assert self.dbs[i].setdefault(key, value) == self.model.setdefault(key, value)
@@ -251,6 +269,29 @@ class StoreMachine(RuleBasedStateMachine):
         with self.dbs[i].transaction():
             self._run_txn_block(self.dbs[i], ops, expected)
         self.model = expected
+
+    @rule(i=which, puts=txn_puts, deletes=txn_deletes, commit=st.booleans())
+    def transaction_of_cas(self, i, puts, deletes, commit):
+        """Compare-and-swaps inside a transaction see its own writes; a miss changes nothing;
+        they commit or roll back with it."""
+        db, expected = self.dbs[i], dict(self.model)
+        try:
+            with db.transaction():
+                for k, v in list(puts) + [(k, None) for k in self._deleted_keys(deletes)]:
+                    if expected.get(k) != b"\xfe" * 13:
+                        assert db.cas(k, b"\xfe" * 13, b"never") is False
+                    assert db.cas(k, expected.get(k), v) is True
+                    if v is None:
+                        expected.pop(k, None)
+                    else:
+                        expected[k] = v
+                    assert db.get(k) == expected.get(k)
+                if not commit:
+                    raise _Abandon()
+        except _Abandon:
+            pass
+        if commit:
+            self.model = expected
 
     @rule(i=which, puts=txn_puts, deletes=txn_deletes, data=st.data())
     def transaction_raises(self, i, puts, deletes, data):

@@ -16,6 +16,8 @@ def counters(folder: Path) -> int:
         missing: bytes | None = db.get(b"user:9")
         fallback: bytes | str = db.get(b"user:9", "nobody")
         hits: int = db.incr(b"hits", 2)
+        swapped: bool = db.cas(b"hits", None, b"x") or db.cas("s", b"x", None)
+        assert swapped is False
         with db.transaction():
             db.update({b"a": b"1", b"b": b"2"})
             db.pop(b"b")

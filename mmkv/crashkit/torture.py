@@ -89,6 +89,11 @@ CHILD_TIMEOUT = 60
 _TRACEBACK = b"\0traceback\n"
 
 
+#: An expected value no key of the victim ever holds (its values are random bytes of other sizes,
+#: or of up to 63 bytes in batches: 2^-104 that one is this).
+CAS_NEVER = b"\xfe" * 13
+
+
 def operations(seed: int, clears: bool = True):
     """The writer's operation stream: deterministic in (seed, clears), independent of the store.
 
@@ -106,8 +111,14 @@ def operations(seed: int, clears: bool = True):
 
     while True:
         r = rnd.random()
-        if r < 0.40:
+        if r < 0.34:
             yield ("put", key(), value())
+        elif r < 0.37:
+            yield ("cas", key(), value())          # read the value, then cas it to a new one
+        elif r < 0.39:
+            yield ("cas-del", key())               # read the value, then cas it away
+        elif r < 0.40:
+            yield ("cas-miss", key(), value())     # a cas whose expected value is never there
         elif r < 0.55:
             yield ("del", key())
         elif r < 0.70:
@@ -150,9 +161,9 @@ def bystander_operations(ident: bytes, seed: int):
 def apply(model: dict, op) -> None:
     """What op does to a dict model of the store."""
     kind = op[0]
-    if kind == "put":
+    if kind in ("put", "cas"):
         model[op[1]] = op[2]
-    elif kind == "del":
+    elif kind in ("del", "cas-del"):
         model.pop(op[1], None)
     elif kind == "incr":
         now = int.from_bytes(model.get(op[1], bytes(8)), "little", signed=True) + op[2]
@@ -189,6 +200,13 @@ def perform(db, op) -> None:
         db.clear()
     elif kind == "compact":
         db.compact()
+    elif kind in ("cas", "cas-del"):                 # the victim alone writes its keys: it must swap
+        new = op[2] if kind == "cas" else None
+        if not db.cas(op[1], db.get(op[1]), new):
+            raise AssertionError(f"cas of {op[1]!r} against the value just read did not swap")
+    elif kind == "cas-miss":
+        if db.cas(op[1], CAS_NEVER, op[2]):
+            raise AssertionError(f"cas of {op[1]!r} against a value it never holds swapped")
 
 
 # ---------------------------------------------------------------- names of one file
