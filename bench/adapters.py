@@ -158,6 +158,10 @@ class MappingStore(Adapter):
         for k in keys:
             m[k]
 
+    def batch_get_loop(self, batches):
+        """Each batch read as of one moment, where the system has such a call."""
+        raise NotImplementedError
+
     def absent_loop(self, keys):
         get = self.m.get
         for k in keys:
@@ -206,6 +210,11 @@ class MmkvStore(MappingStore):
 
     def stats(self):
         return self.db.stats()
+
+    def batch_get_loop(self, batches):
+        get_many = self.db.get_many
+        for keys in batches:
+            get_many(keys)
 
     def compact(self):
         self.last_compaction = self.db.compact()
@@ -359,6 +368,13 @@ class LmdbStore(Adapter):
         for k in keys:
             with begin() as txn:
                 txn.get(k)
+
+    def batch_get_loop(self, batches):
+        """Each batch read as of one moment: one read transaction and a cursor's getmulti."""
+        begin = self.env.begin
+        for keys in batches:
+            with begin() as txn:
+                txn.cursor().getmulti(keys)
 
     def items_loop(self):
         n = 0

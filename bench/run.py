@@ -122,6 +122,7 @@ PARTICIPANTS = {
     "durable_put": ["mmkv", "lmdb", "sqlite"],
     "counter": ["mmkv", "lmdb", "sqlite", "diskcache", "mp.Value", "redis"],
     "cas": ["mmkv", "lmdb"],
+    "get_many": ["mmkv", "lmdb"],
     "open": ["mmkv", "lmdb", "sqlite"],
     "space": ["mmkv", "lmdb", "sqlite", "diskcache"],
     "scale": ["mmkv"],
@@ -130,10 +131,10 @@ PARTICIPANTS = {
     "transfer": ["mmkv"],
     "iterate": ["mmkv", "lmdb", "sqlite", "diskcache", "dict"],
 }
-TABLE_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "open", "space",
+TABLE_ORDER = ["get", "get_absent", "contains", "get_many", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "open", "space",
                "compact", "backup", "scale", "transfer"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
-RUN_ORDER = ["get", "get_absent", "contains", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "space", "compact",
+RUN_ORDER = ["get", "get_absent", "contains", "get_many", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "space", "compact",
              "backup", "scale", "transfer", "open"]
 
 TITLES = {
@@ -146,6 +147,7 @@ TITLES = {
     "durable_put": "durable put (each call on disk when it returns)",
     "counter": "shared counter, 4 processes",
     "cas": "read-then-compare-and-swap increments of one counter, 4 processes",
+    "get_many": "batch reads of 100 random keys (mmkv get_many, lmdb getmulti) beside 100 single gets",
     "open": "fresh process: open a big store and read one key",
     "space": "space: bytes on disk / live logical bytes",
     "scale": "scale: mmkv alone",
@@ -432,6 +434,46 @@ def wl_iterate(run, workload):
                 close_quietly(ad)
                 remove(ad.folder)
     run.metric(workload, workload, f"items over {n:,} keys of {VALUE_SIZE} B, per item", "items/s", "higher", values)
+
+
+# ===================================================================== get_many
+def wl_get_many(run, workload):
+    """Batches of 100 random present keys of a store of iterate_n keys: each system's batch read
+    (mmkv get_many, lmdb getmulti in one read transaction) beside its own 100 single gets."""
+    n, per, count = run.size["iterate_n"], 100, 2000
+    rng = random.Random(14)
+    batches = [[key(rng.randrange(n)) for _ in range(per)] for _ in range(count)]
+    flat = [k for b in batches for k in b]
+    many, single = {}, {}
+    for s in run.systems(workload):
+        ad = None
+        try:
+            ad = ADAPTERS[s](run.folder(f"get_many-{s}"))
+            for start in range(0, n, CHUNK):
+                ad.batch({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))})
+            ad.batch_get_loop(batches[:50])                  # warm: the mapping's page tables
+            ad.get_loop(flat[:5000])
+            m_runs, s_runs = [], []
+            for _ in range(run.repeats):                     # interleaved: both see the same machine
+                m_runs.append(len(flat) / timed(ad.batch_get_loop, batches))
+                s_runs.append(len(flat) / timed(ad.get_loop, flat))
+            many[s], single[s] = summarize(m_runs), summarize(s_runs)
+        except NotImplementedError:
+            continue
+        except Exception as exc:
+            run.fail(workload, s, f"get_many: {type(exc).__name__}: {exc}")
+            log(traceback.format_exc())
+        finally:
+            if ad is not None:
+                close_quietly(ad)
+                remove(ad.folder)
+    run.metric(workload, "batch", f"batch reads of {per} random keys of {n:,} ({VALUE_SIZE} B values), per key",
+               "keys/s", "higher", many)
+    run.metric(workload, "single", f"the same keys by {per} single gets, per key", "keys/s", "higher", single)
+    if "mmkv" in many and "mmkv" in single:
+        ratio = many["mmkv"]["median"] / single["mmkv"]["median"]
+        run.note(workload, f"mmkv get_many / mmkv single gets: {ratio:.2f}x (target >= 3x). lmdb's batch read is "
+                           "Cursor.getmulti in one read transaction; its single gets a transaction each, as in get.")
 
 
 # ===================================================================== workload 6: durable put
@@ -1258,7 +1300,7 @@ def wl_transfer(run, workload):
 WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
              "scale": wl_scale, "compact": wl_compact, "iterate": wl_iterate, "backup": wl_backup,
-             "transfer": wl_transfer, "cas": wl_cas}
+             "transfer": wl_transfer, "cas": wl_cas, "get_many": wl_get_many}
 
 
 # ===================================================================== machine info

@@ -136,6 +136,41 @@ class CffiCalls:
         value = self._read_slow(rc, k)
         return default if value is None else value
 
+    def get_many(self, keys, default=None) -> list:
+        """The values of keys, in their order (default for an absent key), all as of one moment:
+        no other process's write lands between two of them.  Lock-free while no writer is active
+        (else under one hold of the lock, O(len(keys))).  :raises TypeError: keys is not
+        iterable, or one is not bytes or str."""
+        ks = [k if type(k) is bytes else as_bytes(k, "key") for k in keys]
+        v = self._view
+        if v is None:
+            raise self._dead()
+        rc = None
+        if not self._lock.depth:
+            n = len(ks)
+            ends = ffi.new("uint64_t[]", list(accumulate(map(len, ks))) or 1)
+            val_ends, found = ffi.new("uint64_t[]", n or 1), ffi.new("uint8_t[]", n or 1)
+            out = self._per_thread.out
+            for _ in range(3):
+                rc = lib.mmkv_get_many(v, b"".join(ks), ends, n, out, val_ends, found, 1)
+                if rc != errno.ENOBUFS:
+                    break
+                mem = ffi.new("uint8_t[]", out.val_len)     # values larger than the buffer: one of their size
+                out = ffi.new("struct mmkv_getbuf *")
+                out.buf, out.cap = mem, ffi.sizeof(mem)
+            if rc == 0:
+                data = ffi.buffer(out.buf, out.val_len)[:]
+                result, start = [], 0
+                for i in range(n):
+                    if found[i]:
+                        end = val_ends[i]
+                        result.append(data[start:end])
+                        start = end
+                    else:
+                        result.append(default)
+                return result
+        return self._get_many_slow(rc, ks, default)
+
     def __contains__(self, key):
         """True when key is present (its record verified, as get does); lock-free like get."""
         k = key if type(key) is bytes else as_bytes(key, "key")

@@ -85,6 +85,11 @@ if TYPE_CHECKING:
         def pop(self, key: Bytes, *default: Any) -> Any: ...
         def incr(self, key: Bytes, delta: int = 1) -> int: ...
         def cas(self, key: Bytes, expected: Bytes | None, new: Bytes | None) -> bool: ...
+        @overload
+        def get_many(self, keys: Iterable[Bytes]) -> list[bytes | None]: ...
+        @overload
+        def get_many(self, keys: Iterable[Bytes], default: bytes | _T) -> list[bytes | _T]: ...
+        def get_many(self, keys: Iterable[Bytes], default: Any = None) -> list[Any]: ...
 else:
     _MutableMapping = MutableMapping
     #: The binding of the per-call operations (see engine/shim.py): the C type, or its cffi twin.
@@ -471,6 +476,17 @@ class Store(_Binding, _MutableMapping):
         # damaged bytes are never returned as a value (the fast path checks in C)
         raise_for(lib.mmkv_record_verify_contents(v, v.rec_off), f"record of key {bytes(k)[:40]!r}")
         return self._engine.fm.mm[v.val_off:v.val_off + v.val_len]
+
+    def _get_many_slow(self, rc, keys, default):
+        """Finish a batch read the fast path could not (rc None: not tried, e.g. inside lock() or a
+        transaction): the values of keys (bytes) as of one moment, default for an absent one."""
+        if self._lockless:
+            if rc == errno.EBADMSG:     # (returned only when no writer was active: damage)
+                raise_for(rc, "batch lookup")
+        else:
+            self._lock.after_fast_read(rc)
+        values = self._consistently(lambda: [self._lookup(k) for k in keys])
+        return [default if value is None else value for value in values]
 
     def _contains_slow(self, rc, k):
         """Finish a membership test the fast path could not (rc None: not tried)."""

@@ -73,6 +73,8 @@ typedef int delete_fn(struct mmkv_view *, const uint8_t *, uint64_t, int);
 typedef int take_fn(struct mmkv_view *, const uint8_t *, uint64_t, struct mmkv_getbuf *, int);
 typedef int incr_fn(struct mmkv_view *, const uint8_t *, uint64_t, int64_t, int64_t *, int);
 typedef int count_fn(struct mmkv_view *, uint64_t *);
+typedef int many_fn(struct mmkv_view *, const uint8_t *, const uint64_t *, uint64_t, struct mmkv_getbuf *,
+                    uint64_t *, uint8_t *, int);
 typedef int cas_fn(struct mmkv_view *, const uint8_t *, uint64_t, const uint8_t *, uint64_t, int, const uint8_t *,
                    uint64_t, int, int);
 
@@ -86,11 +88,12 @@ SAME_TYPE(mmkv_take, take_fn);
 SAME_TYPE(mmkv_incr, incr_fn);
 SAME_TYPE(mmkv_count_nowait, count_fn);
 SAME_TYPE(mmkv_cas, cas_fn);
+SAME_TYPE(mmkv_get_many, many_fn);
 
 /* init() receives the addresses in this order (exported as CORE_FUNCTIONS). */
 static const char *const core_names[] = {
     "mmkv_get", "mmkv_get_nowait", "mmkv_put", "mmkv_delete", "mmkv_take", "mmkv_incr", "mmkv_count_nowait",
-    "mmkv_cas",
+    "mmkv_cas", "mmkv_get_many",
 };
 #define N_CORE (sizeof(core_names) / sizeof(core_names[0]))
 
@@ -103,6 +106,7 @@ static struct {
     incr_fn *incr;
     count_fn *count_nowait;
     cas_fn *cas;
+    many_fn *get_many;
 } core;
 
 /* Set by init(): the limits and the error class of mmkv. */
@@ -113,7 +117,7 @@ static _Thread_local uint8_t thread_buf[FAST_BUFFER];
 
 /* Interned names of the Python subclass's general-path methods. */
 static PyObject *s_dead, *s_read_slow, *s_contains_slow, *s_put_slow, *s_delete_slow, *s_pop_slow,
-    *s_incr_slow, *s_len_slow, *s_make_room, *s_reserve_for, *s_writable, *s_items, *s_cas_slow;
+    *s_incr_slow, *s_len_slow, *s_make_room, *s_reserve_for, *s_writable, *s_items, *s_cas_slow, *s_get_many_slow;
 
 typedef struct {
     PyObject_HEAD
@@ -613,6 +617,142 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(get_many_doc,
+"get_many(keys, default=None) -> a list of the values of keys, in their order (default for an\n"
+"absent key), all as of one moment: no other process's write lands between two of them.\n\n"
+"Lock-free while no writer is active (else under one hold of the lock, O(len(keys))).\n"
+":raises TypeError: keys is not iterable, or one is not bytes or str.");
+
+/* The values of a batch that returned 0: a list, default where found[i] is 0 (a new reference). */
+static PyObject *many_result(const uint8_t *buf, const uint64_t *ends, const uint8_t *found, Py_ssize_t n,
+                             PyObject *dflt)
+{
+    PyObject *out = PyList_New(n);
+    uint64_t start = 0;
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *item = dflt;
+        if (found[i]) {
+            item = PyBytes_FromStringAndSize((const char *)buf + start, (Py_ssize_t)(ends[i] - start));
+            if (!item) {
+                Py_CLEAR(out);
+                break;
+            }
+        } else {
+            Py_INCREF(item);
+        }
+        start = ends[i];
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+static PyObject *handle_get_many(Handle *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *keys_arg = NULL, *dflt = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw < 1 || nargs > 2)
+        goto usage;
+    keys_arg = nargs >= 1 ? args[0] : NULL;
+    if (nargs == 2)
+        dflt = args[1];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(name, "default") == 0 && nargs < 2)
+            dflt = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(name, "keys") == 0 && nargs < 1)
+            keys_arg = args[nargs + i];
+        else
+            goto usage;
+    }
+    if (!keys_arg)
+        goto usage;
+    PyObject *seq = PySequence_Fast(keys_arg, "get_many() takes an iterable of keys");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = NULL, *kb = PyList_New(n);   /* the keys as bytes, for the general path */
+    uint64_t *key_ends = PyMem_Malloc(sizeof(uint64_t) * (size_t)(2 * n + 1));
+    uint8_t *found = PyMem_Malloc((size_t)n + 1), *blob = NULL, *big = NULL;
+    if (!kb || !key_ends || !found) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t *val_ends = key_ends + n, total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(seq, i), *tmp;
+        const char *k;
+        Py_ssize_t klen;
+        if (bytes_of(key, "key", &k, &klen, &tmp))
+            goto done;
+        PyObject *b = tmp ? tmp : bytes_object(key, k, klen);
+        if (!b)
+            goto done;
+        PyList_SET_ITEM(kb, i, b);
+        total += (uint64_t)klen;
+        key_ends[i] = total;
+    }
+    blob = PyMem_Malloc((size_t)total + 1);
+    if (!blob) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *b = PyList_GET_ITEM(kb, i);
+        memcpy(blob + (i ? key_ends[i - 1] : 0), PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+    }
+    struct mmkv_view *v = self->view;
+    int rc = NOT_TRIED;
+    if (!v) {
+        raise_dead(self);
+        goto done;
+    }
+    if (!v->held) {
+        struct mmkv_getbuf g = {.buf = thread_buf, .cap = FAST_BUFFER};
+        for (int tries = 0; tries < SIZE_RETRIES; tries++) {
+            rc = core.get_many(v, blob, key_ends, (uint64_t)n, &g, val_ends, found, 0);
+            if (rc == EBUSY) {                       /* wait for the lock without the GIL */
+                PyObject *owner = self->owner;
+                Py_INCREF(owner);
+                Py_BEGIN_ALLOW_THREADS
+                rc = core.get_many(v, blob, key_ends, (uint64_t)n, &g, val_ends, found, 1);
+                Py_END_ALLOW_THREADS
+                Py_DECREF(owner);
+            }
+            if (rc != ENOBUFS)
+                break;
+            PyMem_Free(big);                         /* values larger than the buffer: one of their size */
+            big = g.val_len < (uint64_t)PY_SSIZE_T_MAX ? PyMem_Malloc((size_t)g.val_len + 1) : NULL;
+            if (!big) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            g.buf = big;
+            g.cap = g.val_len;
+        }
+        if (rc == 0) {
+            out = many_result(g.buf, val_ends, found, n, dflt);
+            goto done;
+        }
+    }
+    PyObject *code = rc_object(rc);
+    if (code) {
+        PyObject *call[4] = {(PyObject *)self, code, kb, dflt};
+        out = PyObject_VectorcallMethod(s_get_many_slow, call, 4, NULL);
+        Py_DECREF(code);
+    }
+done:
+    PyMem_Free(big);
+    PyMem_Free(blob);
+    PyMem_Free(found);
+    PyMem_Free(key_ends);
+    Py_XDECREF(kb);
+    Py_DECREF(seq);
+    return out;
+usage:
+    PyErr_SetString(PyExc_TypeError, "get_many() takes an iterable of keys and an optional default");
+    return NULL;
+}
+
 PyDoc_STRVAR(cas_doc,
 "cas(key, expected, new) -> True when key held expected (None: was absent) and now holds new\n"
 "(None: is deleted); False, and nothing changed, when it held anything else.\n\n"
@@ -1009,6 +1149,7 @@ static PyMethodDef handle_methods[] = {
     {"pop", (PyCFunction)(void (*)(void))handle_pop, METH_FASTCALL, pop_doc},
     {"incr", (PyCFunction)(void (*)(void))handle_incr, METH_FASTCALL | METH_KEYWORDS, incr_doc},
     {"cas", (PyCFunction)(void (*)(void))handle_cas, METH_FASTCALL, cas_doc},
+    {"get_many", (PyCFunction)(void (*)(void))handle_get_many, METH_FASTCALL | METH_KEYWORDS, get_many_doc},
     {"_put_pairs", (PyCFunction)handle_put_pairs, METH_O, put_pairs_doc},
     {"_bind", (PyCFunction)(void (*)(void))handle_bind, METH_FASTCALL, bind_doc},
     {"_unbind", (PyCFunction)handle_unbind, METH_NOARGS, unbind_doc},
@@ -1091,7 +1232,8 @@ static PyObject *fast_init(PyObject *module, PyObject *const *args, Py_ssize_t n
     core.incr = (incr_fn *)p[5];
     core.count_nowait = (count_fn *)p[6];
     core.cas = (cas_fn *)p[7];
-    _Static_assert(N_CORE == 8, "every name in core_names is assigned above, in its order");
+    core.get_many = (many_fn *)p[8];
+    _Static_assert(N_CORE == 9, "every name in core_names is assigned above, in its order");
     Py_RETURN_NONE;
 }
 
@@ -1198,6 +1340,7 @@ static int intern_names(void)
         {&s_incr_slow, "_incr_slow"}, {&s_len_slow, "_len_slow"}, {&s_make_room, "_make_room"},
         {&s_reserve_for, "_reserve_for"},
         {&s_writable, "_writable"}, {&s_items, "items"}, {&s_cas_slow, "_cas_slow"},
+        {&s_get_many_slow, "_get_many_slow"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!(*names[i].slot = PyUnicode_InternFromString(names[i].name)))

@@ -173,12 +173,13 @@ static struct mmkv_segment *segment_at(const struct mmkv_view *v, uint64_t off)
 }
 
 /* struct lookup is declared in mmkv_internal.h (the fused writes look up too). */
-int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out)
+/* lookup, for a key whose hash the caller has computed. */
+static int lookup_hashed(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, uint64_t h,
+                         struct lookup *out)
 {
     const uint64_t *dir = directory(v);
     if (!dir)
         return EBADMSG;
-    uint64_t h = siphash24(v->seed0, v->seed1, key, klen);
     out->hash = h;
     out->rec_off = 0;
     out->rec = NULL;
@@ -207,6 +208,11 @@ int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct 
         }
     }
     return EBADMSG; /* a full segment never happens: the engine splits it first */
+}
+
+int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out)
+{
+    return lookup_hashed(v, key, klen, siphash24(v->seed0, v->seed1, key, klen), out);
 }
 
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
@@ -788,6 +794,121 @@ int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, stru
     return rc;
 }
 
+
+/* Keys a batch read looks ahead: a key's home slot is fetched MANY_AHEAD keys before its lookup,
+   and the record that slot names MANY_AHEAD / 2 keys before, so the cache misses of many keys
+   overlap (a random key of a big store costs two or three misses of ~100 ns in a row). */
+#define MANY_AHEAD 16
+
+/* The home slot of hash h, as the directory says now, or NULL (an offset out of bounds: the
+   lookup will say what is wrong).  Only a hint for prefetching: read without any check. */
+static const uint64_t *home_slot_hint(const struct mmkv_view *v, const uint64_t *dir, uint64_t h)
+{
+    uint64_t seg_off = __atomic_load_n(&dir[dir_index(v, h)], __ATOMIC_RELAXED);
+    if (seg_off % 8 || seg_off < MMKV_HEADER_SIZE || !range_ok(v->size, seg_off, SEG_BYTES))
+        return NULL;
+    return (const uint64_t *)(v->base + seg_off + SEG_HDR) + (h & SEG_MASK);
+}
+
+/* Look up keys[i] (the n keys of a batch: key_ends as in mmkv_put_many) and copy every value
+   found into g's buffer, one after the other; the caller makes sure nothing changes meanwhile
+   (or checks the sequence word after).  ENOBUFS: they do not all fit (g->val_len: the bytes
+   they need). */
+static int many_into(const struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, uint64_t n,
+                     struct mmkv_getbuf *g, uint64_t *val_ends, uint8_t *found)
+{
+    const uint64_t *dir = directory(v);
+    if (!dir)
+        return EBADMSG;
+    uint64_t used = 0, hashes[2 * MANY_AHEAD];   /* key i's at i % (2 * MANY_AHEAD): no stage overwrites another's */
+    for (uint64_t i = 0; i < n + MANY_AHEAD; i++) {
+        if (i < n) {            /* MANY_AHEAD keys ahead: hash, fetch the home slot */
+            uint64_t k0 = i ? key_ends[i - 1] : 0;
+            if (key_ends[i] < k0)
+                return EINVAL;
+            uint64_t h = hashes[i % (2 * MANY_AHEAD)] = siphash24(v->seed0, v->seed1, keys + k0, key_ends[i] - k0);
+            const uint64_t *slot = home_slot_hint(v, dir, h);
+            if (slot)
+                __builtin_prefetch(slot);
+        }
+        if (i >= MANY_AHEAD / 2 && i - MANY_AHEAD / 2 < n) {   /* halfway: fetch the record it names */
+            const uint64_t *slot = home_slot_hint(v, dir, hashes[(i - MANY_AHEAD / 2) % (2 * MANY_AHEAD)]);
+            uint64_t off = slot ? __atomic_load_n(slot, __ATOMIC_RELAXED) & MMKV_SLOT_OFF_MASK : 0;
+            if (off && range_ok(v->size, off, 3 * 64)) {    /* header, key and a small value */
+                __builtin_prefetch(v->base + off);
+                __builtin_prefetch(v->base + off + 64);
+                __builtin_prefetch(v->base + off + 128);
+            }
+        }
+        if (i < MANY_AHEAD)
+            continue;
+        uint64_t j = i - MANY_AHEAD, k0 = j ? key_ends[j - 1] : 0;
+        struct lookup l;
+        int rc = lookup_hashed(v, keys + k0, key_ends[j] - k0, hashes[j % (2 * MANY_AHEAD)], &l);
+        if (rc == ENOENT) {
+            found[j] = 0;
+            val_ends[j] = used;
+            continue;
+        }
+        if (rc)
+            return rc;
+        if (l.head.checksum != record_sum_of(v, l.rec, &l.head))
+            return EBADMSG; /* damaged bytes are never returned as a value */
+        uint64_t len = l.head.val_len;
+        if (len && used + len <= g->cap)
+            memcpy(g->buf + used, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len), len);
+        used += len;
+        found[j] = 1;
+        val_ends[j] = used;
+    }
+    g->val_len = used;
+    return used <= g->cap ? 0 : ENOBUFS;
+}
+
+int mmkv_get_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, uint64_t n,
+                  struct mmkv_getbuf *g, uint64_t *val_ends, uint8_t *found, int wait)
+{
+    if (!enter(v))
+        return EBADF;
+    int rc = EINVAL;
+    if (v->size < MMKV_HEADER_SIZE)
+        goto out;
+    struct mmkv_state *st = state_of(v);
+    /* lock-free first, as get_entered: valid when no lock holder was active around the whole batch */
+    int spins = !v->lockless ? 2 : wait ? LOCKLESS_SPINS_WAIT / 16 : LOCKLESS_SPINS / 16;
+    for (int i = 0; i < spins; i++) {
+        uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
+            break;
+        if (!(s1 & 1)) {
+            rc = many_into(v, keys, key_ends, n, g, val_ends, found);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && (rc != EBADMSG || v->lockless))
+                goto out;
+        }
+        if (i % 4 == 3)
+            sched_yield();
+        else
+            cpu_relax();
+    }
+    if (v->lockless) {
+        rc = __atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation ? MMKV_ESTALE
+             : lock_holder_dead(st) ? EOWNERDEAD : EAGAIN;
+        goto out;
+    }
+    rc = wait ? mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns)
+              : mmkv_mutex_trylock(v->base + MMKV_OFF_LOCKS);
+    if (rc)
+        goto out; /* EOWNERDEAD: still held, the caller recovers */
+    if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
+        rc = MMKV_ESTALE;
+    else
+        rc = many_into(v, keys, key_ends, n, g, val_ends, found);
+    mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
+out:
+    leave(v);
+    return rc;
+}
 
 int mmkv_count_nowait(struct mmkv_view *v, uint64_t *count)
 {

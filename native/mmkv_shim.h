@@ -252,6 +252,14 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
                                            changed, the lock released like ENOENT) */
 int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t delta, int64_t *result,
               int take_lock);   /* ENOENT: absent or not a counter record (take the general path) */
+int mmkv_get_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, uint64_t n,
+                  struct mmkv_getbuf *g, uint64_t *val_ends, uint8_t *found, int wait);
+                                        /* the values of n keys (key i is keys[key_ends[i-1]:key_ends[i]]) as of
+                                           one moment, one after the other in g->buf: value i (found[i] 1) is
+                                           buf[val_ends[i-1]:val_ends[i]]; found[i] 0: absent.  Lock-free when no
+                                           writer is active around the batch, else under the lock (wait 0: EBUSY
+                                           if it is taken); a lockless view: EAGAIN.  ENOBUFS: g->val_len bytes
+                                           are needed (nothing else is wrong); ESTALE, EOWNERDEAD, EBADMSG as get */
 int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *expected, uint64_t elen,
              int has_expected, const uint8_t *val, uint64_t vlen, int has_val, int take_lock);
                                         /* compare-and-swap: when key's value is expected[:elen] (has_expected

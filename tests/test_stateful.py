@@ -407,6 +407,10 @@ class StoreMachine(RuleBasedStateMachine):
             else:
                 raise AssertionError(f"absent key {key!r} did not raise KeyError")
 
+    @rule(i=which, ks=st.lists(keys, max_size=12), default=st.sampled_from([None, b"dflt"]))
+    def get_many(self, i, ks, default):
+        assert self.dbs[i].get_many(ks, default) == [self.model.get(k, default) for k in ks]
+
     # ------------------------------------------------------------ invariants
     @invariant()
     def contents_match(self):
@@ -416,6 +420,8 @@ class StoreMachine(RuleBasedStateMachine):
         for db in self.dbs:
             for key in sample:
                 assert db.get(key) == self.model.get(key)
+        for db in self.dbs:                      # the batch read notices it too
+            assert db.get_many(sample) == [self.model.get(k) for k in sample]
         for db in self.dbs:
             assert len(db) == len(self.model)
         assert dict(self.dbs[0].items()) == self.model

@@ -18,6 +18,8 @@ def counters(folder: Path) -> int:
         hits: int = db.incr(b"hits", 2)
         swapped: bool = db.cas(b"hits", None, b"x") or db.cas("s", b"x", None)
         assert swapped is False
+        pair: list[bytes | None] = db.get_many([b"user:1", "user:9"])
+        assert pair == [name, None]
         with db.transaction():
             db.update({b"a": b"1", b"b": b"2"})
             db.pop(b"b")
