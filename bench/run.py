@@ -597,7 +597,7 @@ def wl_cas(run, workload):
                "(successful increments/s; lmdb: a write txn reading and putting)", "ops/s", "higher", values)
     if "mmkv" in systems:
         incr = counter_values(["mmkv"], *shared_counter_runs(run, workload, ["mmkv"]))
-        run.metric(workload, "incr", f"the same with mmkv's incr (one call per increment)", "ops/s", "higher", incr)
+        run.metric(workload, "incr", "the same with mmkv's incr (one call per increment)", "ops/s", "higher", incr)
     run.note(workload, "mmkv: each step reads the counter (db.get, lock-free) and calls db.cas(key, read, read + 1) "
                        "until it returns True (a failed cas is a retry, not an increment); lmdb: each step is one "
                        "write transaction (get, put; sync=False, metasync=False), which serialises the processes "
