@@ -670,10 +670,12 @@ static PyObject *handle_get_many(Handle *self, PyObject *const *args, Py_ssize_t
     if (!seq)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject *out = NULL, *kb = PyList_New(n);   /* the keys as bytes, for the general path */
+    /* keys that are not exact bytes are converted once, into conv (in their order) */
+    PyObject *out = NULL, *conv = NULL, *kb = NULL;
+    const char **ptrs = PyMem_Malloc(sizeof(char *) * (size_t)(n + 1));
     uint64_t *key_ends = PyMem_Malloc(sizeof(uint64_t) * (size_t)(2 * n + 1));
     uint8_t *found = PyMem_Malloc((size_t)n + 1), *blob = NULL, *big = NULL;
-    if (!kb || !key_ends || !found) {
+    if (!ptrs || !key_ends || !found) {
         PyErr_NoMemory();
         goto done;
     }
@@ -684,10 +686,16 @@ static PyObject *handle_get_many(Handle *self, PyObject *const *args, Py_ssize_t
         Py_ssize_t klen;
         if (bytes_of(key, "key", &k, &klen, &tmp))
             goto done;
-        PyObject *b = tmp ? tmp : bytes_object(key, k, klen);
-        if (!b)
-            goto done;
-        PyList_SET_ITEM(kb, i, b);
+        if (!PyBytes_CheckExact(key)) {
+            PyObject *b = tmp ? tmp : bytes_object(key, k, klen);
+            if (!b || (!conv && !(conv = PyList_New(0))) || PyList_Append(conv, b)) {
+                Py_XDECREF(b);
+                goto done;
+            }
+            Py_DECREF(b);              /* conv holds it */
+            k = PyBytes_AS_STRING(b);
+        }
+        ptrs[i] = k;
         total += (uint64_t)klen;
         key_ends[i] = total;
     }
@@ -697,8 +705,8 @@ static PyObject *handle_get_many(Handle *self, PyObject *const *args, Py_ssize_t
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *b = PyList_GET_ITEM(kb, i);
-        memcpy(blob + (i ? key_ends[i - 1] : 0), PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+        uint64_t k0 = i ? key_ends[i - 1] : 0;
+        memcpy(blob + k0, ptrs[i], (size_t)(key_ends[i] - k0));
     }
     struct mmkv_view *v = self->view;
     int rc = NOT_TRIED;
@@ -734,7 +742,14 @@ static PyObject *handle_get_many(Handle *self, PyObject *const *args, Py_ssize_t
             goto done;
         }
     }
-    PyObject *code = rc_object(rc);
+    kb = PyList_New(n);                   /* the keys as bytes, for the general path */
+    for (Py_ssize_t i = 0, j = 0; kb && i < n; i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *b = PyBytes_CheckExact(key) ? key : PyList_GET_ITEM(conv, j++);
+        Py_INCREF(b);
+        PyList_SET_ITEM(kb, i, b);
+    }
+    PyObject *code = kb ? rc_object(rc) : NULL;
     if (code) {
         PyObject *call[4] = {(PyObject *)self, code, kb, dflt};
         out = PyObject_VectorcallMethod(s_get_many_slow, call, 4, NULL);
@@ -745,6 +760,8 @@ done:
     PyMem_Free(blob);
     PyMem_Free(found);
     PyMem_Free(key_ends);
+    PyMem_Free(ptrs);
+    Py_XDECREF(conv);
     Py_XDECREF(kb);
     Py_DECREF(seq);
     return out;
