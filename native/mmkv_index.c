@@ -800,14 +800,36 @@ int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, stru
    overlap (a random key of a big store costs two or three misses of ~100 ns in a row). */
 #define MANY_AHEAD 16
 
-/* The home slot of hash h, as the directory says now, or NULL (an offset out of bounds: the
-   lookup will say what is wrong).  Only a hint for prefetching: read without any check. */
-static const uint64_t *home_slot_hint(const struct mmkv_view *v, const uint64_t *dir, uint64_t h)
+/* The slots of the segment the directory names for hash h now, or NULL (an offset out of
+   bounds: the lookup will say what is wrong).  Only a hint for prefetching: read unchecked. */
+static const uint64_t *slots_hint(const struct mmkv_view *v, const uint64_t *dir, uint64_t h)
 {
     uint64_t seg_off = __atomic_load_n(&dir[dir_index(v, h)], __ATOMIC_RELAXED);
     if (seg_off % 8 || seg_off < MMKV_HEADER_SIZE || !range_ok(v->size, seg_off, SEG_BYTES))
         return NULL;
-    return (const uint64_t *)(v->base + seg_off + SEG_HDR) + (h & SEG_MASK);
+    return (const uint64_t *)(v->base + seg_off + SEG_HDR);
+}
+
+/* Fetch the record of hash h's first slot with its tag (within a few probes of its home): the
+   one its lookup will most likely read. */
+static void prefetch_record(const struct mmkv_view *v, const uint64_t *dir, uint64_t h)
+{
+    const uint64_t *slots = slots_hint(v, dir, h);
+    if (!slots)
+        return;
+    for (uint64_t k = 0, i = h & SEG_MASK; k < 8; k++, i = (i + 1) & SEG_MASK) {
+        uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_RELAXED), off = w & MMKV_SLOT_OFF_MASK;
+        if (!w)
+            return;
+        if (w >> MMKV_SLOT_OFF_BITS == tag_of(h)) {
+            if (range_ok(v->size, off, 3 * 64)) {     /* header, key and a small value */
+                __builtin_prefetch(v->base + off);
+                __builtin_prefetch(v->base + off + 64);
+                __builtin_prefetch(v->base + off + 128);
+            }
+            return;
+        }
+    }
 }
 
 /* Look up keys[i] (the n keys of a batch: key_ends as in mmkv_put_many) and copy every value
@@ -827,19 +849,12 @@ static int many_into(const struct mmkv_view *v, const uint8_t *keys, const uint6
             if (key_ends[i] < k0)
                 return EINVAL;
             uint64_t h = hashes[i % (2 * MANY_AHEAD)] = siphash24(v->seed0, v->seed1, keys + k0, key_ends[i] - k0);
-            const uint64_t *slot = home_slot_hint(v, dir, h);
-            if (slot)
-                __builtin_prefetch(slot);
+            const uint64_t *slots = slots_hint(v, dir, h);
+            if (slots)
+                __builtin_prefetch(slots + (h & SEG_MASK));
         }
-        if (i >= MANY_AHEAD / 2 && i - MANY_AHEAD / 2 < n) {   /* halfway: fetch the record it names */
-            const uint64_t *slot = home_slot_hint(v, dir, hashes[(i - MANY_AHEAD / 2) % (2 * MANY_AHEAD)]);
-            uint64_t off = slot ? __atomic_load_n(slot, __ATOMIC_RELAXED) & MMKV_SLOT_OFF_MASK : 0;
-            if (off && range_ok(v->size, off, 3 * 64)) {    /* header, key and a small value */
-                __builtin_prefetch(v->base + off);
-                __builtin_prefetch(v->base + off + 64);
-                __builtin_prefetch(v->base + off + 128);
-            }
-        }
+        if (i >= MANY_AHEAD / 2 && i - MANY_AHEAD / 2 < n)    /* halfway: fetch the record its slot names */
+            prefetch_record(v, dir, hashes[(i - MANY_AHEAD / 2) % (2 * MANY_AHEAD)]);
         if (i < MANY_AHEAD)
             continue;
         uint64_t j = i - MANY_AHEAD, k0 = j ? key_ends[j - 1] : 0;
