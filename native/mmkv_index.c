@@ -889,8 +889,10 @@ int mmkv_get_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
     if (v->size < MMKV_HEADER_SIZE)
         goto out;
     struct mmkv_state *st = state_of(v);
-    /* lock-free first, as get_entered: valid when no lock holder was active around the whole batch */
-    int spins = !v->lockless ? 2 : wait ? LOCKLESS_SPINS_WAIT / 16 : LOCKLESS_SPINS / 16;
+    /* lock-free first, as get_entered: valid when no lock holder was active around the whole batch.
+       A few tries only, whatever wait says: a batch can take milliseconds, and a lockless caller
+       retries with a backoff that sleeps (LocklessReads) */
+    int spins = v->lockless ? 4 : 2;
     for (int i = 0; i < spins; i++) {
         uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
         if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
