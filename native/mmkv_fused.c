@@ -181,9 +181,11 @@ int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
     if (rc == 0 && l.head.checksum != record_sum_of(v, l.rec, &l.head))
         rc = EBADMSG; /* a damaged value is never compared (nor replaced): recovery first */
     if (rc == 0 || rc == ENOENT) {
-        const uint8_t *now = (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len);
-        int same = rc == ENOENT ? !has_expected
-                                : has_expected && l.head.val_len == elen && (!elen || memcmp(now, expected, elen) == 0);
+        int same = !has_expected;          /* absent: the same only when absence was expected */
+        if (rc == 0) {
+            const uint8_t *now = (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len);
+            same = has_expected && l.head.val_len == elen && (!elen || memcmp(now, expected, elen) == 0);
+        }
         if (!same)
             rc = ECANCELED;
         else if (has_val)
