@@ -17,6 +17,7 @@ import _thread
 import errno
 from itertools import accumulate
 
+from .engine.batchread import BatchRead
 from .engine.shim import ffi, lib
 from .engine.tunables import GET_BUFFER, MAX_KEY_SIZE, MAX_VALUE_SIZE
 from .errors import LimitError
@@ -147,28 +148,13 @@ class CffiCalls:
             raise self._dead()
         rc = None
         if not self._lock.depth:
-            n = len(ks)
-            ends = ffi.new("uint64_t[]", list(accumulate(map(len, ks))) or 1)
-            val_ends, found = ffi.new("uint64_t[]", n or 1), ffi.new("uint8_t[]", n or 1)
-            out = self._per_thread.out
+            batch = BatchRead(ks, self._per_thread.out)
             for _ in range(3):
-                rc = lib.mmkv_get_many(v, b"".join(ks), ends, n, out, val_ends, found, 1)
+                rc = batch.run(v, 1)
                 if rc != errno.ENOBUFS:
                     break
-                mem = ffi.new("uint8_t[]", out.val_len)     # values larger than the buffer: one of their size
-                out = ffi.new("struct mmkv_getbuf *")
-                out.buf, out.cap = mem, ffi.sizeof(mem)
             if rc == 0:
-                data = ffi.buffer(out.buf, out.val_len)[:]
-                result, start = [], 0
-                for i in range(n):
-                    if found[i]:
-                        end = val_ends[i]
-                        result.append(data[start:end])
-                        start = end
-                    else:
-                        result.append(default)
-                return result
+                return batch.values(default)
         return self._get_many_slow(rc, ks, default)
 
     def __contains__(self, key):

@@ -480,12 +480,14 @@ class Store(_Binding, _MutableMapping):
     def _get_many_slow(self, rc, keys, default):
         """Finish a batch read the fast path could not (rc None: not tried, e.g. inside lock() or a
         transaction): the values of keys (bytes) as of one moment, default for an absent one."""
-        if self._lockless:
+        if self._lockless:              # EAGAIN (a writer was active), ESTALE (remap), EOWNERDEAD
             if rc == errno.EBADMSG:     # (returned only when no writer was active: damage)
                 raise_for(rc, "batch lookup")
+            self._alive()
+            values = self._reads.get_many(keys)
         else:
             self._lock.after_fast_read(rc)
-        values = self._consistently(lambda: [self._lookup(k) for k in keys])
+            values = self._consistently(lambda: [self._lookup(k) for k in keys])
         return [default if value is None else value for value in values]
 
     def _contains_slow(self, rc, k):

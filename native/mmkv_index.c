@@ -890,20 +890,25 @@ int mmkv_get_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
         goto out;
     struct mmkv_state *st = state_of(v);
     /* lock-free first, as get_entered: valid when no lock holder was active around the whole batch.
-       A few tries only, whatever wait says: a batch can take milliseconds, and a lockless caller
-       retries with a backoff that sleeps (LocklessReads) */
-    int spins = v->lockless ? 4 : 2;
-    for (int i = 0; i < spins; i++) {
+       A view that may take the lock tries twice, then takes it.  A lockless view has no lock to
+       fall back on: it polls the sequence word (cheap) and runs the batch only when no writer is
+       active, as often as a small batch can afford (a big one, a few times: each run costs); with
+       wait, polling up to about a millisecond, yielding now and then (a busy writer's gaps between
+       its calls are microseconds).  Then EAGAIN: the caller waits and calls again. */
+    int polls = !v->lockless ? 2 : wait ? LOCKLESS_SPINS_WAIT : LOCKLESS_SPINS;
+    int runs = !v->lockless ? 2 : n > 256 ? 4 : 64;
+    for (int i = 0; i < polls && runs > 0; i++) {
         uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
         if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
             break;
         if (!(s1 & 1)) {
+            runs--;
             rc = many_into(v, keys, key_ends, n, g, val_ends, found);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && (rc != EBADMSG || v->lockless))
                 goto out;
         }
-        if (i % 4 == 3)
+        if (i % 64 == 63)
             sched_yield();
         else
             cpu_relax();

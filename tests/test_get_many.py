@@ -91,6 +91,7 @@ def _pair_writer(path, seconds, done):
                 for j in range(20):                 # and the index grows and splits meanwhile
                     db[b"fill%d-%d" % (i, j)] = b"x" * (i % 300)
             i += 1
+            time.sleep(0.0005)      # a service pauses; a writer that never does starves lockless reads
     done.value = 1
 
 

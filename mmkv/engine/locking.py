@@ -259,7 +259,10 @@ class LocklessReads:
         g.buf, g.cap = buf, 4096
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            rc = lib.mmkv_get(self.engine.view, key, len(key), g)
+            view = self.engine.view
+            if view is None:                     # closed by another thread meanwhile
+                raise self.dead()
+            rc = lib.mmkv_get(view, key, len(key), g)
             if rc == 0:
                 return ffi.unpack(ffi.cast("char *", buf), g.val_len)
             if rc == errno.ENOENT:
@@ -270,6 +273,28 @@ class LocklessReads:
                 continue
             if rc not in (errno.EAGAIN, ESTALE, errno.EOWNERDEAD):
                 raise_for(rc, f"lookup of {bytes(key)[:40]!r}")
+            if rc == errno.EAGAIN and deadline is not None and time.monotonic() >= deadline:
+                raise self.timed_out()
+            self.read(_nothing)                 # waits for the writer (remaps if stale; a dead holder raises)
+
+    def get_many(self, keys: list) -> list:
+        """The values of keys (bytes; None for an absent one) as of one moment: the core's batch
+        read, which polls for a moment without a writer, retried with backoff as read() retries.
+        :raises RecoveryNeededError, LockTimeoutError: as read()."""
+        from .batchread import BatchRead
+        batch = BatchRead(keys)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            view = self.engine.view
+            if view is None:
+                raise self.dead()
+            rc = batch.run(view, 1)
+            if rc == 0:
+                return batch.values(None)
+            if rc == errno.ENOBUFS:              # a buffer of their size now: again
+                continue
+            if rc not in (errno.EAGAIN, ESTALE, errno.EOWNERDEAD):
+                raise_for(rc, "batch lookup")
             if rc == errno.EAGAIN and deadline is not None and time.monotonic() >= deadline:
                 raise self.timed_out()
             self.read(_nothing)                 # waits for the writer (remaps if stale; a dead holder raises)
