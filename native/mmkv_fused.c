@@ -156,11 +156,9 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
     if (take_lock && (rc = lock_current(v, take_lock)))
         return rc;
     struct lookup l;
-    rc = lookup(v, key, klen, &l);
-    if (rc == 0 && l.head.checksum != record_sum_of(v, l.rec, &l.head))
-        rc = EBADMSG; /* damaged bytes are never returned as a value */
+    rc = lookup_intact(v, key, klen, &l);
     if (rc == 0)   /* ENOBUFS: nothing changed, the caller takes the general path */
-        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len), l.head.val_len);
+        rc = getbuf_put(g, found_value(&l), l.head.val_len);
     if (rc == 0)
         rc = delete_found(v, &l, klen);
     if (take_lock && (clean_result(rc) || rc == ENOBUFS))
@@ -177,15 +175,10 @@ int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
     if (take_lock && (rc = lock_current(v, take_lock)))
         return rc;
     struct lookup l;
-    rc = lookup(v, key, klen, &l);
-    if (rc == 0 && l.head.checksum != record_sum_of(v, l.rec, &l.head))
-        rc = EBADMSG; /* a damaged value is never compared (nor replaced): recovery first */
+    rc = lookup_intact(v, key, klen, &l);     /* a damaged value is never compared: recovery first */
     if (rc == 0 || rc == ENOENT) {
-        int same = !has_expected;          /* absent: the same only when absence was expected */
-        if (rc == 0) {
-            const uint8_t *now = (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len);
-            same = has_expected && l.head.val_len == elen && (!elen || memcmp(now, expected, elen) == 0);
-        }
+        int same = rc == ENOENT ? !has_expected   /* absent: the same only when absence was expected */
+                   : has_expected && l.head.val_len == elen && (!elen || memcmp(found_value(&l), expected, elen) == 0);
         if (!same)
             rc = ECANCELED;
         else if (has_val)

@@ -215,6 +215,17 @@ int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct 
     return lookup_hashed(v, key, klen, siphash24(v->seed0, v->seed1, key, klen), out);
 }
 
+/* rc of a lookup that filled l, or EBADMSG when it found a record that fails its checksum. */
+static int intact_or_damaged(const struct mmkv_view *v, int rc, const struct lookup *l)
+{
+    return rc == 0 && l->head.checksum != record_sum_of(v, l->rec, &l->head) ? EBADMSG : rc;
+}
+
+int lookup_intact(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out)
+{
+    return intact_or_damaged(v, lookup(v, key, klen, out), out);
+}
+
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
 {
     struct lookup l;
@@ -710,11 +721,9 @@ int mmkv_lock_holder_dead(struct mmkv_view *v)
 static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
 {
     struct lookup l;
-    int rc = lookup(v, key, klen, &l);
-    if (rc == 0 && l.head.checksum != record_sum_of(v, l.rec, &l.head))
-        rc = EBADMSG; /* damaged bytes are never returned as a value */
+    int rc = lookup_intact(v, key, klen, &l);
     if (rc == 0)    /* lengths from the checked header only: a racing writer may change the record's */
-        rc = getbuf_put(g, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len), l.head.val_len);
+        rc = getbuf_put(g, found_value(&l), l.head.val_len);
     return rc;
 }
 
@@ -734,22 +743,30 @@ static inline void cpu_relax(void)
 #define LOCKLESS_SPINS 64
 #define LOCKLESS_SPINS_WAIT 4096
 
-static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g,
-                       int wait)
+/* A read a caller wants as of one moment: fills the caller's output from the view; a result code. */
+typedef int read_fn(const struct mmkv_view *v, void *job);
+
+/* run(v, job) as of a moment when no lock holder was active before, during or after it (the
+   sequence word even and unchanged): up to `runs` tries within `polls` polls of the word,
+   yielding the CPU now and then.  Every offset a read takes from the file is bounds-checked, so
+   a read racing a writer can only be wrong, never unsafe, and a wrong one is thrown away.  Then a
+   lockless view answers why it could not (MMKV_ESTALE, EOWNERDEAD, EAGAIN: the caller waits and
+   calls again); any other view runs it under the lock (no holder bookkeeping: a reader holds it
+   briefly), waiting for it with wait, else only if it is free now (EBUSY: the caller may wait).
+   Inlined into each caller, so that run is a direct call. */
+static inline __attribute__((always_inline)) int read_consistently(const struct mmkv_view *v, int polls, int runs,
+                                                                    int wait, read_fn *run, void *job)
 {
     if (v->size < MMKV_HEADER_SIZE)
         return EINVAL;
     struct mmkv_state *st = state_of(v);
-    /* lock-free first: valid when no lock holder was active before, during or after the read.
-       Every offset is bounds-checked, so a read racing a writer can only be wrong, never unsafe,
-       and a wrong one is thrown away by the sequence check. */
-    int spins = !v->lockless ? 1 : wait ? LOCKLESS_SPINS_WAIT : LOCKLESS_SPINS;
-    for (int i = 0; i < spins; i++) {
+    for (int i = 0; i < polls && runs > 0; i++) {
         uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
         if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
             break;
         if (!(s1 & 1)) {
-            int rc = get_into(v, key, klen, g);
+            runs--;
+            int rc = run(v, job);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && (rc != EBADMSG || v->lockless))
                 return rc;
@@ -762,8 +779,6 @@ static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t k
     if (v->lockless) /* no lock to fall back on: the caller retries (or finds the holder dead) */
         return __atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation ? MMKV_ESTALE
                : lock_holder_dead(st) ? EOWNERDEAD : EAGAIN;
-    /* a writer was active: take the lock (no holder bookkeeping: a reader holds it briefly);
-       without wait only if it is free now (EBUSY: the caller may wait with mmkv_get) */
     int rc = wait ? mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns)
                   : mmkv_mutex_trylock(v->base + MMKV_OFF_LOCKS);
     if (rc)
@@ -771,9 +786,31 @@ static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t k
     if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
         rc = MMKV_ESTALE;
     else
-        rc = get_into(v, key, klen, g);
+        rc = run(v, job);
     mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
     return rc;
+}
+
+struct get_job {
+    const uint8_t *key;
+    uint64_t klen;
+    struct mmkv_getbuf *g;
+};
+
+static int run_get(const struct mmkv_view *v, void *job)
+{
+    struct get_job *j = job;
+    return get_into(v, j->key, j->klen, j->g);
+}
+
+/* A view that may take the lock reads lock-free once, then under the lock; a lockless view polls
+   as LOCKLESS_SPINS says. */
+static int get_entered(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g,
+                       int wait)
+{
+    struct get_job job = {key, klen, g};
+    int spins = !v->lockless ? 1 : wait ? LOCKLESS_SPINS_WAIT : LOCKLESS_SPINS;
+    return read_consistently(v, spins, spins, wait, run_get, &job);
 }
 
 int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g)
@@ -859,7 +896,8 @@ static int many_into(const struct mmkv_view *v, const uint8_t *keys, const uint6
             continue;
         uint64_t j = i - MANY_AHEAD, k0 = j ? key_ends[j - 1] : 0;
         struct lookup l;
-        int rc = lookup_hashed(v, keys + k0, key_ends[j] - k0, hashes[j % (2 * MANY_AHEAD)], &l);
+        int rc = intact_or_damaged(v, lookup_hashed(v, keys + k0, key_ends[j] - k0, hashes[j % (2 * MANY_AHEAD)], &l),
+                                   &l);
         if (rc == ENOENT) {
             found[j] = 0;
             val_ends[j] = used;
@@ -867,11 +905,9 @@ static int many_into(const struct mmkv_view *v, const uint8_t *keys, const uint6
         }
         if (rc)
             return rc;
-        if (l.head.checksum != record_sum_of(v, l.rec, &l.head))
-            return EBADMSG; /* damaged bytes are never returned as a value */
         uint64_t len = l.head.val_len;
         if (len && used + len <= g->cap)
-            memcpy(g->buf + used, (const uint8_t *)l.rec + REC_HDR + PAD8((uint64_t)l.head.key_len), len);
+            memcpy(g->buf + used, found_value(&l), len);
         used += len;
         found[j] = 1;
         val_ends[j] = used;
@@ -880,54 +916,32 @@ static int many_into(const struct mmkv_view *v, const uint8_t *keys, const uint6
     return used <= g->cap ? 0 : ENOBUFS;
 }
 
+struct many_job {
+    const uint8_t *keys;
+    const uint64_t *key_ends;
+    uint64_t n;
+    struct mmkv_getbuf *g;
+    uint64_t *val_ends;
+    uint8_t *found;
+};
+
+static int run_many(const struct mmkv_view *v, void *job)
+{
+    struct many_job *j = job;
+    return many_into(v, j->keys, j->key_ends, j->n, j->g, j->val_ends, j->found);
+}
+
+/* A view that may take the lock tries twice lock-free, then takes it.  A lockless view polls the
+   sequence word (cheap) as a get does and runs the batch only when no writer is active, as often
+   as a small batch can afford (a big one, a few times: each run costs). */
 int mmkv_get_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, uint64_t n,
                   struct mmkv_getbuf *g, uint64_t *val_ends, uint8_t *found, int wait)
 {
     if (!enter(v))
         return EBADF;
-    int rc = EINVAL;
-    if (v->size < MMKV_HEADER_SIZE)
-        goto out;
-    struct mmkv_state *st = state_of(v);
-    /* lock-free first, as get_entered: valid when no lock holder was active around the whole batch.
-       A view that may take the lock tries twice, then takes it.  A lockless view has no lock to
-       fall back on: it polls the sequence word (cheap) and runs the batch only when no writer is
-       active, as often as a small batch can afford (a big one, a few times: each run costs); with
-       wait, polling up to about a millisecond, yielding now and then (a busy writer's gaps between
-       its calls are microseconds).  Then EAGAIN: the caller waits and calls again. */
+    struct many_job job = {keys, key_ends, n, g, val_ends, found};
     int polls = !v->lockless ? 2 : wait ? LOCKLESS_SPINS_WAIT : LOCKLESS_SPINS;
-    int runs = !v->lockless ? 2 : n > 256 ? 4 : 64;
-    for (int i = 0; i < polls && runs > 0; i++) {
-        uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
-        if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
-            break;
-        if (!(s1 & 1)) {
-            runs--;
-            rc = many_into(v, keys, key_ends, n, g, val_ends, found);
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && (rc != EBADMSG || v->lockless))
-                goto out;
-        }
-        if (i % 64 == 63)
-            sched_yield();
-        else
-            cpu_relax();
-    }
-    if (v->lockless) {
-        rc = __atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation ? MMKV_ESTALE
-             : lock_holder_dead(st) ? EOWNERDEAD : EAGAIN;
-        goto out;
-    }
-    rc = wait ? mmkv_mutex_lock(v->base + MMKV_OFF_LOCKS, v->lock_timeout_ns)
-              : mmkv_mutex_trylock(v->base + MMKV_OFF_LOCKS);
-    if (rc)
-        goto out; /* EOWNERDEAD: still held, the caller recovers */
-    if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation)
-        rc = MMKV_ESTALE;
-    else
-        rc = many_into(v, keys, key_ends, n, g, val_ends, found);
-    mmkv_mutex_unlock(v->base + MMKV_OFF_LOCKS);
-out:
+    int rc = read_consistently(v, polls, !v->lockless ? 2 : n > 256 ? 4 : 64, wait, run_many, &job);
     leave(v);
     return rc;
 }

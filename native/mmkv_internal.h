@@ -120,6 +120,15 @@ struct lookup {
 /* Find key: 0 (found: rec, head, rec_off, slot), ENOENT (absent: slot is the first empty one) or
    EBADMSG; hash, seg and segment are set whenever the key's segment was reached. */
 MMKV_INTERNAL int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out);
+/* lookup, and EBADMSG when the record found fails its checksum: damaged bytes are never returned,
+   compared or replaced as a value. */
+MMKV_INTERNAL int lookup_intact(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out);
+
+/* The value of the record a lookup found (its length: l->head.val_len). */
+static inline const uint8_t *found_value(const struct lookup *l)
+{
+    return (const uint8_t *)l->rec + REC_HDR + PAD8((uint64_t)l->head.key_len);
+}
 
 /* ---------------------------------------------------------------- lock + get (mmkv_index.c) */
 
