@@ -271,8 +271,9 @@ static int lookup(Handle *self, struct mmkv_view *v, const char *key, Py_ssize_t
     return rc;
 }
 
-/* Run a fused write with take_lock MMKV_TRY_LOCK, then, after EBUSY, with MMKV_TAKE_LOCK and the
-   GIL released; `call` uses the variable take. */
+/* Run a core call that takes the lock itself (a fused write, a batch read) with take
+   MMKV_TRY_LOCK (never waits), then, after EBUSY, with MMKV_TAKE_LOCK and the GIL released;
+   `call` uses the variable take. */
 #define FUSED(self, rc, call)                                  \
     do {                                                       \
         int take = MMKV_TRY_LOCK;                              \
@@ -378,26 +379,32 @@ PyDoc_STRVAR(get_doc,
 "Lock-free while no writer is active, else waits for the lock (up to lock_timeout, the GIL\n"
 "released).  :raises TypeError: key is not bytes or str.");
 
+/* The arguments of a call that takes one argument (positional, or named `name`) and an optional
+   default (positional, or named "default"; None when not given): 0, or -1 when they do not fit. */
+static int one_and_default(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *name,
+                           PyObject **first, PyObject **dflt)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    *first = nargs >= 1 ? args[0] : NULL;
+    *dflt = nargs == 2 ? args[1] : Py_None;
+    if (nargs + nkw < 1 || nargs + nkw > 2 || nargs > 2)
+        return -1;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *kw = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(kw, "default") == 0 && nargs < 2)
+            *dflt = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(kw, name) == 0 && nargs < 1)
+            *first = args[nargs + i];
+        else
+            return -1;
+    }
+    return *first ? 0 : -1;
+}
+
 static PyObject *handle_get(Handle *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *key = NULL, *dflt = Py_None;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs + nkw < 1 || nargs + nkw > 2 || nargs > 2)
-        goto usage;
-    if (nargs >= 1)
-        key = args[0];
-    if (nargs == 2)
-        dflt = args[1];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(name, "default") == 0 && nargs < 2)
-            dflt = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(name, "key") == 0 && nargs < 1)
-            key = args[nargs + i];
-        else
-            goto usage;
-    }
-    if (!key)
+    PyObject *key, *dflt;
+    if (one_and_default(args, nargs, kwnames, "key", &key, &dflt))
         goto usage;
     PyObject *out = read_value(self, key);
     if (!out && !PyErr_Occurred()) {
@@ -648,23 +655,8 @@ static PyObject *many_result(const uint8_t *buf, const uint64_t *ends, const uin
 
 static PyObject *handle_get_many(Handle *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *keys_arg = NULL, *dflt = Py_None;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs + nkw < 1 || nargs > 2)
-        goto usage;
-    keys_arg = nargs >= 1 ? args[0] : NULL;
-    if (nargs == 2)
-        dflt = args[1];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(name, "default") == 0 && nargs < 2)
-            dflt = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(name, "keys") == 0 && nargs < 1)
-            keys_arg = args[nargs + i];
-        else
-            goto usage;
-    }
-    if (!keys_arg)
+    PyObject *keys_arg, *dflt;
+    if (one_and_default(args, nargs, kwnames, "keys", &keys_arg, &dflt))
         goto usage;
     PyObject *seq = PySequence_Fast(keys_arg, "get_many() takes an iterable of keys");
     if (!seq)
@@ -717,15 +709,8 @@ static PyObject *handle_get_many(Handle *self, PyObject *const *args, Py_ssize_t
     if (!v->held) {
         struct mmkv_getbuf g = {.buf = thread_buf, .cap = FAST_BUFFER};
         for (int tries = 0; tries < SIZE_RETRIES; tries++) {
-            rc = core.get_many(v, blob, key_ends, (uint64_t)n, &g, val_ends, found, 0);
-            if (rc == EBUSY) {                       /* wait for the lock without the GIL */
-                PyObject *owner = self->owner;
-                Py_INCREF(owner);
-                Py_BEGIN_ALLOW_THREADS
-                rc = core.get_many(v, blob, key_ends, (uint64_t)n, &g, val_ends, found, 1);
-                Py_END_ALLOW_THREADS
-                Py_DECREF(owner);
-            }
+            /* without waiting, then (EBUSY) waiting for the lock without the GIL */
+            FUSED(self, rc, core.get_many(v, blob, key_ends, (uint64_t)n, &g, val_ends, found, take == MMKV_TAKE_LOCK));
             if (rc != ENOBUFS)
                 break;
             PyMem_Free(big);                         /* values larger than the buffer: one of their size */
