@@ -74,6 +74,7 @@ Where things are:
 - ``bench/report.py``: the markdown table, the JSON file and the ratio chart made from the results.
 """
 import argparse
+import contextlib
 import gc
 import heapq
 import importlib
@@ -403,6 +404,28 @@ def wl_delete(run, workload):
     run.metric(workload, workload, f"delete, {n:,} keys of {VALUE_SIZE} B", "ops/s", "higher", values)
 
 
+@contextlib.contextmanager
+def filled_adapter(run, workload, system, fill):
+    """ADAPTERS[system] in a folder of its own, each dict of fill written with batch(); closed and
+    removed after the block.  An error in it is the system's failure in this workload (recorded,
+    and the block left); NotImplementedError means the system has no such call (left out)."""
+    ad = None
+    try:
+        ad = ADAPTERS[system](run.folder(f"{workload}-{system}"))
+        for chunk in fill:
+            ad.batch(chunk)
+        yield ad
+    except NotImplementedError:
+        pass
+    except Exception as exc:
+        run.fail(workload, system, f"{workload}: {type(exc).__name__}: {exc}")
+        log(traceback.format_exc())
+    finally:
+        if ad is not None:
+            close_quietly(ad)
+            remove(ad.folder)
+
+
 # ===================================================================== iterate
 def wl_iterate(run, workload):
     """Every (key, value) pair of a store of iterate_n keys, read through each system's own
@@ -411,11 +434,7 @@ def wl_iterate(run, workload):
     mapping = {key(i): os.urandom(VALUE_SIZE) for i in range(n)}
     values = {}
     for s in run.systems(workload):
-        ad = None
-        try:
-            ad = ADAPTERS[s](run.folder(f"iterate-{s}"))
-            for start in range(0, n, CHUNK):
-                ad.batch({key(i): mapping[key(i)] for i in range(start, min(n, start + CHUNK))})
+        with filled_adapter(run, workload, s, chunks(n, lambda i: mapping[key(i)])) as ad:
             runs = []
             for _ in range(run.repeats):
                 t = time.perf_counter()
@@ -424,15 +443,6 @@ def wl_iterate(run, workload):
                 if got != n:
                     raise AssertionError(f"{got} items of {n}")
             values[s] = summarize(runs)
-        except NotImplementedError:
-            continue
-        except Exception as exc:
-            run.fail(workload, s, f"iterate: {type(exc).__name__}: {exc}")
-            log(traceback.format_exc())
-        finally:
-            if ad is not None:
-                close_quietly(ad)
-                remove(ad.folder)
     run.metric(workload, workload, f"items over {n:,} keys of {VALUE_SIZE} B, per item", "items/s", "higher", values)
 
 
@@ -446,11 +456,7 @@ def wl_get_many(run, workload):
     flat = [k for b in batches for k in b]
     many, single = {}, {}
     for s in run.systems(workload):
-        ad = None
-        try:
-            ad = ADAPTERS[s](run.folder(f"get_many-{s}"))
-            for start in range(0, n, CHUNK):
-                ad.batch({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))})
+        with filled_adapter(run, workload, s, chunks(n, random_value)) as ad:
             ad.batch_get_loop(batches[:50])                  # warm: the mapping's page tables
             ad.get_loop(flat[:5000])
             m_runs, s_runs = [], []
@@ -458,15 +464,6 @@ def wl_get_many(run, workload):
                 m_runs.append(len(flat) / timed(ad.batch_get_loop, batches))
                 s_runs.append(len(flat) / timed(ad.get_loop, flat))
             many[s], single[s] = summarize(m_runs), summarize(s_runs)
-        except NotImplementedError:
-            continue
-        except Exception as exc:
-            run.fail(workload, s, f"get_many: {type(exc).__name__}: {exc}")
-            log(traceback.format_exc())
-        finally:
-            if ad is not None:
-                close_quietly(ad)
-                remove(ad.folder)
     run.metric(workload, "batch", f"batch reads of {per} random keys of {n:,} ({VALUE_SIZE} B values), per key",
                "keys/s", "higher", many)
     run.metric(workload, "single", f"the same keys by {per} single gets, per key", "keys/s", "higher", single)
@@ -635,17 +632,25 @@ def parse_open_child(stdout):
             "maxrss_kb": int(maxrss_kb)}
 
 
+def chunks(n, value_of):
+    """{key(i): value_of(i)} for keys 0..n-1, CHUNK keys per dict."""
+    for start in range(0, n, CHUNK):
+        yield {key(i): value_of(i) for i in range(start, min(n, start + CHUNK))}
+
+
+def random_value(_i) -> bytes:
+    return os.urandom(VALUE_SIZE)
+
+
 def write_chunks(update, n, value):
     """update({key(i): value, ...}) for keys 0..n-1, CHUNK keys per call."""
-    for start in range(0, n, CHUNK):
-        update({key(i): value for i in range(start, min(n, start + CHUNK))})
+    for chunk in chunks(n, lambda _i: value):
+        update(chunk)
 
 
 def build_store(system, n, folder):
     """A store of keys key(0..n-1) with random 100-byte values, built in chunks; returns its path."""
-    chunks = ({key(i): os.urandom(VALUE_SIZE) for i in range(start, min(n, start + CHUNK))}
-              for start in range(0, n, CHUNK))
-    return ADAPTERS[system].build(folder, chunks)
+    return ADAPTERS[system].build(folder, chunks(n, random_value))
 
 
 #: Children per (system, size) in the open workload, at least: one costs tens of milliseconds, and the
