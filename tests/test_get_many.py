@@ -11,6 +11,7 @@ import time
 import pytest
 
 import mmkv
+from test_lockless import collect
 
 
 def test_values_in_order_with_defaults(db):
@@ -118,10 +119,7 @@ def test_one_consistent_moment_beside_a_writer_in_another_process(path, lockless
     writer.start()
     writer.join(120)
     assert writer.exitcode == 0
-    results = [out.get(timeout=60) for _ in readers]
-    for r in readers:
-        r.join(30)
-        assert r.exitcode == 0
+    results = collect(out, readers, 60)
     assert all(seen > 100 for seen, _ in results), results
     assert all(torn == 0 for _, torn in results), results
     with mmkv.open(path) as db:
