@@ -399,11 +399,11 @@ class _LowerAllocator:
         if b is not None:
             return b + BLOCK_HEADER
         off = self.eng.alloc.alloc(payload)      # 0: none fits (never grows the file)
-        if off and off >= self.below:
+        if off and off < self.below:
+            return off
+        if off:
             self.eng.free(off, payload)
-        if not off or off >= self.below:
-            raise _NoRoomBelow()
-        return off
+        raise _NoRoomBelow()
 
 
 def _release_free_space(eng, hold, walk) -> int:

@@ -255,27 +255,18 @@ class LocklessReads:
         moment without a writer), retried with backoff as read() retries.
         :raises RecoveryNeededError, LockTimeoutError: as read()."""
         g = ffi.new("struct mmkv_getbuf *")
-        buf = ffi.new("uint8_t[]", 4096)
-        g.buf, g.cap = buf, 4096
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            view = self.engine.view
-            if view is None:                     # closed by another thread meanwhile
-                raise self.dead()
+        room = [ffi.new("uint8_t[]", 4096)]
+        g.buf, g.cap = room[0], 4096
+
+        def attempt(view):
             rc = lib.mmkv_get(view, key, len(key), g)
-            if rc == 0:
-                return ffi.unpack(ffi.cast("char *", buf), g.val_len)
-            if rc == errno.ENOENT:
-                return None
-            if rc == errno.ENOBUFS:              # a bigger value: a buffer of its size, and again
-                buf = ffi.new("uint8_t[]", g.val_len)
-                g.buf, g.cap = buf, g.val_len
-                continue
-            if rc not in (errno.EAGAIN, ESTALE, errno.EOWNERDEAD):
-                raise_for(rc, f"lookup of {bytes(key)[:40]!r}")
-            if rc == errno.EAGAIN and deadline is not None and time.monotonic() >= deadline:
-                raise self.timed_out()
-            self.read(_nothing)                 # waits for the writer (remaps if stale; a dead holder raises)
+            if rc == errno.ENOBUFS:              # a bigger value: a buffer of its size
+                room[0] = ffi.new("uint8_t[]", g.val_len)
+                g.buf, g.cap = room[0], g.val_len
+            return rc
+        if self._retried(attempt, f"lookup of {bytes(key)[:40]!r}") == errno.ENOENT:
+            return None
+        return ffi.unpack(ffi.cast("char *", room[0]), g.val_len)
 
     def get_many(self, keys: list) -> list:
         """The values of keys (bytes; None for an absent one) as of one moment: the core's batch
@@ -283,21 +274,29 @@ class LocklessReads:
         :raises RecoveryNeededError, LockTimeoutError: as read()."""
         from .batchread import BatchRead
         batch = BatchRead(keys)
+        self._retried(lambda view: batch.run(view, 1), "batch lookup")
+        return batch.values(None)
+
+    def _retried(self, attempt, what: str) -> int:
+        """attempt(view)'s result once it is 0 or ENOENT: run again at once after ENOBUFS (attempt
+        has made room), and after a writer was active (EAGAIN), a remap (ESTALE) or a dead holder
+        (EOWNERDEAD) once read() has waited for the writer (remapped; a dead holder raises), up to
+        the timeout.  :raises: the error of any other result (what: the read, for its message)."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             view = self.engine.view
-            if view is None:
+            if view is None:                     # closed by another thread meanwhile
                 raise self.dead()
-            rc = batch.run(view, 1)
-            if rc == 0:
-                return batch.values(None)
-            if rc == errno.ENOBUFS:              # a buffer of their size now: again
+            rc = attempt(view)
+            if rc in (0, errno.ENOENT):
+                return rc
+            if rc == errno.ENOBUFS:
                 continue
             if rc not in (errno.EAGAIN, ESTALE, errno.EOWNERDEAD):
-                raise_for(rc, "batch lookup")
+                raise_for(rc, what)
             if rc == errno.EAGAIN and deadline is not None and time.monotonic() >= deadline:
                 raise self.timed_out()
-            self.read(_nothing)                 # waits for the writer (remaps if stale; a dead holder raises)
+            self.read(_nothing)
 
     def timed_out(self) -> LockTimeoutError:
         pid = self.engine.words[STATE_WORD["lock_pid"]]
