@@ -37,6 +37,8 @@ compact         mmkv compact() of a 1 GB half-free store, a reader and a writer 
 backup          db.backup() of a 1 GB store beside a writer process; lmdb env.copy(compact=True) beside its own
 scale           mmkv alone at 10M keys: insert and get rate, file size, peak RSS, put latencies, items()
 transfer        mmkv dump of the 10M-key store to JSON lines, and mmkv load of them into a new store
+expiry          get and put of keys without a deadline: this mmkv, the same with as many keys with a
+                deadline beside them, and mmkv as it was before expiry (built from git: EXPIRY_BASELINE)
 ==============  ==============================================================================
 
 Peers: py-lmdb, sqlite3 (stdlib, WAL mode), diskcache, a plain dict (the in-memory floor),
@@ -103,10 +105,10 @@ REPO = os.path.dirname(HERE)
 SIZES = {
     "full": dict(n=50_000, durable=300, counter_per_proc=25_000, procs=4,
                  open_small=1_000_000, open_big=10_000_000, space_n=50_000, space_rounds=5,
-                 scale_n=10_000_000, compact_bytes=1 << 30, iterate_n=1_000_000),
+                 scale_n=10_000_000, compact_bytes=1 << 30, iterate_n=1_000_000, expiry_n=300_000),
     "quick": dict(n=2_000, durable=30, counter_per_proc=500, procs=4,
                   open_small=10_000, open_big=100_000, space_n=2_000, space_rounds=5,
-                  scale_n=100_000, compact_bytes=20 << 20, iterate_n=20_000),
+                  scale_n=100_000, compact_bytes=20 << 20, iterate_n=20_000, expiry_n=2_000),
 }
 
 VALUE_SIZE = 100          # bytes, unless a workload says otherwise
@@ -131,6 +133,7 @@ PARTICIPANTS = {
     "backup": ["mmkv", "lmdb"],
     "transfer": ["mmkv"],
     "iterate": ["mmkv", "lmdb", "sqlite", "diskcache", "dict"],
+    "expiry": ["mmkv", "mmkv-with-ttl-keys", "mmkv-before-expiry"],
 }
 TABLE_ORDER = ["get", "get_absent", "contains", "get_many", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "open", "space",
                "compact", "backup", "scale", "transfer"]
@@ -156,6 +159,7 @@ TITLES = {
     "iterate": "every (key, value) pair read through each system's own iteration (mmkv items(), an lmdb cursor)",
     "backup": "online backup of a big store while a writer in another process keeps writing",
     "transfer": "mmkv dump and mmkv load of the scale store (command line, fresh processes)",
+    "expiry": "what expiry costs keys without a deadline: get and put beside the build from before expiry",
 }
 
 
@@ -444,6 +448,76 @@ def wl_iterate(run, workload):
                     raise AssertionError(f"{got} items of {n}")
             values[s] = summarize(runs)
     run.metric(workload, workload, f"items over {n:,} keys of {VALUE_SIZE} B, per item", "items/s", "higher", values)
+
+
+# ===================================================================== expiry
+#: The commit before expiry was added: the expiry workload builds it to measure what expiry costs.
+EXPIRY_BASELINE = "733451f"
+
+
+def build_baseline(run, commit: str) -> str:
+    """This repository's mmkv as of commit, built into a folder of its own: the folder to put on
+    PYTHONPATH.  Needs git and a C compiler (as installing mmkv does)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = run.folder(f"mmkv-{commit}")
+    src, wheels, lib = (os.path.join(folder, d) for d in ("src", "wheels", "lib"))
+    os.makedirs(src)
+    archive = subprocess.run(["git", "-C", repo, "archive", "--format=tar", commit], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src],
+                   check=True, capture_output=True)
+    import zipfile
+    for name in os.listdir(wheels):
+        with zipfile.ZipFile(os.path.join(wheels, name)) as z:
+            z.extractall(lib)
+    return lib
+
+
+def wl_expiry(run, workload):
+    """Get and put of n keys without a deadline, each measurement in a fresh process: this mmkv
+    on a store of plain keys; the same with as many keys with a deadline an hour away beside them
+    (the expiry bound is set, nothing expires); and mmkv as it was before expiry.  The three run
+    in turn, in a fresh order each repeat."""
+    n = run.size["expiry_n"]
+    systems = run.systems(workload)
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "expiry_child.py")
+    env = {"mmkv": dict(os.environ), "mmkv-with-ttl-keys": dict(os.environ)}
+    if run.args.quick:          # (the build takes a minute: a quick run checks the harness only)
+        run.note(workload, "--quick: mmkv-before-expiry is not built")
+    else:
+        try:
+            lib = build_baseline(run, EXPIRY_BASELINE)
+            env["mmkv-before-expiry"] = dict(os.environ, PYTHONPATH=lib)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            err = getattr(exc, "stderr", b"") or b""
+            run.fail(workload, "mmkv-before-expiry", f"build of {EXPIRY_BASELINE}: {exc} {err[-500:]!r}")
+    systems = [s for s in systems if s in env]
+    runs = {s: {"get": [], "put": []} for s in systems}
+    rng = random.Random(11)
+    for r in range(run.repeats):
+        for s in shuffled(systems, rng):
+            folder = run.folder(f"expiry-{s}")
+            try:
+                out = subprocess.run([sys.executable, child, folder, str(n), "1" if s == "mmkv-with-ttl-keys" else "0"],
+                                     env=env[s], capture_output=True, text=True, timeout=600, cwd=folder)
+                if out.returncode:
+                    raise RuntimeError(out.stderr[-800:])
+                got = json.loads(out.stdout)
+                if s == "mmkv-before-expiry" and not got["mmkv"].startswith(env[s]["PYTHONPATH"]):
+                    raise RuntimeError(f"the baseline child imported {got['mmkv']}")
+                runs[s]["get"].append(got["get"])
+                runs[s]["put"].append(got["put"])
+            except Exception as exc:
+                run.fail(workload, s, f"{type(exc).__name__}: {exc}")
+                systems.remove(s)
+            finally:
+                remove(folder)
+    for op in ("get", "put"):
+        values = {s: summarize(v[op]) for s, v in runs.items() if v[op]}
+        run.metric(workload, op, f"{op} of a key without a deadline, {n:,} keys, 100 B values, fresh process",
+                   "ops/s", "higher", values)
+    run.note(workload, f"mmkv-before-expiry is commit {EXPIRY_BASELINE} built from git; a ratio of at least "
+                       "0.95 means expiry adds at most 5% to the operation")
 
 
 # ===================================================================== get_many
@@ -1305,7 +1379,8 @@ def wl_transfer(run, workload):
 WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_put, "batch_put": wl_batch_put, "delete": wl_delete,
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
              "scale": wl_scale, "compact": wl_compact, "iterate": wl_iterate, "backup": wl_backup,
-             "transfer": wl_transfer, "cas": wl_cas, "get_many": wl_get_many}
+             "transfer": wl_transfer, "cas": wl_cas, "get_many": wl_get_many,
+             "expiry": wl_expiry}
 
 
 # ===================================================================== machine info

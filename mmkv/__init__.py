@@ -15,6 +15,7 @@ from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError,
                      NotRegularFileError, ReadOnlyError, RecoveryNeededError, TooManyQueuesError, TruncatedError,
                      VersionError)
 from .store import Store
+from .expiry import ManualClock, memoize
 from .engine.tunables import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
 __version__ = "0.1.0"
@@ -23,7 +24,7 @@ __all__ = [
     "open", "Store", "Error", "CorruptionError", "NotMmkvFileError", "VersionError", "ChecksumError",
     "TruncatedError", "LockTimeoutError", "DiskFullError", "ClosedError", "ForkedHandleError", "NotRegularFileError",
     "ReadOnlyError", "RecoveryNeededError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
-    "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError",
+    "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError", "ManualClock", "memoize",
 ]
 
 #: Names served on first use (PEP 562): the counter service is not needed to open a store, and
@@ -69,7 +70,8 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     None for no limit), lock_report_after (seconds a lock wait lasts before the holder's pid
     and time held are logged on the "mmkv" logger; None: never), open_timeout (seconds),
     lockless (flag "r" only: map the file read-only and never write a byte of it, not even the
-    lock; automatic when the process may read the file but not write it).
+    lock; automatic when the process may read the file but not write it), clock (an
+    mmkv.ManualClock that expiry reads instead of the wall clock: for tests).
     :raises CorruptionError: not an mmkv file, other version, bad checksum, truncated.
     :raises FileNotFoundError: flag "r" or "w" and no file (nothing is created).
     :raises NotRegularFileError: path names a directory, device, FIFO or socket (left untouched).

@@ -198,6 +198,8 @@ def cmd_get(args) -> int:
 
 def cmd_put(args) -> int:
     """Set KEY to VALUE (UTF-8, or hex with --hex; "-" reads the value's bytes from stdin)."""
+    if args.ttl is not None and not 0 < args.ttl < float("inf"):
+        return _usage(args, f"--ttl must be more than 0 seconds, not {args.ttl}")
     key = _key(args, args.key)
     if args.value == "-":
         value = sys.stdin.buffer.read()
@@ -205,7 +207,7 @@ def cmd_put(args) -> int:
         value = _key(args, args.value)
     try:
         with open_store(args.path, "c", sync=args.sync) as db:
-            db[key] = value
+            db.set(key, value, ttl=args.ttl)
     except Error as exc:
         print(f"mmkv put: {args.path}: {exc}", file=sys.stderr)
         return 1
@@ -295,7 +297,7 @@ def cmd_dump(args) -> int:
     try:
         with open_store(args.path, "r") as db, \
                 Progress(f"mmkv dump {args.path}", total=len(db), lines=args.progress) as progress:
-            n = dump(db.items(), out, args.format, prefix, progress)
+            n = dump(db.items(), out, args.format, prefix, progress, db.deadlines())
         out.flush()
     except Error as exc:
         print(f"mmkv dump: {args.path}: {exc}", file=sys.stderr)
@@ -306,6 +308,19 @@ def cmd_dump(args) -> int:
     if args.progress:
         print(f"mmkv dump: {args.path}: {n:,} records", file=sys.stderr)
     return 0
+
+
+def put_expiring(db):
+    """load's writer of a record with a deadline (seconds since the epoch): the time left, or
+    nothing when it has passed."""
+    import time
+
+    def put(key, value, expires_at):
+        left = expires_at - time.time()
+        if left > 0:
+            db.set(key, value, ttl=left)
+        return left > 0
+    return put
 
 
 def cmd_load(args) -> int:
@@ -325,7 +340,7 @@ def cmd_load(args) -> int:
         with open_store(args.path, "c") as db, \
                 Progress(f"mmkv load {args.path}", total=total or None, unit="bytes", lines=args.progress) as progress:
             try:
-                n = load(source, db.update, progress)
+                n = load(source, db.update, progress, put_expiring(db))
             finally:
                 if args.sync == "full":
                     db.sync()
@@ -420,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("path")
     pu.add_argument("key")
     pu.add_argument("value")
+    pu.add_argument("--ttl", type=float, metavar="SECONDS", help="the key expires this many seconds from now")
     _key_options(pu, json_output=False)
     _sync_option(pu)
     pu.set_defaults(func=cmd_put)

@@ -29,6 +29,7 @@ import _weakref
 import errno
 import os
 from itertools import chain
+from time import time_ns as _time_ns
 from _collections_abc import ItemsView, MutableMapping, ValuesView   # (collections.abc, loaded at start-up)
 from .engine.core import Engine, timeout_ns
 from .engine.locking import LocklessReads, StoreLock
@@ -37,9 +38,11 @@ from .engine.shim import BINDING, ENEEDBACK, ffi, lib, raise_for  # noqa: F401 (
 from .engine.shim import fast as _fast
 from .errors import (ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError, LimitError,
                      NotACounterError, ReadOnlyError, RecoveryNeededError)
-from .engine.layout import CLEAN_MARK, HEADER_SIZE, MASK64, REC_COUNTER, STATE_WORD, record_size
+from .engine.layout import (CLEAN_MARK, DEADLINE_BYTES, HEADER_SIZE, MASK64, REC_COUNTER, REC_EXPIRES, STATE_WORD,
+                            record_size)
 from .engine import opening
 from .engine import tunables
+from .expiry import ManualClock, check_ttl, deadline_after
 from .engine.tunables import LOCK_REPORT_AFTER, LOCK_TIMEOUT, OPEN_TIMEOUT
 
 SYNC_MODES = ("none", "full")
@@ -49,6 +52,7 @@ _GEN = STATE_WORD["generation"]
 _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
+_TTL_MIN = STATE_WORD["ttl_min"]
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: Bytes a record's block may add to the record (header, footer room, rounding): for estimates.
 BLOCK_OVERHEAD = 32
@@ -85,6 +89,7 @@ if TYPE_CHECKING:
         def pop(self, key: Bytes, *default: Any) -> Any: ...
         def incr(self, key: Bytes, delta: int = 1) -> int: ...
         def cas(self, key: Bytes, expected: Bytes | None, new: Bytes | None) -> bool: ...
+        def set(self, key: Bytes, value: Bytes, ttl: float | None = None) -> None: ...
         @overload
         def get_many(self, keys: Iterable[Bytes]) -> list[bytes | None]: ...
         @overload
@@ -151,13 +156,17 @@ class Store(_Binding, _MutableMapping):
     def __init__(self, path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c",
                  sync: str = "none", mode: int = 0o600,
                  lock_timeout: float | None = LOCK_TIMEOUT, open_timeout: float = OPEN_TIMEOUT,
-                 lock_report_after: float | None = LOCK_REPORT_AFTER, lockless: bool = False):
+                 lock_report_after: float | None = LOCK_REPORT_AFTER, lockless: bool = False,
+                 clock: ManualClock | None = None):
         if flag not in FLAGS:
             raise ValueError(f"flag must be one of {FLAGS}, not {flag!r}")
         if lockless and flag != "r":
             raise ValueError(f"lockless=True is a read-only open: flag must be 'r', not {flag!r}")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
+        if clock is not None and not isinstance(clock, ManualClock):
+            raise TypeError(f"clock must be an mmkv.ManualClock or None, not {type(clock).__name__}")
+        self._clock = clock      # expiry's clock (None: the wall clock); see mmkv/expiry.py
         self.path = os.path.abspath(os.fsdecode(os.fspath(path)))   # resolved once: chdir changes nothing
         self.flag = flag
         self.sync_mode = sync
@@ -215,6 +224,7 @@ class Store(_Binding, _MutableMapping):
         eng = self._engine = Engine(self.path, self._fd, self._full)
         # the shim waits at most until it is time to report the holder; the rest is _acquire's
         eng.attach(lock_timeout if self._report_after is None else self._report_after, first, self._readonly)
+        self._set_clock(eng.view)
         self._view = eng.view
         # the binding serves the per-call operations from this view (the C one keeps eng.view, the
         # cffi object owning it, alive while it is bound)
@@ -245,6 +255,7 @@ class Store(_Binding, _MutableMapping):
             counters) and no handle that may write has it open."""
         eng = self._engine = Engine(self.path, self._fd, self._full, writable=False)
         eng.attach(lock_timeout, False, True)
+        self._set_clock(eng.view)
         if not writers_open:
             reason = ("was not closed cleanly" if eng.words[_DIRTY] != CLEAN_MARK else
                       "names an unfinished commit" if eng.meta.journal_off else
@@ -257,6 +268,10 @@ class Store(_Binding, _MutableMapping):
         self._bind(eng.view, int(ffi.cast("uintptr_t", eng.view)), True)
         self._lock = StoreLock(eng, lock_timeout, None, self._dead)
         self._reads = LocklessReads(eng, lock_timeout, self._dead)
+
+    def _set_clock(self, view):
+        if self._clock is not None:
+            view.clock = self._clock._cell      # the cell lives as long as self._clock, which we hold
 
     def _reload(self):
         """Another process changed the meta (growth, new index): load it (under the lock)."""
@@ -416,7 +431,7 @@ class Store(_Binding, _MutableMapping):
             return True
         self._acquire()
         from .engine import transaction
-        self._txn = transaction.Transaction()
+        self._txn = transaction.Transaction(self._now)
         return False
 
     def _end(self, failed: bool) -> None:
@@ -475,7 +490,24 @@ class Store(_Binding, _MutableMapping):
         raise_for(rc, "lookup")
         # damaged bytes are never returned as a value (the fast path checks in C)
         raise_for(lib.mmkv_record_verify_contents(v, v.rec_off), f"record of key {bytes(k)[:40]!r}")
+        if v.rec_flags & REC_EXPIRES and v.deadline <= self._now():
+            return None
         return self._engine.fm.mm[v.val_off:v.val_off + v.val_len]
+
+    def _now(self):
+        """Expiry's clock now, in nanoseconds (the core's: the handle's ManualClock or the wall clock)."""
+        return self._clock._cell[0] if self._clock is not None else _time_ns()
+
+    def _deadline(self, k):
+        """The deadline of live key k (0: it has none; None: absent or expired); the lock held
+        (inside a transaction: its writes first)."""
+        if self._txn is not None:
+            written, value = self._txn.lookup(k)
+            if written:
+                return None if value is None else self._txn.deadline(k)
+        if self._lookup(k) is None:
+            return None
+        return self._view.deadline
 
     def _get_many_slow(self, rc, keys, default):
         """Finish a batch read the fast path could not (rc None: not tried, e.g. inside lock() or a
@@ -508,12 +540,27 @@ class Store(_Binding, _MutableMapping):
                 raise RecoveryNeededError(f"{self.path}: the key count is impossible and this handle cannot "
                                           "repair it (no write access); open it with write access")
             self._recover("the key count is impossible")
-        n = self._engine.words[_COUNT]
+        w = self._engine.words
+        if w[_TTL_MIN] and self._now() >= w[_TTL_MIN]:     # some key may have expired since the last pass
+            if self._lockless:
+                return self._count_unexpired()
+            self._sweep(0)                 # the whole index, once: ttl_min is exact again
+        n = w[_COUNT]
         if self._txn is not None:
-            for k, op in self._txn.writes.items():
-                exists = lib.mmkv_find(self._view, k, len(k)) == 0
-                n += (op is not None) - exists
+            txn, self._txn = self._txn, None    # (this store's keys as they are, without the transaction)
+            try:
+                for k in txn.writes:
+                    n += (txn.lookup(k)[1] is not None) - (self._lookup(k) is not None)
+            finally:
+                self._txn = txn
         return n
+
+    def _count_unexpired(self):
+        """The live keys, counted through the index (a lockless handle past ttl_min: it may not sweep)."""
+        from .engine import index
+        v, now = self._view, self._now()
+        return sum(1 for _ in index.verified_records(self._engine)
+                   if not (v.rec_flags & REC_EXPIRES and v.deadline <= now))
 
     def _recover(self, reason):
         """Run recovery (lock held) and remember what it found."""
@@ -531,9 +578,10 @@ class Store(_Binding, _MutableMapping):
         txn = self._txn.writes if self._txn is not None else {}
         # a slot that is not its record's (wrong tag) or a key listed twice is damage: it
         # raises rather than list a stale or foreign value (lookups never reach such a slot)
+        now = self._now()
         for rec, key in index.verified_records(eng):
-            if key in txn:
-                continue        # the transaction's version follows
+            if key in txn or v.rec_flags & REC_EXPIRES and v.deadline <= now:
+                continue        # the transaction's version follows; an expired key is absent
             out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
         for key, op in txn.items():
             if op is not None:
@@ -614,20 +662,24 @@ class Store(_Binding, _MutableMapping):
             return
         self._recover(f"a write was interrupted by {type(exc).__name__}")
 
-    def _put(self, k, val, flags):
-        """Write a new record, switch the slot to it, free the old one (the shim's mmkv_put),
-        growing the index or the file first when it asks.  Caller holds the lock."""
+    def _put(self, k, val, flags, deadline=0):
+        """Write a new record (with a deadline, when not 0), switch the slot to it, free the old
+        one (the shim's mmkv_put), growing the index or the file first when it asks.  Caller
+        holds the lock."""
         if self._txn is not None:
-            self._txn.put(k, val, flags)
+            self._txn.put(k, val, flags, deadline)
             return
         grew_for = None
         while True:
-            rc = lib.mmkv_put(self._view, k, len(k), val, len(val), flags, 0)
+            if deadline:
+                rc = lib.mmkv_put_until(self._view, k, len(k), val, len(val), deadline, 0)
+            else:
+                rc = lib.mmkv_put(self._view, k, len(k), val, len(val), flags, 0)
             if rc == 0:
                 return
-            grew_for = self._make_room(rc, k, val, grew_for)
+            grew_for = self._make_room(rc, k, val, grew_for, DEADLINE_BYTES if deadline else 0)
 
-    def _make_room(self, rc, k, val, grew_for=None):
+    def _make_room(self, rc, k, val, grew_for=None, extra=0):
         """A put of (k, val) returned rc: grow the file (ENOSPC) or split the key's index
         segment (EAGAIN) so that the retry fits; any other result is an error.
 
@@ -637,15 +689,16 @@ class Store(_Binding, _MutableMapping):
         file grown without end on the word of a damaged cache.
         """
         from .engine import index      # on first use: not needed to open or read
+        need = record_size(len(k), len(val) + extra)     # extra: a deadline's bytes
         if rc == errno.ENOSPC:
             if grew_for is k:
-                raise self._engine.no_fit(record_size(len(k), len(val)))
-            self._engine.grow(record_size(len(k), len(val)))
+                raise self._engine.no_fit(need)
+            self._engine.grow(need)
             return k
         if rc == errno.EAGAIN:
             index.split(self._engine, self._view, self._view.seg)
         elif rc == ENEEDBACK:
-            self._engine.alloc.back(self._view.holes_block, record_size(len(k), len(val)))
+            self._engine.alloc.back(self._view.holes_block, need)
         else:
             raise_for(rc, "put")
         return None
@@ -700,6 +753,107 @@ class Store(_Binding, _MutableMapping):
         elif expected is not None:
             self._delete(k)
         return True
+
+    # ================================================================ expiry (see mmkv/expiry.py)
+    def set(self, key: Bytes, value: Bytes, ttl: float | None = None) -> None:
+        """db[key] = value; with ttl, the key expires ttl seconds from now (by the wall clock, or
+        the handle's ManualClock): from then on it is absent for every read of every process.
+        Without ttl, a deadline the key had is dropped (as db[key] = value does).
+        :raises TypeError: ttl is not a number.  :raises ValueError: ttl <= 0, NaN or infinite.
+        :raises LimitError: too large.  :raises DiskFullError: no room; the store is unchanged."""
+        if ttl is None:
+            self[key] = value
+            return
+        k, val = self._key_value(key, value)
+        deadline = deadline_after(self._now(), ttl)
+        self._write_locked(self._put, k, val, 0, deadline)
+
+    def expire(self, key: Bytes, ttl: float | None) -> bool:
+        """Give key a deadline ttl seconds from now (ttl None: take its deadline away, so it
+        never expires); its value is unchanged.  One atomic write under the lock (the record is
+        rewritten).  False when key is absent (or expired).
+        :raises TypeError, ValueError: a bad ttl, as set().  :raises DiskFullError: no room."""
+        from .cffi_binding import as_bytes      # on first use: not needed to open or read
+        k = key if type(key) is bytes else as_bytes(key, "key")
+        if ttl is not None:
+            check_ttl(ttl)
+        return self._write_locked(self._expire, k, ttl)
+
+    def _expire(self, k, ttl):
+        value = self._lookup(k)
+        if value is None:
+            return False
+        value = bytes(value)
+        if ttl is None:     # (an 8-byte value becomes a plain record: incr makes it a counter again)
+            self._put(k, value, 0)
+        else:
+            self._put(k, value, 0, deadline_after(self._now(), ttl))
+        return True
+
+    def ttl(self, key: Bytes) -> float | None:
+        """Seconds until key expires (by the clock as it reads now), or None when it has no
+        deadline.  Read as one moment (under the lock, or lock-free on a lockless handle).
+        :raises KeyError: key is absent or expired."""
+        from .cffi_binding import as_bytes      # on first use: not needed to open or read
+        k = key if type(key) is bytes else as_bytes(key, "key")
+
+        def read():
+            deadline = self._deadline(k)
+            return None if deadline is None else (deadline, self._now())
+        found = self._consistently(read)
+        if found is None:
+            raise KeyError(key)
+        deadline, now = found
+        return None if not deadline else max(deadline - now, 1) / 1e9
+
+    def sweep(self, limit: int | None = None) -> int:
+        """Remove expired keys and give their space back: the whole index (limit None, which also
+        makes len() O(1) again until the next deadline passes), or the next `limit` index slots
+        from where the sweep last stopped.  Holds the lock throughout: a whole pass costs about as
+        long as a scan of the index (tens of ms per million keys).  The number removed."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise ValueError(f"limit must be a positive int or None, not {limit!r}")
+        self._writable()
+        return self._write_locked(self._sweep, limit or 0)
+
+    def _sweep(self, budget):
+        """The sweep (mmkv_sweep; budget 0: a whole pass); caller holds the lock."""
+        removed, nxt = ffi.new("uint64_t *"), ffi.new("int64_t *")
+        raise_for(lib.mmkv_sweep(self._view, budget, removed, nxt), "sweep")
+        return removed[0]
+
+    def deadlines(self) -> dict[bytes, int]:
+        """{key: deadline} of every live key that has one (nanoseconds since the epoch), as of one
+        moment (one pass over the index under the lock, or lock-free on a lockless handle)."""
+        from .engine import index      # on first use: not needed to open or read
+
+        def read():
+            v, now, out = self._view, self._now(), {}
+            for _, key in index.verified_records(self._engine):
+                if v.rec_flags & REC_EXPIRES and v.deadline > now:
+                    out[bytes(key)] = v.deadline
+            if self._txn is not None:
+                for key, op in self._txn.writes.items():
+                    out.pop(key, None)
+                    if op is not None and op[2] > now:
+                        out[key] = op[2]
+            return out
+        return self._consistently(read)
+
+    def memoize(self, ttl: float | None = None, name: str | None = None) -> Callable:
+        """A decorator caching a function's results in this store, for every process that opens
+        it (``@db.memoize(ttl=60)``); see mmkv.expiry.memoize."""
+        from .expiry import memoize
+        return memoize(self, ttl, name)
+
+    def _key_value(self, key, value):
+        """(key, value) as bytes, their sizes checked, on a handle that may write."""
+        from .cffi_binding import as_bytes, check_sizes      # on first use: not needed to open or read
+        k = key if type(key) is bytes else as_bytes(key, "key")
+        val = value if type(value) is bytes else as_bytes(value, "value")
+        check_sizes(k, val)
+        self._writable()
+        return k, val
 
     def setdefault(self, key: Bytes, default: Bytes = b"") -> bytes:
         """The value of key; if absent, store default first and return it, atomically under the
@@ -853,7 +1007,10 @@ class Store(_Binding, _MutableMapping):
         new = (int.from_bytes(old, "little", signed=True) if old is not None else 0) + delta
         if not _INT64_MIN <= new <= _INT64_MAX:
             raise OverflowError(f"counter {k!r} would leave the signed 64-bit range")
-        self._put(k, new.to_bytes(8, "little", signed=True), REC_COUNTER)
+        deadline = self._deadline(k) if old is not None else 0
+        # a key with a deadline keeps it (a plain 8-byte record: counters are updated in place,
+        # and a counter record carries no deadline); any other is a counter record
+        self._put(k, new.to_bytes(8, "little", signed=True), 0 if deadline else REC_COUNTER, deadline or 0)
         return new
 
     # ================================================================ durability, audit

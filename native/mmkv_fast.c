@@ -1243,7 +1243,8 @@ static PyObject *fast_init(PyObject *module, PyObject *const *args, Py_ssize_t n
 
 PyDoc_STRVAR(scan_batch_doc,
 "_scan_batch(entries, n, base, size, mode, budget) -> (items, used)\n\n"
-"Build one batch of iteration from n entries (hash, record offset, key length, value length) that\n"
+"Build one batch of iteration from n entries (hash, record offset, key length | bytes before the\n"
+"value << 32, value length) that\n"
 "mmkv_scan wrote at address entries, reading keys and values from the mapping at address base\n"
 "(size bytes): mode 0 keys, 1 values, 2 (key, value) pairs.  Stops, between two hashes, once the\n"
 "bytes taken reach budget.  used: the entries taken.  The caller holds the store lock (the\n"
@@ -1273,7 +1274,8 @@ static PyObject *fast_scan_batch(PyObject *module, PyObject *const *args, Py_ssi
         return NULL;
     unsigned long long used = 0, taken = 0;
     for (; used < n; used++) {
-        uint64_t h = e[4 * used], rec = e[4 * used + 1], klen = e[4 * used + 2], vlen = e[4 * used + 3];
+        uint64_t h = e[4 * used], rec = e[4 * used + 1], klen = e[4 * used + 2] & 0xffffffff, vlen = e[4 * used + 3];
+        uint64_t skip = e[4 * used + 2] >> 32;   /* a deadline's bytes before the value (mmkv_scan) */
         if (used + 8 < n && e[4 * (used + 8) + 1] < size) {   /* the records lie anywhere: overlap the misses */
             const uint8_t *ahead = base + e[4 * (used + 8) + 1];
             __builtin_prefetch(ahead);
@@ -1281,8 +1283,8 @@ static PyObject *fast_scan_batch(PyObject *module, PyObject *const *args, Py_ssi
         }
         if (used && taken >= budget && h != e[4 * (used - 1)])
             break;
-        uint64_t k0 = rec + sizeof(struct mmkv_record), v0 = k0 + ((klen + 7) & ~(uint64_t)7);
-        if (rec > size || k0 > size || klen > size - k0 || v0 > size || vlen > size - v0) {
+        uint64_t k0 = rec + sizeof(struct mmkv_record), v0 = k0 + ((klen + 7) & ~(uint64_t)7) + skip;
+        if (rec > size || k0 > size || klen > size - k0 || skip > 8 || v0 > size || vlen > size - v0) {
             Py_DECREF(list);
             PyErr_SetString(PyExc_ValueError, "_scan_batch: an entry lies outside the mapping");
             return NULL;

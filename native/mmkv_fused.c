@@ -43,9 +43,9 @@ static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
     return rc;
 }
 
-/* Commit order: the README's "Commit orders" table, row "put". */
+/* Commit order: the README's "Commit orders" table, row "put".  deadline: 0, or when the key expires. */
 static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
-                      uint32_t flags)
+                      uint32_t flags, int64_t deadline)
 {
     struct lookup l;
     struct mmkv_state *st = state_of(v);
@@ -58,15 +58,23 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
         v->seg = l.seg;
         return EAGAIN; /* split the segment first */
     }
-    uint64_t need = REC_HDR + PAD8(klen) + vlen, b;
+    uint64_t need = REC_HDR + PAD8(klen) + (deadline ? MMKV_DEADLINE_BYTES : 0) + vlen, b;
     if ((rc = mmkv_alloc(v, need, &b)))
         return rc;  /* ENOSPC: nothing changed, grow the file; MMKV_ENEEDBACK: back released pages */
     uint64_t rec = payload_of(b), cap = capacity_of(*word(v, b) & SIZE_MASK);
     uint64_t old_vlen = l.rec ? l.rec->val_len : 0, *slots = seg_slots(l.segment);
-    if ((rc = mmkv_record_write(v, rec, cap, l.hash, key, klen, val, vlen, flags)) ||
+    if ((rc = record_write_until(v, rec, cap, l.hash, key, klen, val, vlen, flags, deadline)) ||
         (rc = sync_range(v, b, rec + need - b))) /* 1. the record (and its block header) is durable ... */
         return mmkv_free(v, b) ? EBADMSG : rc;
     FAILPOINT("put.after_record");
+    int64_t noted = deadline;                     /* a deadline the caller put in val itself (flags) counts too */
+    if (!noted && flags & MMKV_REC_EXPIRES) {
+        memcpy(&noted, val, sizeof noted);
+        if (noted < 1)
+            noted = 1;                            /* expired since forever: due now */
+    }
+    if (noted)
+        sweep_note(v, noted);                     /* (before the record is live: a bound, never late) */
     __atomic_store_n(&slots[l.slot], slot_word(l.hash, rec), __ATOMIC_RELEASE);
     if ((rc = sync_range(v, l.seg + SEG_HDR + 8 * l.slot, 8)))  /* 2. ... before the slot that makes it live */
         return rc;
@@ -79,7 +87,7 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
         l.segment->count++;
         st->count++;
     }
-    st->live_bytes += klen + vlen;
+    st->live_bytes += need - REC_HDR - PAD8(klen) + klen;
     return 0;
 }
 
@@ -89,7 +97,25 @@ int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
     int rc;
     if (take_lock && (rc = lock_current(v, take_lock)))
         return rc;
-    rc = put_locked(v, key, klen, val, vlen, flags);
+    rc = put_locked(v, key, klen, val, vlen, flags, 0);
+    if (rc == 0)
+        sweep_if_due(v);
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
+int mmkv_put_until(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+                   int64_t deadline, int take_lock)
+{
+    int rc;
+    if (deadline < 0)
+        return EINVAL;
+    if (take_lock && (rc = lock_current(v, take_lock)))
+        return rc;
+    rc = put_locked(v, key, klen, val, vlen, 0, deadline);
+    if (rc == 0)
+        sweep_if_due(v);
     if (take_lock && clean_result(rc))
         mmkv_unlock(v);
     return rc;
@@ -102,7 +128,7 @@ int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
         uint64_t k0 = i ? key_ends[i - 1] : 0, v0 = i ? val_ends[i - 1] : 0;
         if (key_ends[i] < k0 || val_ends[i] < v0)
             return EINVAL;
-        int rc = put_locked(v, keys + k0, key_ends[i] - k0, vals + v0, val_ends[i] - v0, 0);
+        int rc = put_locked(v, keys + k0, key_ends[i] - k0, vals + v0, val_ends[i] - v0, 0, 0);
         if (rc) {
             *done = i;
             return rc;
@@ -113,15 +139,15 @@ int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
 }
 
 /* Delete the key found by l (the lock held).  Commit order: the README's "Commit orders" table,
-   row "delete". */
-static int delete_found(struct mmkv_view *v, const struct lookup *found, uint64_t klen)
+   row "delete".  by_sweep: the sweep's own deletion, which keeps its place (see sweep_run). */
+static int delete_found(struct mmkv_view *v, const struct lookup *found, uint64_t klen, int by_sweep)
 {
     struct lookup l = *found;
     struct mmkv_state *st = state_of(v);
     int rc;
     {
         uint64_t first = l.slot, vlen = l.rec->val_len, slots = l.seg + SEG_HDR;
-        rc = mmkv_slot_delete(v, l.seg, l.slot);
+        rc = by_sweep ? slot_delete_at(v, l.seg, l.slot) : mmkv_slot_delete(v, l.seg, l.slot);
         if (!rc && v->sync_full) {                /* slots [first, v->slot] changed, maybe wrapping */
             if (v->slot >= first)
                 rc = sync_range(v, slots + 8 * first, 8 * (v->slot - first + 1));
@@ -143,8 +169,14 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
         return rc;
     struct lookup l;
     rc = lookup(v, key, klen, &l);
-    if (rc == 0)
-        rc = delete_found(v, &l, klen);
+    if (rc == 0) {
+        int gone = found_expired(v, &l);      /* expired: reclaimed, but it was absent already */
+        rc = delete_found(v, &l, klen, 0);
+        if (rc == 0 && gone)
+            rc = ENOENT;
+    }
+    if (rc == 0 || rc == ENOENT)
+        sweep_if_due(v);
     if (take_lock && clean_result(rc))
         mmkv_unlock(v);
     return rc;
@@ -157,10 +189,17 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
         return rc;
     struct lookup l;
     rc = lookup_intact(v, key, klen, &l);
-    if (rc == 0)   /* ENOBUFS: nothing changed, the caller takes the general path */
-        rc = getbuf_put(g, found_value(&l), l.head.val_len);
-    if (rc == 0)
-        rc = delete_found(v, &l, klen);
+    if (rc == 0 && found_expired(v, &l)) {    /* reclaimed, but it was absent already */
+        if (!(rc = delete_found(v, &l, klen, 0)))
+            rc = ENOENT;
+    } else {
+        if (rc == 0)   /* ENOBUFS: nothing changed, the caller takes the general path */
+            rc = getbuf_put(g, found_value(&l), found_len(&l));
+        if (rc == 0)
+            rc = delete_found(v, &l, klen, 0);
+    }
+    if (rc == 0 || rc == ENOENT)
+        sweep_if_due(v);
     if (take_lock && (clean_result(rc) || rc == ENOBUFS))
         mmkv_unlock(v);
     return rc;
@@ -177,17 +216,20 @@ int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
     struct lookup l;
     rc = lookup_intact(v, key, klen, &l);     /* a damaged value is never compared: recovery first */
     if (rc == 0 || rc == ENOENT) {
-        int same = rc == ENOENT ? !has_expected   /* absent: the same only when absence was expected */
-                   : has_expected && l.head.val_len == elen && (!elen || memcmp(found_value(&l), expected, elen) == 0);
+        int absent = rc == ENOENT || found_expired(v, &l);
+        int same = absent ? !has_expected   /* absent: the same only when absence was expected */
+                   : has_expected && found_len(&l) == elen && (!elen || memcmp(found_value(&l), expected, elen) == 0);
         if (!same)
             rc = ECANCELED;
         else if (has_val)
-            rc = put_locked(v, key, klen, val, vlen, 0);   /* EAGAIN, ENOSPC: nothing changed */
+            rc = put_locked(v, key, klen, val, vlen, 0, 0);   /* EAGAIN, ENOSPC: nothing changed */
         else if (rc == 0)
-            rc = delete_found(v, &l, klen);
+            rc = delete_found(v, &l, klen, 0);   /* (an expired record: reclaimed) */
         else
             rc = 0;   /* absent, expected absent, and deleted: nothing to do */
     }
+    if (rc == 0 || rc == ECANCELED)
+        sweep_if_due(v);
     if (take_lock && clean_result(rc))
         mmkv_unlock(v);
     return rc;
@@ -221,6 +263,8 @@ int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t de
             rc = sync_range(v, off, 8);
         }
     }
+    if (rc == 0)
+        sweep_if_due(v);
     if (take_lock && clean_result(rc))
         mmkv_unlock(v);
     return rc;
@@ -255,4 +299,140 @@ int mmkv_move_record(struct mmkv_view *v, uint64_t rec_off, uint64_t dest)
         return rc;
     FAILPOINT("compact.after_switch");
     return mmkv_free_fitting(v, block_of(rec_off), need) ? EBADMSG : 0;  /* 3. the old block is free */
+}
+
+/* ---------------------------------------------------------------- the sweep */
+/*
+ * Expired records are invisible at once (every read compares the deadline with the clock); their
+ * space comes back when a write meets the key (put, delete, pop, cas) and through the sweep, which
+ * walks the index in hash order a few slots at a time, removing the expired records it meets.
+ *
+ * state.ttl_min lets a reader skip all this: while the clock is below it, nothing has expired.
+ * It is lowered by every write of a deadline (sweep_note) and set by the end of a sweep pass to
+ * the least deadline the pass saw or a write added (state.sweep_min) -- unless the pass was
+ * spoiled: a pass's steps run in separate lock holds, and between them another write may move
+ * an entry from ahead of the sweep's place to behind it without it being seen (the backward
+ * shift of a deletion in the segment the sweep is in; a split of that segment).  Entries move
+ * only inside their segment (or into the halves of a split one, which cover the same hashes),
+ * so changes elsewhere cannot hide one.  The sweep's own deletions do not spoil: after one it
+ * looks at the same slot again, and a backward shift only moves entries from after the hole to
+ * it, or between slots it has seen.  A whole pass in one lock hold (mmkv_sweep with budget 0:
+ * len() past ttl_min, db.sweep()) cannot be spoiled and leaves ttl_min exact.
+ */
+
+/* The directory entry the position `at` lies in (the directory has 2^bits entries). */
+static uint64_t sweep_entry(uint64_t bits, uint64_t at)
+{
+    uint64_t prefix = (at >> MMKV_SWEEP_SLOT_BITS) & 0xffffffff;
+    return bits ? prefix >> (32 - bits) : 0;
+}
+
+void sweep_note(struct mmkv_view *v, int64_t deadline)
+{
+    struct mmkv_state *st = state_of(v);
+    uint64_t d = (uint64_t)deadline;
+    if (!st->ttl_min || d < st->ttl_min)
+        st->ttl_min = d;
+    if (!st->sweep_min || d < st->sweep_min)
+        st->sweep_min = d;
+}
+
+void sweep_spoil(struct mmkv_view *v, uint64_t seg_off)
+{
+    struct mmkv_state *st = state_of(v);
+    if (!st->ttl_min || st->sweep_at & MMKV_SWEEP_POISON)
+        return;      /* no record has a deadline (nothing to hide), or spoiled already */
+    const uint64_t *dir = directory(v);
+    uint64_t d = sweep_entry(v->dir_bits, st->sweep_at);
+    if (!dir || d >> v->dir_bits || dir[d] == seg_off)
+        st->sweep_at |= MMKV_SWEEP_POISON;
+}
+
+/* Examine up to budget slots from the sweep's place, removing the expired records (those whose
+   deadline is at most now); at the end of the index, end the pass.  The lock held. */
+static int sweep_run(struct mmkv_view *v, uint64_t budget, int64_t now, uint64_t *removed)
+{
+    struct mmkv_state *st = state_of(v);
+    const uint64_t *dir = directory(v);
+    if (!dir)
+        return EBADMSG;
+    uint64_t bits = v->dir_bits, entries = 1ULL << bits, at = st->sweep_at & ~(uint64_t)MMKV_SWEEP_POISON;
+    uint64_t d = sweep_entry(bits, at), slot = at & SEG_MASK;
+    while (budget) {
+        if (d >= entries) {   /* the pass is over: what it saw bounds every deadline, unless spoiled */
+            if (!(st->sweep_at & MMKV_SWEEP_POISON))
+                st->ttl_min = st->sweep_min;
+            st->sweep_min = 0;
+            st->sweep_at = 0;
+            return 0;
+        }
+        struct mmkv_segment *seg = segment_at(v, dir[d]);
+        if (!seg)
+            return EBADMSG;
+        if (slot >= MMKV_SEGMENT_SLOTS) {     /* on to the next segment (its entries are contiguous) */
+            uint64_t span = 1ULL << (bits - seg->depth);
+            d = (d / span + 1) * span;
+            slot = 0;
+            continue;
+        }
+        budget--;
+        uint64_t w = __atomic_load_n(&seg_slots(seg)[slot], __ATOMIC_ACQUIRE);
+        if (w) {
+            struct rec_head h;
+            uint64_t off = w & MMKV_SLOT_OFF_MASK;
+            const struct mmkv_record *r = record_head_at(v, off, &h);
+            if (!r)
+                return EBADMSG;
+            int64_t deadline = deadline_of(r, &h);
+            if (h.flags & MMKV_REC_EXPIRES && deadline <= now) {
+                struct lookup l = {.hash = h.key_hash, .seg = dir[d], .slot = slot, .rec_off = off,
+                                   .segment = seg, .rec = r, .head = h};
+                int rc = delete_found(v, &l, h.key_len, 1);
+                if (rc)
+                    return rc;
+                (*removed)++;
+                FAILPOINT("sweep.after_delete");
+                continue;     /* the slot may hold an entry shifted back into it: look again */
+            }
+            if (h.flags & MMKV_REC_EXPIRES && (!st->sweep_min || (uint64_t)deadline < st->sweep_min))
+                st->sweep_min = (uint64_t)deadline;
+        }
+        slot++;
+    }
+    if (slot >= MMKV_SEGMENT_SLOTS)
+        slot = MMKV_SEGMENT_SLOTS - 1;        /* (seen already: looked at once more next time) */
+    st->sweep_at = (st->sweep_at & MMKV_SWEEP_POISON) | (d << (32 - bits)) << MMKV_SWEEP_SLOT_BITS | slot;
+    return 0;
+}
+
+void sweep_if_due(struct mmkv_view *v)
+{
+    uint64_t ttl_min = state_of(v)->ttl_min, removed = 0;
+    if (!ttl_min)
+        return;
+    int64_t now = clock_now(v);
+    if (now >= (int64_t)ttl_min)
+        (void)sweep_run(v, MMKV_SWEEP_STEP, now, &removed);   /* best effort: damage is found by reads and check() */
+}
+
+int mmkv_note_deadline(struct mmkv_view *v, int64_t deadline)
+{
+    if (deadline <= 0)
+        return EINVAL;
+    sweep_note(v, deadline);
+    return 0;
+}
+
+int mmkv_sweep(struct mmkv_view *v, uint64_t budget, uint64_t *removed, int64_t *next)
+{
+    struct mmkv_state *st = state_of(v);
+    *removed = 0;
+    if (!budget) {                 /* a whole pass from the start, which nothing can spoil */
+        st->sweep_at = 0;
+        st->sweep_min = 0;
+        budget = UINT64_MAX;
+    }
+    int rc = sweep_run(v, budget, clock_now(v), removed);
+    *next = (int64_t)st->ttl_min;
+    return rc;
 }

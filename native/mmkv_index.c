@@ -13,14 +13,15 @@
 
 /* The record at off, if its header and body lie inside the mapping; its header, read once, in
    *h (every length a caller uses must come from *h: see struct rec_head). */
-static const struct mmkv_record *record_head_at(const struct mmkv_view *v, uint64_t off, struct rec_head *h)
+const struct mmkv_record *record_head_at(const struct mmkv_view *v, uint64_t off, struct rec_head *h)
 {
     if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, REC_HDR))
         return NULL;
     const struct mmkv_record *r = (const struct mmkv_record *)(v->base + off);
     rec_head_read(r, h);
     uint64_t body = PAD8((uint64_t)h->key_len);
-    if (!range_ok(v->size, off + REC_HDR, body) || !range_ok(v->size, off + REC_HDR + body, h->val_len))
+    if (!range_ok(v->size, off + REC_HDR, body) || !range_ok(v->size, off + REC_HDR + body, h->val_len) ||
+        h->val_len < deadline_bytes(h))    /* a deadline needs its 8 bytes */
         return NULL;
     return r;
 }
@@ -51,20 +52,35 @@ uint64_t record_sum(const struct mmkv_view *v, const struct mmkv_record *r)
 
 static void fill_result(struct mmkv_view *v, uint64_t off, const struct rec_head *h)
 {
+    const struct mmkv_record *r = (const struct mmkv_record *)(v->base + off);
+    uint64_t skip = deadline_bytes(h);
     v->rec_off = off;
     v->hash = h->key_hash;
-    v->val_off = off + REC_HDR + PAD8((uint64_t)h->key_len);
-    v->val_len = h->val_len;
+    v->val_off = off + REC_HDR + PAD8((uint64_t)h->key_len) + skip;
+    v->val_len = h->val_len - skip;
     v->rec_flags = h->flags;
+    v->deadline = deadline_of(r, h);
+    v->rec_need = REC_HDR + PAD8((uint64_t)h->key_len) + h->val_len;
 }
 
-int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash, const uint8_t *key,
-                      uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags)
+/* Flags a record may carry: a counter, or a deadline, or neither. */
+static int flags_ok(uint32_t flags)
 {
-    uint64_t kpad = PAD8(klen);
-    if (klen > UINT32_MAX || off % 8 || off < MMKV_HEADER_SIZE || (flags & MMKV_REC_COUNTER && vlen != 8))
+    return !(flags & ~(uint32_t)(MMKV_REC_COUNTER | MMKV_REC_EXPIRES)) &&
+           (flags & (MMKV_REC_COUNTER | MMKV_REC_EXPIRES)) != (MMKV_REC_COUNTER | MMKV_REC_EXPIRES);
+}
+
+/* mmkv_record_write, with a deadline (0: none) written before the value. */
+int record_write_until(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash, const uint8_t *key,
+                       uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags, int64_t deadline)
+{
+    uint64_t kpad = PAD8(klen), dlen = deadline ? MMKV_DEADLINE_BYTES : 0;
+    if (deadline)
+        flags |= MMKV_REC_EXPIRES;
+    if (klen > UINT32_MAX || off % 8 || off < MMKV_HEADER_SIZE || !flags_ok(flags) ||
+        (flags & MMKV_REC_COUNTER && vlen != 8) || (flags & MMKV_REC_EXPIRES && !deadline && vlen < 8))
         return EINVAL;
-    if (kpad < klen || vlen > UINT64_MAX - REC_HDR - kpad || REC_HDR + kpad + vlen > cap ||
+    if (kpad < klen || vlen > UINT64_MAX - REC_HDR - kpad - dlen || REC_HDR + kpad + dlen + vlen > cap ||
         !range_ok(v->size, off, cap))
         return EINVAL;
     struct mmkv_record *r = (struct mmkv_record *)(v->base + off);
@@ -72,17 +88,26 @@ int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t 
     r->key_hash = hash;
     r->key_len = (uint32_t)klen;
     r->flags = flags;
-    r->val_len = vlen;
+    r->val_len = dlen + vlen;
     if (klen)
         memcpy(body, key, klen);
     memset(body + klen, 0, kpad - klen);
+    if (dlen)
+        memcpy(body + kpad, &deadline, dlen);
     if (vlen)
-        memcpy(body + kpad, val, vlen);
+        memcpy(body + kpad + dlen, val, vlen);
     r->checksum = record_sum(v, r);
     struct rec_head h;
     rec_head_read(r, &h);
     fill_result(v, off, &h);
     return 0;
+}
+
+/* A record whose value (flags MMKV_REC_EXPIRES: deadline and value) is val[:vlen]. */
+int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash, const uint8_t *key,
+                      uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags)
+{
+    return record_write_until(v, off, cap, hash, key, klen, val, vlen, flags, 0);
 }
 
 /* The record at off, whatever its block header says: bounds, flags, checksum, and (with
@@ -96,7 +121,7 @@ static int record_contents_check(struct mmkv_view *v, uint64_t off, uint64_t roo
     if (!r)
         return EBADMSG;
     uint64_t need = REC_HDR + PAD8((uint64_t)h.key_len) + h.val_len;
-    if (need > room || (h.flags & ~(uint32_t)MMKV_REC_COUNTER) || (h.flags & MMKV_REC_COUNTER && h.val_len != 8))
+    if (need > room || !flags_ok(h.flags) || (h.flags & MMKV_REC_COUNTER && h.val_len != 8))
         return EBADMSG;
     if (h.checksum != record_sum_of(v, r, &h))
         return EBADMSG;
@@ -143,7 +168,7 @@ int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off)
 /* SEG_HDR, SEG_BYTES, tag_of, slot_word and seg_slots are in mmkv_internal.h (the fused writes use them). */
 
 /* The directory, if its root lies inside the mapping. */
-static const uint64_t *directory(const struct mmkv_view *v)
+const uint64_t *directory(const struct mmkv_view *v)
 {
     if (v->dir_bits > MMKV_DIR_MAX_BITS || v->dir_off % 8 || v->dir_off < MMKV_HEADER_SIZE ||
         v->dir_off > v->size || (1ULL << v->dir_bits) > (v->size - v->dir_off) / 8)
@@ -157,7 +182,7 @@ static uint64_t dir_index(const struct mmkv_view *v, uint64_t hash)
 }
 
 /* The segment at off, if it lies inside the mapping and its header is plausible. */
-static struct mmkv_segment *segment_at(const struct mmkv_view *v, uint64_t off)
+struct mmkv_segment *segment_at(const struct mmkv_view *v, uint64_t off)
 {
     if (off % 8 || off < MMKV_HEADER_SIZE || !range_ok(v->size, off, SEG_BYTES))
         return NULL;
@@ -226,6 +251,12 @@ int lookup_intact(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, 
     return intact_or_damaged(v, lookup(v, key, klen, out), out);
 }
 
+int mmkv_now(struct mmkv_view *v, int64_t *now)
+{
+    *now = clock_now(v);
+    return 0;
+}
+
 int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen)
 {
     struct lookup l;
@@ -268,6 +299,12 @@ static int home_of(const struct mmkv_view *v, uint64_t w, uint64_t *home)
  * (recovery dedups).  v->slot is left at the last slot changed.
  */
 int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg_off, uint64_t slot)
+{
+    sweep_spoil(v, seg_off);
+    return slot_delete_at(v, seg_off, slot);
+}
+
+int slot_delete_at(struct mmkv_view *v, uint64_t seg_off, uint64_t slot)
 {
     struct mmkv_segment *seg = segment_at(v, seg_off);
     if (!seg || slot >= MMKV_SEGMENT_SLOTS)
@@ -406,6 +443,7 @@ int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, u
     *range_end = hi;
     struct scan_entry *e = (struct scan_entry *)out;
     uint64_t count = 0, *slots = seg_slots(seg);
+    int64_t now = 0;        /* read when the first record with a deadline is met */
     for (uint64_t i = 0; i < MMKV_SEGMENT_SLOTS; i++) {
         /* the records lie anywhere: fetch a few slots ahead, so their cache misses overlap */
         uint64_t ahead = __atomic_load_n(&slots[(i + SCAN_AHEAD) & SEG_MASK], __ATOMIC_RELAXED) & MMKV_SLOT_OFF_MASK;
@@ -433,8 +471,16 @@ int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, u
             v->rec_off = off;
             return EBADMSG;
         }
+        if (head.flags & MMKV_REC_EXPIRES) {
+            if (!now)
+                now = clock_now(v);
+            if (deadline_of((const struct mmkv_record *)(v->base + off), &head) <= now)
+                continue;                  /* expired: invisible */
+        }
+        /* key_len's word carries, above bit 32, the bytes between the key's padding and the value */
+        uint64_t skip = deadline_bytes(&head);
         if (count < cap)
-            e[count] = (struct scan_entry){h, off, head.key_len, head.val_len};
+            e[count] = (struct scan_entry){h, off, head.key_len | skip << 32, head.val_len - skip};
         count++;
     }
     *n = count;
@@ -445,8 +491,8 @@ int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, u
         return rc;
     for (uint64_t i = 1; i < count; i++)   /* a key in two slots: equal hashes, equal keys */
         for (uint64_t j = i; j-- > 0 && e[j].hash == e[i].hash;)
-            if (e[j].key_len == e[i].key_len &&
-                memcmp(v->base + e[j].rec + REC_HDR, v->base + e[i].rec + REC_HDR, e[i].key_len) == 0) {
+            if ((uint32_t)e[j].key_len == (uint32_t)e[i].key_len &&
+                memcmp(v->base + e[j].rec + REC_HDR, v->base + e[i].rec + REC_HDR, (uint32_t)e[i].key_len) == 0) {
                 v->rec_off = e[i].rec;
                 return EBADMSG;
             }
@@ -481,6 +527,7 @@ int mmkv_segment_init(struct mmkv_view *v, uint64_t off, uint64_t depth, uint64_
 int mmkv_segment_split(struct mmkv_view *v, uint64_t old_off, uint64_t a_off, uint64_t b_off)
 {
     struct mmkv_segment *old = segment_at(v, old_off);
+    sweep_spoil(v, old_off);      /* its entries move to two new segments, the sweep's place with them */
     if (!old || old->depth >= MMKV_DIR_MAX_BITS)
         return old ? E2BIG : EBADMSG;
     uint64_t d = old->depth;
@@ -722,8 +769,10 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
 {
     struct lookup l;
     int rc = lookup_intact(v, key, klen, &l);
+    if (rc == 0 && found_expired(v, &l))
+        rc = ENOENT;
     if (rc == 0)    /* lengths from the checked header only: a racing writer may change the record's */
-        rc = getbuf_put(g, found_value(&l), l.head.val_len);
+        rc = getbuf_put(g, found_value(&l), found_len(&l));
     return rc;
 }
 
@@ -898,6 +947,8 @@ static int many_into(const struct mmkv_view *v, const uint8_t *keys, const uint6
         struct lookup l;
         int rc = intact_or_damaged(v, lookup_hashed(v, keys + k0, key_ends[j] - k0, hashes[j % (2 * MANY_AHEAD)], &l),
                                    &l);
+        if (rc == 0 && found_expired(v, &l))
+            rc = ENOENT;
         if (rc == ENOENT) {
             found[j] = 0;
             val_ends[j] = used;
@@ -905,7 +956,7 @@ static int many_into(const struct mmkv_view *v, const uint8_t *keys, const uint6
         }
         if (rc)
             return rc;
-        uint64_t len = l.head.val_len;
+        uint64_t len = found_len(&l);
         if (len && used + len <= g->cap)
             memcpy(g->buf + used, found_value(&l), len);
         used += len;
@@ -958,8 +1009,10 @@ int mmkv_count_nowait(struct mmkv_view *v, uint64_t *count)
             rc = MMKV_ESTALE;
         } else if (!(s1 & 1)) {
             uint64_t n = __atomic_load_n(&st->count, __ATOMIC_RELAXED);
+            uint64_t ttl_min = __atomic_load_n(&st->ttl_min, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1) {
+            /* past ttl_min the count may include expired keys: the caller sweeps (or counts) first */
+            if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && (!ttl_min || clock_now(v) < (int64_t)ttl_min)) {
                 *count = n;
                 rc = 0;
             }

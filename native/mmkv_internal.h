@@ -93,6 +93,13 @@ static inline void rec_head_read(const struct mmkv_record *r, struct rec_head *h
     h->val_len = __atomic_load_n(&r->val_len, __ATOMIC_RELAXED);
 }
 
+/* The record at off, if its header and body lie inside the mapping (and a deadline's 8 bytes are
+   there if its flags say it has one); its header, read once, in *h. */
+MMKV_INTERNAL const struct mmkv_record *record_head_at(const struct mmkv_view *v, uint64_t off, struct rec_head *h);
+/* mmkv_record_write, with a deadline (0: none) written before the value. */
+MMKV_INTERNAL int record_write_until(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
+                                     const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+                                     uint32_t flags, int64_t deadline);
 /* The checksum of record r over the lengths in h (which the caller bounds-checked). */
 MMKV_INTERNAL uint64_t record_sum_of(const struct mmkv_view *v, const struct mmkv_record *r,
                                      const struct rec_head *h);
@@ -109,6 +116,11 @@ static inline uint64_t tag_of(uint64_t hash) { return (hash >> MMKV_TAG_SHIFT) &
 static inline uint64_t slot_word(uint64_t hash, uint64_t off) { return tag_of(hash) << MMKV_SLOT_OFF_BITS | off; }
 static inline uint64_t *seg_slots(struct mmkv_segment *s) { return (uint64_t *)(s + 1); }
 
+/* The directory, if its root lies inside the mapping; the segment at off, if it lies inside the
+   mapping and its header is plausible (else NULL). */
+MMKV_INTERNAL const uint64_t *directory(const struct mmkv_view *v);
+MMKV_INTERNAL struct mmkv_segment *segment_at(const struct mmkv_view *v, uint64_t off);
+
 /* Result of a lookup, kept off the shared view so that concurrent readers do not race. */
 struct lookup {
     uint64_t hash, seg, slot, rec_off, probes;
@@ -124,11 +136,62 @@ MMKV_INTERNAL int lookup(const struct mmkv_view *v, const uint8_t *key, uint64_t
    compared or replaced as a value. */
 MMKV_INTERNAL int lookup_intact(const struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct lookup *out);
 
-/* The value of the record a lookup found (its length: l->head.val_len). */
+/* ---------------------------------------------------------------- expiry */
+
+/* Bytes of a record's value area before the value proper: its deadline, if it has one. */
+static inline uint64_t deadline_bytes(const struct rec_head *h)
+{
+    return h->flags & MMKV_REC_EXPIRES ? MMKV_DEADLINE_BYTES : 0;
+}
+
+/* The deadline of record r (header h, bounds-checked: val_len >= 8 when it has one), 0 if none. */
+static inline int64_t deadline_of(const struct mmkv_record *r, const struct rec_head *h)
+{
+    if (!(h->flags & MMKV_REC_EXPIRES))
+        return 0;
+    const int64_t *d = (const int64_t *)((const uint8_t *)r + REC_HDR + PAD8((uint64_t)h->key_len));
+    return __atomic_load_n(d, __ATOMIC_RELAXED);
+}
+
+/* Expiry's clock (see struct mmkv_view's clock). */
+static inline int64_t clock_now(const struct mmkv_view *v)
+{
+    return v->clock ? __atomic_load_n(v->clock, __ATOMIC_RELAXED) : now_ns(CLOCK_REALTIME);
+}
+
+/* Record r (header h) has a deadline the clock has reached: no read may see it. */
+static inline int record_expired(const struct mmkv_view *v, const struct mmkv_record *r, const struct rec_head *h)
+{
+    return (h->flags & MMKV_REC_EXPIRES) && deadline_of(r, h) <= clock_now(v);
+}
+
+/* The value of the record a lookup found, after its deadline if it has one ... */
 static inline const uint8_t *found_value(const struct lookup *l)
 {
-    return (const uint8_t *)l->rec + REC_HDR + PAD8((uint64_t)l->head.key_len);
+    return (const uint8_t *)l->rec + REC_HDR + PAD8((uint64_t)l->head.key_len) + deadline_bytes(&l->head);
 }
+
+/* ... and its length. */
+static inline uint64_t found_len(const struct lookup *l)
+{
+    return l->head.val_len - deadline_bytes(&l->head);
+}
+
+/* A lookup found a record whose deadline has passed: for readers the key is absent. */
+static inline int found_expired(const struct mmkv_view *v, const struct lookup *l)
+{
+    return record_expired(v, l->rec, &l->head);
+}
+
+/* The sweep (mmkv_index.c): after a write that left the lock held, a step of it when a deadline may
+   have passed; a record with a deadline about to become live keeps its bounds below that deadline;
+   a change that may move index entries behind the sweep's position (a deletion's backward shift in
+   its segment, a split) spoils the pass's count. */
+MMKV_INTERNAL void sweep_if_due(struct mmkv_view *v);
+MMKV_INTERNAL void sweep_note(struct mmkv_view *v, int64_t deadline);
+MMKV_INTERNAL void sweep_spoil(struct mmkv_view *v, uint64_t seg_off);
+/* Backward-shift deletion of a slot without spoiling the sweep (the sweep's own). */
+MMKV_INTERNAL int slot_delete_at(struct mmkv_view *v, uint64_t seg_off, uint64_t slot);
 
 /* ---------------------------------------------------------------- lock + get (mmkv_index.c) */
 

@@ -128,6 +128,13 @@ struct mmkv_free_block {
 /* Record flags. */
 #define MMKV_REC_COUNTER 1                 /* value is an 8-byte signed counter, updated in place;
                                               the checksum then covers header and key only */
+#define MMKV_REC_EXPIRES 2                 /* the value starts with the key's deadline: an int64, nanoseconds since
+                                              the epoch (CLOCK_REALTIME); the record is invisible to every read once
+                                              the clock reaches it.  val_len counts those 8 bytes (so val_len >= 8);
+                                              never with MMKV_REC_COUNTER */
+#define MMKV_DEADLINE_BYTES 8              /* bytes of that deadline, before the value proper */
+#define MMKV_SWEEP_POISON 0x8000000000000000  /* state.sweep_at: this pass of the sweep may have missed a record */
+#define MMKV_SWEEP_SLOT_BITS 14            /* state.sweep_at: (a hash's top 32 bits) << this | a slot */
 /* The record checksum's key is the file's seed xor these (distinct from the key-hash key): version 2,
  * CRC32C from initial value (uint32)(seed0 ^ K0), stored zero-extended; version 1, SipHash keyed
  * with (seed0 ^ K0, seed1 ^ K1). */
@@ -190,7 +197,17 @@ struct mmkv_state {
     uint64_t compacting_pid; /* pid of a process running compact(), 0 if none: while it lives, frees
                                 release no pages (the compaction fills the space it frees, and
                                 releases at its end); a dead one's pid is ignored */
-    uint64_t reserved[4];
+    /* Expiry (see "The sweep" in native/mmkv_index.c).  ttl_min: 0 when no live record has a
+       deadline, else at most every live record's deadline (so a read or len() that finds the clock
+       below it knows nothing has expired).  sweep_at: where the sweep goes on, as a position in
+       hash order (the top 32 bits of a hash << 14 | a slot) with MMKV_SWEEP_POISON set when slots
+       may have moved behind it since its pass began; sweep_min: 0, or the least deadline the
+       pass has seen or a write has added since it began (at the pass's end it becomes ttl_min
+       unless poisoned).  All three are a cache: recovery recomputes ttl_min and restarts the pass. */
+    uint64_t ttl_min;
+    uint64_t sweep_at;
+    uint64_t sweep_min;
+    uint64_t reserved[1];
     uint64_t free_heads[64]; /* MMKV_NCLASSES heads of doubly linked free lists */
 };
 
@@ -233,6 +250,8 @@ struct mmkv_locks {
  * Record: stored in the payload of an allocated block, followed by the key,
  * padding to 8 bytes, then the value.  Never overwritten while live, except
  * the 8-byte value of a MMKV_REC_COUNTER record.
+ * With MMKV_REC_EXPIRES the value's first MMKV_DEADLINE_BYTES are the deadline (covered by
+ * the checksum), and the value a reader sees is the rest.
  * Invariants: 32 + pad8(key_len) + val_len fits in the block's payload,
  * key_hash == siphash(file seed, key), checksum == CRC32C (version 2; SipHash
  * in version 1 files, see MMKV_REC_SUM_K0) over the record from key_hash to the

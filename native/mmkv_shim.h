@@ -54,6 +54,8 @@ struct mmkv_view {
     uint32_t lockless;       /* 1: a handle that may not write the file (mapped PROT_READ): never takes the
                                 store lock (mmkv_lock*: EROFS); mmkv_get returns EAGAIN where it would lock */
     void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
+    const int64_t *clock;    /* expiry's clock: NULL, CLOCK_REALTIME; else the time is *clock (nanoseconds since
+                                the epoch), a cell the handle's owner sets (tests: a clock they control) */
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
     uint64_t seg;            /* offset of the key's segment */
@@ -63,6 +65,8 @@ struct mmkv_view {
     uint64_t val_len;
     uint32_t rec_flags;
     uint32_t probes;         /* slots examined */
+    int64_t deadline;        /* the record's deadline (MMKV_REC_EXPIRES), 0 when it has none */
+    uint64_t rec_need;       /* bytes the record fills: header, key and padding, deadline, value */
 };
 
 /* Per-thread output of mmkv_get and mmkv_take: the value is copied into buf when it fits, else,
@@ -147,7 +151,9 @@ int mmkv_lock_final(struct mmkv_view *v);  /* mmkv_lock for the closer itself (i
 int mmkv_view_close(struct mmkv_view *v);  /* refuse new unlocked calls on v (EBADF), wait for those running */
 int mmkv_unlock(struct mmkv_view *v);
 int mmkv_lock_holder_dead(struct mmkv_view *v);  /* 1: a writer holds the lock (seq odd) and its pid is gone */
-int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent */
+int mmkv_find(struct mmkv_view *v, const uint8_t *key, uint64_t klen);   /* 0 found, ENOENT absent; an expired
+                                           record is found (v->deadline: the caller compares it with mmkv_now) */
+int mmkv_now(struct mmkv_view *v, int64_t *now);  /* expiry's clock: *v->clock, else CLOCK_REALTIME, in ns */
 int mmkv_get(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g);
                                         /* find and copy, writing only *g (so threads sharing v are safe):
                                            without the lock when no holder is active before or after the read
@@ -162,18 +168,22 @@ int mmkv_get_nowait(struct mmkv_view *v, const uint8_t *key, uint64_t klen, stru
                                            block here (the CPython binding, which holds the GIL) */
 int mmkv_count_nowait(struct mmkv_view *v, uint64_t *count);
                                         /* the key count without the lock, when no holder is active before
-                                           or after the read: 0, EBUSY (a holder is active: take the lock),
+                                           or after the read: 0, EBUSY (a holder is active: take the lock, or
+                                           a deadline has passed since the last whole sweep: sweep first),
                                            MMKV_ESTALE (remap) or EBADF (closing) */
 int mmkv_record_write(struct mmkv_view *v, uint64_t off, uint64_t cap, uint64_t hash,
                       const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen, uint32_t flags);
-int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off, val_len, rec_flags */
+int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + checksum; fills hash, val_off,
+                                        val_len (the value proper: after a deadline), rec_flags, deadline, rec_need */
 int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off);  /* the record alone, its block header
                                         unread (recovery rebuilds headers); fills the same */
 int mmkv_slot_set(struct mmkv_view *v, uint64_t seg, uint64_t slot, uint64_t word);
 int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg, uint64_t slot);  /* backward shift; v->slot = last changed */
 int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64_t *seg, uint64_t *word);
 int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, uint64_t *n,
-              uint64_t *range_end);  /* iteration in hash order: one segment's keys from `from`, 4 words each */
+              uint64_t *range_end);  /* iteration in hash order: one segment's keys from `from`, 4 words each
+                                           (hash, record, key length | bytes before the value << 32, value
+                                           length); expired records are left out */
                                         /* next slot in use at or after cursor (dir entry * slots + slot),
                                            each segment once; ENOENT past the end */
 int mmkv_segment_init(struct mmkv_view *v, uint64_t off, uint64_t depth, uint64_t prefix);  /* empty segment */
@@ -266,6 +276,23 @@ int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
                                            0: when key is absent), put val[:vlen] (has_val 0: delete key);
                                            0: done; ECANCELED: the value differed, nothing changed (the lock
                                            released); EAGAIN, ENOSPC, MMKV_ENEEDBACK as mmkv_put */
+int mmkv_put_until(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+                   int64_t deadline, int take_lock);
+                                        /* mmkv_put of a record that expires at deadline (> 0, nanoseconds since
+                                           the epoch); 0 as mmkv_put: an ordinary record */
+int mmkv_note_deadline(struct mmkv_view *v, int64_t deadline);
+                                        /* a record with this deadline is about to become live by another path
+                                           (a transaction): keep the sweep's bounds below it (the lock held) */
+int mmkv_sweep(struct mmkv_view *v, uint64_t budget, uint64_t *removed, int64_t *next);
+                                        /* the lock held: remove expired records, examining at most budget slots
+                                           from where the sweep stopped (budget 0: a whole pass from the start,
+                                           which leaves ttl_min exact); *removed: how many; *next: ttl_min after */
+
+/* Every expired key is invisible to reads (get, get_many, in, iteration, len); the writes above see
+   an expired key as absent (a cas expecting it fails, incr counts from 0, delete and pop say
+   ENOENT) and reclaim its record.  After each fused write whose lock hold finds ttl_min passed, a
+   step of the sweep (MMKV_SWEEP_STEP slots) runs in the same hold. */
+#define MMKV_SWEEP_STEP 32
 
 /*
  * Failpoints, for crash tests: the countdown-th time the named point is

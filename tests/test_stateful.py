@@ -28,10 +28,19 @@ commits (the model takes all of them) and one whose block raises after its write
 and the other handle see none of them); reads in the block see its own writes.  In
 crash_in_transaction another process dies at one of the txn.* failpoints: at one before the
 commit point the store holds the model as it was, at one after it the whole transaction.
+
+Expiry: both handles read one ManualClock, which the advance rule moves on (the model drops the
+keys whose deadline it reaches); set_ttl and expire give keys deadlines, every other write of a
+key takes its deadline away (incr and setdefault of a present key keep it), and the reads,
+len(), check() and the sweep must agree with the model at every step.  The clock starts far
+ahead of the wall clock, which other processes (the crash rules) use: none of them ever finds
+a key expired that the model still holds.  A crash rule first takes the deadlines off the keys
+its operation writes (so the state before and after it are told apart by value alone).
 """
 import os
 import shutil
 import tempfile
+import time
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -109,13 +118,15 @@ class StoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="mmkv-state-")
         self.path = os.path.join(self.dir, "state.mmkv")
+        self.clock = mmkv.ManualClock(time.time() + 10_000)
+        self.deadlines = {}     # key -> deadline (ns) of the model's keys that have one
         self.dbs = [self._open("n"), self._open("c")]
         torture.Names(self.path).make()     # other names of the file, for other processes
         self.model = {}
         self.segments = 1       # most segments the index has had (it never shrinks but through clear)
 
     def _open(self, flag):
-        db = mmkv.open(self.path, flag, sync=self.SYNC)
+        db = mmkv.open(self.path, flag, sync=self.SYNC, clock=self.clock)
         if self.MAX_COUNT is not None:
             db._view.max_count = self.MAX_COUNT
         return db
@@ -128,22 +139,75 @@ class StoreMachine(RuleBasedStateMachine):
             for db in self.dbs:
                 db.close()
             try:
-                with mmkv.open(self.path, "w") as db:     # a clean reopen still holds the model
+                with mmkv.open(self.path, "w", clock=self.clock) as db:     # a clean reopen still holds the model
                     db.check()
                     assert dict(db.items()) == self.model
             finally:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------ writes
+    def _forget(self, keys):
+        """Those keys were written without a deadline (or deleted): they have none now."""
+        for k in keys:
+            self.deadlines.pop(k, None)
+
     @rule(i=which, key=keys, value=values)
     def put(self, i, key, value):
         self.dbs[i][key] = value
         self.model[key] = value
+        self._forget([key])
 
     @rule(i=which, key=keys, value=large_values)
     def put_large(self, i, key, value):
         self.dbs[i][key] = value
         self.model[key] = value
+        self._forget([key])
+
+    # ------------------------------------------------------------ expiry
+    @rule(i=which, key=keys, value=values, ttl=st.sampled_from([0.5, 1, 2, 30]))
+    def set_ttl(self, i, key, value, ttl):
+        self.dbs[i].set(key, value, ttl=ttl)
+        self.model[key] = value
+        self.deadlines[key] = self.clock.now_ns() + int(ttl * 1e9)
+
+    @rule(i=which, key=keys, ttl=st.sampled_from([None, 0.5, 1, 5]))
+    def expire(self, i, key, ttl):
+        assert self.dbs[i].expire(key, ttl) is (key in self.model)
+        if key in self.model:
+            if ttl is None:
+                self.deadlines.pop(key, None)
+            else:
+                self.deadlines[key] = self.clock.now_ns() + int(ttl * 1e9)
+
+    @rule(seconds=st.sampled_from([0.25, 0.5, 1, 2, 40]))
+    def advance(self, seconds):
+        """The clock moves on: the keys whose deadline it reaches are gone."""
+        self.clock.advance(seconds)
+        now = self.clock.now_ns()
+        for k in [k for k, d in self.deadlines.items() if d <= now]:
+            del self.deadlines[k]
+            del self.model[k]
+
+    @rule(i=which, key=keys)
+    def ttl(self, i, key):
+        if key not in self.model:
+            try:
+                self.dbs[i].ttl(key)
+            except KeyError:
+                return
+            raise AssertionError(f"ttl of absent key {key!r} did not raise KeyError")
+        left = self.dbs[i].ttl(key)
+        if key in self.deadlines:
+            assert left == (self.deadlines[key] - self.clock.now_ns()) / 1e9
+        else:
+            assert left is None
+
+    @rule(i=which, limit=st.sampled_from([None, 1, 40, 5000]))
+    def sweep(self, i, limit):
+        self.dbs[i].sweep(limit)
+        report = self.dbs[1 - i].check()
+        if limit is None:
+            assert report.expired == 0
 
     @rule(i=which, tag=st.integers(0, 3), n=st.integers(1, 1500), size=st.integers(0, 40))
     def bulk_put(self, i, tag, n, size):
@@ -151,14 +215,17 @@ class StoreMachine(RuleBasedStateMachine):
         pairs = [(b"bulk%d-%d" % (tag, j), b"%d" % j * (size // 4 + 1)) for j in range(n)]
         self.dbs[i].update(pairs)
         self.model.update(pairs)
+        self._forget(k for k, _ in pairs)
 
     @rule(i=which, key=st.text(max_size=20), value=st.text(max_size=50))
     def put_str(self, i, key, value):
         self.dbs[i][key] = value
         self.model[key.encode("utf-8")] = value.encode("utf-8")
+        self._forget([key.encode("utf-8")])
 
     @rule(i=which, key=keys)
     def delete(self, i, key):
+        self._forget([key])
         if key in self.model:
             del self.dbs[i][key]
             del self.model[key]
@@ -176,11 +243,13 @@ class StoreMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(self.model)))
         del self.dbs[i][key]
         del self.model[key]
+        self._forget([key])
 
     @rule(i=which, key=keys, default=st.sampled_from([None, b"dflt"]))
     def pop(self, i, key, default):
         got = self.dbs[i].pop(key, default)
         assert got == self.model.pop(key, default)
+        self._forget([key])
 
     @rule(i=which, key=keys, expected=st.one_of(st.none(), values), new=st.one_of(st.none(), values))
     def cas(self, i, key, expected, new):
@@ -195,6 +264,8 @@ class StoreMachine(RuleBasedStateMachine):
     def _cas(self, i, key, expected, new):
         swaps = self.model.get(key) == expected
         assert self.dbs[i].cas(key, expected, new) is swaps
+        if swaps:
+            self._forget([key])
         if swaps and new is None:
             self.model.pop(key, None)
         elif swaps:
@@ -208,11 +279,12 @@ class StoreMachine(RuleBasedStateMachine):
     def update(self, i, pairs):
         self.dbs[i].update(pairs)
         self.model.update(pairs)
+        self._forget(k for k, _ in pairs)
 
     @rule(i=which, key=keys, delta=deltas)
     def incr(self, i, key, delta):
         db = self.dbs[i]
-        old = self.model.get(key, le64(0))
+        old = self.model.get(key, le64(0))        # (a key with a deadline keeps it)
         if len(old) != 8:
             try:
                 db.incr(key, delta)
@@ -233,6 +305,7 @@ class StoreMachine(RuleBasedStateMachine):
     def clear(self, i):
         self.dbs[i].clear()
         self.model.clear()
+        self.deadlines.clear()
         st_ = self.dbs[1 - i].stats()          # the other handle sees the fresh index
         assert st_["index_segments"] == 1 and st_["index_depth"] == 0 and st_["index_slots"] == SEGMENT_SLOTS
 
@@ -269,15 +342,17 @@ class StoreMachine(RuleBasedStateMachine):
         with self.dbs[i].transaction():
             self._run_txn_block(self.dbs[i], ops, expected)
         self.model = expected
+        self._forget(k for k, _ in ops)
 
     @rule(i=which, puts=txn_puts, deletes=txn_deletes, commit=st.booleans())
     def transaction_of_cas(self, i, puts, deletes, commit):
         """Compare-and-swaps inside a transaction see its own writes; a miss changes nothing;
         they commit or roll back with it."""
         db, expected = self.dbs[i], dict(self.model)
+        ops = list(puts) + [(k, None) for k in self._deleted_keys(deletes)]
         try:
             with db.transaction():
-                for k, v in list(puts) + [(k, None) for k in self._deleted_keys(deletes)]:
+                for k, v in ops:
                     if expected.get(k) != b"\xfe" * 13:
                         assert db.cas(k, b"\xfe" * 13, b"never") is False
                     assert db.cas(k, expected.get(k), v) is True
@@ -292,6 +367,7 @@ class StoreMachine(RuleBasedStateMachine):
             pass
         if commit:
             self.model = expected
+            self._forget(k for k, _ in ops)
 
     @rule(i=which, puts=txn_puts, deletes=txn_deletes, data=st.data())
     def transaction_raises(self, i, puts, deletes, data):
@@ -320,6 +396,7 @@ class StoreMachine(RuleBasedStateMachine):
         point = data.draw(st.sampled_from(TXN_BEFORE_COMMIT + TXN_AFTER_COMMIT), label="failpoint")
         pairs = data.draw(st.permutations(list(puts) + [(k, None) for k in self._deleted_keys(deletes)]), label="ops")
         op = ("txn", pairs)
+        self._settle(k for k, _ in pairs)
         # countdown 1: a transaction with a put always reaches every txn.* point once
         acked, ended = torture.run_victim(self.path, [op], (point, 1), self.SYNC, "path", self._prepare_victim())
         assert ended == "failpoint" and acked == 0, f"the transaction did not reach {point}"
@@ -332,6 +409,14 @@ class StoreMachine(RuleBasedStateMachine):
                              f"{sorted(set(got) ^ set(want))[:5]} differ in presence, "
                              f"{[k for k in got if k in want and got[k] != want[k]][:5]} in value")
         self.model = want
+
+    def _settle(self, keys):
+        """Take the deadlines off keys another process's operation is about to write (see the
+        module docstring)."""
+        for k in list(keys):
+            if k in self.deadlines:
+                assert self.dbs[0].expire(k, None)
+                del self.deadlines[k]
 
     def _prepare_victim(self):
         """What the other process does to its handle before the operation: this machine's split threshold."""
@@ -371,12 +456,14 @@ class StoreMachine(RuleBasedStateMachine):
             if len(self.model.get(key, le64(0))) != 8:      # three non-counters in the way
                 self.model[key] = le64(0)
                 self.dbs[0][key] = le64(0)
+                self._forget([key])
             now = int.from_bytes(self.model.get(key, le64(0)), "little", signed=True)
             op = ("incr", key, data.draw(st.integers(max(-3, INT64_MIN - now), min(3, INT64_MAX - now)),
                                          label="delta"))
         else:
             op = ("txn", data.draw(st.lists(st.tuples(keys, st.one_of(st.none(), values)), min_size=1, max_size=5),
                                    label="pairs"))
+        self._settle([op[1]] if op[0] != "txn" else [k for k, _ in op[1]])
         acked, ended = torture.run_victim(self.path, [op], point, self.SYNC, name, self._prepare_victim())
         self._after_other_process(then, order)
         after = dict(self.model)
@@ -416,6 +503,8 @@ class StoreMachine(RuleBasedStateMachine):
     def contents_match(self):
         # plain reads first: after the other handle grew the file or the index (or cleared it),
         # this handle's first call must notice, even on the lock-light read path
+        for k in [k for k in self.deadlines if k not in self.model]:   # (a crash rule replaced the model)
+            del self.deadlines[k]
         sample = sorted(self.model)[:20] + [b"never-written"]
         for db in self.dbs:
             for key in sample:
@@ -429,11 +518,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def store_is_sound(self):
-        report = self.dbs[1].check()
-        assert report.ok and report.keys == len(self.model)
+        report = self.dbs[1].check()     # (contents_match's len() swept what had expired)
+        assert report.ok and report.keys == len(self.model) and report.expiring == len(self.deadlines)
         st_ = self.dbs[0].stats()
         assert st_["keys"] == len(self.model)
-        assert st_["live_bytes"] == sum(len(k) + len(v) for k, v in self.model.items())
+        assert st_["live_bytes"] == sum(len(k) + len(v) for k, v in self.model.items()) + 8 * len(self.deadlines)
         # both handles see one index: as many segments as the keys need, named by 2^depth entries
         other = self.dbs[1].stats()
         shape = (st_["index_segments"], st_["index_depth"], st_["index_slots"])

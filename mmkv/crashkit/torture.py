@@ -6,7 +6,10 @@ that nothing acknowledged was lost.
 
 **Kill harness.**  Each round forks a writer (the victim) that runs a
 deterministic stream of operations drawn from its seed (puts of 0 B to 300 KiB,
-deletes, increments, transactions of several keys, batches, clears that
+deletes, increments, transactions of several keys, batches, compare-and-swaps,
+keys set with a deadline a millisecond away (expired, so gone, by the time anything
+verifies: the writes after them run the expiry sweep, which deletes their records) or an
+hour away, deadlines given and taken away, explicit sweeps, compactions, clears that
 restart index growth) and acknowledges each one on a pipe when the call has
 returned.  The round ends with SIGKILL: either the parent's, after a random
 delay, or the writer's own at an armed failpoint.
@@ -92,6 +95,11 @@ _TRACEBACK = b"\0traceback\n"
 #: An expected value no key of the victim ever holds (its values are random bytes of other sizes,
 #: or of up to 63 bytes in batches: 2^-104 that one is this).
 CAS_NEVER = b"\xfe" * 13
+#: The time to live of the victim's short-lived keys (seconds): they have expired by the time
+#: anything verifies them (verify and check_image wait this long first), so the model drops them.
+SHORT_TTL = 0.001
+#: ... and of its long-lived ones, which outlive any run.
+LONG_TTL = 3600.0
 
 
 def operations(seed: int, clears: bool = True):
@@ -111,8 +119,16 @@ def operations(seed: int, clears: bool = True):
 
     while True:
         r = rnd.random()
-        if r < 0.34:
+        if r < 0.28:
             yield ("put", key(), value())
+        elif r < 0.31:
+            yield ("set-short", key(), value())    # expires at once: then the sweep takes it
+        elif r < 0.33:
+            yield ("set-long", key(), value())
+        elif r < 0.335:
+            yield ("expire-short", key())
+        elif r < 0.34:
+            yield ("expire-counter", rnd.choice((LONG_TTL, None)))   # incr keeps a deadline
         elif r < 0.37:
             yield ("cas", key(), value())          # read the value, then cas it to a new one
         elif r < 0.39:
@@ -129,8 +145,10 @@ def operations(seed: int, clears: bool = True):
             size = rnd.randint(10, 120) if rnd.random() < 0.85 else rnd.randint(150, 500)
             batch = {key(): rnd.randbytes(rnd.randrange(64)) for _ in range(size)}
             yield ("batch", list(batch.items()))
-        elif r < 0.998:
+        elif r < 0.994:
             yield ("compact",)
+        elif r < 0.998:
+            yield ("sweep", rnd.choice((None, 1, 64, 4096)))
         elif clears:
             yield ("clear",)
         else:
@@ -161,9 +179,9 @@ def bystander_operations(ident: bytes, seed: int):
 def apply(model: dict, op) -> None:
     """What op does to a dict model of the store."""
     kind = op[0]
-    if kind in ("put", "cas"):
+    if kind in ("put", "cas", "set-long"):
         model[op[1]] = op[2]
-    elif kind in ("del", "cas-del"):
+    elif kind in ("del", "cas-del", "set-short", "expire-short"):
         model.pop(op[1], None)
     elif kind == "incr":
         now = int.from_bytes(model.get(op[1], bytes(8)), "little", signed=True) + op[2]
@@ -207,6 +225,14 @@ def perform(db, op) -> None:
     elif kind == "cas-miss":
         if db.cas(op[1], CAS_NEVER, op[2]):
             raise AssertionError(f"cas of {op[1]!r} against a value it never holds swapped")
+    elif kind in ("set-short", "set-long"):
+        db.set(op[1], op[2], ttl=SHORT_TTL if kind == "set-short" else LONG_TTL)
+    elif kind == "expire-short":
+        db.expire(op[1], SHORT_TTL)
+    elif kind == "expire-counter":
+        db.expire(b"counter", op[1])
+    elif kind == "sweep":
+        db.sweep(op[1])
 
 
 # ---------------------------------------------------------------- names of one file
@@ -713,6 +739,7 @@ def verify(path: str, before: dict, inflight) -> dict:
     """
     import mmkv
     damage = ""
+    time.sleep(SHORT_TTL)           # every short-lived key the victim set has expired
     with mmkv.open(path) as db:
         try:
             db.check()
@@ -990,6 +1017,7 @@ def check_image(folder, image, sync, models, ops, acked, barrier):
     model of every op acknowledged by this barrier, or that plus the next op."""
     import mmkv
     path = os.path.join(folder, "image.mmkv")
+    time.sleep(SHORT_TTL)           # every short-lived key the writer set has expired
     with open(path, "wb") as f:
         f.write(image)
     try:

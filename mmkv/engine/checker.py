@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import CorruptionError
-from .layout import EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, STATE_WORD, parse_identity, parse_meta
+from .layout import (EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, SLOT_OFF_MASK, STATE_WORD, SWEEP_POISON,
+                     SWEEP_SLOT_BITS, parse_identity, parse_meta)
+from .shim import ffi, lib
 from . import index
 from .recovery import live_records
 
@@ -26,6 +28,8 @@ class Report:
     used_bytes: int = 0
     free_bytes: int = 0
     index_slots: int = 0
+    expiring: int = 0        # keys in the index with a deadline ...
+    expired: int = 0         # ... of which this many have passed it (invisible, not yet swept)
 
     def problem(self, text: str) -> None:
         self.ok = False
@@ -35,6 +39,8 @@ class Report:
         lines = [f"{self.path}: {'OK' if self.ok else 'DAMAGED'}",
                  f"  keys {self.keys}, index slots {self.index_slots}, file {self.file_size} bytes, "
                  f"used {self.used_bytes}, free {self.free_bytes}"]
+        if self.expiring:
+            lines.append(f"  with a deadline {self.expiring}, expired and not yet swept {self.expired}")
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -81,7 +87,8 @@ def audit(eng) -> Report:
     try:
         structure = index.blocks(eng)
         report.index_slots = index.shape(eng)["index_slots"]
-        keep, drop = live_records(eng)
+        deadlines = {}
+        keep, drop = live_records(eng, deadlines=deadlines)
     except CorruptionError as exc:
         report.problem(f"index: {exc}")
         return report
@@ -120,4 +127,24 @@ def audit(eng) -> Report:
         report.problem(f"live_bytes says {w[STATE_WORD['live_bytes']]}, the records hold {live}")
     if used + free + HEAP_START + EPILOGUE_BYTES != fm.size:
         report.problem(f"used {used} + free {free} + overhead {HEAP_START + EPILOGUE_BYTES} != file size {fm.size}")
+    audit_expiry(eng, report, [deadlines[rec] for *_, word, _ in keep for rec in (word & SLOT_OFF_MASK,)])
     return report
+
+
+def audit_expiry(eng, report: Report, deadlines: list) -> None:
+    """The expiry words against the records' deadlines (one per live record, 0: none): ttl_min
+    must be 0 only when no record has a deadline, and otherwise at most every deadline (else a
+    read or len() past it would trust that nothing expired); sweep_at must name a place in the
+    index."""
+    w = eng.words
+    timed = [d for d in deadlines if d]
+    now = ffi.new("int64_t *")
+    lib.mmkv_now(eng.view, now)
+    report.expiring, report.expired = len(timed), sum(d <= now[0] for d in timed)
+    ttl_min, at = w[STATE_WORD["ttl_min"]], w[STATE_WORD["sweep_at"]] & ~SWEEP_POISON
+    if timed and not 0 < ttl_min <= max(min(timed), 1):       # (a deadline <= 0 is due from the start)
+        report.problem(f"expiry: ttl_min is {ttl_min}, but a record's deadline is {min(timed)}: "
+                       "expired keys could be counted")
+    if at >> (32 + SWEEP_SLOT_BITS):
+        report.problem(f"expiry: sweep_at {w[STATE_WORD['sweep_at']]:#x} names no place in the index")
+

@@ -8,7 +8,8 @@ rare paths only (growth, splits, transactions, recovery) behind one flag test.
 
 Points: put.after_record, put.after_slot, delete.mid_shift, alloc.mid,
 free.mid, incr.before_store, sync.before, sync.after, release.before_punch,
-release.after_punch, compact.after_copy, compact.after_switch, shrink.mid (in the shim);
+release.after_punch, compact.after_copy, compact.after_switch, shrink.mid,
+sweep.after_delete (in the shim);
 grow.after_fallocate, meta.before_sync, split.before_meta, split.after_meta,
 txn.after_records, txn.mid_journal, txn.after_journal, txn.after_commit,
 txn.mid_apply, txn.before_retire, recover.mid_rebuild, rebuild.before_meta,
@@ -25,7 +26,8 @@ NAMES = ("put.after_record", "put.after_slot", "delete.mid_shift", "alloc.mid", 
          "txn.after_journal", "txn.after_commit", "txn.mid_apply", "txn.before_retire",
          "recover.mid_rebuild", "rebuild.before_meta", "rebuild.after_meta", "release.before_punch",
          "release.after_punch", "compact.after_copy", "compact.after_switch", "relocate.before_meta",
-         "relocate.after_meta", "shrink.mid", "shrink.before_meta", "shrink.before_truncate")
+         "relocate.after_meta", "shrink.mid", "shrink.before_meta", "shrink.before_truncate",
+         "sweep.after_delete")
 
 armed = False
 

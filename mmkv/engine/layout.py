@@ -55,6 +55,10 @@ SEGMENT_BYTES = SEGMENT_HEADER + 8 * SEGMENT_SLOTS   #: a segment's payload
 TAG_SHIFT = lib.MMKV_TAG_SHIFT
 DIR_MAX_BITS = lib.MMKV_DIR_MAX_BITS
 REC_COUNTER = lib.MMKV_REC_COUNTER
+REC_EXPIRES = lib.MMKV_REC_EXPIRES                #: the value starts with the key's deadline
+DEADLINE_BYTES = lib.MMKV_DEADLINE_BYTES
+SWEEP_POISON = lib.MMKV_SWEEP_POISON
+SWEEP_SLOT_BITS = lib.MMKV_SWEEP_SLOT_BITS
 RECORD_HEADER = ffi.sizeof("struct mmkv_record")
 REC_KEY_LEN_AT = ffi.offsetof("struct mmkv_record", "key_len")
 REC_VAL_LEN_AT = ffi.offsetof("struct mmkv_record", "val_len")
@@ -73,7 +77,8 @@ IDENTITY_SIZE = ffi.sizeof("struct mmkv_identity")
 STATE_WORD = {
     name: (OFF_STATE + ffi.offsetof("struct mmkv_state", name)) // 8
     for name in ("generation", "dirty", "count", "live_bytes", "used_bytes", "free_bytes",
-                 "free_bitmap", "lock_pid", "lock_since_ns", "recoveries", "seq", "compacting_pid", "free_heads")
+                 "free_bitmap", "lock_pid", "lock_since_ns", "recoveries", "seq", "compacting_pid", "ttl_min", "sweep_at", "sweep_min",
+                 "free_heads")
 }
 
 
@@ -84,6 +89,17 @@ def pad8(n: int) -> int:
 def record_size(key_len: int, val_len: int) -> int:
     """Bytes a record with these lengths occupies (header, key, padding, value)."""
     return RECORD_HEADER + pad8(key_len) + val_len
+
+
+def stored_value_len(view, key_len: int) -> int:
+    """The bytes of the value area of the record the view last described (mmkv_find,
+    mmkv_record_verify): its value, and its deadline if it has one; what live_bytes counts."""
+    return view.rec_need - RECORD_HEADER - pad8(key_len)
+
+
+def deadline_value(deadline: int, value: bytes) -> bytes:
+    """The value area of a record with flag REC_EXPIRES: the deadline, then the value."""
+    return deadline.to_bytes(DEADLINE_BYTES, "little", signed=True) + value
 
 
 def slot_word(key_hash: int, rec: int) -> int:

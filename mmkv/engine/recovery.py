@@ -16,10 +16,10 @@ Steps, each safe to repeat if recovery itself is killed:
 4. recompute the counters in the state sector.
 """
 from . import index, transaction
-from .shim import lib, raise_for
+from .shim import ffi, lib, raise_for
 from ..errors import CorruptionError
 from .allocator import block_size_for
-from .layout import MASK64, SEGMENT_HEADER, STATE_WORD, hash_tag, record_key_len, record_size, slot_tag, slot_word
+from .layout import MASK64, SEGMENT_HEADER, STATE_WORD, hash_tag, record_key_len, slot_tag, slot_word, stored_value_len
 
 
 class RecoveryResult:
@@ -27,10 +27,11 @@ class RecoveryResult:
     ``inspect`` (about 8 ms of ``import mmkv``) and this module is imported with the store;
     it keeps a dataclass's face (keyword construction, field-wise repr and equality)."""
     __slots__ = ("reason", "records", "dropped", "duplicates", "overlaps", "resized", "index_rebuilt",
-                 "leaked_bytes", "journal")
+                 "leaked_bytes", "journal", "expired")
 
     def __init__(self, reason: str, records: int = 0, dropped: int = 0, duplicates: int = 0, overlaps: int = 0,
-                 resized: int = 0, index_rebuilt: bool = False, leaked_bytes: int = 0, journal: str = ""):
+                 resized: int = 0, index_rebuilt: bool = False, leaked_bytes: int = 0, journal: str = "",
+                 expired: int = 0):
         self.reason = reason
         self.records = records              # live records kept
         self.dropped = dropped              # slots whose record failed verification
@@ -40,6 +41,7 @@ class RecoveryResult:
         self.index_rebuilt = index_rebuilt
         self.leaked_bytes = leaked_bytes    # allocated bytes no live structure referenced, now free
         self.journal = journal              # a committed transaction: "replayed", or "dropped" (unreadable journal)
+        self.expired = expired              # expired records removed (the sweep that ends a recovery)
 
     def _fields(self) -> tuple:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -55,9 +57,10 @@ class RecoveryResult:
         return f"RecoveryResult({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
 
 
-def live_records(eng, result=None):
+def live_records(eng, result=None, deadlines=None):
     """([(block, size, (segment, slot), key_len + val_len, slot word, least block size)],
-    [(segment, slot) to drop]) for every slot whose record verifies.  Of two slots holding one
+    [(segment, slot) to drop]) for every slot whose record verifies (and, into the dict deadlines if
+    given, each kept record's deadline, 0 for none).  Of two slots holding one
     record or one key, the one kept is the one lookups find (what gets and writes have used: the
     other may hold a stale record, freed and merged into a free block whose interior still reads
     as that record), else the first."""
@@ -91,7 +94,7 @@ def live_records(eng, result=None):
         by_rec.add(rec)
         same.append(rec)
         klen = record_key_len(w, rec)
-        least = block_size_for(record_size(klen, v.val_len))
+        least = block_size_for(v.rec_need)
         size = alloc.claimed(b, least)                       # a damaged header: what the record fills
         if b + size > alloc.end:
             drop.append((seg, slot))
@@ -99,7 +102,9 @@ def live_records(eng, result=None):
                 result.dropped += 1
             continue
         at[rec] = len(keep)
-        keep.append((b, size, (seg, slot), klen + v.val_len, slot_word(v.hash, rec), least))
+        if deadlines is not None:
+            deadlines[rec] = v.deadline
+        keep.append((b, size, (seg, slot), klen + stored_value_len(v, klen), slot_word(v.hash, rec), least))
         # items: (block, size, (segment, slot), key + value bytes, slot word, least block size);
         # blocks and sizes are the allocator's opaque pairs (allocator.placement/claimed)
     return [item for item in keep if item is not None], drop
@@ -162,6 +167,11 @@ def recover(eng, reason: str) -> RecoveryResult:
     w = eng.words
     w[STATE_WORD["count"]] = records
     w[STATE_WORD["live_bytes"]] = live_bytes
+    # expiry: a whole sweep pass removes the expired records and makes ttl_min exact
+    removed, nxt = ffi.new("uint64_t *"), ffi.new("int64_t *")
+    raise_for(lib.mmkv_sweep(v, 0, removed, nxt), "recovery: sweep")
+    result.expired = removed[0]
+    records -= removed[0]
     w[STATE_WORD["recoveries"]] = (w[STATE_WORD["recoveries"]] + 1) & MASK64
     w[STATE_WORD["compacting_pid"]] = 0       # a compaction that was running is not any more
     # every other handle reloads the meta before its next locked step: a holder may have died

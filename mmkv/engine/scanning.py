@@ -76,8 +76,9 @@ def _batch(flat: list, n: int, mm, mode: int):
         h, rec, klen, vlen = flat[4 * i:4 * i + 4]
         if taken >= BATCH_BYTES and i and h != flat[4 * i - 4]:
             break
-        k0 = rec + RECORD_HEADER                    # key, padding to 8, value
-        v0 = k0 + ((klen + 7) & ~7)
+        klen, skip = klen & 0xffffffff, klen >> 32  # skip: a deadline's bytes before the value
+        k0 = rec + RECORD_HEADER                    # key, padding to 8, (deadline,) value
+        v0 = k0 + ((klen + 7) & ~7) + skip
         if mode == 0:
             out.append(mm[k0:k0 + klen])
         elif mode == 1:

@@ -28,26 +28,37 @@ import errno
 from . import failpoints, index
 from .shim import ffi, lib, raise_for
 from ..errors import DiskFullError
-from .layout import JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, STATE_WORD, record_size, siphash, slot_word
+from .layout import (JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, REC_EXPIRES, STATE_WORD, deadline_value, record_size,
+                     siphash, slot_word, stored_value_len)
 
 _DELETE = None          # the buffered value of a deleted key
 
 
 class Transaction:
-    """The buffered writes of one transaction: key -> (value, flags), or _DELETE."""
+    """The buffered writes of one transaction: key -> (value, flags, deadline), or _DELETE.
+    now(): expiry's clock (nanoseconds), against which a write's own deadline is read."""
 
-    def __init__(self):
+    def __init__(self, now):
         self.writes = {}
+        self._now = now
 
     def lookup(self, k):
-        """(True, value or None) when k was written in this transaction, else (False, None)."""
+        """(True, value or None) when k was written in this transaction, else (False, None); a
+        write whose deadline has passed reads as absent."""
         if k in self.writes:
             op = self.writes[k]
-            return True, (None if op is _DELETE else op[0])
+            if op is _DELETE or op[2] and op[2] <= self._now():
+                return True, None
+            return True, op[0]
         return False, None
 
-    def put(self, k, value, flags=0):
-        self.writes[k] = (value, flags)
+    def deadline(self, k) -> int:
+        """The deadline this transaction gave k (0: none); k was written in it."""
+        op = self.writes[k]
+        return 0 if op is _DELETE else op[2]
+
+    def put(self, k, value, flags=0, deadline=0):
+        self.writes[k] = (value, flags, deadline)
 
     def delete(self, k):
         self.writes[k] = _DELETE
@@ -85,15 +96,18 @@ def commit(eng, txn: Transaction, put_alone, delete_alone) -> None:
             rc = lib.mmkv_find(v, k, len(k))
             if rc not in (0, errno.ENOENT):
                 raise_for(rc, "lookup")
-            old, old_len = (v.rec_off, len(k) + v.val_len) if rc == 0 else (0, 0)
-            old_need = record_size(len(k), v.val_len) if rc == 0 else 0
+            old, old_len = (v.rec_off, len(k) + stored_value_len(v, len(k))) if rc == 0 else (0, 0)
+            old_need = v.rec_need if rc == 0 else 0
             if op is _DELETE:
                 if old:
                     entries.append((0, old))
                     lengths.append((0, old_len))
                     needs.append(old_need)
                 continue
-            value, flags = op
+            value, flags, deadline = op
+            if deadline:        # stored before the value; the sweep's bounds go below it first
+                value, flags = deadline_value(deadline, value), flags | REC_EXPIRES
+                raise_for(lib.mmkv_note_deadline(v, max(deadline, 1)), "deadline")
             h = v.hash
             if not old:
                 hashes.append(h)
@@ -132,7 +146,7 @@ def commit(eng, txn: Transaction, put_alone, delete_alone) -> None:
             if op is _DELETE:
                 delete_alone(k)
             else:
-                put_alone(k, op[0], op[1])
+                put_alone(k, *op)
             return
         raise
     if failpoints.armed:
