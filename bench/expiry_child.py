@@ -3,8 +3,9 @@ the mmkv it measures is whichever PYTHONPATH names (this tree's, or the build fr
 
     python bench/expiry_child.py FOLDER N TIMED  ->  prints {"get": ops/s, "put": ops/s, "mmkv": file}
 
-A store of N keys without a deadline (100-byte values); with TIMED 1, as many other keys with a
-deadline an hour away (so the store's expiry bound is set, and nothing expires during the run).
+A store of N keys without a deadline (100-byte values) and N other keys: with TIMED 1 each has a
+deadline an hour away (so the store's expiry bound is set, and nothing expires during the run),
+with TIMED 0 none has (the build from before expiry can run it).
 Then every plain key is read once in a random order (get), and written once in another (put of a
 new 100-byte value over it).  Garbage collection is off while timing.
 """
@@ -25,9 +26,11 @@ def main():
     rnd = random.Random(n)
     with mmkv.open(path, "n") as db:
         db.update({k: os.urandom(100) for k in keys})
-        if timed:
-            for i in range(n):
+        for i in range(n):      # as many other keys, with a deadline or not: every store the same size
+            if timed:
                 db.set(b"ttl%08d" % i, os.urandom(100), ttl=3600)
+            else:
+                db[b"ttl%08d" % i] = os.urandom(100)
         reads, writes = keys[:], keys[:]
         rnd.shuffle(reads)
         rnd.shuffle(writes)
@@ -44,7 +47,7 @@ def main():
             db[k] = values[i & 1023]
         put_s = time.perf_counter() - t
         gc.enable()
-        assert len(db) == n * (2 if timed else 1)
+        assert len(db) == 2 * n
     os.unlink(path)
     print(json.dumps({"get": n / get_s, "put": n / put_s, "mmkv": mmkv.__file__}))
 

@@ -408,7 +408,7 @@ static int sweep_run(struct mmkv_view *v, uint64_t budget, int64_t now, uint64_t
 void sweep_if_due(struct mmkv_view *v)
 {
     uint64_t ttl_min = state_of(v)->ttl_min, removed = 0;
-    if (!ttl_min)
+    if (!ttl_min || ++v->sweep_tick % MMKV_SWEEP_EVERY)
         return;
     int64_t now = clock_now(v);
     if (now >= (int64_t)ttl_min)

@@ -62,7 +62,7 @@ static const struct {
     OF(mmkv_view, lock_timeout_ns) OF(mmkv_view, pid) OF(mmkv_view, heap_end) OF(mmkv_view, page_size)
     OF(mmkv_view, large_block) OF(mmkv_view, fit_scan) OF(mmkv_view, max_count) OF(mmkv_view, fd)
     OF(mmkv_view, release_min) OF(mmkv_view, holes_block) OF(mmkv_view, sync_full)
-    OF(mmkv_view, closing) OF(mmkv_view, active) OF(mmkv_view, held) OF(mmkv_view, crc_sums) OF(mmkv_view, lockless)
+    OF(mmkv_view, closing) OF(mmkv_view, active) OF(mmkv_view, held) OF(mmkv_view, crc_sums) OF(mmkv_view, sweep_tick) OF(mmkv_view, lockless)
     OF(mmkv_view, sync_hook) OF(mmkv_view, clock)
     OF(mmkv_view, hash) OF(mmkv_view, seg) OF(mmkv_view, slot)
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)

@@ -180,8 +180,8 @@ def test_writes_sweep_in_steps_without_being_asked(path, clock):
         for i in range(1500):
             db.set(b"t%d" % i, b"v", ttl=1)
         clock.advance(2)
-        # each write examines MMKV_SWEEP_STEP slots: a pass over the 16384-slot index takes
-        # 16384 / 32 = 512 writes; 600 plain writes finish one, which removes every expired key
+        # every 4th write examines 128 slots (MMKV_SWEEP_EVERY, MMKV_SWEEP_STEP): a pass over the
+        # 16384-slot index takes 512 writes; 600 plain writes finish one, which removes every expired key
         for i in range(600):
             db[b"p%d" % (i % 10)] = b"w"
         report = db.check()
