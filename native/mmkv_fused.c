@@ -385,6 +385,8 @@ static int sweep_run(struct mmkv_view *v, uint64_t budget, int64_t now, uint64_t
                 return EBADMSG;
             int64_t deadline = deadline_of(r, &h);
             if (h.flags & MMKV_REC_EXPIRES && deadline <= now) {
+                if (h.checksum != record_sum_of(v, r, &h))
+                    return EBADMSG;   /* damage, not an expired key: recovery decides, the sweep stops */
                 struct lookup l = {.hash = h.key_hash, .seg = dir[d], .slot = slot, .rec_off = off,
                                    .segment = seg, .rec = r, .head = h};
                 int rc = delete_found(v, &l, h.key_len, 1);
