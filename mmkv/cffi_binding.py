@@ -113,6 +113,8 @@ class CffiCalls:
             rc = lib.mmkv_get(v, k, len(k), out)
             if rc == 0:
                 return ffi.unpack(local.cbuf, out.val_len)
+            if rc == errno.ENOENT and out.expired:
+                self._reap(k)
         value = self._read_slow(rc, k)
         if value is None:
             raise KeyError(key)
@@ -133,6 +135,8 @@ class CffiCalls:
             if rc == 0:
                 return ffi.unpack(local.cbuf, out.val_len)
             if rc == errno.ENOENT:
+                if out.expired:
+                    self._reap(k)
                 return default
         value = self._read_slow(rc, k)
         return default if value is None else value
@@ -165,10 +169,13 @@ class CffiCalls:
         if v is None:
             raise self._dead()
         if not self._lock.depth:
-            rc = lib.mmkv_get(v, k, len(k), self._per_thread.probe)   # capacity 0: copies nothing
+            probe = self._per_thread.probe
+            rc = lib.mmkv_get(v, k, len(k), probe)   # capacity 0: copies nothing
             if rc == 0 or rc == errno.ENOBUFS:
                 return True
             if rc == errno.ENOENT:
+                if probe.expired:
+                    self._reap(k)
                 return False
         return self._contains_slow(rc, k)
 

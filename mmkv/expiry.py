@@ -13,10 +13,11 @@ jump: set forward (by hand or by NTP stepping it), keys expire early; set back, 
 by the jump.  NTP's usual slewing (a few hundred ppm) changes a ttl by as little.  ``ttl(key)``
 reports what is left by the clock as it reads now.
 
-Space: an expired key's record stays in the file until a write meets the key (put, delete, pop,
-cas reclaim it), or the sweep reaches it: every fourth write of a handle (MMKV_SWEEP_EVERY) that
+Space: an expired key's record goes when a read meets it and the store lock is free at that moment
+(Store._reap: a read never waits for the lock; a read-only handle leaves it), when a write meets
+the key (put, delete, pop, cas reclaim it), or when the sweep reaches it: every fourth write of a handle (MMKV_SWEEP_EVERY) that
 finds a deadline passed since the last whole pass (``state.ttl_min``) examines the next
-MMKV_SWEEP_STEP (128) index slots in the same lock hold, and ``db.sweep()`` runs a whole pass.  Reads never write (they stay lock-free).  ``len(db)``
+MMKV_SWEEP_STEP (128) index slots in the same lock hold, and ``db.sweep()`` runs a whole pass.  ``len(db)``
 is O(1) until some deadline passes; then its next call sweeps the whole index once under the
 lock (a lockless handle counts instead), which makes it O(1) again until the next deadline.
 

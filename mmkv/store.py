@@ -53,6 +53,7 @@ _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
 _TTL_MIN = STATE_WORD["ttl_min"]
+_TRY_LOCK = lib.MMKV_TRY_LOCK
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: Bytes a record's block may add to the record (header, footer room, rounding): for estimates.
 BLOCK_OVERHEAD = 32
@@ -490,8 +491,25 @@ class Store(_Binding, _MutableMapping):
         # damaged bytes are never returned as a value (the fast path checks in C)
         raise_for(lib.mmkv_record_verify_contents(v, v.rec_off), f"record of key {bytes(k)[:40]!r}")
         if v.rec_flags & REC_EXPIRES and v.deadline <= self._now():
+            if self._txn is None and not self._readonly:    # the lock is held: space back on access
+                raise_for(lib.mmkv_reap(v, k, len(k), 0), "reap")
             return None
         return self._engine.fm.mm[v.val_off:v.val_off + v.val_len]
+
+    def _reap(self, k):
+        """A lock-free read found k's record expired: reclaim it, if the lock is free right now
+        (never waits: a read must not).  A read-only handle leaves it to writers and the sweep;
+        so does a busy lock.  Damage found on the way is repaired (recovery), not raised: the read
+        that called this has its answer."""
+        if self._readonly or self._view is None:
+            return
+        rc = lib.mmkv_reap(self._view, k, len(k), _TRY_LOCK)
+        if rc in (0, errno.ENOENT, errno.EBUSY):
+            return
+        try:
+            self._lock.after_fused_write(rc)
+        except Error:
+            pass
 
     def _now(self):
         """Expiry's clock now, in nanoseconds (the core's: the handle's ManualClock or the wall clock)."""

@@ -117,7 +117,8 @@ static _Thread_local uint8_t thread_buf[FAST_BUFFER];
 
 /* Interned names of the Python subclass's general-path methods. */
 static PyObject *s_dead, *s_read_slow, *s_contains_slow, *s_put_slow, *s_delete_slow, *s_pop_slow,
-    *s_incr_slow, *s_len_slow, *s_make_room, *s_reserve_for, *s_writable, *s_items, *s_cas_slow, *s_get_many_slow;
+    *s_incr_slow, *s_len_slow, *s_make_room, *s_reserve_for, *s_writable, *s_items, *s_cas_slow, *s_get_many_slow,
+    *s_reap;
 
 typedef struct {
     PyObject_HEAD
@@ -325,6 +326,15 @@ static PyObject *get_large(Handle *self, struct mmkv_view *v, const char *key, P
     return NULL;
 }
 
+/* A lock-free read found key's record expired (g->expired): Store._reap reclaims it if the lock is
+   free now.  0, or -1 with an exception set. */
+static int reap(Handle *self, PyObject *key)
+{
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_reap, key);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
 /* The value of key (a new reference); NULL without an exception set when the key is absent, with
    one on an error. */
 static PyObject *read_value(Handle *self, PyObject *key)
@@ -349,6 +359,8 @@ static PyObject *read_value(Handle *self, PyObject *key)
             goto done;
         }
         Py_CLEAR(made);
+        if (rc == ENOENT && g.expired)
+            reap(self, key);          /* (an exception it raises is the caller's) */
         if (rc == ENOENT || PyErr_Occurred())
             goto done;
         if (rc == ENOBUFS) {
@@ -437,6 +449,8 @@ static int handle_contains(Handle *self, PyObject *key)
         rc = lookup(self, v, k, klen, &g);
         if (rc == 0 || rc == ENOBUFS || rc == ENOENT) {
             found = rc != ENOENT;
+            if (rc == ENOENT && g.expired && reap(self, key))
+                found = -1;
             goto done;
         }
     }
@@ -1344,7 +1358,7 @@ static int intern_names(void)
         {&s_incr_slow, "_incr_slow"}, {&s_len_slow, "_len_slow"}, {&s_make_room, "_make_room"},
         {&s_reserve_for, "_reserve_for"},
         {&s_writable, "_writable"}, {&s_items, "items"}, {&s_cas_slow, "_cas_slow"},
-        {&s_get_many_slow, "_get_many_slow"},
+        {&s_get_many_slow, "_get_many_slow"}, {&s_reap, "_reap"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!(*names[i].slot = PyUnicode_InternFromString(names[i].name)))

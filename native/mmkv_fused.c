@@ -205,6 +205,20 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
     return rc;
 }
 
+int mmkv_reap(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
+{
+    int rc;
+    if (take_lock && (rc = lock_current(v, take_lock)))
+        return rc;
+    struct lookup l;
+    rc = lookup_intact(v, key, klen, &l);       /* (a damaged record is recovery's, not the reaper's) */
+    if (rc == 0)
+        rc = found_expired(v, &l) ? delete_found(v, &l, klen, 0) : ENOENT;   /* live again: leave it */
+    if (take_lock && clean_result(rc))
+        mmkv_unlock(v);
+    return rc;
+}
+
 /* Compare-and-swap under the lock: a put (or a delete) that happens only when the key's value is
    the expected one.  Commit order: that of the put or the delete it becomes. */
 int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *expected, uint64_t elen,

@@ -769,7 +769,8 @@ static int get_into(const struct mmkv_view *v, const uint8_t *key, uint64_t klen
 {
     struct lookup l;
     int rc = lookup_intact(v, key, klen, &l);
-    if (rc == 0 && found_expired(v, &l))
+    g->expired = rc == 0 && found_expired(v, &l);
+    if (g->expired)
         rc = ENOENT;
     if (rc == 0)    /* lengths from the checked header only: a racing writer may change the record's */
         rc = getbuf_put(g, found_value(&l), found_len(&l));

@@ -83,6 +83,8 @@ struct mmkv_getbuf {
     uint8_t *(*alloc)(void *alloc_ctx, uint64_t len);
     void *alloc_ctx;
     uint64_t alloc_max;
+    uint32_t expired;        /* set with ENOENT when the key's record was there but expired: the caller
+                                may reclaim it (mmkv_reap) */
 };
 
 /* Error codes the Python side needs by name (values from <errno.h>). */
@@ -282,6 +284,10 @@ int mmkv_put_until(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const
                    int64_t deadline, int take_lock);
                                         /* mmkv_put of a record that expires at deadline (> 0, nanoseconds since
                                            the epoch); 0 as mmkv_put: an ordinary record */
+int mmkv_reap(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock);
+                                        /* delete key if its record has expired (a read found it so: space back
+                                           on access); 0: reclaimed; ENOENT: absent or live (nothing changed);
+                                           take_lock and results as mmkv_delete */
 int mmkv_note_deadline(struct mmkv_view *v, int64_t deadline);
                                         /* a record with this deadline is about to become live by another path
                                            (a transaction): keep the sweep's bounds below it (the lock held) */

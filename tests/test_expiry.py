@@ -126,6 +126,27 @@ def test_writes_treat_an_expired_key_as_absent_and_reclaim_it(tdb, clock):
     assert report.expired == 0 and report.keys == 4        # reclaimed by those writes and len()
 
 
+def test_a_read_that_meets_an_expired_key_gives_its_space_back(tdb, clock, path):
+    """Space back on access: a lock-free read that finds the record expired reclaims it when the
+    lock is free (never waiting for it); a read under the lock does it at once; a read-only
+    handle leaves it (to writers and the sweep)."""
+    keys = [b"get", b"item", b"in", b"locked", b"ro", b"untouched"]
+    for k in keys:
+        tdb.set(k, b"v" * 100, ttl=1)
+    clock.advance(1)
+    assert tdb.check().expired == 6
+    assert tdb.get(b"get") is None and b"in" not in tdb
+    with pytest.raises(KeyError):
+        tdb[b"item"]
+    with tdb.lock():
+        assert tdb.get(b"locked") is None
+    with mmkv.open(path, "r", clock=clock) as ro:
+        assert ro.get(b"ro") is None and b"ro" not in ro
+    report = tdb.check()
+    assert report.expired == 2 and report.keys == 2          # "ro" and "untouched" are left
+    assert word(path, "ttl_min") != 0                         # (nothing swept them)
+
+
 def test_incr_keeps_a_deadline_and_counts_on(tdb, clock):
     tdb.set(b"n", (41).to_bytes(8, "little"), ttl=5)
     assert tdb.incr(b"n") == 42 and tdb.incr(b"n", 8) == 50
