@@ -68,7 +68,7 @@ static const struct {
     OF(mmkv_view, rec_off) OF(mmkv_view, val_off) OF(mmkv_view, val_len) OF(mmkv_view, rec_flags)
     OF(mmkv_view, probes) OF(mmkv_view, deadline) OF(mmkv_view, rec_need)
     SZ(mmkv_getbuf) OF(mmkv_getbuf, buf) OF(mmkv_getbuf, cap) OF(mmkv_getbuf, val_len) OF(mmkv_getbuf, alloc)
-    OF(mmkv_getbuf, alloc_ctx) OF(mmkv_getbuf, alloc_max)
+    OF(mmkv_getbuf, alloc_ctx) OF(mmkv_getbuf, alloc_max) OF(mmkv_getbuf, expired)
     SZ(mmkv_journal) OF(mmkv_journal, magic) OF(mmkv_journal, txn) OF(mmkv_journal, count) OF(mmkv_journal, checksum)
     SZ(mmkv_free_block) OF(mmkv_free_block, header) OF(mmkv_free_block, next) OF(mmkv_free_block, prev)
 };
