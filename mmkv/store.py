@@ -1152,7 +1152,8 @@ class Store(_Binding, _MutableMapping):
         largest = self._engine.alloc.largest_free()
         st = {name: w[STATE_WORD[name]] for name in ("count", "live_bytes", "used_bytes", "free_bytes",
                                                      "generation", "recoveries", "lock_pid")}
-        st["keys"] = st.pop("count")
+        st.pop("count")
+        st["keys"] = self._count()      # exact: past a deadline, as len() does (one sweep, or a count)
         st["file_size"] = self._engine.fm.size
         st.update(index.shape(self._engine))
         st["load_factor"] = st["keys"] / st["index_slots"]
