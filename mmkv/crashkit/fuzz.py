@@ -3,7 +3,8 @@
 It builds a few real stores first (the seeds: a small one, one with index splits,
 one with values of 64 KiB and more, counters, committed transactions, a journal
 left named by a writer killed after its commit point, a free list of many blocks,
-and a copy taken while a handle had the file open and locked), then runs cases.
+a copy taken while a handle had the file open and locked, and records with deadlines,
+half of them passed), then runs cases.
 A case damages a copy of one seed, either at random (bit flips, random words,
 0xFF or 0x00 sectors, truncation, extension) or aimed at one field of the
 layout: the identity (its checksum recomputed so the damage gets past it),
@@ -168,12 +169,21 @@ def build_seed(folder: str, name: str, rnd: random.Random) -> Seed:
                     model[b"large%d" % i] = rnd.randbytes(n)
                 for i in range(10):
                     model[b"small%d" % i] = _value(rnd, (3, 30, 300))
-            elif name in ("counters", "txn", "journal", "freelist", "unclean"):
-                n = {"counters": 8, "txn": 40, "journal": 40, "freelist": 400, "unclean": 150}[name]
+            elif name in ("counters", "txn", "journal", "freelist", "unclean", "expiring"):
+                n = {"counters": 8, "txn": 40, "journal": 40, "freelist": 400, "unclean": 150, "expiring": 30}[name]
                 for i in range(n):
                     model[b"%s:%d" % (name.encode(), i)] = _value(rnd, (8, 24, 40, 100, 300, 600, 1500, 5000))
             for k, v in model.items():
                 db[k] = v
+            if name == "expiring":      # records with a deadline: ten years away, or already passed
+                for i in range(60):
+                    k, v = b"exp:%d" % i, _value(rnd, (0, 8, 40, 300))
+                    if i % 2:
+                        db.set(k, v, ttl=10 * 365 * 86400)
+                        model[k] = v
+                    else:
+                        db.set(k, v, ttl=0.001)         # absent by the time it is read: not in the model
+                time.sleep(0.002)
             if name == "large":
                 del db[b"large1"], model[b"large1"]
                 model[b"large2"] = rnd.randbytes(90_000)
@@ -247,7 +257,7 @@ def _killed_transaction(path, rnd, model) -> dict:
     return alt
 
 
-SEED_NAMES = ("small", "splits", "large", "counters", "txn", "journal", "freelist", "unclean")
+SEED_NAMES = ("small", "splits", "large", "counters", "txn", "journal", "freelist", "unclean", "expiring")
 
 
 def build_seeds(folder: str, seed: int) -> list:
