@@ -163,6 +163,13 @@ int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off)
     return record_contents_ok(v, off, v->size - off);
 }
 
+int mmkv_record_verify_sum(struct mmkv_view *v, uint64_t off)
+{
+    if (off < payload_of(MMKV_HEADER_SIZE) || off % 8 || off >= v->size)
+        return EBADMSG;
+    return record_contents_check(v, off, v->size - off, 0, NULL);
+}
+
 /* ---------------------------------------------------------------- index */
 
 /* SEG_HDR, SEG_BYTES, tag_of, slot_word and seg_slots are in mmkv_internal.h (the fused writes use them). */

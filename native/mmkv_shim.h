@@ -181,6 +181,8 @@ int mmkv_record_verify(struct mmkv_view *v, uint64_t off);  /* block + record + 
                                         val_len (the value proper: after a deadline), rec_flags, deadline, rec_need */
 int mmkv_record_verify_contents(struct mmkv_view *v, uint64_t off);  /* the record alone, its block header
                                         unread (recovery rebuilds headers); fills the same */
+int mmkv_record_verify_sum(struct mmkv_view *v, uint64_t off);  /* mmkv_record_verify_contents but for the key
+                                        hash, which is not recomputed (the open's check of the file's seed) */
 int mmkv_slot_set(struct mmkv_view *v, uint64_t seg, uint64_t slot, uint64_t word);
 int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg, uint64_t slot);  /* backward shift; v->slot = last changed */
 int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64_t *seg, uint64_t *word);

@@ -537,3 +537,32 @@ def test_a_block_header_claiming_its_neighbour_is_not_freed_with_it(path, replac
         db.recover()
         db.check()
         assert db.incr(b"counter:3") == -3
+
+
+# ---------------------------------------------------------------- a resealed identity
+def test_an_identity_resealed_with_another_seed_is_refused_at_open(tmp_path):
+    """Found by `mmkv torture fuzz --seed 2301` (cases 1299, 1375; the build before expiry too):
+    identity.seed1 rewritten and the identity's and metas' checksums recomputed.  Every key then
+    hashes to another hash than its record carries: lookups miss, a put adds a second record of a
+    key, iteration yielded both (a value no write left).  The first opener now finds that none of
+    the records it looks at matches the seed, and refuses the file."""
+    from mmkv.engine.layout import parse_identity
+    path = str(tmp_path / "seed.mmkv")
+    with mmkv.open(path) as db:
+        db.update({b"k%d" % i: b"v%d" % i for i in range(50)})
+    img = bytearray(open(path, "rb").read())
+    ident = parse_identity(bytes(img[:HEADER_SIZE]), len(img))
+    seed = fuzz.Seed("seed", bytes(img), {}, set())
+    seed.anatomy = fuzz.Anatomy(bytes(img))
+    dmg = fuzz.Damage(__import__("random").Random(1), seed, img)
+    dmg.put64(OFF_IDENTITY + 24, ident.seed1 ^ 0xc0000)      # struct mmkv_identity: seed1 at 24
+    dmg.reseal_identity()
+    dmg.reseal_meta(0)
+    dmg.reseal_meta(1)
+    bad = str(tmp_path / "seed.mmkv.bad")
+    with open(bad, "wb") as f:
+        f.write(img)
+    with pytest.raises(mmkv.CorruptionError, match="hash seed"):
+        mmkv.open(bad)
+    with mmkv.open(path) as db:                # the sound file opens (the check passes on it)
+        assert len(db) == 50 and db[b"k7"] == b"v7"

@@ -19,7 +19,8 @@ import os
 
 from . import failpoints
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, RECORD_HEADER,
-                     SEGMENT_SLOTS, STATE_WORD, Meta, build_meta, parse_identity, parse_meta, record_key)
+                     SEGMENT_SLOTS, SLOT_OFF_MASK, STATE_WORD, Meta, build_meta, parse_identity, parse_meta, record_key,
+                     siphash)
 from .mapping import FileMap, grow_file, next_size, prefill
 from .shim import ffi, lib
 from . import tunables
@@ -131,6 +132,34 @@ class Engine:
         self.view = new_view(self.fm, self.ident, self.full, view_timeout)
         self.set_meta(meta, which)
         self.view.generation = generation
+        if first:
+            self.check_seed()
+
+    #: Records check_seed looks at.
+    SEED_SAMPLE = 4
+
+    def check_seed(self) -> None:
+        """The identity's hash seed must be the one the records were written with.  An identity
+        damaged and resealed (its checksum recomputed) with another seed passes its own checks,
+        but then no key hashes to the hash its record carries: every lookup misses, a put adds a
+        second record of a key beside the stale one, and iteration (which does not recompute
+        key hashes) yields both.  So the first opener looks at the first few records whose
+        checksum holds (the checksum does not depend on seed1): if every one of them disagrees
+        with the seed, the identity is wrong, and nothing in the file can repair it.
+        :raises CorruptionError: so."""
+        v, found, seg, word = self.view, ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        cursor = checked = wrong = 0
+        while checked < self.SEED_SAMPLE and lib.mmkv_slot_next(v, cursor, found, seg, word) == 0:
+            cursor = found[0] + 1
+            rec = word[0] & SLOT_OFF_MASK
+            if lib.mmkv_record_verify_sum(v, rec):
+                continue                # damage of one record: recovery's business
+            checked += 1
+            wrong += siphash(self.ident.seed0, self.ident.seed1, self.record_key(rec)) != v.hash
+        if checked and wrong == checked:
+            raise CorruptionError(f"{self.path}: the identity's hash seed does not match any of the {checked} records "
+                                  "looked at: the identity sector is damaged (its checksum was rewritten), and the "
+                                  "records cannot be found through it; restore the file from a backup")
 
     @property
     def alloc(self):
