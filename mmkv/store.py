@@ -29,7 +29,6 @@ import _weakref
 import errno
 import os
 from itertools import chain
-from time import time_ns as _time_ns
 from _collections_abc import ItemsView, MutableMapping, ValuesView   # (collections.abc, loaded at start-up)
 from .engine.core import Engine, timeout_ns
 from .engine.locking import LocklessReads, StoreLock
@@ -54,6 +53,11 @@ _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
 _TTL_MIN = STATE_WORD["ttl_min"]
 _TRY_LOCK = lib.MMKV_TRY_LOCK
+
+
+def _expired(view, now: int) -> bool:
+    """The record the view last described (a lookup, a verify) has a deadline, and now is past it."""
+    return bool(view.rec_flags & REC_EXPIRES) and view.deadline <= now
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: Bytes a record's block may add to the record (header, footer room, rounding): for estimates.
 BLOCK_OVERHEAD = 32
@@ -490,7 +494,7 @@ class Store(_Binding, _MutableMapping):
         raise_for(rc, "lookup")
         # damaged bytes are never returned as a value (the fast path checks in C)
         raise_for(lib.mmkv_record_verify_contents(v, v.rec_off), f"record of key {bytes(k)[:40]!r}")
-        if v.rec_flags & REC_EXPIRES and v.deadline <= self._now():
+        if _expired(v, self._now()):
             if self._txn is None and not self._readonly:    # the lock is held: space back on access
                 raise_for(lib.mmkv_reap(v, k, len(k), 0), "reap")
             return None
@@ -512,8 +516,14 @@ class Store(_Binding, _MutableMapping):
             pass
 
     def _now(self):
-        """Expiry's clock now, in nanoseconds (the core's: the handle's ManualClock or the wall clock)."""
-        return self._clock._cell[0] if self._clock is not None else _time_ns()
+        """Expiry's clock now, in nanoseconds: the core's (mmkv_now: the handle's ManualClock or
+        the wall clock), so that this side and the core never disagree on what has expired."""
+        view = self._view
+        if view is None:        # closed or forked: never hand the core a NULL view
+            raise self._dead()
+        out = ffi.new("int64_t *")
+        lib.mmkv_now(view, out)
+        return out[0]
 
     def _deadline(self, k):
         """The deadline of live key k (0: it has none; None: absent or expired); the lock held
@@ -576,8 +586,7 @@ class Store(_Binding, _MutableMapping):
         """The live keys, counted through the index (a lockless handle past ttl_min: it may not sweep)."""
         from .engine import index
         v, now = self._view, self._now()
-        return sum(1 for _ in index.verified_records(self._engine)
-                   if not (v.rec_flags & REC_EXPIRES and v.deadline <= now))
+        return sum(1 for _ in index.verified_records(self._engine) if not _expired(v, now))
 
     def _recover(self, reason):
         """Run recovery (lock held) and remember what it found."""
@@ -597,7 +606,7 @@ class Store(_Binding, _MutableMapping):
         # raises rather than list a stale or foreign value (lookups never reach such a slot)
         now = self._now()
         for rec, key in index.verified_records(eng):
-            if key in txn or v.rec_flags & REC_EXPIRES and v.deadline <= now:
+            if key in txn or _expired(v, now):
                 continue        # the transaction's version follows; an expired key is absent
             out.append((key, mm[v.val_off:v.val_off + v.val_len]) if with_values else key)
         for key, op in txn.items():
@@ -847,7 +856,7 @@ class Store(_Binding, _MutableMapping):
         def read():
             v, now, out = self._view, self._now(), {}
             for _, key in index.verified_records(self._engine):
-                if v.rec_flags & REC_EXPIRES and v.deadline > now:
+                if v.rec_flags & REC_EXPIRES and not _expired(v, now):
                     out[bytes(key)] = v.deadline
             if self._txn is not None:
                 for key, op in self._txn.writes.items():

@@ -31,6 +31,18 @@ static int clean_result(int rc)
            rc == ECANCELED;
 }
 
+/* The end of a fused write's lock hold: a step of the sweep when the hold did its job (0, ENOENT,
+   ECANCELED) and a deadline may have passed, then (take_lock) the lock released after a result
+   that changed nothing or finished the write (clean_result; take's ENOBUFS); returns rc. */
+static int end_write(struct mmkv_view *v, int rc, int take_lock)
+{
+    if (rc == 0 || rc == ENOENT || rc == ECANCELED)
+        sweep_if_due(v);
+    if (take_lock && (clean_result(rc) || rc == ENOBUFS))
+        mmkv_unlock(v);
+    return rc;
+}
+
 static int sync_range(const struct mmkv_view *v, uint64_t off, uint64_t len)
 {
     if (!v->sync_full)
@@ -91,34 +103,26 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
     return 0;
 }
 
-int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
-             uint32_t flags, int take_lock)
+/* mmkv_put and mmkv_put_until: put_locked in a lock hold of its own (take_lock) or the caller's. */
+static int put_entered(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+                       uint32_t flags, int64_t deadline, int take_lock)
 {
     int rc;
     if (take_lock && (rc = lock_current(v, take_lock)))
         return rc;
-    rc = put_locked(v, key, klen, val, vlen, flags, 0);
-    if (rc == 0)
-        sweep_if_due(v);
-    if (take_lock && clean_result(rc))
-        mmkv_unlock(v);
-    return rc;
+    return end_write(v, put_locked(v, key, klen, val, vlen, flags, deadline), take_lock);
+}
+
+int mmkv_put(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
+             uint32_t flags, int take_lock)
+{
+    return put_entered(v, key, klen, val, vlen, flags, 0, take_lock);
 }
 
 int mmkv_put_until(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *val, uint64_t vlen,
                    int64_t deadline, int take_lock)
 {
-    int rc;
-    if (deadline < 0)
-        return EINVAL;
-    if (take_lock && (rc = lock_current(v, take_lock)))
-        return rc;
-    rc = put_locked(v, key, klen, val, vlen, 0, deadline);
-    if (rc == 0)
-        sweep_if_due(v);
-    if (take_lock && clean_result(rc))
-        mmkv_unlock(v);
-    return rc;
+    return deadline < 0 ? EINVAL : put_entered(v, key, klen, val, vlen, 0, deadline, take_lock);
 }
 
 int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_ends, const uint8_t *vals,
@@ -162,6 +166,15 @@ static int delete_found(struct mmkv_view *v, const struct lookup *found, uint64_
     return rc;
 }
 
+/* Delete the key found by l, as delete_found; ENOENT (after the deletion) when its record had
+   expired: the key was absent already, and only its space comes back. */
+static int delete_live(struct mmkv_view *v, const struct lookup *l, uint64_t klen)
+{
+    int expired = found_expired(v, l);
+    int rc = delete_found(v, l, klen, 0);
+    return rc == 0 && expired ? ENOENT : rc;
+}
+
 int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
 {
     int rc;
@@ -169,17 +182,9 @@ int mmkv_delete(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take
         return rc;
     struct lookup l;
     rc = lookup(v, key, klen, &l);
-    if (rc == 0) {
-        int gone = found_expired(v, &l);      /* expired: reclaimed, but it was absent already */
-        rc = delete_found(v, &l, klen, 0);
-        if (rc == 0 && gone)
-            rc = ENOENT;
-    }
-    if (rc == 0 || rc == ENOENT)
-        sweep_if_due(v);
-    if (take_lock && clean_result(rc))
-        mmkv_unlock(v);
-    return rc;
+    if (rc == 0)
+        rc = delete_live(v, &l, klen);
+    return end_write(v, rc, take_lock);
 }
 
 int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmkv_getbuf *g, int take_lock)
@@ -189,20 +194,11 @@ int mmkv_take(struct mmkv_view *v, const uint8_t *key, uint64_t klen, struct mmk
         return rc;
     struct lookup l;
     rc = lookup_intact(v, key, klen, &l);
-    if (rc == 0 && found_expired(v, &l)) {    /* reclaimed, but it was absent already */
-        if (!(rc = delete_found(v, &l, klen, 0)))
-            rc = ENOENT;
-    } else {
-        if (rc == 0)   /* ENOBUFS: nothing changed, the caller takes the general path */
-            rc = getbuf_put(g, found_value(&l), found_len(&l));
-        if (rc == 0)
-            rc = delete_found(v, &l, klen, 0);
-    }
-    if (rc == 0 || rc == ENOENT)
-        sweep_if_due(v);
-    if (take_lock && (clean_result(rc) || rc == ENOBUFS))
-        mmkv_unlock(v);
-    return rc;
+    if (rc == 0 && !found_expired(v, &l))     /* ENOBUFS: nothing changed, the caller takes the general path */
+        rc = getbuf_put(g, found_value(&l), found_len(&l));
+    if (rc == 0)
+        rc = delete_live(v, &l, klen);        /* (an expired one: reclaimed, and ENOENT) */
+    return end_write(v, rc, take_lock);
 }
 
 int mmkv_reap(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_lock)
@@ -242,11 +238,7 @@ int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
         else
             rc = 0;   /* absent, expected absent, and deleted: nothing to do */
     }
-    if (rc == 0 || rc == ECANCELED)
-        sweep_if_due(v);
-    if (take_lock && clean_result(rc))
-        mmkv_unlock(v);
-    return rc;
+    return end_write(v, rc, take_lock);
 }
 
 /* Commit order: the README's "Commit orders" table, row "incr of a counter record". */
@@ -277,11 +269,7 @@ int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t de
             rc = sync_range(v, off, 8);
         }
     }
-    if (rc == 0)
-        sweep_if_due(v);
-    if (take_lock && clean_result(rc))
-        mmkv_unlock(v);
-    return rc;
+    return end_write(v, rc, take_lock);
 }
 
 

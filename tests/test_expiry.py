@@ -440,3 +440,13 @@ def test_a_store_without_deadlines_never_reads_the_clock_for_len(path, clock):
         clock.set(-1)                   # a clock that would expire everything: no record has a deadline
         assert len(db) == 1 and word(path, "ttl_min") == 0 and word(path, "sweep_at") & SWEEP_POISON == 0
     assert math.isfinite(clock.now())
+
+
+def test_expiry_calls_on_a_closed_handle_raise_closed_error(path, clock):
+    db = mmkv.open(path, clock=clock)
+    db.set(b"k", b"v", ttl=5)
+    db.close()
+    for call in (lambda: db.set(b"k", b"w", ttl=1), lambda: db.ttl(b"k"), lambda: db.expire(b"k", 1),
+                 lambda: db.sweep(), lambda: db.deadlines()):
+        with pytest.raises(mmkv.ClosedError):
+            call()

@@ -147,4 +147,3 @@ def audit_expiry(eng, report: Report, deadlines: list) -> None:
                        "expired keys could be counted")
     if at >> (32 + SWEEP_SLOT_BITS):
         report.problem(f"expiry: sweep_at {w[STATE_WORD['sweep_at']]:#x} names no place in the index")
-
