@@ -626,14 +626,19 @@ class Store(_Binding, _MutableMapping):
     def _batches(self, with_keys: bool, with_values: bool):
         """The lists _stream yields from, each read under one lock hold."""
         from .engine.scanning import Cursor
-        cursor = Cursor()
+        cursor, tries = Cursor(), [0]
 
         def read():
-            cursor.start, cursor.done = start     # a lockless read may run more than once
+            cursor.start, cursor.done = start     # a lockless read may run more than once:
+            if tries[0]:                          # a writer spoiled the last try, a smaller batch
+                cursor.shrink()
+            tries[0] += 1
             return cursor.batch(self._engine, with_keys, with_values)
         while not cursor.done:
-            start = cursor.start, cursor.done
-            yield self._consistently(read)
+            start, tries[0] = (cursor.start, cursor.done), 0
+            batch = self._consistently(read)
+            cursor.regrow()
+            yield batch
 
     def __iter__(self) -> Iterator[bytes]:
         """Keys as bytes, in hash order, read in batches (a segment of the index at most) under

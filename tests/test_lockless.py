@@ -37,15 +37,19 @@ def fill_stable(path: str) -> None:
         db.update((b"key%d" % i, make_value(b"key%d" % i, 0, 100)) for i in range(KEYS))
 
 
-def timed_writer(path, seconds, done):
+def timed_writer(path, seconds, done, writing, passes):
     """Rewrite KEYS keys (sizes changing, some deleted) and add others (growth, index splits)
-    for a number of seconds, and on (up to a minute) until the index has split twice and the
-    file has grown past 1 MiB: a loaded machine gets through fewer rounds in the same time."""
+    for a number of seconds, and on (up to a minute) until the index has split twice, the file
+    has grown past 1 MiB and each reader has run 3 whole passes while this writer wrote (a
+    loaded machine gets through fewer rounds, and fewer reads, in the same time).  ``writing``
+    is set once the writer runs; ``passes`` counts each reader's passes run wholly after it."""
     with mmkv.open(path) as db:
         start, v = time.monotonic(), 0
+        writing.value = 1
         while True:
             elapsed = time.monotonic() - start
-            if elapsed >= seconds and (elapsed >= 60 or v % 16 == 0 and grown_and_split(db.stats())):
+            if elapsed >= seconds and (elapsed >= 60 or v % 16 == 0 and grown_and_split(db.stats())
+                                       and min(passes[:]) >= 3):
                 break
             for i in range(KEYS):
                 key = b"key%d" % i
@@ -63,20 +67,22 @@ def grown_and_split(stats) -> bool:
     return stats["index_segments"] >= 3 and stats["file_size"] > 1 << 20
 
 
-def lockless_reader_any(path, ready, done, out):
-    lockless_reader(path, ready, done, out, lockless=True)
+def lockless_reader_any(path, ready, done, out, writing, passes, me):
+    lockless_reader(path, ready, done, out, writing, passes, me, lockless=True)
 
 
-def lockless_reader(path, ready, done, out, lockless=False):
-    """Gets and whole iterations through a lockless handle until done; (seen, bad, passes)."""
+def lockless_reader(path, ready, done, out, writing, passes, me, lockless=False):
+    """Gets and whole iterations through a lockless handle until done; (seen, bad, passes, newest
+    version seen, passes run wholly while the writer wrote).  passes[me] counts the last."""
     import faulthandler
     faulthandler.enable()                                  # a fatal signal shows where, in the test's stderr
     faulthandler.dump_traceback_later(100, exit=True)     # and so does a hang
-    seen = bad = passes = newest = 0
+    seen = bad = rounds = newest = 0
     with mmkv.open(path, "r", lockless=lockless) as db:
         assert db.lockless, "the path is on a read-only mount: the open must be lockless"
         ready.release()
         while not done.value:
+            began_writing = writing.value
             for i in range(KEYS):
                 value = db.get(b"key%d" % i)
                 if value is not None:
@@ -86,9 +92,11 @@ def lockless_reader(path, ready, done, out, lockless=False):
             stable = [k for k in db if k.startswith(b"stable")]
             if len(stable) != STABLE or len(set(stable)) != STABLE:
                 bad += 1
-            passes += 1
+            rounds += 1
+            if began_writing and not done.value:
+                passes[me] += 1
         db.check()
-    out.put((seen, bad, passes, newest))
+    out.put((seen, bad, rounds, newest, passes[me]))
 
 
 @pytest.fixture
@@ -140,18 +148,21 @@ def run_readers_beside_a_writer(write_path: str, read_path: str, reader) -> None
     fill_stable(path)
     ctx = mp.get_context("spawn")
     done, out, ready = ctx.Value("i", 0), ctx.Queue(), ctx.Semaphore(0)
-    readers = [ctx.Process(target=reader, args=(read_path, ready, done, out)) for _ in range(2)]
+    writing, passes = ctx.Value("i", 0), ctx.Array("i", 2)
+    readers = [ctx.Process(target=reader, args=(read_path, ready, done, out, writing, passes, me)) for me in range(2)]
     for r in readers:
         r.start()
     for r in readers:
         assert ready.acquire(timeout=60)
-    w = ctx.Process(target=timed_writer, args=(path, 4.0, done))
+    w = ctx.Process(target=timed_writer, args=(path, 4.0, done, writing, passes))
     w.start()
     w.join(240)
     assert w.exitcode == 0
     results = collect(out, readers, 120)
-    assert all(seen > 500 and passes > 3 for seen, _, passes, _ in results), results
-    assert all(newest > 10 for *_, newest in results), ("the readers should see the writer's versions", results)
+    # each reader ran whole passes while the writer wrote (a lockless iteration starved by the
+    # writer for its whole run would show here), and in them saw the writer's versions
+    assert all(seen > 500 and during >= 3 for seen, _, _, _, during in results), results
+    assert all(newest > 10 for _, _, _, newest, _ in results), ("the readers should see the writer's versions", results)
     assert all(bad == 0 for _, bad, *_ in results), results
     with mmkv.open(path) as db:
         assert grown_and_split(db.stats()), ("the index should have split and the file grown under the readers",
@@ -298,6 +309,38 @@ def test_another_users_store_in_a_folder_it_cannot_write(open_folder):
     assert digest(path) == before
     with mmkv.open(path) as db:
         db.check()
+
+
+def test_a_lockless_iteration_spoiled_by_writers_retries_smaller_batches(path, monkeypatch):
+    """A lockless batch a writer spoils is read again an eighth the size (down to 256 bytes), and
+    kept ones grow back: a busy writer's short pauses then suffice for a batch.  Writers are
+    simulated by a sequence word that changes during each of the first 5 tries of every batch."""
+    from mmkv.engine import locking, scanning
+    with mmkv.open(path) as db:
+        db.update((b"k%05d" % i, bytes(100)) for i in range(3000))
+    budgets, spoils = [], [0]
+    real_batch, real_seq = scanning.Cursor.batch, locking.LocklessReads._seq
+
+    def batch(cursor, *args):
+        budgets.append(cursor.budget)
+        spoils[0] = 0 if len(budgets) > 1 and budgets[-1] > budgets[-2] else spoils[0]
+        return real_batch(cursor, *args)
+
+    def seq(reads):
+        if spoils[0] < 5 * 2:             # two reads of the word per try: each try sees it move
+            spoils[0] += 1
+            return 2 * spoils[0]
+        return real_seq(reads)
+    monkeypatch.setattr(scanning.Cursor, "batch", batch)
+    monkeypatch.setattr(locking.LocklessReads, "_seq", seq)
+    monkeypatch.setattr(scanning, "BATCH_BYTES", 1 << 20)
+    with mmkv.open(path, "r", lockless=True) as db:
+        keys = list(db)
+    assert sorted(keys) == [b"k%05d" % i for i in range(3000)]          # each key once
+    # the first batch: 1 MiB, spoiled, then 128 KiB, 16 KiB, 2 KiB, 256 (spoiled twice), kept
+    assert budgets[:6] == [1 << 20, 1 << 17, 1 << 14, 1 << 11, 256, 256], budgets[:8]
+    assert budgets[6] == 512                    # the next batch: twice the last kept one
+    assert len(budgets) > 10
 
 
 def test_a_lockless_handle_never_changes_a_byte_of_the_file(path):

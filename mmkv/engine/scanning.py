@@ -21,15 +21,18 @@ from .shim import fast, ffi, lib, raise_for
 
 #: Bytes of keys and values a batch gathers before it stops (after a whole hash's keys).
 BATCH_BYTES = 4 << 20
+#: The least budget a retried batch shrinks to (see Cursor.shrink).
+MIN_BATCH_BYTES = 256
 
 
 class Cursor:
-    """Where an iteration is: the next hash to read from (``done`` when past the last)."""
+    """Where an iteration is: the next hash to read from (``done`` when past the last), and
+    the bytes of keys and values its next batch may gather (``budget``)."""
 
-    __slots__ = ("start", "done", "_out", "_n", "_end")
+    __slots__ = ("start", "done", "budget", "_out", "_n", "_end")
 
     def __init__(self):
-        self.start, self.done = 0, False
+        self.start, self.done, self.budget = 0, False, BATCH_BYTES
         self._out = ffi.new("uint64_t[]", 4 * SEGMENT_SLOTS)
         self._n = ffi.new("uint64_t *")
         self._end = ffi.new("uint64_t *")
@@ -47,9 +50,9 @@ class Cursor:
         mode = 2 if with_keys and with_values else 1 if with_values else 0
         if fast is not None:
             out, used = fast._scan_batch(int(ffi.cast("uintptr_t", self._out)), n,
-                                         int(ffi.cast("uintptr_t", view.base)), view.size, mode, BATCH_BYTES)
+                                         int(ffi.cast("uintptr_t", view.base)), view.size, mode, self.budget)
         else:
-            out, used = _batch(ffi.unpack(self._out, 4 * n), n, mm, mode)
+            out, used = _batch(ffi.unpack(self._out, 4 * n), n, mm, mode, self.budget)
         if used < n:
             self.start = self._out[4 * (used - 1)] + 1     # below the range's end: no wrap
         elif self._end[0] == MASK64:
@@ -57,6 +60,18 @@ class Cursor:
         else:
             self.start = self._end[0] + 1
         return out
+
+    def shrink(self) -> None:
+        """A lockless batch was thrown away (a writer changed the store while it was read): make
+        the next try an eighth the size, down to MIN_BATCH_BYTES.  A batch read in Python (the
+        cffi binding) takes milliseconds for a whole segment, longer than a busy writer's pauses:
+        without this, a writer that pauses for a millisecond between rounds starved a lockless
+        iteration for as long as it wrote."""
+        self.budget = max(self.budget // 8, min(MIN_BATCH_BYTES, self.budget))
+
+    def regrow(self) -> None:
+        """A batch was kept: let the next one gather twice as much, up to BATCH_BYTES."""
+        self.budget = min(self.budget * 2, BATCH_BYTES)
 
 
 def _diagnose(eng, rc: int, start: int):
@@ -69,12 +84,12 @@ def _diagnose(eng, rc: int, start: int):
     raise_for(rc, f"iteration: the index segment of hash {start:#x} (record at {eng.view.rec_off})")
 
 
-def _batch(flat: list, n: int, mm, mode: int):
+def _batch(flat: list, n: int, mm, mode: int, budget: int):
     """_fast._scan_batch in Python (the cffi binding): (items, entries used)."""
     out, taken, i = [], 0, 0
     while i < n:
         h, rec, klen, vlen = flat[4 * i:4 * i + 4]
-        if taken >= BATCH_BYTES and i and h != flat[4 * i - 4]:
+        if taken >= budget and i and h != flat[4 * i - 4]:
             break
         klen, skip = klen & 0xffffffff, klen >> 32  # skip: a deadline's bytes before the value
         k0 = rec + RECORD_HEADER                    # key, padding to 8, (deadline,) value
