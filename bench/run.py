@@ -134,12 +134,13 @@ PARTICIPANTS = {
     "transfer": ["mmkv"],
     "iterate": ["mmkv", "lmdb", "sqlite", "diskcache", "dict"],
     "expiry": ["mmkv", "mmkv-with-ttl-keys", "mmkv-before-expiry"],
+    "namespaces": ["mmkv", "mmkv-namespace", "mmkv-before-namespaces"],
 }
 TABLE_ORDER = ["get", "get_absent", "contains", "get_many", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "open", "space",
-               "compact", "backup", "scale", "transfer", "expiry"]
+               "compact", "backup", "scale", "transfer", "expiry", "namespaces"]
 # scale runs before open so that open can reuse scale's 10M-key mmkv file instead of building one
 RUN_ORDER = ["get", "get_absent", "contains", "get_many", "iterate", "put", "batch_put", "delete", "durable_put", "counter", "cas", "space", "compact",
-             "backup", "scale", "transfer", "open", "expiry"]
+             "backup", "scale", "transfer", "open", "expiry", "namespaces"]
 
 TITLES = {
     "get": "get, present keys (per call)",
@@ -160,6 +161,7 @@ TITLES = {
     "backup": "online backup of a big store while a writer in another process keeps writing",
     "transfer": "mmkv dump and mmkv load of the scale store (command line, fresh processes)",
     "expiry": "what expiry costs keys without a deadline: get and put beside the build from before expiry",
+    "namespaces": "get and put in a namespace, in the main key space, and in the build from before namespaces",
 }
 
 
@@ -477,34 +479,57 @@ def wl_expiry(run, workload):
     """Get and put of n keys without a deadline, each measurement in a fresh process, on a store
     of 2n keys: this mmkv with n other plain keys; the same with n other keys with a deadline an
     hour away (the expiry bound is set, nothing expires); and mmkv as it was before expiry, with n
-    other plain keys.  The three run
-    in turn, in a fresh order each repeat."""
+    other plain keys.  The three run in turn, in a fresh order each repeat."""
     n = run.size["expiry_n"]
-    systems = run.systems(workload)
+    fresh_process_get_put(run, workload, {"mmkv": "0", "mmkv-with-ttl-keys": "1"}, "mmkv-before-expiry",
+                          EXPIRY_BASELINE, f"without a deadline, {n:,} of {2 * n:,} keys, 100 B values, fresh process",
+                          "a ratio of at least 0.95 means expiry adds at most 5% to the operation")
+
+
+#: The commit before namespaces were added: the namespaces workload builds it.
+NAMESPACES_BASELINE = "7139335"
+
+
+def wl_namespaces(run, workload):
+    """Get and put of n keys in a namespace, beside the same in the main key space, and the main
+    key space of the build from before namespaces (what the per-index counters cost the C core);
+    each measurement a fresh process on a store of 2n keys, as wl_expiry."""
+    n = run.size["expiry_n"]
+    fresh_process_get_put(run, workload, {"mmkv": "0", "mmkv-namespace": "ns"}, "mmkv-before-namespaces",
+                          NAMESPACES_BASELINE, f"{n:,} keys beside {n:,} others, 100 B values, fresh process",
+                          "mmkv-namespace: the measured keys are in a namespace (the others in the main key space)")
+
+
+def fresh_process_get_put(run, workload, modes: dict, baseline: str, commit: str, what: str, note: str):
+    """Run bench/expiry_child.py for each system (modes: system -> its MODE; baseline: a system
+    that runs MODE 0 on this repository's mmkv as of commit), each repeat in a fresh order, and
+    report get and put rates."""
     child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "expiry_child.py")
-    env = {"mmkv": dict(os.environ), "mmkv-with-ttl-keys": dict(os.environ)}
+    n = run.size["expiry_n"]
+    env = {s: dict(os.environ) for s in modes}
+    modes = dict(modes, **{baseline: "0"})
     if run.args.quick:          # (the build takes a minute: a quick run checks the harness only)
-        run.note(workload, "--quick: mmkv-before-expiry is not built")
+        run.note(workload, f"--quick: {baseline} is not built")
     else:
         try:
-            lib = build_baseline(run, EXPIRY_BASELINE)
-            env["mmkv-before-expiry"] = dict(os.environ, PYTHONPATH=lib)
+            lib = build_baseline(run, commit)
+            env[baseline] = dict(os.environ, PYTHONPATH=lib)
         except (subprocess.CalledProcessError, OSError) as exc:
             err = getattr(exc, "stderr", b"") or b""
-            run.fail(workload, "mmkv-before-expiry", f"build of {EXPIRY_BASELINE}: {exc} {err[-500:]!r}")
-    systems = [s for s in systems if s in env]
+            run.fail(workload, baseline, f"build of {commit}: {exc} {err[-500:]!r}")
+    systems = [s for s in run.systems(workload) if s in env]
     runs = {s: {"get": [], "put": []} for s in systems}
     rng = random.Random(11)
     for r in range(run.repeats):
         for s in shuffled(systems, rng):
-            folder = run.folder(f"expiry-{s}")
+            folder = run.folder(f"{workload}-{s}")
             try:
-                out = subprocess.run([sys.executable, child, folder, str(n), "1" if s == "mmkv-with-ttl-keys" else "0"],
+                out = subprocess.run([sys.executable, child, folder, str(n), modes[s]],
                                      env=env[s], capture_output=True, text=True, timeout=600, cwd=folder)
                 if out.returncode:
                     raise RuntimeError(out.stderr[-800:])
                 got = json.loads(out.stdout)
-                if s == "mmkv-before-expiry" and not got["mmkv"].startswith(env[s]["PYTHONPATH"]):
+                if s == baseline and not got["mmkv"].startswith(env[s]["PYTHONPATH"]):
                     raise RuntimeError(f"the baseline child imported {got['mmkv']}")
                 runs[s]["get"].append(got["get"])
                 runs[s]["put"].append(got["put"])
@@ -515,11 +540,8 @@ def wl_expiry(run, workload):
                 remove(folder)
     for op in ("get", "put"):
         values = {s: summarize(v[op]) for s, v in runs.items() if v[op]}
-        run.metric(workload, op, f"{op} of a key without a deadline, {n:,} of {2 * n:,} keys, 100 B values, "
-                   "fresh process",
-                   "ops/s", "higher", values)
-    run.note(workload, f"mmkv-before-expiry is commit {EXPIRY_BASELINE} built from git; a ratio of at least "
-                       "0.95 means expiry adds at most 5% to the operation")
+        run.metric(workload, op, f"{op} of a key, {what}", "ops/s", "higher", values)
+    run.note(workload, f"{baseline} is commit {commit} built from git; {note}")
 
 
 # ===================================================================== get_many
@@ -1382,7 +1404,7 @@ WORKLOADS = {"get": wl_get, "get_absent": wl_get, "contains": wl_get, "put": wl_
              "durable_put": wl_durable_put, "counter": wl_counter, "open": wl_open, "space": wl_space,
              "scale": wl_scale, "compact": wl_compact, "iterate": wl_iterate, "backup": wl_backup,
              "transfer": wl_transfer, "cas": wl_cas, "get_many": wl_get_many,
-             "expiry": wl_expiry}
+             "expiry": wl_expiry, "namespaces": wl_namespaces}
 
 
 # ===================================================================== machine info

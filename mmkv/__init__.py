@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .errors import (ChecksumError, ClosedError, CorruptionError, DiskFullError, Error, ForkedHandleError,
-                     InUseError, LimitError, LockTimeoutError, NotACounterError, NotMmkvFileError,
+                     InUseError, LimitError, LockTimeoutError, NamespaceError, NotACounterError, NotMmkvFileError,
                      NotRegularFileError, ReadOnlyError, RecoveryNeededError, TooManyQueuesError, TruncatedError,
                      VersionError)
 from .store import Store
@@ -24,7 +24,8 @@ __all__ = [
     "open", "Store", "Error", "CorruptionError", "NotMmkvFileError", "VersionError", "ChecksumError",
     "TruncatedError", "LockTimeoutError", "DiskFullError", "ClosedError", "ForkedHandleError", "NotRegularFileError",
     "ReadOnlyError", "RecoveryNeededError", "LimitError", "NotACounterError", "InUseError", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
-    "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError", "ManualClock", "memoize",
+    "Sequence", "Queue", "QueueEmpty", "TooManyQueuesError", "ManualClock", "memoize", "NamespaceError",
+    "Namespace",
 ]
 
 #: Names served on first use (PEP 562): the counter service is not needed to open a store, and
@@ -32,7 +33,7 @@ __all__ = [
 #: ``from mmkv import Sequence`` and ``from mmkv import *`` work as before.  (QueueEmpty: see
 #: mmkv/errors.py.)
 _LAZY = {"Sequence": "sequence", "Queue": "queue", "sequence": "sequence", "queue": "queue",
-         "QueueEmpty": "errors"}
+         "QueueEmpty": "errors", "Namespace": "namespace", "namespace": "namespace"}
 
 
 TYPE_CHECKING = False        # (typing is not imported at run time)
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     import os
     from typing import Any
     from .errors import QueueEmpty
+    from .namespace import Namespace
     from .queue import Queue
     from .sequence import Sequence
 
@@ -61,7 +63,7 @@ def __dir__() -> list[str]:
 
 
 def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = "c", sync: str = "none",
-         mode: int = 0o600, **options: Any) -> Store:
+         mode: int = 0o600, namespace: str | None = None, **options: Any) -> Store:
     """Open (and with flag "c" or "n", create) the store at path.
 
     flag: "r" read-only, "w" read-write (must exist), "c" read-write, created if missing,
@@ -76,5 +78,17 @@ def open(path: str | bytes | os.PathLike[str] | os.PathLike[bytes], flag: str = 
     :raises FileNotFoundError: flag "r" or "w" and no file (nothing is created).
     :raises NotRegularFileError: path names a directory, device, FIFO or socket (left untouched).
     path: str, bytes or os.PathLike; it is made absolute once, so a later os.chdir changes nothing.
+    namespace: open that named sub-store of the file directly (a Namespace, created with flag "c"
+    or "n" when absent; closing it closes the store it opened).
+    :raises NamespaceError: flag "r" or "w" and no such namespace (nothing is left open).
     """
-    return Store(path, flag=flag, sync=sync, mode=mode, **options)
+    store = Store(path, flag=flag, sync=sync, mode=mode, **options)
+    if namespace is None:
+        return store
+    try:
+        ns = store.namespace(namespace, create=flag in ("c", "n"))
+    except BaseException:
+        store.close()
+        raise
+    ns._owns_store = True
+    return ns

@@ -179,7 +179,7 @@ def cmd_get(args) -> int:
     key = _key(args, args.key)
     try:
         with open_store(args.path, "r") as db:
-            value = db.get(key)
+            value = _space(db, args).get(key)
     except Error as exc:
         print(f"mmkv get: {args.path}: {exc}", file=sys.stderr)
         return 1
@@ -207,7 +207,7 @@ def cmd_put(args) -> int:
         value = _key(args, args.value)
     try:
         with open_store(args.path, "c", sync=args.sync) as db:
-            db.set(key, value, ttl=args.ttl)
+            _space(db, args, create=True).set(key, value, ttl=args.ttl)
     except Error as exc:
         print(f"mmkv put: {args.path}: {exc}", file=sys.stderr)
         return 1
@@ -221,13 +221,44 @@ def cmd_del(args) -> int:
     key = _key(args, args.key)
     try:
         with open_store(args.path, "w", sync=args.sync) as db:
-            found = db.pop(key, None) is not None
+            found = _space(db, args).pop(key, None) is not None
     except Error as exc:
         print(f"mmkv del: {args.path}: {exc}", file=sys.stderr)
         return 1
     if not found:
         print(f"mmkv del: {args.path}: no key {args.key!r}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _namespace_option(parser, more: str = "") -> None:
+    parser.add_argument("--namespace", metavar="NAME",
+                        help="work in namespace NAME (a named sub-store) instead of the main key space" + more)
+
+
+def _space(db, args, create: bool = False):
+    """The store, or with --namespace NAME its namespace NAME (created only when create is set).
+    :raises NamespaceError: no such namespace."""
+    name = getattr(args, "namespace", None)
+    return db if name is None else db.namespace(name, create=create)
+
+
+def cmd_namespaces(args) -> int:
+    """List the store's namespaces, each with its number of keys."""
+    if not _existing(args):
+        return 2
+    try:
+        with open_store(args.path, "r") as db:
+            rows = [(name, len(db.namespace(name, create=False))) for name in db.namespaces()]
+    except Error as exc:
+        print(f"mmkv namespaces: {args.path}: {exc}", file=sys.stderr)
+        return 1
+    for name, keys in rows:
+        if args.json:
+            _out_line({"namespace": name, "keys": keys})
+        else:
+            sys.stdout.write(f"{name}\t{keys}\n")
+    sys.stdout.flush()
     return 0
 
 
@@ -239,6 +270,7 @@ def cmd_ls(args) -> int:
     shown = 0
     try:
         with open_store(args.path, "r") as db:
+            db = _space(db, args)
             source = db.items() if args.values else ((k, None) for k in db)
             for key, value in source:
                 if not key.startswith(prefix):
@@ -295,9 +327,10 @@ def cmd_dump(args) -> int:
     prefix = _key(args, args.prefix) if args.prefix is not None else b""
     out = open(args.out, "wb") if args.out else sys.stdout.buffer
     try:
-        with open_store(args.path, "r") as db, \
-                Progress(f"mmkv dump {args.path}", total=len(db), lines=args.progress) as progress:
-            n = dump(db.items(), out, args.format, prefix, progress, db.deadlines())
+        with open_store(args.path, "r") as store:
+            db = _space(store, args)
+            with Progress(f"mmkv dump {args.path}", total=len(db), lines=args.progress) as progress:
+                n = dump(db.items(), out, args.format, prefix, progress, db.deadlines())
         out.flush()
     except Error as exc:
         print(f"mmkv dump: {args.path}: {exc}", file=sys.stderr)
@@ -337,13 +370,14 @@ def cmd_load(args) -> int:
     total = os.fstat(source.fileno()).st_size if source is not sys.stdin.buffer else None
     try:
         # one barrier at the end, not two per record: everything loaded is durable when load exits
-        with open_store(args.path, "c") as db, \
+        with open_store(args.path, "c") as store, \
                 Progress(f"mmkv load {args.path}", total=total or None, unit="bytes", lines=args.progress) as progress:
+            db = _space(store, args, create=True)
             try:
                 n = load(source, db.update, progress, put_expiring(db))
             finally:
                 if args.sync == "full":
-                    db.sync()
+                    store.sync()
     except LoadError as exc:
         print(f"mmkv load: {args.path}: {exc}; the {exc.loaded:,} records before it were loaded (they stay)",
               file=sys.stderr)
@@ -429,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("get", help="print the value of KEY (exit 1 if absent)")
     g.add_argument("path")
     g.add_argument("key")
+    _namespace_option(g)
     _key_options(g, json_output=True)
     g.set_defaults(func=cmd_get)
     pu = sub.add_parser("put", help="set KEY to VALUE ('-': read the value from stdin)")
@@ -436,12 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("key")
     pu.add_argument("value")
     pu.add_argument("--ttl", type=float, metavar="SECONDS", help="the key expires this many seconds from now")
+    _namespace_option(pu, " (created if absent)")
     _key_options(pu, json_output=False)
     _sync_option(pu)
     pu.set_defaults(func=cmd_put)
     de = sub.add_parser("del", help="delete KEY (exit 1 if absent)")
     de.add_argument("path")
     de.add_argument("key")
+    _namespace_option(de)
     _key_options(de, json_output=False)
     _sync_option(de)
     de.set_defaults(func=cmd_del)
@@ -450,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--prefix", help="only keys that start with this")
     ls.add_argument("--limit", type=int, help="at most this many keys")
     ls.add_argument("--values", action="store_true", help="values too (tab-separated, or in the JSON)")
+    _namespace_option(ls)
+    ns = sub.add_parser("namespaces", help="list the namespaces (named sub-stores) of a store and their key counts")
+    ns.add_argument("path")
+    ns.add_argument("--json", action="store_true", help="one JSON object per namespace")
+    ns.set_defaults(func=cmd_namespaces)
     _key_options(ls, json_output=True)
     ls.set_defaults(func=cmd_ls)
     stt = sub.add_parser("stats", help="keys, bytes, index and space figures of a store")
@@ -464,11 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "\"key_b64\"/\"value_b64\"; redis: SET commands in the Redis protocol, for redis-cli --pipe")
     du.add_argument("--prefix", help="only keys that start with this")
     du.add_argument("--hex", action="store_true", help="--prefix is given as hex")
+    _namespace_option(du)
     _progress_option(du)
     du.set_defaults(func=cmd_dump)
     lo = sub.add_parser("load", help="write JSON-line records (as dump writes them) into a store")
     lo.add_argument("path")
     lo.add_argument("file", nargs="?", help="input file (default, or '-': stdin)")
+    _namespace_option(lo, " (created if absent)")
     _progress_option(lo)
     _sync_option(lo, full="everything loaded is on disk when the command exits (one sync at the end, also "
                           "after a bad line)")

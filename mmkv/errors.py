@@ -82,6 +82,13 @@ class InUseError(Error):
     """The operation needs the file to be open in this process only."""
 
 
+class NamespaceError(Error, KeyError):
+    """No namespace of that name (never created, or dropped by this or another process)."""
+
+    def __str__(self):                  # a KeyError's str() is its argument's repr(): keep the message
+        return Error.__str__(self)
+
+
 class TooManyQueuesError(Error):
     """Every one of the file's semaphores already belongs to a queue (16 per file).
 

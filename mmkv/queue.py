@@ -25,8 +25,8 @@ What it promises:
   life of the file (recorded under ``b"\\x00mmkv:sem:NN"``); a 17th name raises
   TooManyQueuesError.
 
-Records (keys starting with ``b"\\x00mmkv:"`` are reserved for mmkv; they count
-in ``len(db)`` and show in ``list(db)``).  With ``Q = b"\\x00mmkv:q:<len(name)>:" + name + b":"``
+Records, in mmkv's own namespace (mmkv.namespace.SYSTEM: ``len(db)``, ``db.clear()`` and
+iteration of the user's keys never see them).  With ``Q = b"\\x00mmkv:q:<len(name)>:" + name + b":"``
 (the length makes the name unambiguous whatever bytes it holds):
 ``Q + b"head"`` and ``Q + b"tail"`` are 8-byte counters, and the item at index
 i (head <= i < tail) is ``Q + b"i" + i.to_bytes(8, "big")``.
@@ -198,11 +198,13 @@ class Queue:
         self._closed = False
         self._active = 0                   # put/get calls running in this handle, for close()
         self._cond = threading.Condition()
-        self._db = None
-        self._db, self._owned = open_or_use(path_or_store, sync, options)
+        self._db = self._store = None
+        self._store, self._owned = open_or_use(path_or_store, sync, options)
         try:
-            if self._db.readonly:
+            if self._store.readonly:
                 raise ReadOnlyError(f"queue {self.name!r}: the store was opened with flag 'r'; a queue writes")
+            from .namespace import system_space
+            self._db = system_space(self._store)     # mmkv's own namespace (moved there from old files)
             with self._db.lock():
                 self.semaphore = self._assign_semaphore()
                 self._sem = _Semaphore(self._db.engine.fd, self.semaphore)
@@ -211,7 +213,7 @@ class Queue:
             if self._sem is not None:
                 self._sem.close()
             if self._owned:
-                self._db.close()
+                self._store.close()
             raise
 
     # ================================================================ records (caller holds the lock)
@@ -422,7 +424,7 @@ class Queue:
                     self._cond.wait()
         self._sem.close()
         if self._owned:
-            self._db.close()
+            self._store.close()
 
     def __enter__(self) -> Queue:
         return self

@@ -9,7 +9,7 @@ the same file.  Ids start at 1 and grow within one handle; between handles they
 interleave by blocks.
 
 How: the file holds one 8-byte counter per name, the highest id reserved so far,
-under the key ``b"\\x00mmkv:seq:" + name``.  A handle reserves ``block`` ids with
+under the key ``b"\\x00mmkv:seq:" + name`` of mmkv's own namespace (mmkv.namespace.SYSTEM).  A handle reserves ``block`` ids with
 ONE atomic ``db.incr(key, block)`` and then hands them out from memory.  The
 counter only moves forward, and it moves before any id of the block is handed
 out, so a process killed at any instruction can only skip ids (the rest of its
@@ -24,8 +24,10 @@ costs a locked, and with sync="full" durable, write per id; it is still
 available as ``block=1`` (the ``mmkv next-id`` command uses it, since one
 process there draws one id).
 
-Keys starting with ``b"\\x00mmkv:"`` are reserved for mmkv's own records; they show
-up in ``len(db)`` and ``list(db)`` like any other key.
+mmkv's own records live in a namespace of their own: ``len(db)``, ``db.clear()`` and iteration
+of the user's keys never see them.  Files written before namespaces kept them under
+``b"\\x00mmkv:"`` keys of the main key space; the first Sequence or Queue that may write moves
+them (mmkv.namespace.system_space).
 """
 from __future__ import annotations
 
@@ -89,8 +91,15 @@ class Sequence:
         self._next = self._end = 0          # ids [_next, _end) are reserved for this handle
         self._pid = os.getpid()
         self._mutex = threading.Lock()
-        self._db = None
-        self._db, self._owned = open_or_use(path_or_store, sync, options)
+        self._db = self._store = None
+        self._store, self._owned = open_or_use(path_or_store, sync, options)
+        try:
+            from .namespace import system_space
+            self._db = system_space(self._store)     # mmkv's own namespace (moved there from old files)
+        except BaseException:
+            if self._owned:
+                self._store.close()
+            raise
 
     def next(self) -> int:
         """The next id: never returned before, by any process, for this name in this file.
@@ -134,9 +143,10 @@ class Sequence:
             if self._db is None:
                 return
             db, self._db = self._db, None
+            store, self._store = self._store, None
             if os.getpid() != self._pid:
                 if self._owned:
-                    db.close()       # the child's copy: the Store drops it without touching the file
+                    store.close()    # the child's copy: the Store drops it without touching the file
                 return
             try:
                 unused = self._end - self._next
@@ -148,7 +158,7 @@ class Sequence:
                 self._next = self._end = 0
             finally:
                 if self._owned:
-                    db.close()
+                    store.close()
 
     def __enter__(self) -> Sequence:
         return self

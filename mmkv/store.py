@@ -51,7 +51,6 @@ _GEN = STATE_WORD["generation"]
 _COUNT = STATE_WORD["count"]
 _LIVE = STATE_WORD["live_bytes"]
 _DIRTY = STATE_WORD["dirty"]
-_TTL_MIN = STATE_WORD["ttl_min"]
 _TRY_LOCK = lib.MMKV_TRY_LOCK
 
 
@@ -133,6 +132,7 @@ def _after_fork_in_child():
         if store is None:
             continue
         store._forked = True
+        store._forget_namespaces()
         store._unbind()                                     # before the mapping goes
         store._view = None
         try:
@@ -184,6 +184,7 @@ class Store(_Binding, _MutableMapping):
         self._forked = False
         self._lock = None        # the StoreLock (mmkv.engine.locking), made at attach
         self._txn = None         # the transaction in progress on this handle
+        self._namespaces = {}    # name -> the Namespace handle given out (mmkv/namespace.py)
         self._close_guard = _thread.allocate_lock()
         timeout_ns(lock_timeout)    # reject bad timeouts before touching anything
         timeout_ns(lock_report_after)
@@ -221,6 +222,8 @@ class Store(_Binding, _MutableMapping):
         fd, first = opening.open_store(self.path, flag, mode, open_timeout, attach, detach)
         if flag == "n" and not first:
             self.clear()
+            for name in self.namespaces():      # a new empty store: no namespace either (mmkv's own stays)
+                self.drop_namespace(name)
 
     def _attach(self, lock_timeout, first):
         """Map the file (the engine validates the header) and, as first opener, reset the
@@ -281,7 +284,15 @@ class Store(_Binding, _MutableMapping):
         """Another process changed the meta (growth, new index): load it (under the lock)."""
         self._engine.reload()
 
+    def _forget_namespaces(self):
+        """Unbind the Namespace handles given out (before the mapping goes): their calls then
+        raise what this handle's raise."""
+        for ns in self._namespaces.values():
+            ns._detach_namespace()
+        self._namespaces.clear()
+
     def _detach(self):
+        self._forget_namespaces()
         self._unbind()
         if self._engine is not None:
             self._engine.close()
@@ -309,6 +320,8 @@ class Store(_Binding, _MutableMapping):
             if view is None:
                 return
             lib.mmkv_view_close(view)          # new unlocked calls: EBADF; wait for those inside the shim
+            for ns_view in self._engine.ns_views.values():      # (and through the namespaces' views)
+                lib.mmkv_view_close(ns_view)
             fd = self._fd
             try:
                 if not self._lockless:         # a lockless handle wrote nothing: nothing to close but the fd
@@ -567,12 +580,13 @@ class Store(_Binding, _MutableMapping):
                 raise RecoveryNeededError(f"{self.path}: the key count is impossible and this handle cannot "
                                           "repair it (no write access); open it with write access")
             self._recover("the key count is impossible")
-        w = self._engine.words
-        if w[_TTL_MIN] and self._now() >= w[_TTL_MIN]:     # some key may have expired since the last pass
+        eng = self._engine
+        w, ttl_min = eng.words, eng.index_word("ttl_min")
+        if w[ttl_min] and self._now() >= w[ttl_min]:     # some key may have expired since the last pass
             if self._lockless:
                 return self._count_unexpired()
             self._sweep(0)                 # the whole index, once: ttl_min is exact again
-        n = w[_COUNT]
+        n = w[eng.index_word("count")]
         if self._txn is not None:
             txn, self._txn = self._txn, None    # (this store's keys as they are, without the transaction)
             try:
@@ -943,7 +957,8 @@ class Store(_Binding, _MutableMapping):
             return
         eng = self._engine
         w = eng.words
-        depth = index.presize_depth(eng, w[_COUNT] + n) if w[_COUNT] <= n else None
+        count = w[eng.index_word("count")]
+        depth = index.presize_depth(eng, count + n) if count <= n else None
         if depth is not None:       # the new index, and the old one until it is freed
             nbytes += ((1 << depth) + 1) * (index.SEGMENT_BYTES + BLOCK_OVERHEAD)
         try:
@@ -951,13 +966,14 @@ class Store(_Binding, _MutableMapping):
             if short > 0:
                 eng.grow(short)
             if depth is not None:
-                index.presize(eng, w[_COUNT] + n)
+                index.presize(eng, count + n)
         except DiskFullError:
             pass
 
     def clear(self) -> None:
-        """Remove every key, atomically: a new empty index replaces the old one in one meta switch
-        (the "clear" row of the README's "Commit orders" table).
+        """Remove every key of the main key space, atomically: a new empty index replaces the old one
+        in one meta switch (the "clear" row of the README's "Commit orders" table).  Namespaces
+        keep their keys (``ns.clear()``, ``drop_namespace``); so do Sequences and Queues.
 
         Holds the store lock throughout; other processes' calls wait for it.  The new index
         (one 128 KiB segment and a directory) needs free space.  On a full disk, where it
@@ -972,16 +988,18 @@ class Store(_Binding, _MutableMapping):
         self._write_locked(self._clear)
 
     def _clear(self):
-        from .engine import index
+        from .engine import index, namespaces
         if self._txn is not None:
             raise Error("clear() inside a transaction is not supported; call it outside")
+        eng = self._engine
+        others = namespaces.blocks_to_keep(eng)            # the namespaces' structures and records stay
         try:
-            index.rebuild(self._engine, [])                  # a new empty index, switched in atomically
+            index.rebuild(eng, [])                           # a new empty index, switched in atomically
         except DiskFullError:                                # (rebuild gave back what it took)
             if not self._delete_until_index_fits():
                 return                                       # every key deleted: the old index stays
-        self._engine.alloc.rebuild(index.blocks(self._engine))      # every record and the old index: free
-        w = self._engine.words
+        eng.alloc.rebuild(index.blocks(eng) + others)        # every record and the old index: free
+        w = eng.words
         w[_COUNT] = w[_LIVE] = 0
 
     def _delete_until_index_fits(self) -> bool:
@@ -1043,6 +1061,56 @@ class Store(_Binding, _MutableMapping):
         # and a counter record carries no deadline); any other is a counter record
         self._put(k, new.to_bytes(8, "little", signed=True), 0 if deadline else REC_COUNTER, deadline or 0)
         return new
+
+    # ================================================================ namespaces (mmkv/namespace.py)
+    def namespace(self, name: str, create: bool = True) -> Any:
+        """The named sub-store ``name`` of this file (a Namespace: a mapping of its own keys that
+        shares the file, the lock, transactions and durability), created when absent (one
+        durable catalog commit; with create=False, NamespaceError instead).  The same object for
+        the same name while this handle is open.  Takes the store lock briefly.
+        :raises TypeError, ValueError: name is not a str of 1 to 255 bytes of UTF-8 without NUL.
+        :raises NamespaceError: absent and create is false.  :raises ReadOnlyError: absent on a
+            read-only handle, or a lockless handle (namespaces are not readable lockless yet).
+        :raises Error: created inside a transaction."""
+        from .namespace import open_namespace
+        return open_namespace(self, name, create)
+
+    def namespaces(self) -> list[str]:
+        """The names of the file's namespaces, sorted (read under the lock)."""
+        from .engine import namespaces
+        self._alive()
+        if self._lockless:
+            raise ReadOnlyError(f"{self.path!r} is open lockless: namespaces are not readable through a lockless "
+                                "handle")
+
+        def read():
+            eng = self._engine
+            if eng.catalog_error is not None:
+                raise eng.catalog_error
+            return namespaces.user_names(eng)
+        return self._consistently(read)
+
+    def drop_namespace(self, name: str) -> None:
+        """Remove namespace name and all its keys: one durable catalog commit (O(1) under the
+        lock), then its records are freed a bounded number per lock hold.  Handles on it, in
+        every process, raise NamespaceError from then on.
+        :raises NamespaceError: no such namespace.  :raises Error: inside a transaction."""
+        from .namespace import drop
+        drop(self, name)
+
+    def _free_dropped(self) -> None:
+        """Free the indexes of dropped and cleared namespaces, namespaces.FREE_STEP records per
+        lock hold (other processes' calls go on between holds)."""
+        from .engine import namespaces
+        while True:
+            self._acquire()
+            try:
+                pending = namespaces.dropped_ids(self._engine)
+                if not pending:
+                    return
+                self._write_locked(namespaces.free_dropped, self._engine, pending[0])
+            finally:
+                self._release()
 
     # ================================================================ durability, audit
     def sync(self) -> None:

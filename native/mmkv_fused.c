@@ -60,10 +60,13 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
                       uint32_t flags, int64_t deadline)
 {
     struct lookup l;
-    struct mmkv_state *st = state_of(v);
+    struct counts_ref c;
     if (klen > UINT32_MAX || vlen > (1ULL << 47))
         return EINVAL;
-    int rc = lookup(v, key, klen, &l);
+    int rc = counts_of(v, &c);
+    if (rc)
+        return rc;
+    rc = lookup(v, key, klen, &l);
     if (rc && rc != ENOENT)
         return rc;
     if (rc == ENOENT && l.segment->count + 1 > v->max_count) {
@@ -94,12 +97,12 @@ static int put_locked(struct mmkv_view *v, const uint8_t *key, uint64_t klen, co
     if (l.rec) {                                  /* 3. the old record's block is free */
         if ((rc = mmkv_free_fitting(v, block_of(l.rec_off), REC_HDR + PAD8(klen) + old_vlen)))
             return rc;
-        st->live_bytes -= klen + old_vlen;
+        *c.live_bytes -= klen + old_vlen;
     } else {
         l.segment->count++;
-        st->count++;
+        (*c.count)++;
     }
-    st->live_bytes += need - REC_HDR - PAD8(klen) + klen;
+    *c.live_bytes += need - REC_HDR - PAD8(klen) + klen;
     return 0;
 }
 
@@ -147,9 +150,9 @@ int mmkv_put_many(struct mmkv_view *v, const uint8_t *keys, const uint64_t *key_
 static int delete_found(struct mmkv_view *v, const struct lookup *found, uint64_t klen, int by_sweep)
 {
     struct lookup l = *found;
-    struct mmkv_state *st = state_of(v);
-    int rc;
-    {
+    struct counts_ref c;
+    int rc = counts_of(v, &c);
+    if (!rc) {
         uint64_t first = l.slot, vlen = l.rec->val_len, slots = l.seg + SEG_HDR;
         rc = by_sweep ? slot_delete_at(v, l.seg, l.slot) : mmkv_slot_delete(v, l.seg, l.slot);
         if (!rc && v->sync_full) {                /* slots [first, v->slot] changed, maybe wrapping */
@@ -159,8 +162,8 @@ static int delete_found(struct mmkv_view *v, const struct lookup *found, uint64_
                 rc = sync_range(v, slots, 8 * (v->slot + 1));
         }
         if (!rc && !(rc = mmkv_free_fitting(v, block_of(l.rec_off), REC_HDR + PAD8(klen) + vlen))) {
-            st->count--;
-            st->live_bytes -= klen + vlen;
+            (*c.count)--;
+            *c.live_bytes -= klen + vlen;
         }
     }
     return rc;
@@ -331,41 +334,43 @@ static uint64_t sweep_entry(uint64_t bits, uint64_t at)
 
 void sweep_note(struct mmkv_view *v, int64_t deadline)
 {
-    struct mmkv_state *st = state_of(v);
+    struct counts_ref c;
     uint64_t d = (uint64_t)deadline;
-    if (!st->ttl_min || d < st->ttl_min)
-        st->ttl_min = d;
-    if (!st->sweep_min || d < st->sweep_min)
-        st->sweep_min = d;
+    if (counts_of(v, &c))
+        return;                 /* (the write that called this finds the same fault and fails) */
+    if (!*c.ttl_min || d < *c.ttl_min)
+        *c.ttl_min = d;
+    if (!*c.sweep_min || d < *c.sweep_min)
+        *c.sweep_min = d;
 }
 
 void sweep_spoil(struct mmkv_view *v, uint64_t seg_off)
 {
-    struct mmkv_state *st = state_of(v);
-    if (!st->ttl_min || st->sweep_at & MMKV_SWEEP_POISON)
+    struct counts_ref c;
+    if (counts_of(v, &c) || !*c.ttl_min || *c.sweep_at & MMKV_SWEEP_POISON)
         return;      /* no record has a deadline (nothing to hide), or spoiled already */
     const uint64_t *dir = directory(v);
-    uint64_t d = sweep_entry(v->dir_bits, st->sweep_at);
+    uint64_t d = sweep_entry(v->dir_bits, *c.sweep_at);
     if (!dir || d >> v->dir_bits || dir[d] == seg_off)
-        st->sweep_at |= MMKV_SWEEP_POISON;
+        *c.sweep_at |= MMKV_SWEEP_POISON;
 }
 
 /* Examine up to budget slots from the sweep's place, removing the expired records (those whose
    deadline is at most now); at the end of the index, end the pass.  The lock held. */
 static int sweep_run(struct mmkv_view *v, uint64_t budget, int64_t now, uint64_t *removed)
 {
-    struct mmkv_state *st = state_of(v);
+    struct counts_ref c;
     const uint64_t *dir = directory(v);
-    if (!dir)
+    if (!dir || counts_of(v, &c))
         return EBADMSG;
-    uint64_t bits = v->dir_bits, entries = 1ULL << bits, at = st->sweep_at & ~(uint64_t)MMKV_SWEEP_POISON;
+    uint64_t bits = v->dir_bits, entries = 1ULL << bits, at = *c.sweep_at & ~(uint64_t)MMKV_SWEEP_POISON;
     uint64_t d = sweep_entry(bits, at), slot = at & SEG_MASK;
     while (budget) {
         if (d >= entries) {   /* the pass is over: what it saw bounds every deadline, unless spoiled */
-            if (!(st->sweep_at & MMKV_SWEEP_POISON))
-                st->ttl_min = st->sweep_min;
-            st->sweep_min = 0;
-            st->sweep_at = 0;
+            if (!(*c.sweep_at & MMKV_SWEEP_POISON))
+                *c.ttl_min = *c.sweep_min;
+            *c.sweep_min = 0;
+            *c.sweep_at = 0;
             return 0;
         }
         struct mmkv_segment *seg = segment_at(v, dir[d]);
@@ -398,20 +403,23 @@ static int sweep_run(struct mmkv_view *v, uint64_t budget, int64_t now, uint64_t
                 FAILPOINT("sweep.after_delete");
                 continue;     /* the slot may hold an entry shifted back into it: look again */
             }
-            if (h.flags & MMKV_REC_EXPIRES && (!st->sweep_min || (uint64_t)deadline < st->sweep_min))
-                st->sweep_min = (uint64_t)deadline;
+            if (h.flags & MMKV_REC_EXPIRES && (!*c.sweep_min || (uint64_t)deadline < *c.sweep_min))
+                *c.sweep_min = (uint64_t)deadline;
         }
         slot++;
     }
     if (slot >= MMKV_SEGMENT_SLOTS)
         slot = MMKV_SEGMENT_SLOTS - 1;        /* (seen already: looked at once more next time) */
-    st->sweep_at = (st->sweep_at & MMKV_SWEEP_POISON) | (d << (32 - bits)) << MMKV_SWEEP_SLOT_BITS | slot;
+    *c.sweep_at = (*c.sweep_at & MMKV_SWEEP_POISON) | (d << (32 - bits)) << MMKV_SWEEP_SLOT_BITS | slot;
     return 0;
 }
 
 void sweep_if_due(struct mmkv_view *v)
 {
-    uint64_t ttl_min = state_of(v)->ttl_min, removed = 0;
+    struct counts_ref c;
+    if (counts_of(v, &c))
+        return;
+    uint64_t ttl_min = *c.ttl_min, removed = 0;
     if (!ttl_min || ++v->sweep_tick % MMKV_SWEEP_EVERY)
         return;
     int64_t now = clock_now(v);
@@ -429,14 +437,16 @@ int mmkv_note_deadline(struct mmkv_view *v, int64_t deadline)
 
 int mmkv_sweep(struct mmkv_view *v, uint64_t budget, uint64_t *removed, int64_t *next)
 {
-    struct mmkv_state *st = state_of(v);
+    struct counts_ref c;
     *removed = 0;
+    if (counts_of(v, &c))
+        return EBADMSG;
     if (!budget) {                 /* a whole pass from the start, which nothing can spoil */
-        st->sweep_at = 0;
-        st->sweep_min = 0;
+        *c.sweep_at = 0;
+        *c.sweep_min = 0;
         budget = UINT64_MAX;
     }
     int rc = sweep_run(v, budget, clock_now(v), removed);
-    *next = (int64_t)st->ttl_min;
+    *next = (int64_t)*c.ttl_min;
     return rc;
 }

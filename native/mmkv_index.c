@@ -1012,12 +1012,15 @@ int mmkv_count_nowait(struct mmkv_view *v, uint64_t *count)
     int rc = EBUSY;
     if (v->size >= MMKV_HEADER_SIZE) {
         struct mmkv_state *st = state_of(v);
+        struct counts_ref c;
         uint64_t s1 = __atomic_load_n(&st->seq, __ATOMIC_ACQUIRE);
         if (__atomic_load_n(&st->generation, __ATOMIC_ACQUIRE) != v->generation) {
             rc = MMKV_ESTALE;
+        } else if (counts_of(v, &c)) {
+            rc = EBADMSG;
         } else if (!(s1 & 1)) {
-            uint64_t n = __atomic_load_n(&st->count, __ATOMIC_RELAXED);
-            uint64_t ttl_min = __atomic_load_n(&st->ttl_min, __ATOMIC_RELAXED);
+            uint64_t n = __atomic_load_n(c.count, __ATOMIC_RELAXED);
+            uint64_t ttl_min = __atomic_load_n(c.ttl_min, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             /* past ttl_min the count may include expired keys: the caller sweeps (or counts) first */
             if (__atomic_load_n(&st->seq, __ATOMIC_RELAXED) == s1 && (!ttl_min || clock_now(v) < (int64_t)ttl_min)) {

@@ -213,6 +213,28 @@ static inline struct mmkv_state *state_of(const struct mmkv_view *v)
     return (struct mmkv_state *)(v->base + MMKV_OFF_STATE);
 }
 
+/* The counters of the index v describes (see mmkv_view.counts_at), as pointers into the mapping. */
+struct counts_ref {
+    uint64_t *count, *live_bytes, *ttl_min, *sweep_at, *sweep_min;
+};
+
+/* Point c at v's index counters: the state's for the main index, else a catalog entry's (an offset
+   the engine took from the file: checked here, EBADMSG when it does not lie in the heap). */
+static inline int counts_of(const struct mmkv_view *v, struct counts_ref *c)
+{
+    if (!v->counts_at) {
+        struct mmkv_state *st = state_of(v);
+        *c = (struct counts_ref){&st->count, &st->live_bytes, &st->ttl_min, &st->sweep_at, &st->sweep_min};
+        return 0;
+    }
+    if (v->counts_at % 8 || v->counts_at < MMKV_HEAP_START || v->size < sizeof(struct mmkv_index_counts) ||
+        v->counts_at > v->size - sizeof(struct mmkv_index_counts))
+        return EBADMSG;
+    struct mmkv_index_counts *ic = (struct mmkv_index_counts *)(v->base + v->counts_at);
+    *c = (struct counts_ref){&ic->count, &ic->live_bytes, &ic->ttl_min, &ic->sweep_at, &ic->sweep_min};
+    return 0;
+}
+
 /* ---------------------------------------------------------------- heap blocks (mmkv_alloc.c) */
 /*
  * The one place that knows where a block's parts lie (mmkv_layout.h describes

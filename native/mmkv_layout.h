@@ -163,7 +163,7 @@ struct mmkv_identity {
  * copy not in force with seq + 1, so a torn write leaves the other intact.
  * Invariants: checksum == siphash of the bytes before it (file seed),
  * file_size is a multiple of page_size and <= the real file size,
- * the directory lies inside the heap, journal_off is 0 or inside the heap.
+ * the directory lies inside the heap, journal_off and catalog_off are 0 or inside the heap.
  */
 struct mmkv_meta {
     uint64_t seq;
@@ -172,7 +172,8 @@ struct mmkv_meta {
     uint64_t dir_bits;       /* the directory's depth, at most MMKV_DIR_MAX_BITS */
     uint64_t journal_off;    /* offset of a committed transaction's journal, 0 if none */
     uint64_t journal_txn;    /* that transaction's number, also in the journal's header */
-    uint64_t reserved[2];
+    uint64_t catalog_off;    /* offset of the catalog of namespaces (struct mmkv_catalog), 0 if none */
+    uint64_t reserved[1];
     uint64_t checksum;
 };
 
@@ -238,6 +239,53 @@ struct mmkv_segment {
     uint64_t prefix;
     uint64_t count;
     uint64_t reserved;
+};
+
+/*
+ * Catalog of named sub-stores (namespaces), in a block of its own named by the meta's
+ * catalog_off (0: the file has none).  Each namespace is an index of its own (a directory and
+ * segments, exactly as the main index, which the meta names) over the one heap.  The catalog
+ * is copied on every change (a namespace created, dropped or cleared, an index split or
+ * rebuilt in one): the new copy is made durable, then the meta names it (one meta write, the
+ * commit point), then the old copy is freed.
+ * Layout: struct mmkv_catalog, `count` struct mmkv_catalog_entry, then the names (each entry's
+ * name_at is the byte offset of its name from the catalog's start).
+ * Invariants: magic == MMKV_CATALOG_MAGIC, count <= MMKV_CATALOG_MAX, every entry's id is
+ * below next_id and distinct, names distinct and 1..MMKV_NAME_MAX bytes, inside the block;
+ * checksum == siphash (file seed) of the header's first three words, each entry's first five
+ * words (its roots) and the names.  The counters of each entry (struct mmkv_index_counts) are
+ * not covered: a cache, as the state's, changed on every write and recomputed by recovery.
+ * An entry with MMKV_NS_DROPPED is an index being freed after a drop or a clear: no name
+ * reaches it; its blocks are freed a bounded number at a time, and recovery frees the rest.
+ */
+#define MMKV_CATALOG_MAGIC 0x676c74636b6d6d   /* "mmkctlg" */
+#define MMKV_CATALOG_MAX 4096              /* namespaces in one file */
+#define MMKV_NAME_MAX 255                  /* bytes of a namespace's name (UTF-8) */
+#define MMKV_NS_DROPPED 1                  /* entry flag: the index of a dropped or cleared namespace, being freed */
+struct mmkv_catalog {
+    uint64_t magic;
+    uint64_t count;          /* entries */
+    uint64_t next_id;        /* the id the next namespace gets (ids are never reused) */
+    uint64_t checksum;
+};
+
+/* The counters of one index: the main index keeps them in the state; a namespace, in its entry. */
+struct mmkv_index_counts {
+    uint64_t count;          /* live keys */
+    uint64_t live_bytes;     /* key and value bytes of live records */
+    uint64_t ttl_min;        /* expiry: as the state's (see struct mmkv_state) */
+    uint64_t sweep_at;
+    uint64_t sweep_min;
+};
+
+struct mmkv_catalog_entry {
+    uint64_t id;             /* 1.. (0 is the main index); carried by journal entries (top 16 bits) */
+    uint64_t dir_off;        /* the namespace's index directory ... */
+    uint64_t dir_bits;       /* ... of 2^dir_bits entries */
+    uint64_t name_at;        /* its name: byte offset from the catalog's start (low 48 bits), length << 48 */
+    uint64_t flags;          /* MMKV_NS_DROPPED */
+    struct mmkv_index_counts counts;
+    uint64_t reserved[3];
 };
 
 /* Lock area: reinitialised by the first process to open the file. */

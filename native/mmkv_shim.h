@@ -58,6 +58,8 @@ struct mmkv_view {
     void (*sync_hook)(uint64_t off, uint64_t len);  /* tests: called after each msync barrier, or NULL */
     const int64_t *clock;    /* expiry's clock: NULL, CLOCK_REALTIME; else the time is *clock (nanoseconds since
                                 the epoch), a cell the handle's owner sets (tests: a clock they control) */
+    uint64_t counts_at;      /* the counters of the index this view describes (struct mmkv_index_counts): 0, the
+                                state's (the main index); else their byte offset (a namespace's catalog entry) */
     /* results of the last lookup */
     uint64_t hash;           /* siphash of the key */
     uint64_t seg;            /* offset of the key's segment */

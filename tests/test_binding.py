@@ -404,7 +404,7 @@ def test_writes_racing_a_close_in_another_thread(path):
 #: suites (a minute there) are not: the kill harness runs on the other binding in the test below.
 OTHER_BINDING_SUITES = ("test_store_api.py", "test_stateful.py", "test_concurrency.py", "test_transactions.py",
                         "test_lockfree_reads.py", "test_multiprocess_lock.py", "test_batch.py", "test_iteration.py",
-                        "test_lockless.py", "test_cas.py", "test_get_many.py", "test_expiry.py")
+                        "test_lockless.py", "test_cas.py", "test_get_many.py", "test_expiry.py", "test_namespaces.py")
 
 
 def test_the_store_suites_pass_on_the_other_binding(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 import children
 
 import mmkv
+from mmkv.namespace import system_space
 from mmkv.queue import SEM_PREFIX, _Semaphore
 from mmkv.engine.layout import NSEMS
 
@@ -54,11 +55,12 @@ def test_fifo_and_qsize(db):
 
 def test_items_are_removed_from_the_file(db):
     q = mmkv.Queue(db, "jobs")
-    base = len(db)
+    records = system_space(db)                 # mmkv's own namespace: the user's len(db) stays 0
+    base = len(records)
     q.put(b"x" * 1000)
-    assert len(db) == base + 1
+    assert len(records) == base + 1 and len(db) == 0
     q.get()
-    assert len(db) == base
+    assert len(records) == base
     q.close()
 
 
@@ -119,7 +121,8 @@ def test_queue_names_do_not_collide_with_each_other_or_user_keys(db):
     assert (a.qsize(), b.qsize()) == (1, 1)
     assert b.get(timeout=0) == b"for b" and a.get(timeout=0) == b"for a"
     assert db[b"a"] == b"user"
-    assert all(k.startswith(b"\x00mmkv:") for k in db if k != b"a")
+    assert list(db) == [b"a"]                     # the queues' records are in mmkv's own namespace
+    assert all(k.startswith(b"\x00mmkv:") for k in system_space(db))
     a.close(); b.close()
 
 
@@ -140,7 +143,7 @@ def test_sixteen_queues_per_file_then_a_clear_error(db, path, spawn):
     assert child.finish() == 0
     for q in queues + [again]:
         q.close()
-    assert db[SEM_PREFIX + b"%02d" % queues[3].semaphore] == b"queue:q3"
+    assert system_space(db)[SEM_PREFIX + b"%02d" % queues[3].semaphore] == b"queue:q3"
 
 
 def test_path_opens_and_closes_its_own_store(tmp_path):
@@ -242,10 +245,11 @@ def test_closing_the_store_before_its_queue_does_not_block_later_opens(path, spa
         q.put(b"x")
         db.close()                      # the queue is still open: its mapping must not hold the file's flock
         with mmkv.open(sys.argv[1]) as again:
-            say("reopened", len(again))
+            from mmkv.namespace import system_space
+            say("reopened", len(system_space(again)))
         q.close()
     """, path)
-    assert child.expect("reopened", timeout=15) == ["4"]
+    assert child.expect("reopened", timeout=15) == ["5"]     # the queue's 4 records, and the mark of the move
     assert child.finish() == 0
     with mmkv.Queue(path, "jobs") as q:
         assert q.get(timeout=1) == b"x"
@@ -366,7 +370,7 @@ def test_items_survive_close_and_reopen_of_every_handle(path, spawn):
             q.put(b"item%d" % i)
     # every handle is closed: the next opener is first and resets the semaphores to 0
     with mmkv.open(path) as db:
-        index = [i for i in range(NSEMS) if db.get(SEM_PREFIX + b"%02d" % i) == b"queue:jobs"]
+        index = [i for i in range(NSEMS) if system_space(db).get(SEM_PREFIX + b"%02d" % i) == b"queue:jobs"]
         assert len(index) == 1
         sem = _Semaphore(db.engine.fd, index[0])
         raw_before = sem.value()

@@ -42,6 +42,7 @@ import shutil
 import tempfile
 import time
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -98,6 +99,7 @@ assert set(TXN_BEFORE_COMMIT + TXN_AFTER_COMMIT) == {p for p in failpoints.NAMES
 txn_puts = st.lists(st.tuples(keys, values), min_size=1, max_size=4)
 txn_deletes = st.lists(st.integers(0, 1 << 16), max_size=3)      # indexes into the model's sorted keys
 other_names = st.sampled_from(["path", "hardlink", "symlink"])
+ns_names = st.sampled_from(["a", "b"])
 afterwards = st.sampled_from(["keep", "reopen_one", "reopen_all"])
 
 
@@ -123,6 +125,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.dbs = [self._open("n"), self._open("c")]
         torture.Names(self.path).make()     # other names of the file, for other processes
         self.model = {}
+        self.ns_model = {}      # namespace name -> its keys and values (no namespace: absent)
         self.segments = 1       # most segments the index has had (it never shrinks but through clear)
 
     def _open(self, flag):
@@ -142,6 +145,7 @@ class StoreMachine(RuleBasedStateMachine):
                 with mmkv.open(self.path, "w", clock=self.clock) as db:     # a clean reopen still holds the model
                     db.check()
                     assert dict(db.items()) == self.model
+                    assert {name: dict(db.namespace(name).items()) for name in db.namespaces()} == self.ns_model
             finally:
                 shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -499,6 +503,68 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.dbs[i].get_many(ks, default) == [self.model.get(k, default) for k in ks]
 
     # ------------------------------------------------------------ invariants
+    # ------------------------------------------------------------ namespaces
+    @rule(i=which, name=ns_names, key=keys, value=values)
+    def ns_put(self, i, name, key, value):
+        self.dbs[i].namespace(name)[key] = value
+        self.ns_model.setdefault(name, {})[key] = value
+
+    @rule(i=which, name=ns_names, key=keys)
+    def ns_delete(self, i, name, key):
+        got = self.dbs[i].namespace(name).pop(key, None)
+        assert got == self.ns_model.setdefault(name, {}).pop(key, None)
+
+    @rule(i=which, name=ns_names)
+    def ns_clear(self, i, name):
+        self.dbs[i].namespace(name).clear()
+        self.ns_model[name] = {}
+
+    @rule(i=which, name=ns_names)
+    def ns_drop(self, i, name):
+        if name in self.ns_model:
+            self.dbs[i].drop_namespace(name)
+            del self.ns_model[name]
+        else:
+            with pytest.raises(mmkv.NamespaceError):
+                self.dbs[i].drop_namespace(name)
+
+    @rule(i=which, writes=st.lists(st.tuples(st.one_of(st.none(), ns_names), keys, st.one_of(st.none(), values)),
+                                   min_size=1, max_size=5), abandon=st.booleans())
+    def ns_transaction(self, i, writes, abandon):
+        """One transaction over the main index and namespaces: all of it, or (abandoned) none."""
+        db = self.dbs[i]
+        spaces = {name: db.namespace(name) for name, _, _ in writes if name}
+        for name in spaces:
+            self.ns_model.setdefault(name, {})
+        try:
+            with db.transaction():
+                for name, k, v in writes:
+                    target = db if name is None else spaces[name]
+                    if v is None:
+                        target.pop(k, None)
+                    else:
+                        target[k] = v
+                if abandon:
+                    raise _Abandon()
+        except _Abandon:
+            return
+        for name, k, v in writes:
+            model = self.model if name is None else self.ns_model[name]
+            if v is None:
+                model.pop(k, None)
+            else:
+                model[k] = v
+            if name is None:
+                self._forget([k])
+
+    @invariant()
+    def namespaces_match(self):
+        for db in self.dbs:
+            assert db.namespaces() == sorted(self.ns_model)
+            for name, model in self.ns_model.items():
+                ns = db.namespace(name, create=False)
+                assert len(ns) == len(model) and dict(ns.items()) == model
+
     @invariant()
     def contents_match(self):
         # plain reads first: after the other handle grew the file or the index (or cleared it),
@@ -519,7 +585,8 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def store_is_sound(self):
         report = self.dbs[1].check()     # (contents_match's len() swept what had expired)
-        assert report.ok and report.keys == len(self.model) and report.expiring == len(self.deadlines)
+        in_namespaces = sum(len(m) for m in self.ns_model.values())
+        assert report.ok and report.keys == len(self.model) + in_namespaces and report.expiring == len(self.deadlines)
         st_ = self.dbs[0].stats()
         assert st_["keys"] == len(self.model)
         assert st_["live_bytes"] == sum(len(k) + len(v) for k, v in self.model.items()) + 8 * len(self.deadlines)

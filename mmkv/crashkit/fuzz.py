@@ -64,7 +64,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..engine import failpoints, opening, tunables
-from ..errors import Error
+from ..errors import Error, NamespaceError
 from ..engine.allocator import block_of, footer_of, payload_of
 from ..engine.layout import (BLOCK_ALLOC, BLOCK_FLAGS, BLOCK_MIN, BLOCK_PREV_ALLOC, EPILOGUE_BYTES,
                      FREE_NEXT, FREE_PREV, HEADER_SIZE, HEAP_START, JOURNAL_HEADER, MASK64, NCLASSES, OFF_IDENTITY,
@@ -169,8 +169,9 @@ def build_seed(folder: str, name: str, rnd: random.Random) -> Seed:
                     model[b"large%d" % i] = rnd.randbytes(n)
                 for i in range(10):
                     model[b"small%d" % i] = _value(rnd, (3, 30, 300))
-            elif name in ("counters", "txn", "journal", "freelist", "unclean", "expiring"):
-                n = {"counters": 8, "txn": 40, "journal": 40, "freelist": 400, "unclean": 150, "expiring": 30}[name]
+            elif name in ("counters", "txn", "journal", "freelist", "unclean", "expiring", "namespaces"):
+                n = {"counters": 8, "txn": 40, "journal": 40, "freelist": 400, "unclean": 150, "expiring": 30,
+                     "namespaces": 60}[name]
                 for i in range(n):
                     model[b"%s:%d" % (name.encode(), i)] = _value(rnd, (8, 24, 40, 100, 300, 600, 1500, 5000))
             for k, v in model.items():
@@ -184,6 +185,16 @@ def build_seed(folder: str, name: str, rnd: random.Random) -> Seed:
                     else:
                         db.set(k, v, ttl=0.001)         # absent by the time it is read: not in the model
                 time.sleep(0.002)
+            if name == "namespaces":       # two namespaces beside the main keys (model keys: ns_key)
+                from .torture import ns_key
+                for ns_name, n in (("n1", 300), ("n2", 40)):
+                    ns = db.namespace(ns_name)
+                    for i in range(n):
+                        k, v = b"%s:%d" % (ns_name.encode(), i), _value(rnd, (0, 8, 40, 300, 1500))
+                        ns[k] = v
+                        model[ns_key(ns_name, k)] = v
+                db.namespace("n1").set(b"n1:ttl", b"v", ttl=10 * 365 * 86400)
+                model[ns_key("n1", b"n1:ttl")] = b"v"
             if name == "large":
                 del db[b"large1"], model[b"large1"]
                 model[b"large2"] = rnd.randbytes(90_000)
@@ -257,7 +268,8 @@ def _killed_transaction(path, rnd, model) -> dict:
     return alt
 
 
-SEED_NAMES = ("small", "splits", "large", "counters", "txn", "journal", "freelist", "unclean", "expiring")
+SEED_NAMES = ("small", "splits", "large", "counters", "txn", "journal", "freelist", "unclean", "expiring",
+              "namespaces")
 
 
 def build_seeds(folder: str, seed: int) -> list:
@@ -711,9 +723,43 @@ class Damage:
                                 f"{' (resealed)' if sealed else ''}"
 
 
+    # ---------------------------------------------------------------- aimed: the namespaces' catalog
+    _CATALOG_HEAD = ("magic", "count", "next_id", "checksum")
+    _CATALOG_ENTRY = ("id", "dir_off", "dir_bits", "name_at", "flags",
+                      "count", "live_bytes", "ttl_min", "sweep_at", "sweep_min")   # word by word
+
+    def catalog(self):
+        """A word of the catalog (its header, or an entry's roots or counters); an entry's root
+        is sometimes resealed (the checksum recomputed), so the checks behind the checksum meet it."""
+        rnd, an = self.rnd, self.an
+        c = an.meta.catalog_off
+        if not c:
+            return self.record()
+        from ..engine.layout import CATALOG_ENTRY, CATALOG_HEADER
+        from ..engine.namespaces import _sum
+        n = u64(self.img, c + 8)
+        if not n or rnd.random() < 0.3:
+            name = rnd.choice(self._CATALOG_HEAD)
+            at = c + 8 * self._CATALOG_HEAD.index(name)
+        else:
+            i = rnd.randrange(n)
+            name = rnd.choice(self._CATALOG_ENTRY)
+            at = c + CATALOG_HEADER + i * CATALOG_ENTRY + 8 * self._CATALOG_ENTRY.index(name)
+        cur = u64(self.img, at)
+        value = rnd.choice((0, 1, cur + 1, cur - 1, MASK64, an.size, rnd.choice(an.segments), self.extreme(cur)))
+        self.put64(at, value)
+        sealed = name in ("id", "dir_off", "dir_bits", "flags") and rnd.random() < 0.5
+        if sealed:
+            entries = c + CATALOG_HEADER
+            end = max((u64(self.img, entries + j * CATALOG_ENTRY + 24) & ((1 << 48) - 1))
+                      + (u64(self.img, entries + j * CATALOG_ENTRY + 24) >> 48) for j in range(n))
+            self.put64(c + 24, _sum(an.ident, bytes(self.img[c:c + end]), n))
+        return f"catalog.{name}", f"{cur:#x} -> {value:#x}{' (resealed)' if sealed else ''}"
+
+
 RANDOM_KINDS = ("bitflip", "randword", "sector", "truncate", "extend")
 AIMED_KINDS = ("identity", "meta", "meta", "state", "state", "locks", "freelist", "freelist", "freelist",
-               "block", "block", "segment", "slot", "slot", "directory", "record", "record", "journal")
+               "block", "block", "segment", "slot", "slot", "directory", "record", "record", "journal", "catalog")
 
 
 def damage(rnd: random.Random, seed: Seed):
@@ -746,7 +792,8 @@ class Plan:
 
 
 def make_plan(rnd: random.Random, seed: Seed) -> Plan:
-    keys = sorted(seed.model)
+    from .torture import NS_PREFIX
+    keys = sorted(k for k in seed.model if not k.startswith(NS_PREFIX))     # the ops write the main key space
     counters = sorted(seed.counters) or [b"fz:counter"]
 
     def key():
@@ -848,7 +895,7 @@ def _child_case(path: str, seed: Seed, plan: Plan, model: Model, say) -> dict:
     def read_all(db, where):
         for k in sorted(model.allowed):
             try:
-                got = db.get(k)
+                got = _get_routed(db, k)
             except Error as exc:
                 error(f"{where}: get {k[:20]!r}: {type(exc).__name__}")
                 continue
@@ -868,6 +915,16 @@ def _child_case(path: str, seed: Seed, plan: Plan, model: Model, say) -> dict:
             return
         for k, v in items:
             model.check(k, v, where + " (items)")
+        try:
+            names = db.namespaces()
+            spaces = [(name, list(db.namespace(name, create=False).items())) for name in names]
+        except Error as exc:
+            error(f"{where}: namespaces: {type(exc).__name__}")
+            return
+        from .torture import ns_key
+        for name, pairs in spaces:
+            for k, v in pairs:
+                model.check(ns_key(name, k), v, where + f" (namespace {name})")
 
     def checked(db) -> bool:
         try:
@@ -956,6 +1013,18 @@ def _diagnose(db, k) -> str:
     return ""
 
 
+def _get_routed(db, k: bytes):
+    """db.get(k), or for a model key of a namespace (torture.ns_key) that namespace's get."""
+    from .torture import NS_PREFIX
+    if not k.startswith(NS_PREFIX):
+        return db.get(k)
+    name, _, key = k[len(NS_PREFIX):].partition(b"\0")
+    try:
+        return db.namespace(name.decode(), create=False).get(key)
+    except NamespaceError:
+        return None                  # gone: the model says whether absent is allowed
+
+
 def _perform(db, op, model: Model) -> None:
     kind = op[0]
     if kind == "put":
@@ -988,9 +1057,10 @@ def _perform(db, op, model: Model) -> None:
         model.set(op[1], got)
     elif kind == "stats":
         db.stats()
-    elif kind == "clear":
+    elif kind == "clear":                 # the main key space: namespaces keep theirs
+        from .torture import NS_PREFIX
         db.clear()
-        for k in list(model.allowed):
+        for k in [k for k in model.allowed if not k.startswith(NS_PREFIX)]:
             model.set(k, None)
 
 
@@ -1008,7 +1078,8 @@ def _op_failed(op, model: Model) -> None:
         for k, v in op[1]:
             model.maybe(k, v)
     elif kind == "clear":
-        for k in list(model.allowed):
+        from .torture import NS_PREFIX
+        for k in [k for k in model.allowed if not k.startswith(NS_PREFIX)]:
             model.maybe(k, None)
 
 

@@ -139,8 +139,10 @@ def operations(seed: int, clears: bool = True):
             yield ("del", key())
         elif r < 0.70:
             yield ("incr", b"counter", rnd.choice((1, 1, 1, 7, -3)))
-        elif r < 0.88:
+        elif r < 0.86:
             yield ("txn", [(key(), None if rnd.random() < 0.25 else value()) for _ in range(rnd.randint(2, 6))])
+        elif r < 0.88:
+            yield namespace_op(rnd, key)
         elif r < 0.99:
             size = rnd.randint(10, 120) if rnd.random() < 0.85 else rnd.randint(150, 500)
             batch = {key(): rnd.randbytes(rnd.randrange(64)) for _ in range(size)}
@@ -153,6 +155,44 @@ def operations(seed: int, clears: bool = True):
             yield ("clear",)
         else:
             yield ("del", b"counter")
+
+
+#: Namespaces the writer's stream uses, and how their keys appear in the model (a flat dict):
+#: NS_PREFIX + name + b"\0" + key, which no key of the main index the writers use can be.
+NAMESPACES = ("n1", "n2")
+NS_PREFIX = b"\xffns:"
+
+
+def ns_key(name: str, key: bytes) -> bytes:
+    return NS_PREFIX + name.encode() + b"\0" + key
+
+
+def namespace_op(rnd, key):
+    """One operation on the namespaces: a put or delete in one, a transaction spanning the main
+    index and both, a clear or a drop of one."""
+    name, r = rnd.choice(NAMESPACES), rnd.random()
+
+    def value():
+        return rnd.randbytes(rnd.choice((0, 10, 100, 2000)))
+    if r < 0.45:
+        return ("ns-put", name, key(), value())
+    if r < 0.65:
+        return ("ns-del", name, key())
+    if r < 0.85:
+        return ("ns-txn", [(rnd.choice((None,) + NAMESPACES), key(), None if rnd.random() < 0.25 else value())
+                           for _ in range(rnd.randint(2, 5))])
+    if r < 0.95:
+        return ("ns-clear", name)
+    return ("ns-drop", name)
+
+
+def contents(db) -> dict:
+    """Every key of the store as the model holds it: the main index's, and each namespace's
+    under ns_key."""
+    got = dict(db.items())
+    for name in db.namespaces():
+        got.update((ns_key(name, k), v) for k, v in db.namespace(name).items())
+    return got
 
 
 def bystander_operations(ident: bytes, seed: int):
@@ -192,8 +232,23 @@ def apply(model: dict, op) -> None:
                 model.pop(k, None)
             else:
                 model[k] = v
-    elif kind == "clear":
-        model.clear()
+    elif kind == "clear":                  # the main index only: namespaces keep their keys
+        for k in [k for k in model if not k.startswith(NS_PREFIX)]:
+            del model[k]
+    elif kind == "ns-put":
+        model[ns_key(op[1], op[2])] = op[3]
+    elif kind == "ns-del":
+        model.pop(ns_key(op[1], op[2]), None)
+    elif kind == "ns-txn":
+        for name, k, v in op[1]:
+            k = k if name is None else ns_key(name, k)
+            if v is None:
+                model.pop(k, None)
+            else:
+                model[k] = v
+    elif kind in ("ns-clear", "ns-drop"):
+        for k in [k for k in model if k.startswith(ns_key(op[1], b""))]:
+            del model[k]
 
 
 def perform(db, op) -> None:
@@ -233,6 +288,24 @@ def perform(db, op) -> None:
         db.expire(b"counter", op[1])
     elif kind == "sweep":
         db.sweep(op[1])
+    elif kind == "ns-put":
+        db.namespace(op[1])[op[2]] = op[3]
+    elif kind == "ns-del":
+        db.namespace(op[1]).pop(op[2], None)
+    elif kind == "ns-txn":
+        spaces = {name: db.namespace(name) for name, _, _ in op[1] if name}   # (created outside the block)
+        with db.transaction():
+            for name, k, v in op[1]:
+                target = db if name is None else spaces[name]
+                if v is None:
+                    target.pop(k, None)
+                else:
+                    target[k] = v
+    elif kind == "ns-clear":
+        db.namespace(op[1]).clear()
+    elif kind == "ns-drop":
+        if op[1] in db.namespaces():
+            db.drop_namespace(op[1])
 
 
 # ---------------------------------------------------------------- names of one file
@@ -746,7 +819,7 @@ def verify(path: str, before: dict, inflight) -> dict:
         except mmkv.Error as exc:
             damage = f"check() failed: {exc}"
         try:
-            got = dict(db.items())
+            got = contents(db)
         except mmkv.Error as exc:
             raise AssertionError(f"cannot read the store: {exc}; {damage}") from None
     seen = digest(got)
@@ -809,7 +882,7 @@ def run_kills(path: str, kills: int, sync: str = "none", seed: int = 1, failpoin
     if bystanders:
         file_names.make()
     with mmkv.open(path) as db:
-        model = dict(db.items())
+        model = contents(db)
     points = [p for p in failpoints.NAMES if sync == "full" or not p.startswith("sync.")]
     # the parent cannot change directory (it may be a test runner): it verifies through the others
     parent_names = [n for n in names if n != "relative"] or ["path"]
@@ -1023,7 +1096,7 @@ def check_image(folder, image, sync, models, ops, acked, barrier):
     try:
         with mmkv.open(path) as db:
             db.check()
-            got = digest(dict(db.items()))
+            got = digest(contents(db))
     finally:
         for p in (path, path + ".lock"):     # the engine may or may not leave a sidecar lock file
             try:

@@ -1,6 +1,7 @@
 """check(): the full audit of a store file.  Read-only; the caller holds the lock.
 
-Covers the header (identity, both meta copies, sizes), the index (probe
+Covers the header (identity, both meta copies, sizes), the catalog of namespaces (magic, checksum,
+bounds, names), every index, the main one and each namespace's (probe
 invariant, tags, every record: bounds, block in use, checksum, key hash, no
 record or key twice), the heap (every block, boundary tags, free lists,
 bitmap) and the accounting (every block in use is a record or the index;
@@ -79,22 +80,38 @@ def audit(eng) -> Report:
     except CorruptionError as exc:
         report.problem(f"header: {exc}")
         return report
-    # index
-    fault = index.audit(v)
-    if fault is not None:
-        report.problem(f"index: directory entry {fault[0]}, slot {fault[1]}: a segment breaks its "
-                       "invariants (prefix, count, tag or probe order) or holds a bad record")
+    # indexes: the main one and each namespace's (dropped ones, being freed, included)
+    from . import namespaces
     try:
-        structure = index.blocks(eng)
-        report.index_slots = index.shape(eng)["index_slots"]
-        deadlines = {}
-        keep, drop = live_records(eng, deadlines=deadlines)
+        indexes = namespaces.all_indexes(eng)
     except CorruptionError as exc:
-        report.problem(f"index: {exc}")
+        report.problem(f"catalog: {exc}")
         return report
-    for seg, slot in drop:
-        report.problem(f"index: segment {seg} slot {slot} points at a bad, duplicate or out-of-heap record")
-    report.keys = len(keep)
+    from .allocator import block_size_for
+    structure = [(alloc.placement(off), alloc.claimed(alloc.placement(off), block_size_for(need)))
+                 for off, need in namespaces.catalog_blocks(eng)]
+    keep, per_index = [], []
+    for label, ieng, entry in indexes:
+        iv = ieng.view
+        fault = index.audit(iv)
+        if fault is not None:
+            report.problem(f"{label}: directory entry {fault[0]}, slot {fault[1]}: a segment breaks its "
+                           "invariants (prefix, count, tag or probe order) or holds a bad record")
+        try:
+            structure += index.blocks(ieng, iv)
+            if entry is None or not entry.dropped:
+                report.index_slots += index.shape(ieng)["index_slots"]
+            deadlines = {}
+            kept, drop = live_records(ieng, deadlines=deadlines)
+        except CorruptionError as exc:
+            report.problem(f"{label}: {exc}")
+            return report
+        for seg, slot in drop:
+            report.problem(f"{label}: segment {seg} slot {slot} points at a bad, duplicate or out-of-heap record")
+        keep += kept
+        if entry is None or not entry.dropped:
+            per_index.append((label, ieng, kept, deadlines))
+    report.keys = sum(len(kept) for _, _, kept, _ in per_index)
     # heap
     for p in alloc.audit():
         report.problem(f"heap: {p}")
@@ -120,18 +137,22 @@ def audit(eng) -> Report:
     # accounting
     used, free = w[STATE_WORD["used_bytes"]], w[STATE_WORD["free_bytes"]]
     report.used_bytes, report.free_bytes = used, free
-    if w[STATE_WORD["count"]] != len(keep):
-        report.problem(f"count says {w[STATE_WORD['count']]} keys, the index holds {len(keep)}")
-    live = sum(item[3] for item in keep)
-    if w[STATE_WORD["live_bytes"]] != live:
-        report.problem(f"live_bytes says {w[STATE_WORD['live_bytes']]}, the records hold {live}")
+    for label, ieng, kept, deadlines in per_index:
+        count, live_word = ieng.index_word("count"), ieng.index_word("live_bytes")
+        where = "" if ieng is eng else f"{label}: "
+        if w[count] != len(kept):
+            report.problem(f"{where}count says {w[count]} keys, the index holds {len(kept)}")
+        live = sum(item[3] for item in kept)
+        if w[live_word] != live:
+            report.problem(f"{where}live_bytes says {w[live_word]}, the records hold {live}")
+        audit_expiry(ieng, report, [deadlines[rec] for *_, word, _ in kept for rec in (word & SLOT_OFF_MASK,)],
+                     label)
     if used + free + HEAP_START + EPILOGUE_BYTES != fm.size:
         report.problem(f"used {used} + free {free} + overhead {HEAP_START + EPILOGUE_BYTES} != file size {fm.size}")
-    audit_expiry(eng, report, [deadlines[rec] for *_, word, _ in keep for rec in (word & SLOT_OFF_MASK,)])
     return report
 
 
-def audit_expiry(eng, report: Report, deadlines: list) -> None:
+def audit_expiry(eng, report: Report, deadlines: list, label: str = "index") -> None:
     """The expiry words against the records' deadlines (one per live record, 0: none): ttl_min
     must be 0 only when no record has a deadline, and otherwise at most every deadline (else a
     read or len() past it would trust that nothing expired); sweep_at must name a place in the
@@ -140,10 +161,12 @@ def audit_expiry(eng, report: Report, deadlines: list) -> None:
     timed = [d for d in deadlines if d]
     now = ffi.new("int64_t *")
     lib.mmkv_now(eng.view, now)
-    report.expiring, report.expired = len(timed), sum(d <= now[0] for d in timed)
-    ttl_min, at = w[STATE_WORD["ttl_min"]], w[STATE_WORD["sweep_at"]] & ~SWEEP_POISON
+    report.expiring += len(timed)
+    report.expired += sum(d <= now[0] for d in timed)
+    where = "" if label == "index" else f" ({label})"
+    ttl_min, at = w[eng.index_word("ttl_min")], w[eng.index_word("sweep_at")] & ~SWEEP_POISON
     if timed and not 0 < ttl_min <= max(min(timed), 1):       # (a deadline <= 0 is due from the start)
-        report.problem(f"expiry: ttl_min is {ttl_min}, but a record's deadline is {min(timed)}: "
+        report.problem(f"expiry{where}: ttl_min is {ttl_min}, but a record's deadline is {min(timed)}: "
                        "expired keys could be counted")
     if at >> (32 + SWEEP_SLOT_BITS):
-        report.problem(f"expiry: sweep_at {w[STATE_WORD['sweep_at']]:#x} names no place in the index")
+        report.problem(f"expiry{where}: sweep_at {w[eng.index_word('sweep_at')]:#x} names no place in the index")

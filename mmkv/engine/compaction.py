@@ -63,6 +63,7 @@ class _Walk:
         self.holes = _Holes()       # free blocks below pos
         self.moved = self.moved_bytes = self.restarts = 0
         self._index_key = self._index = None
+        self._views = []
         self.written = (MASK64, 0)        # the span the moves wrote into since the last write-back
         self.written_back_to = HEAP_START  # the walk's position at the last write-back
         self.moved_at_write_back = 0
@@ -87,9 +88,19 @@ class _Walk:
         eng = self.eng
         key = (eng.meta.seq, eng.view.dir_off, eng.view.dir_bits)
         if key != self._index_key:
-            from . import index
-            self._index, self._index_key = {blk for blk, _ in index.blocks(eng)}, key
+            from . import index, namespaces
+            blocks = {blk for blk, _ in index.blocks(eng)}
+            blocks |= {eng.alloc.placement(off) for off, _ in namespaces.structure_blocks(eng)}
+            # records of a namespace are moved through its own index's view
+            self._views = [eng.view] + [ieng.view for _, ieng, entry in namespaces.all_indexes(eng)[1:]
+                                        if not entry.dropped]
+            self._index, self._index_key = blocks, key
         return self._index
+
+    def views(self) -> list:
+        """The views of every live index (the main one first), as of the last index_blocks()."""
+        self.index_blocks()
+        return self._views
 
     # -------------------------------------------------------------- resuming
     def resume(self) -> None:
@@ -123,8 +134,7 @@ class _Walk:
     def _live(self, rec: int) -> bool:
         """A slot names the record at rec (its key's lookup finds it there)."""
         key = bytes(self.eng.record_key(rec))
-        v = self.eng.view
-        return lib.mmkv_find(v, key, len(key)) == 0 and v.rec_off == rec
+        return any(lib.mmkv_find(v, key, len(key)) == 0 and v.rec_off == rec for v in self.views())
 
     # -------------------------------------------------------------- one step
     def step(self, deadline: float) -> bool:
@@ -184,7 +194,10 @@ class _Walk:
         if dest_b is None:
             return None
         dest = dest_b + BLOCK_HEADER
-        rc = lib.mmkv_move_record(v, rec, dest)
+        for view in self.views():                 # the index whose slot names it (ENOENT: not this one)
+            rc = lib.mmkv_move_record(view, rec, dest)
+            if rc != errno.ENOENT:
+                break
         if rc:
             self.eng.free(dest, need)             # not moved: the new block goes back
             if rc == errno.ENOENT:

@@ -19,8 +19,8 @@ import os
 
 from . import failpoints
 from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, RECORD_HEADER,
-                     SEGMENT_SLOTS, SLOT_OFF_MASK, STATE_WORD, Meta, build_meta, parse_identity, parse_meta, record_key,
-                     siphash)
+                     SEGMENT_SLOTS, SLOT_OFF_MASK, STATE_WORD, SWEEP_POISON, Meta, build_meta, parse_identity,
+                     parse_meta, record_key, siphash)
 from .mapping import FileMap, grow_file, next_size, prefill
 from .shim import ffi, lib
 from . import tunables
@@ -95,6 +95,9 @@ class Engine:
         self.ident = self.meta = None
         self.meta_slot = 0
         self.last_recovery = None
+        self.catalog = None          # the namespaces' catalog in force (namespaces.Catalog), None: none
+        self.catalog_error = None    # why the catalog the meta names could not be read (it is then None)
+        self.ns_views = {}           # namespace id -> the view this handle keeps of its index
 
     # ------------------------------------------------------------ attach, meta
     def attach(self, view_timeout, first: bool, readonly: bool) -> None:
@@ -201,6 +204,61 @@ class Engine:
         v.base, v.size = fm.base, fm.size
         v.dir_off, v.dir_bits = meta.dir_off, meta.dir_bits
         v.generation = fm.words[_GEN]
+        self.load_catalog()
+
+    def load_catalog(self) -> None:
+        """Read the catalog the meta names and point the namespace views at their indexes (a view
+        whose namespace is gone, or unreadable, gets a generation that never matches: every
+        call through it takes the general path, which says why).  A catalog that fails its
+        checks is kept in ``catalog_error``: without the lock a writer may be switching it, so
+        only a read under the lock (or a lockless read no writer disturbed) may report it."""
+        self.catalog = self.catalog_error = None
+        if self.meta.catalog_off:
+            from . import namespaces
+            try:
+                self.catalog = namespaces.parse(self, self.meta.catalog_off)
+            except CorruptionError as exc:
+                self.catalog_error = exc
+        if self.ns_views:
+            from .namespaces import point_view
+            for name, view in self.ns_views.items():
+                entry = self.catalog.named(name) if self.catalog is not None else None
+                if entry is not None:
+                    point_view(view, self.view, entry)
+            self.follow_generation()
+
+    def follow_generation(self) -> None:
+        """Give the namespace views the main view's generation (the view of a name no namespace
+        has now, one that never matches)."""
+        gen, catalog = self.view.generation, self.catalog
+        for name, view in self.ns_views.items():
+            entry = catalog.named(name) if catalog is not None else None
+            view.generation = gen if entry is not None else ~gen & MASK64
+
+    def index_word(self, field: str) -> int:
+        """Word index (into ``words``) of one of the main index's counters (count, live_bytes,
+        ttl_min, sweep_at, sweep_min): the state's.  (A namespace's: namespaces.NamespaceIndex.)"""
+        return STATE_WORD[field]
+
+    def poison_sweep(self) -> None:
+        """The main index's sweep pass may have missed entries (they moved): its end must not
+        tighten ttl_min."""
+        self.words[STATE_WORD["sweep_at"]] |= SWEEP_POISON
+
+    def ns_view(self, entry):
+        """The view this handle keeps of the index of namespace entry's name (made at first use;
+        after a clear, the same view describes the name's new index)."""
+        view = self.ns_views.get(entry.name)
+        if view is None:
+            from .namespaces import new_view
+            view = self.ns_views[entry.name] = new_view(self.view, entry)
+        return view
+
+    def set_held(self, held: int) -> None:
+        """Mark every view of this handle as held (1) or not by its lock (see mmkv_view.held)."""
+        self.view.held = held
+        for view in self.ns_views.values():
+            view.held = held
 
     def stale(self) -> bool:
         """Another handle changed the meta since this one last loaded it (lock held)."""
@@ -219,6 +277,7 @@ class Engine:
         meta, which = parse_meta(page0, self.ident, os.fstat(self.fd).st_size)
         self.set_meta(meta, which)
         self.view.generation = generation
+        self.follow_generation()
 
     def write_meta(self, durable: bool = True, **changes) -> None:
         """Write the meta copy not in force (seq + 1), sync it (unless durable is false: a

@@ -20,8 +20,7 @@ from .shim import ffi, lib, raise_for
 from ..errors import CorruptionError, LimitError
 from . import failpoints
 from .allocator import block_size_for
-from .layout import (SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_MASK, STATE_WORD, SWEEP_POISON, hash_tag,
-                     slot_tag)
+from .layout import SEGMENT_BYTES, SEGMENT_HEADER, SEGMENT_SLOTS, SLOT_OFF_MASK, hash_tag, slot_tag
 from .layout import slot_word  # noqa: F401 (callers build slot words as index.slot_word)
 
 
@@ -269,7 +268,7 @@ def rebuild(eng, words: list, depth: int = 0) -> None:
     eng.write_meta(dir_off=view.dir_off, dir_bits=view.dir_bits)
     # every entry moved: the expiry sweep's pass in progress may have missed some (see "The sweep"
     # in native/mmkv_fused.c), so its end must not tighten ttl_min
-    eng.words[STATE_WORD["sweep_at"]] |= SWEEP_POISON
+    eng.poison_sweep()
     if failpoints.armed:
         failpoints.hit(b"rebuild.after_meta")
     for off, need in old:

@@ -64,6 +64,8 @@ REC_KEY_LEN_AT = ffi.offsetof("struct mmkv_record", "key_len")
 REC_VAL_LEN_AT = ffi.offsetof("struct mmkv_record", "val_len")
 JOURNAL_MAGIC = lib.MMKV_JOURNAL_MAGIC
 JOURNAL_HEADER = ffi.sizeof("struct mmkv_journal")
+CATALOG_HEADER = ffi.sizeof("struct mmkv_catalog")
+CATALOG_ENTRY = ffi.sizeof("struct mmkv_catalog_entry")
 #: The state's ``dirty`` word holds this while the file is closed cleanly; anything else
 #: (zero from a torn sector included) means recovery must run on the next first open.
 CLEAN_MARK = lib.MMKV_CLEAN_MARK   # "mkvclean"
@@ -176,10 +178,10 @@ class Identity(_Fields):
 class Meta(_Fields):
     """A meta copy's fields (struct mmkv_meta); change one with meta._replace(...)."""
     __slots__ = ()
-    _fields = ("seq", "file_size", "dir_off", "dir_bits", "journal_off", "journal_txn")
+    _fields = ("seq", "file_size", "dir_off", "dir_bits", "journal_off", "journal_txn", "catalog_off")
 
-    def __new__(cls, seq, file_size, dir_off, dir_bits, journal_off=0, journal_txn=0):
-        return tuple.__new__(cls, (seq, file_size, dir_off, dir_bits, journal_off, journal_txn))
+    def __new__(cls, seq, file_size, dir_off, dir_bits, journal_off=0, journal_txn=0, catalog_off=0):
+        return tuple.__new__(cls, (seq, file_size, dir_off, dir_bits, journal_off, journal_txn, catalog_off))
 
     seq = property(lambda self: self[0])
     file_size = property(lambda self: self[1])
@@ -187,6 +189,7 @@ class Meta(_Fields):
     dir_bits = property(lambda self: self[3])
     journal_off = property(lambda self: self[4])
     journal_txn = property(lambda self: self[5])
+    catalog_off = property(lambda self: self[6])      # the namespaces' catalog (engine/namespaces.py), 0: none
 
 
 def build_identity(ident: Identity) -> bytes:
@@ -231,6 +234,7 @@ def build_meta(meta: Meta, ident: Identity) -> bytes:
     # seq and journal_txn count meta writes modulo 2^64 (see parse_meta): seq + 1 never overflows
     p.seq, p.file_size, p.dir_off, p.dir_bits = meta.seq & MASK64, meta.file_size, meta.dir_off, meta.dir_bits
     p.journal_off, p.journal_txn = meta.journal_off, meta.journal_txn & MASK64
+    p.catalog_off = meta.catalog_off
     raw = ffi.buffer(p)
     p.checksum = siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT])
     return bytes(raw)
@@ -241,7 +245,7 @@ def _meta_copy(page, at: int, ident: Identity):
     p = ffi.cast("struct mmkv_meta *", ffi.from_buffer(raw))
     if p.checksum != siphash(ident.seed0, ident.seed1, raw[:_META_SUM_AT]):
         return None
-    return Meta(p.seq, p.file_size, p.dir_off, p.dir_bits, p.journal_off, p.journal_txn)
+    return Meta(p.seq, p.file_size, p.dir_off, p.dir_bits, p.journal_off, p.journal_txn, p.catalog_off)
 
 
 def parse_meta(page, ident: Identity, real_size: int) -> tuple:
@@ -283,6 +287,8 @@ def validate_meta(meta: Meta, ident: Identity, real_size: int) -> None:
         raise CorruptionError(f"index root out of bounds: directory at {meta.dir_off}, {meta.dir_bits} bits")
     if meta.journal_off and not _payload_ok(meta.journal_off, JOURNAL_HEADER, meta.file_size):
         raise CorruptionError(f"journal root out of bounds: offset {meta.journal_off}")
+    if meta.catalog_off and not _payload_ok(meta.catalog_off, CATALOG_HEADER, meta.file_size):
+        raise CorruptionError(f"catalog root out of bounds: offset {meta.catalog_off}")
 
 
 def struct_fields(name: str) -> list:

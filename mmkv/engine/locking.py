@@ -65,7 +65,7 @@ class StoreLock:
 
     def _mine(self) -> None:
         self.depth, self.owner = 1, _thread.get_ident()
-        self.engine.view.held = 1       # the bindings' fast paths take the general path meanwhile
+        self.engine.set_held(1)         # the bindings' fast paths take the general path meanwhile
 
     # ------------------------------------------------------------ acquire, release
     def acquire(self) -> None:
@@ -124,14 +124,14 @@ class StoreLock:
         self.depth -= 1
         if self.depth == 0:
             self.owner = None
-            self.engine.view.held = 0
+            self.engine.set_held(0)
             raise_for(lib.mmkv_unlock(self.engine.view), f"unlock of {self.path!r}")
 
     def forget(self) -> None:
         """The handle is closing: nobody holds the lock through it any more."""
         self.depth, self.owner = 0, None
         if self.engine.view is not None:
-            self.engine.view.held = 0
+            self.engine.set_held(0)
 
     def take_for_close(self) -> bool:
         """Take the mutex for close (True), repairing a dead holder's work; False when another

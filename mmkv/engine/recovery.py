@@ -112,20 +112,36 @@ def live_records(eng, result=None, deadlines=None):
 
 def recover(eng, reason: str) -> RecoveryResult:
     """Repair the file in place (caller holds the lock) and return what was found; the
-    result is also left in ``eng.last_recovery``.
-    :raises CorruptionError: the index blocks themselves overlap, or the rebuilt index
-        fails its audit (the store is then beyond repair in place)."""
+    result is also left in ``eng.last_recovery``.  Every index is repaired the same way: the
+    main one and each namespace's (engine/namespaces.py); the indexes of dropped namespaces
+    (being freed when the crash came) are dropped whole: their blocks come back as free space.
+    :raises CorruptionError: the index blocks themselves overlap, the rebuilt index
+        fails its audit (the store is then beyond repair in place), or the catalog of
+        namespaces is unreadable (it cannot be rebuilt)."""
+    from . import namespaces
     result = RecoveryResult(reason)
-    v, alloc = eng.view, eng.alloc
+    alloc = eng.alloc
     eng.mark_dirty()        # a read-only handle may run it on a file still marked clean: unmark it first
     result.journal = transaction.finish_committed(eng)       # 0. a committed transaction is finished
-    keep, drop = live_records(eng, result)
+    indexes = [ieng for _, ieng, entry in namespaces.all_indexes(eng) if entry is None or not entry.dropped]
+    keep, drops = [], [[] for _ in indexes]
+    structure = [(b, s, None, 0, 0, block_size_for(need))
+                 for (b, s), need in zip(index.blocks(eng), index.needs(eng.view))]
+    for (off, need) in namespaces.catalog_blocks(eng):
+        b = alloc.placement(off)
+        structure.append((b, alloc.claimed(b, block_size_for(need)), None, 0, 0, block_size_for(need)))
+    for k, ieng in enumerate(indexes):
+        kept, dropped = live_records(ieng, result)
+        keep += [(b, s, (k, *where), n, word, least) for b, s, where, n, word, least in kept]
+        drops[k] += dropped
+        if k:
+            v = ieng.view
+            structure += [(b, s, None, 0, 0, block_size_for(need))
+                          for (b, s), need in zip(index.blocks(ieng, v), index.needs(v))]
     # overlaps: sort every live block by offset.  A block whose header claims more room than
     # lies before the next live block, but whose contents fit there, is trimmed (a damaged
     # size must not cost its neighbour); what still overlaps its predecessor goes.
-    structure = [(b, s, None, 0, 0, block_size_for(need))
-                 for (b, s), need in zip(index.blocks(eng), index.needs(v))]
-    live, records, live_bytes = [], 0, 0
+    live = []
     for item in sorted(keep + structure, key=lambda it: (it[0], it[1])):
         b, s, where, n, _, least = item
         if s > alloc.most_for_size(b, least) or s < least:
@@ -140,38 +156,41 @@ def recover(eng, reason: str) -> RecoveryResult:
         if live and live[-1][0] + live[-1][1] > b:
             result.overlaps += 1
             if where is not None:
-                drop.append(where)
+                drops[where[0]].append(where[1:])
                 continue
             while live and live[-1][0] + live[-1][1] > b:   # index block over records: the records go
                 pb, ps, pwhere, pn, *_ = live.pop()
                 if pwhere is None:
                     raise CorruptionError(f"recovery: index blocks overlap at {b}; the index is lost")
-                drop.append(pwhere)
-                records -= 1
-                live_bytes -= pn
+                drops[pwhere[0]].append(pwhere[1:])
         live.append(item)
-        if where is not None:
-            records += 1
-            live_bytes += n
-    for seg, slot in drop:
-        raise_for(lib.mmkv_slot_set(v, seg, slot, 0), "recovery: slot clear")
+    for k, ieng in enumerate(indexes):
+        v = ieng.view
+        for seg, slot in drops[k]:
+            raise_for(lib.mmkv_slot_set(v, seg, slot, 0), "recovery: slot clear")
     used_before = eng.words[STATE_WORD["used_bytes"]]
     alloc.rebuild([(b, s) for b, s, *_ in live])
     result.leaked_bytes = max(0, used_before - eng.words[STATE_WORD["used_bytes"]])
-    if drop or index.audit(v) is not None:
-        index.rebuild(eng, [word for _, _, where, _, word, _ in live if where is not None])
-        result.index_rebuilt = True
-        fault = index.audit(v)
-        if fault is not None:
-            raise CorruptionError(f"recovery: the rebuilt index fails its audit at {fault}")
+    gone = [e.id for e in namespaces.entries_now(eng) if e.dropped]
+    if gone:        # their blocks were left out of the allocator's rebuild: free now; the entries go
+        namespaces.commit(eng, eng.catalog.next_id, [e for e in namespaces.entries_now(eng) if not e.dropped])
+    records = 0
     w = eng.words
-    w[STATE_WORD["count"]] = records
-    w[STATE_WORD["live_bytes"]] = live_bytes
-    # expiry: a whole sweep pass removes the expired records and makes ttl_min exact
-    removed, nxt = ffi.new("uint64_t *"), ffi.new("int64_t *")
-    raise_for(lib.mmkv_sweep(v, 0, removed, nxt), "recovery: sweep")
-    result.expired = removed[0]
-    records -= removed[0]
+    for k, ieng in enumerate(indexes):
+        mine = [item for item in live if item[2] is not None and item[2][0] == k]
+        if drops[k] or index.audit(ieng.view) is not None:
+            index.rebuild(ieng, [word for _, _, _, _, word, _ in mine])
+            result.index_rebuilt = True
+            fault = index.audit(ieng.view)
+            if fault is not None:
+                raise CorruptionError(f"recovery: the rebuilt index fails its audit at {fault}")
+        w[ieng.index_word("count")] = len(mine)
+        w[ieng.index_word("live_bytes")] = sum(item[3] for item in mine)
+        # expiry: a whole sweep pass removes the expired records and makes ttl_min exact
+        removed, nxt = ffi.new("uint64_t *"), ffi.new("int64_t *")
+        raise_for(lib.mmkv_sweep(ieng.view, 0, removed, nxt), "recovery: sweep")
+        result.expired += removed[0]
+        records += len(mine) - removed[0]
     w[STATE_WORD["recoveries"]] = (w[STATE_WORD["recoveries"]] + 1) & MASK64
     w[STATE_WORD["compacting_pid"]] = 0       # a compaction that was running is not any more
     # every other handle reloads the meta before its next locked step: a holder may have died

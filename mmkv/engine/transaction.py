@@ -28,7 +28,7 @@ import errno
 from . import failpoints, index
 from .shim import ffi, lib, raise_for
 from ..errors import DiskFullError
-from .layout import (JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, REC_EXPIRES, STATE_WORD, deadline_value, record_size,
+from .layout import (JOURNAL_HEADER, JOURNAL_MAGIC, MASK64, REC_EXPIRES, SLOT_OFF_MASK, deadline_value, record_size,
                      siphash, slot_word, stored_value_len)
 
 _DELETE = None          # the buffered value of a deleted key
@@ -41,6 +41,17 @@ class Transaction:
     def __init__(self, now):
         self.writes = {}
         self._now = now
+        # namespace name -> (its index's engine, its plain put and delete, its Transaction)
+        self.spaces = {}
+
+    def sub(self, ieng, put_alone, delete_alone):
+        """The part of this transaction that writes the namespace whose index ieng is (a
+        namespaces.NamespaceIndex), made at its first use: a Transaction of its own, committed
+        with this one.  put_alone and delete_alone: its plain writes (see commit)."""
+        space = self.spaces.get(ieng.name)
+        if space is None:
+            space = self.spaces[ieng.name] = (ieng, put_alone, delete_alone, Transaction(self._now))
+        return space[3]
 
     def lookup(self, k):
         """(True, value or None) when k was written in this transaction, else (False, None); a
@@ -81,48 +92,58 @@ def commit(eng, txn: Transaction, put_alone, delete_alone) -> None:
     transaction of several writes needs a journal block of 32 + 16 bytes per write
     (plus 8 of block header) in the file's free space or from the disk.
     ``put_alone(k, value, flags)`` and ``delete_alone(k)`` are the plain writes of the
-    store (lock held) that carry out that fallback.
+    store (lock held) that carry out that fallback.  Writes to namespaces (txn.spaces) commit
+    in the same journal: each entry carries its index's id (namespaces.journal_word).
     :raises DiskFullError: no space for the records or the journal; nothing applied.
     """
-    if not txn.writes:
+    from .namespaces import journal_word
+    spaces = [(0, eng, txn.writes, put_alone, delete_alone)]
+    spaces += [(ieng.id, ieng, sub.writes, put_one, delete_one)
+               for _, (ieng, put_one, delete_one, sub) in sorted(txn.spaces.items())]
+    total = sum(len(space[2]) for space in spaces)
+    if not total:
         return
-    v = eng.view
-    entries, lengths = [], []       # (new record, old record); (new len, old len) of key + value
+    entries, lengths = [], []       # (new record, old record) as journal words; (new len, old len) of key + value
+    counted = []                    # the index engine of each entry (its counters)
     taken = []                      # (block, payload) allocated so far: freed on an error before the commit point
     needs = []                      # payload bytes of each entry's old record (0: none)
-    hashes, segments = [], set()    # of the new keys: the index needs a slot for each
     try:
-        for k, op in txn.writes.items():
-            rc = lib.mmkv_find(v, k, len(k))
-            if rc not in (0, errno.ENOENT):
-                raise_for(rc, "lookup")
-            old, old_len = (v.rec_off, len(k) + stored_value_len(v, len(k))) if rc == 0 else (0, 0)
-            old_need = v.rec_need if rc == 0 else 0
-            if op is _DELETE:
-                if old:
-                    entries.append((0, old))
-                    lengths.append((0, old_len))
-                    needs.append(old_need)
-                continue
-            value, flags, deadline = op
-            if deadline:        # stored before the value; the sweep's bounds go below it first
-                value, flags = deadline_value(deadline, value), flags | REC_EXPIRES
-                raise_for(lib.mmkv_note_deadline(v, max(deadline, 1)), "deadline")
-            h = v.hash
-            if not old:
-                hashes.append(h)
-                segments.add(v.seg)
-            need = record_size(len(k), len(value))
-            rec = eng.allocate(need)                                                  # 1. the new record
-            taken.append((rec, need))
-            raise_for(lib.mmkv_record_write(eng.view, rec, eng.alloc.capacity(rec), h, k, len(k), value,
-                                            len(value), flags), "record write")
-            entries.append((rec, old))
-            lengths.append((len(k) + len(value), old_len))
-            needs.append(old_need)
+        for ns_id, ieng, writes, _, _ in spaces:
+            v = ieng.view
+            hashes, segments = [], set()    # of the new keys: the index needs a slot for each
+            for k, op in writes.items():
+                rc = lib.mmkv_find(v, k, len(k))
+                if rc not in (0, errno.ENOENT):
+                    raise_for(rc, "lookup")
+                old, old_len = (v.rec_off, len(k) + stored_value_len(v, len(k))) if rc == 0 else (0, 0)
+                old_need = v.rec_need if rc == 0 else 0
+                if op is _DELETE:
+                    if old:
+                        entries.append((0, journal_word(ns_id, old)))
+                        lengths.append((0, old_len))
+                        needs.append(old_need)
+                        counted.append(ieng)
+                    continue
+                value, flags, deadline = op
+                if deadline:        # stored before the value; the sweep's bounds go below it first
+                    value, flags = deadline_value(deadline, value), flags | REC_EXPIRES
+                    raise_for(lib.mmkv_note_deadline(v, max(deadline, 1)), "deadline")
+                h = v.hash
+                if not old:
+                    hashes.append(h)
+                    segments.add(v.seg)
+                need = record_size(len(k), len(value))
+                rec = eng.allocate(need)                                                  # 1. the new record
+                taken.append((rec, need))
+                raise_for(lib.mmkv_record_write(eng.view, rec, eng.alloc.capacity(rec), h, k, len(k), value,
+                                                len(value), flags), "record write")
+                entries.append((journal_word(ns_id, rec), journal_word(ns_id, old)))
+                lengths.append((len(k) + len(value), old_len))
+                needs.append(old_need)
+                counted.append(ieng)
+            index.reserve(ieng, hashes, segments)                               # 1b. room in the index
         if not entries:
             return
-        index.reserve(eng, hashes, segments)                                    # 1b. room in the index
         if failpoints.armed:
             failpoints.hit(b"txn.after_records")
         body = b"".join(n.to_bytes(8, "little") + o.to_bytes(8, "little") for n, o in entries)
@@ -141,12 +162,13 @@ def commit(eng, txn: Transaction, put_alone, delete_alone) -> None:
     except BaseException as exc:
         for off, need in taken:
             eng.free(off, need)
-        if isinstance(exc, DiskFullError) and len(txn.writes) == 1:
-            (k, op), = txn.writes.items()          # one write: its own single commit point
-            if op is _DELETE:
-                delete_alone(k)
-            else:
-                put_alone(k, *op)
+        if isinstance(exc, DiskFullError) and total == 1:
+            for _, _, writes, put_one, delete_one in spaces:     # one write: its own single commit point
+                for k, op in writes.items():
+                    if op is _DELETE:
+                        delete_one(k)
+                    else:
+                        put_one(k, *op)
             return
         raise
     if failpoints.armed:
@@ -160,10 +182,12 @@ def commit(eng, txn: Transaction, put_alone, delete_alone) -> None:
         failpoints.hit(b"txn.before_retire")
     retire(eng, entries, needs, taken[-1])                                    # 5. retire, free
     w = eng.words
-    keys = sum((1 if new else 0) - (1 if old else 0) for new, old in entries)
-    live = sum(new_len - old_len for new_len, old_len in lengths)
-    for word, delta in ((STATE_WORD["count"], keys), (STATE_WORD["live_bytes"], live)):
-        w[word] = (w[word] + delta) & MASK64      # counters are a cache (recovery recounts): wrap, never raise
+    for ieng in {id(x): x for x in counted}.values():
+        mine = [i for i, c in enumerate(counted) if c is ieng]
+        keys = sum((1 if entries[i][0] else 0) - (1 if entries[i][1] else 0) for i in mine)
+        live = sum(lengths[i][0] - lengths[i][1] for i in mine)
+        for word, delta in ((ieng.index_word("count"), keys), (ieng.index_word("live_bytes"), live)):
+            w[word] = (w[word] + delta) & MASK64   # counters are a cache (recovery recounts): wrap, never raise
 
 
 def retire(eng, entries, needs, journal) -> None:
@@ -174,7 +198,7 @@ def retire(eng, entries, needs, journal) -> None:
     eng.write_meta(journal_off=0, journal_txn=0, durable=eng.full)
     for (new, old), need in zip(entries, needs):
         if old:
-            eng.free(old, need)
+            eng.free(old & SLOT_OFF_MASK, need)
     eng.free(*journal)
 
 
@@ -196,11 +220,23 @@ def read_journal(eng, meta):
 
 
 def replay(eng, entries) -> None:
-    """Make the index say what the journal says (idempotent; caller holds the lock)."""
-    v = eng.view
-    for i, (new, old) in enumerate(entries):
+    """Make the indexes say what the journal says (idempotent; caller holds the lock).  An entry
+    of a namespace the catalog no longer lists (dropped since) is skipped: its records are
+    leaked space recovery frees."""
+    from .namespaces import index_of, split_journal_word
+    indexes = {}
+    for i, (new_word, old_word) in enumerate(entries):
         if failpoints.armed and i == len(entries) // 2:
             failpoints.hit(b"txn.mid_apply")
+        ns_id, new = split_journal_word(new_word)
+        old_id, old = split_journal_word(old_word)
+        ns_id = ns_id if new else old_id
+        if ns_id not in indexes:
+            indexes[ns_id] = index_of(eng, ns_id)
+        ieng = indexes[ns_id]
+        if ieng is None:
+            continue
+        v = ieng.view
         rec = new or old
         if lib.mmkv_record_verify(v, rec):
             # new: only sync="none" after power loss can lose a record its journal names (the
@@ -218,7 +254,7 @@ def replay(eng, entries) -> None:
             if v.rec_off != new:
                 raise_for(lib.mmkv_slot_set(v, v.seg, v.slot, slot_word(h, new)), "slot write")
         else:
-            index.insert(eng, v, slot_word(h, new))
+            index.insert(ieng, v, slot_word(h, new))
 
 
 def finish_committed(eng) -> str:
