@@ -40,12 +40,17 @@ def fmt_ratio(r):
 
 
 def columns(results):
-    """The systems that have a figure anywhere, in table order."""
-    present = set()
+    """The systems that have a figure anywhere, in table order; then the variants of mmkv some
+    workloads measure (another build, another key space), in the order they first appear."""
+    present = {}
     for wl in results.values():
         for m in wl["metrics"]:
-            present.update(m["values"])
-    return [s for s in ADAPTERS if s in present]
+            present.update(dict.fromkeys(m["values"]))
+    return [s for s in ADAPTERS if s in present] + [s for s in present if s not in ADAPTERS]
+
+
+def label(system: str) -> str:
+    return ADAPTERS[system].label if system in ADAPTERS else system
 
 
 def markdown(doc):
@@ -66,7 +71,7 @@ def markdown(doc):
     lines.append("Each peer's cell is its figure followed by the **mmkv/peer ratio: above 1 means mmkv is better** "
                  "(throughput: mmkv ÷ peer; times and sizes: peer ÷ mmkv).")
     lines.append("")
-    head = ["workload", "metric", "unit"] + [ADAPTERS[c].label for c in cols]
+    head = ["workload", "metric", "unit"] + [label(c) for c in cols]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * 3 + ["---:"] * len(cols)) + "|")
     for name, wl in res.items():
@@ -146,7 +151,7 @@ def chart(doc, path):
     fig_h = 1.2 + 0.42 * len(rows)
     fig, ax = plt.subplots(figsize=(3.2 + 1.25 * len(cols) + 3.5, fig_h))
     im = ax.imshow(data, cmap="RdYlGn", norm=LogNorm(vmin=10 ** -span, vmax=10 ** span), aspect="auto")
-    ax.set_xticks(range(len(cols)), [ADAPTERS[c].label for c in cols], rotation=20, ha="right")
+    ax.set_xticks(range(len(cols)), [label(c) for c in cols], rotation=20, ha="right")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     for i, r in enumerate(rows):
         for j, v in enumerate(r):

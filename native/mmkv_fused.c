@@ -220,6 +220,27 @@ int mmkv_reap(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int take_l
 
 /* Compare-and-swap under the lock: a put (or a delete) that happens only when the key's value is
    the expected one.  Commit order: that of the put or the delete it becomes. */
+/* The value of the counter record l found, to be updated in place (the lock held): its block must be in
+   use and hold it, its value 8 bytes and its checksum (header and key) sound, or recovery would drop it
+   (EBADMSG).  Commit order of the store that follows: the README's "Commit orders" table, row "incr of a
+   counter record". */
+static int counter_value_at(struct mmkv_view *v, const struct lookup *l, uint64_t klen, int64_t **p)
+{
+    uint64_t head = *word(v, block_of(l->rec_off));
+    if (!(head & MMKV_BLOCK_ALLOC) || !block_holds(head & SIZE_MASK, REC_HDR + PAD8(klen) + sizeof(int64_t)) ||
+        l->rec->val_len != 8 || l->rec->checksum != record_sum(v, l->rec))
+        return EBADMSG;
+    *p = (int64_t *)(v->base + l->rec_off + REC_HDR + PAD8(klen));
+    return 0;
+}
+
+/* One aligned 8-byte store of a counter's new value (never torn), durable in sync_full. */
+static int counter_store(struct mmkv_view *v, int64_t *p, int64_t value)
+{
+    __atomic_store_n(p, value, __ATOMIC_RELEASE);
+    return sync_range(v, (uint64_t)((uint8_t *)p - v->base), 8);
+}
+
 int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8_t *expected, uint64_t elen,
              int has_expected, const uint8_t *val, uint64_t vlen, int has_val, int take_lock)
 {
@@ -232,9 +253,14 @@ int mmkv_cas(struct mmkv_view *v, const uint8_t *key, uint64_t klen, const uint8
         int absent = rc == ENOENT || found_expired(v, &l);
         int same = absent ? !has_expected   /* absent: the same only when absence was expected */
                    : has_expected && found_len(&l) == elen && (!elen || memcmp(found_value(&l), expected, elen) == 0);
-        if (!same)
+        int64_t *counter, value;
+        if (!same) {
             rc = ECANCELED;
-        else if (has_val)
+        } else if (has_val && !absent && l.head.flags & MMKV_REC_COUNTER && vlen == 8) {
+            memcpy(&value, val, sizeof value);            /* a counter stays one: updated in place, as incr */
+            if (!(rc = counter_value_at(v, &l, klen, &counter)))
+                rc = counter_store(v, counter, value);
+        } else if (has_val)
             rc = put_locked(v, key, klen, val, vlen, 0, 0);   /* EAGAIN, ENOSPC: nothing changed */
         else if (rc == 0)
             rc = delete_found(v, &l, klen, 0);   /* (an expired record: reclaimed) */
@@ -254,22 +280,14 @@ int mmkv_incr(struct mmkv_view *v, const uint8_t *key, uint64_t klen, int64_t de
     rc = lookup(v, key, klen, &l);
     if (rc == 0 && !(l.rec->flags & MMKV_REC_COUNTER))
         rc = ENOENT; /* a plain 8-byte value or another type: the general path decides */
-    if (rc == 0) {   /* updated in place: its block and checksum must hold, or recovery drops it */
-        uint64_t head = *word(v, block_of(l.rec_off));
-        if (!(head & MMKV_BLOCK_ALLOC) || !block_holds(head & SIZE_MASK, REC_HDR + PAD8(klen) + sizeof(int64_t)) ||
-            l.rec->val_len != 8 || l.rec->checksum != record_sum(v, l.rec))
-            rc = EBADMSG;
-    }
-    if (rc == 0) {
-        uint64_t off = l.rec_off + REC_HDR + PAD8((uint64_t)l.rec->key_len);
-        int64_t *p = (int64_t *)(v->base + off), now;
+    int64_t *p, now;
+    if (rc == 0 && !(rc = counter_value_at(v, &l, klen, &p))) {   /* updated in place */
         if (__builtin_add_overflow(__atomic_load_n(p, __ATOMIC_ACQUIRE), delta, &now)) {
             rc = ERANGE;
         } else {
             FAILPOINT("incr.before_store");
-            __atomic_store_n(p, now, __ATOMIC_RELEASE); /* one aligned 8-byte store: never torn */
             *result = now;
-            rc = sync_range(v, off, 8);
+            rc = counter_store(v, p, now);
         }
     }
     return end_write(v, rc, take_lock);

@@ -156,3 +156,20 @@ def test_read_then_cas_from_four_processes_loses_and_repeats_nothing(path):
     with mmkv.open(path) as db:
         assert int.from_bytes(db[b"counter"], "little") == n * procs
         db.check()
+
+
+def test_cas_of_a_counter_updates_it_in_place_and_keeps_it_a_counter(db):
+    """A counter record (made by incr) swapped to another 8-byte value is written in place, as
+    incr writes it: no block allocated or freed, the record stays a counter."""
+    from mmkv.engine.layout import REC_COUNTER
+    db.incr(b"n", 5)
+    used = db.stats()["used_bytes"]
+    assert db.cas(b"n", (5).to_bytes(8, "little"), (6).to_bytes(8, "little"))
+    assert not db.cas(b"n", (5).to_bytes(8, "little"), (7).to_bytes(8, "little"))
+    assert db.stats()["used_bytes"] == used and db.incr(b"n") == 7
+    with db.lock():
+        assert db._lookup(b"n") is not None and db._view.rec_flags & REC_COUNTER
+    assert db.cas(b"n", (7).to_bytes(8, "little"), b"not a counter")   # another length: a plain record
+    with db.lock():
+        assert db._lookup(b"n") == b"not a counter" and not db._view.rec_flags & REC_COUNTER
+    db.check()

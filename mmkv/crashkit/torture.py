@@ -133,8 +133,10 @@ def operations(seed: int, clears: bool = True):
             yield ("cas", key(), value())          # read the value, then cas it to a new one
         elif r < 0.39:
             yield ("cas-del", key())               # read the value, then cas it away
-        elif r < 0.40:
+        elif r < 0.395:
             yield ("cas-miss", key(), value())     # a cas whose expected value is never there
+        elif r < 0.40:
+            yield ("cas-counter", b"counter")      # read the counter, cas it one up (in place, as incr)
         elif r < 0.55:
             yield ("del", key())
         elif r < 0.70:
@@ -223,8 +225,8 @@ def apply(model: dict, op) -> None:
         model[op[1]] = op[2]
     elif kind in ("del", "cas-del", "set-short", "expire-short"):
         model.pop(op[1], None)
-    elif kind == "incr":
-        now = int.from_bytes(model.get(op[1], bytes(8)), "little", signed=True) + op[2]
+    elif kind in ("incr", "cas-counter"):
+        now = int.from_bytes(model.get(op[1], bytes(8)), "little", signed=True) + (op[2] if kind == "incr" else 1)
         model[op[1]] = now.to_bytes(8, "little", signed=True)
     elif kind in ("txn", "batch"):
         for k, v in op[1]:
@@ -280,6 +282,11 @@ def perform(db, op) -> None:
     elif kind == "cas-miss":
         if db.cas(op[1], CAS_NEVER, op[2]):
             raise AssertionError(f"cas of {op[1]!r} against a value it never holds swapped")
+    elif kind == "cas-counter":
+        old = db.get(op[1])
+        new = (int.from_bytes(old or bytes(8), "little", signed=True) + 1).to_bytes(8, "little", signed=True)
+        if not db.cas(op[1], old, new):
+            raise AssertionError(f"cas of counter {op[1]!r} against the value just read did not swap")
     elif kind in ("set-short", "set-long"):
         db.set(op[1], op[2], ttl=SHORT_TTL if kind == "set-short" else LONG_TTL)
     elif kind == "expire-short":
