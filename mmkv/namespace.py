@@ -12,7 +12,8 @@ A transaction of the store, or of any of its namespaces, spans them all: ``with 
 users[k] = v; db[b"n"] = b"1"`` commits both or neither.  ``db.lock()`` and ``ns.lock()`` are the
 one store lock.  The handle follows the name: cleared in another process, it reads the new empty
 index; dropped, its calls raise NamespaceError.  Whole-file operations (check, recover, compact,
-backup, sync) run on the store.  Namespaces are not readable through a lockless handle.
+backup, sync) run on the store.  Through a lockless handle a namespace is read as the store is
+(every read kept only if no writer was active around it); it cannot be created there.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class Namespace(Store):
             object.__setattr__(ns, attr, getattr(parent, attr))
         ns._parent, ns.name, ns._hide_txn, ns._owns_store = parent, name, False, False
         ns._engine, ns._view = eng, view
+        if parent._lockless:                  # its reads, retried as the store's are, on its own view
+            from .engine.locking import LocklessReads
+            ns._reads = LocklessReads(eng, parent._reads.timeout, parent._dead)
         from .engine.shim import ffi
         ns._bind(view, int(ffi.cast("uintptr_t", view)), parent._readonly)
         return ns
@@ -187,9 +191,19 @@ def open_namespace(store: Store, name: str, create: bool) -> Namespace:
     """Store.namespace: the handle on namespace name, created (one catalog commit) when absent."""
     namespaces.check_name(name)
     store._alive()
-    if store._lockless:
-        raise ReadOnlyError(f"{store.path!r} is open lockless: namespaces are not readable through a lockless "
-                            "handle; open it with write access, or with flag 'r' and lockless=False")
+    if store._lockless:                       # (it may not write: the namespace must exist)
+        def find():
+            eng = store._engine
+            if eng.catalog_error is not None:
+                raise eng.catalog_error
+            if eng.catalog is None or eng.catalog.named(name) is None:
+                raise (ReadOnlyError(f"{store.path!r} is open lockless (read-only): it cannot create namespace "
+                                     f"{name!r}") if create else NamespaceError(f"{store.path}: no namespace {name!r}"))
+            ns = store._namespaces.get(name)
+            if ns is None or ns._view is None:
+                ns = store._namespaces[name] = Namespace._bound(store, name)
+            return ns
+        return store._consistently(find)
     store._acquire()
     try:
         eng = store._engine

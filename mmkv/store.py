@@ -1070,7 +1070,7 @@ class Store(_Binding, _MutableMapping):
         the same name while this handle is open.  Takes the store lock briefly.
         :raises TypeError, ValueError: name is not a str of 1 to 255 bytes of UTF-8 without NUL.
         :raises NamespaceError: absent and create is false.  :raises ReadOnlyError: absent on a
-            read-only handle, or a lockless handle (namespaces are not readable lockless yet).
+            read-only handle.
         :raises Error: created inside a transaction."""
         from .namespace import open_namespace
         return open_namespace(self, name, create)
@@ -1079,9 +1079,6 @@ class Store(_Binding, _MutableMapping):
         """The names of the file's namespaces, sorted (read under the lock)."""
         from .engine import namespaces
         self._alive()
-        if self._lockless:
-            raise ReadOnlyError(f"{self.path!r} is open lockless: namespaces are not readable through a lockless "
-                                "handle")
 
         def read():
             eng = self._engine

@@ -195,14 +195,38 @@ def test_namespaces_grow_split_and_survive_reopen_and_compaction(path):
         assert len(db.namespace("a")) == 15000 and db.check().keys == 60000
 
 
-def test_lockless_handles_refuse_namespaces_clearly(path):
+def test_a_lockless_handle_reads_namespaces_as_other_processes_change_them(path):
     with mmkv.open(path) as db:
-        db.namespace("x")[b"k"] = b"v"
+        ns = db.namespace("x")
+        ns[b"k"] = b"v"
         with mmkv.open(path, "r", lockless=True) as ro:
-            with pytest.raises(mmkv.ReadOnlyError, match="lockless"):
-                ro.namespace("x")
-            with pytest.raises(mmkv.ReadOnlyError, match="lockless"):
-                ro.namespaces()
+            assert ro.lockless and ro.namespaces() == ["x"]
+            seen = ro.namespace("x")
+            assert seen[b"k"] == b"v" and len(seen) == 1 and list(seen) == [b"k"] and b"k" in seen
+            with pytest.raises(mmkv.ReadOnlyError, match="cannot create"):
+                ro.namespace("new")
+            with pytest.raises(mmkv.NamespaceError):
+                ro.namespace("new", create=False)
+            with pytest.raises(mmkv.ReadOnlyError):
+                seen[b"k"] = b"w"
+            code = textwrap.dedent(f"""
+                import mmkv
+                with mmkv.open({path!r}) as db:
+                    ns = db.namespace("x")
+                    ns.update((b"n%d" % i, b"%d" % i) for i in range(40000))     # splits, growth
+            """)
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+            assert len(seen) == 40001 and seen[b"n39999"] == b"39999"
+            assert seen.get_many([b"n1", b"absent"]) == [b"1", None]
+            assert sum(1 for _ in seen) == 40001
+            ns.clear()
+            assert len(seen) == 0 and seen.get(b"k") is None
+            db.drop_namespace("x")
+            with pytest.raises(mmkv.NamespaceError):
+                seen[b"k"]
+            with pytest.raises(mmkv.NamespaceError):
+                len(seen)
+            assert ro.namespaces() == []
 
 
 def test_closing_the_store_closes_its_namespaces(path):

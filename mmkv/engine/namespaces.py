@@ -375,6 +375,12 @@ class NamespaceIndex:
         main = self.main
         return main.stale() or self.view.generation != main.view.generation
 
+    def reload(self) -> None:
+        """The main engine's reload (which re-reads the catalog and points this view again).
+        :raises NamespaceError: the namespace is gone (a lockless read would retry forever)."""
+        self.main.reload()
+        self.entry
+
     def count_plausible(self) -> bool:
         return self.main.words[self.index_word("count")] <= self.main.fm.size // 32
 
