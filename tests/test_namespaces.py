@@ -26,7 +26,9 @@ def test_key_spaces_are_separate_and_len_is_each_ones_own(db):
     assert users.stats()["keys"] == 5001 and users.store is db
     del users[b"k"]
     assert b"k" in db and b"k" not in users
-    assert db.check().keys == 1 + 5000
+    report = db.check()
+    assert (report.keys, report.namespaces, report.namespace_keys) == (1 + 5000, 2, 5000)
+    assert "namespaces 2, holding 5000 of the keys" in str(report)
 
 
 def test_every_per_key_call_works_in_a_namespace(db):

@@ -31,6 +31,8 @@ class Report:
     index_slots: int = 0
     expiring: int = 0        # keys in the index with a deadline ...
     expired: int = 0         # ... of which this many have passed it (invisible, not yet swept)
+    namespaces: int = 0      # namespaces in the catalog (mmkv's own included; dropped ones not), ...
+    namespace_keys: int = 0  # ... and the keys in them (counted in keys too)
 
     def problem(self, text: str) -> None:
         self.ok = False
@@ -40,6 +42,8 @@ class Report:
         lines = [f"{self.path}: {'OK' if self.ok else 'DAMAGED'}",
                  f"  keys {self.keys}, index slots {self.index_slots}, file {self.file_size} bytes, "
                  f"used {self.used_bytes}, free {self.free_bytes}"]
+        if self.namespaces:
+            lines.append(f"  namespaces {self.namespaces}, holding {self.namespace_keys} of the keys")
         if self.expiring:
             lines.append(f"  with a deadline {self.expiring}, expired and not yet swept {self.expired}")
         lines += [f"  problem: {p}" for p in self.problems]
@@ -112,6 +116,8 @@ def audit(eng) -> Report:
         if entry is None or not entry.dropped:
             per_index.append((label, ieng, kept, deadlines))
     report.keys = sum(len(kept) for _, _, kept, _ in per_index)
+    report.namespaces = len(per_index) - 1
+    report.namespace_keys = report.keys - len(per_index[0][2])
     # heap
     for p in alloc.audit():
         report.problem(f"heap: {p}")
