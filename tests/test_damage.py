@@ -566,3 +566,18 @@ def test_an_identity_resealed_with_another_seed_is_refused_at_open(tmp_path):
         mmkv.open(bad)
     with mmkv.open(path) as db:                # the sound file opens (the check passes on it)
         assert len(db) == 50 and db[b"k7"] == b"v7"
+
+
+@pytest.mark.parametrize("case, damage", [
+    (1132, "seed namespaces; block.header.other block 327832 header 0x63 -> 0x40063"),
+    (2505, "seed namespaces; randword word at 195888 = 0x600"),
+])
+def test_namespace_damage_the_fuzzer_found_ends_in_an_mmkv_error_or_ok(tmp_path, case, damage):
+    """Found by `mmkv torture fuzz --seed 2805`: a namespace record's block header claiming more than
+    its block made the store's clear() hand overlapping blocks to the allocator's rebuild
+    (ValueError); and a recovery whose namespace index rebuild grew the file wrote the counters
+    through the mapping from before the growth (IndexError).  Replayed here (the damage is checked
+    to be the one found: a change of the fuzzer's streams would replay another)."""
+    result = fuzz.replay(str(tmp_path), 2805, case)
+    assert result["damage"] == damage, "the fuzzer's streams changed: find the case again"
+    assert result["outcome"] in ("ok", "mmkv error"), result

@@ -86,7 +86,8 @@ class Engine:
 
     Attributes the layers above read: ``path``, ``fd``, ``fm`` (the mapping), ``words``
     (the mapping as 64-bit words), ``view``, ``alloc``, ``ident``, ``meta``, ``full``
-    (sync="full"), ``last_recovery`` (what the last recovery found, or None).
+    (sync="full"), ``last_recovery`` (what the last recovery found, or None), ``catalog`` and
+    ``catalog_error`` (the namespaces' catalog in force, or why it is unreadable), ``ns_views``.
     """
 
     def __init__(self, path: str, fd: int, full: bool, writable: bool = True):
@@ -97,7 +98,7 @@ class Engine:
         self.last_recovery = None
         self.catalog = None          # the namespaces' catalog in force (namespaces.Catalog), None: none
         self.catalog_error = None    # why the catalog the meta names could not be read (it is then None)
-        self.ns_views = {}           # namespace id -> the view this handle keeps of its index
+        self.ns_views = {}           # namespace name -> the view this handle keeps of its index
 
     # ------------------------------------------------------------ attach, meta
     def attach(self, view_timeout, first: bool, readonly: bool) -> None:

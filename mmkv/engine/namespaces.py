@@ -433,8 +433,12 @@ def structure_blocks(eng) -> list:
 
 def blocks_to_keep(eng) -> list:
     """[(block, size)] (the allocator's pairs) of everything the namespaces hold: the catalog,
-    each index's directory and segments, and every record a slot of theirs names.  For the main
-    index's clear(), which rebuilds the allocator from what stays (caller holds the lock)."""
+    each index's directory and segments, and every record a slot of theirs names, each at the
+    size its contents need (never a block header's word: damage there must not make the blocks
+    overlap), sorted.  For the main index's clear(), which rebuilds the allocator from what stays
+    (caller holds the lock; nothing is changed here).
+    :raises CorruptionError: the catalog is unreadable, a record is damaged, or two blocks overlap
+        (run recover() first)."""
     from . import index
     from .allocator import block_size_for
     if eng.catalog_error is not None:
@@ -442,8 +446,7 @@ def blocks_to_keep(eng) -> list:
     alloc = eng.alloc
     out = []
     for off, need in structure_blocks(eng):
-        b = alloc.placement(off)
-        out.append((b, alloc.claimed(b, block_size_for(need))))
+        out.append((alloc.placement(off), block_size_for(need)))
     for entry in eng.catalog.entries if eng.catalog is not None else ():
         v = _private_view(eng, entry)
         for _, _, rec in index.entries(v):
@@ -451,7 +454,12 @@ def blocks_to_keep(eng) -> list:
             if b is None or lib.mmkv_record_verify_contents(v, rec):
                 raise CorruptionError(f"{eng.path}: namespace {entry.name!r} names a damaged record at {rec}; "
                                       "run recover() first")
-            out.append((b, alloc.claimed(b, block_size_for(v.rec_need))))
+            out.append((b, block_size_for(v.rec_need)))
+    out.sort()
+    for (b, size), (after, _) in zip(out, out[1:]):
+        if b + size > after:
+            raise CorruptionError(f"{eng.path}: the namespaces' blocks at {b} and {after} overlap (damage); "
+                                  "run recover() first")
     return out
 
 

@@ -175,7 +175,6 @@ def recover(eng, reason: str) -> RecoveryResult:
     if gone:        # their blocks were left out of the allocator's rebuild: free now; the entries go
         namespaces.commit(eng, eng.catalog.next_id, [e for e in namespaces.entries_now(eng) if not e.dropped])
     records = 0
-    w = eng.words
     for k, ieng in enumerate(indexes):
         mine = [item for item in live if item[2] is not None and item[2][0] == k]
         if drops[k] or index.audit(ieng.view) is not None:
@@ -184,6 +183,7 @@ def recover(eng, reason: str) -> RecoveryResult:
             fault = index.audit(ieng.view)
             if fault is not None:
                 raise CorruptionError(f"recovery: the rebuilt index fails its audit at {fault}")
+        w = eng.words            # (a rebuild may have grown the file: the mapping, and the catalog, moved)
         w[ieng.index_word("count")] = len(mine)
         w[ieng.index_word("live_bytes")] = sum(item[3] for item in mine)
         # expiry: a whole sweep pass removes the expired records and makes ttl_min exact
@@ -191,6 +191,7 @@ def recover(eng, reason: str) -> RecoveryResult:
         raise_for(lib.mmkv_sweep(ieng.view, 0, removed, nxt), "recovery: sweep")
         result.expired += removed[0]
         records += len(mine) - removed[0]
+    w = eng.words
     w[STATE_WORD["recoveries"]] = (w[STATE_WORD["recoveries"]] + 1) & MASK64
     w[STATE_WORD["compacting_pid"]] = 0       # a compaction that was running is not any more
     # every other handle reloads the meta before its next locked step: a holder may have died
