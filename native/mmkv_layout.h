@@ -22,8 +22,15 @@
 
 /* Format constants. */
 #define MMKV_MAGIC 0x1a0a0d564b4d4d89      /* bytes 89 'M' 'M' 'K' 'V' \r \n 1a */
-#define MMKV_VERSION 2                     /* bump on any incompatible layout change */
+#define MMKV_VERSION 3                     /* bump on any incompatible layout change */
 #define MMKV_VERSION_OLDEST 1              /* version 1: the same layout, SipHash record checksums */
+/* Versions: 1, SipHash record checksums; 2, CRC32C ones; 3, the file may hold a catalog of namespaces
+ * (meta.catalog_off), which an mmkv reading only versions 1 and 2 would take for leaked space and
+ * free.  New files are version 3; a version 1 or 2 file becomes version 3 (identity rewritten once,
+ * made durable before its first catalog is written), a version 1 one keeping its SipHash record
+ * checksums with MMKV_ID_SIPHASH_SUMS in identity.flags. */
+#define MMKV_ID_SIPHASH_SUMS 1             /* identity.flags (version 3): SipHash record checksums, as version 1 */
+#define MMKV_ID_KNOWN_FLAGS 1              /* a version 3 file with another flag is refused (VersionError) */
 #define MMKV_HEADER_SIZE 4096              /* page 0; a padding word and the heap follow it */
 #define MMKV_OFF_IDENTITY 0                /* sector 0: written once at creation */
 #define MMKV_OFF_META0 512                 /* sector 1: meta copy A */
@@ -142,8 +149,9 @@ struct mmkv_free_block {
 #define MMKV_REC_SUM_K1 0x636865636b73756d  /* "checksum" as a big-endian word */
 
 /*
- * Identity: written once when the file is created, never again.
- * Invariants: magic == MMKV_MAGIC, version == MMKV_VERSION, page_size is the
+ * Identity: written when the file is created, and once more if a version 1 or 2 file is raised to
+ * version 3 (one sector: it is written whole or not at all).
+ * Invariants: magic == MMKV_MAGIC, MMKV_VERSION_OLDEST <= version <= MMKV_VERSION, page_size is the
  * page size of the machine that created it, checksum == siphash of the bytes
  * before it keyed with the zero key.
  */
@@ -154,7 +162,8 @@ struct mmkv_identity {
     uint64_t seed0;          /* per-file random SipHash key, half 1 */
     uint64_t seed1;          /* per-file random SipHash key, half 2 */
     uint64_t created_ns;     /* creation time, informational */
-    uint64_t reserved[2];
+    uint64_t flags;          /* version 3: MMKV_ID_SIPHASH_SUMS or 0; versions 1 and 2: 0, never read */
+    uint64_t reserved[1];
     uint64_t checksum;
 };
 

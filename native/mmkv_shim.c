@@ -43,7 +43,7 @@ static const struct {
 } layout_table[] = {
     SZ(mmkv_identity) OF(mmkv_identity, magic) OF(mmkv_identity, version) OF(mmkv_identity, page_size)
     OF(mmkv_identity, seed0) OF(mmkv_identity, seed1) OF(mmkv_identity, created_ns)
-    OF(mmkv_identity, reserved) OF(mmkv_identity, checksum)
+    OF(mmkv_identity, flags) OF(mmkv_identity, reserved) OF(mmkv_identity, checksum)
     SZ(mmkv_meta) OF(mmkv_meta, seq) OF(mmkv_meta, file_size) OF(mmkv_meta, dir_off)
     OF(mmkv_meta, dir_bits) OF(mmkv_meta, journal_off) OF(mmkv_meta, journal_txn) OF(mmkv_meta, catalog_off)
     OF(mmkv_meta, reserved) OF(mmkv_meta, checksum)

@@ -18,8 +18,8 @@ function here that is a step of one says so.
 import os
 
 from . import failpoints
-from .layout import (CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, RECORD_HEADER,
-                     SEGMENT_SLOTS, SLOT_OFF_MASK, STATE_WORD, SWEEP_POISON, Meta, build_meta, parse_identity,
+from .layout import (OFF_IDENTITY, CLEAN_MARK, EPILOGUE_BYTES, HEADER_SIZE, HEAP_START, MASK64, NCLASSES, OFF_META, RECORD_HEADER,
+                     SEGMENT_SLOTS, SLOT_OFF_MASK, STATE_WORD, SWEEP_POISON, Meta, build_identity, build_meta, parse_identity,
                      parse_meta, record_key, siphash)
 from .mapping import FileMap, grow_file, next_size, prefill
 from .shim import ffi, lib
@@ -54,7 +54,7 @@ def new_view(fm, ident, sync_full: bool, lock_timeout):
     v.lockless = int(not fm.writable)
     v.base, v.size = fm.base, fm.size
     v.seed0, v.seed1 = ident.seed0, ident.seed1
-    v.crc_sums = int(ident.version >= 2)
+    v.crc_sums = int(ident.crc_sums)
     v.pid = os.getpid()
     v.lock_timeout_ns = timeout_ns(lock_timeout)
     v.page_size = ident.page_size
@@ -297,6 +297,25 @@ class Engine:
             self.fm.sync(0, HEADER_SIZE)
         self.words[_GEN] = (self.words[_GEN] + 1) & MASK64   # any change will do: wrap at 2^64
         self.set_meta(new, which)
+
+    def raise_version(self) -> None:
+        """Make this file format version 3 (NAMESPACES_VERSION) if it is older, before its first
+        catalog of namespaces is written: an mmkv reading only versions 1 and 2 then refuses it
+        (VersionError) instead of freeing the namespaces' blocks as leaked space.  One rewrite of
+        the identity sector, synced in both sync modes (a sector is written whole or not at all;
+        a crash after it leaves a version 3 file without a catalog, which is sound).  Record
+        checksums stay as they were (version 1's SipHash ones: the SIPHASH_SUMS flag).  Caller
+        holds the lock; other handles keep their parsed identity, which differs only in the
+        version.  :raises OSError: the sync failed (the file is then version 2 or 3, both sound)."""
+        new = self.ident.raised()
+        if new is self.ident:
+            return
+        raw = build_identity(new)
+        self.fm.mm[OFF_IDENTITY:OFF_IDENTITY + len(raw)] = raw
+        self.fm.sync(0, HEADER_SIZE)
+        self.ident = new
+        if failpoints.armed:
+            failpoints.hit(b"version.after_raise")
 
     def state_plausible(self) -> bool:
         """The state's counters (a cache) add up with the file size: trusted after a clean close."""

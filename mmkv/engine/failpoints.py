@@ -14,7 +14,7 @@ grow.after_fallocate, meta.before_sync, split.before_meta, split.after_meta,
 txn.after_records, txn.mid_journal, txn.after_journal, txn.after_commit,
 txn.mid_apply, txn.before_retire, recover.mid_rebuild, rebuild.before_meta,
 rebuild.after_meta, relocate.before_meta, relocate.after_meta, shrink.before_meta,
-shrink.before_truncate, catalog.before_meta, catalog.after_meta (in Python).
+shrink.before_truncate, catalog.before_meta, catalog.after_meta, version.after_raise (in Python).
 """
 import os
 
@@ -27,7 +27,7 @@ NAMES = ("put.after_record", "put.after_slot", "delete.mid_shift", "alloc.mid", 
          "recover.mid_rebuild", "rebuild.before_meta", "rebuild.after_meta", "release.before_punch",
          "release.after_punch", "compact.after_copy", "compact.after_switch", "relocate.before_meta",
          "relocate.after_meta", "shrink.mid", "shrink.before_meta", "shrink.before_truncate",
-         "sweep.after_delete", "catalog.before_meta", "catalog.after_meta")
+         "sweep.after_delete", "catalog.before_meta", "catalog.after_meta", "version.after_raise")
 
 armed = False
 

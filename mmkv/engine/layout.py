@@ -11,8 +11,10 @@ MAGIC = lib.MMKV_MAGIC                   #: first 8 bytes of every mmkv file, as
 MAGIC_BYTES = MAGIC.to_bytes(8, "little")
 VERSION = lib.MMKV_VERSION               #: format version this package writes
 OLDEST_VERSION = lib.MMKV_VERSION_OLDEST  #: oldest format version it reads (and writes to, keeping its version)
+NAMESPACES_VERSION = 3                    #: the first format version whose files may hold a catalog of namespaces
+SIPHASH_SUMS = lib.MMKV_ID_SIPHASH_SUMS   #: identity flag: version 1's SipHash record checksums in a version 3 file
 HEADER_SIZE = lib.MMKV_HEADER_SIZE       #: size of page 0; the heap starts after it
-OFF_IDENTITY = lib.MMKV_OFF_IDENTITY     #: identity sector, written once
+OFF_IDENTITY = lib.MMKV_OFF_IDENTITY     #: identity sector: written at creation (and when raised to version 3)
 OFF_META = (lib.MMKV_OFF_META0, lib.MMKV_OFF_META1)  #: the two meta copies
 OFF_STATE = lib.MMKV_OFF_STATE           #: mutable state (a cache)
 OFF_LOCKS = lib.MMKV_OFF_LOCKS           #: lock area
@@ -163,16 +165,28 @@ class _Fields(tuple):
 class Identity(_Fields):
     """The identity sector's fields (struct mmkv_identity), as Python values."""
     __slots__ = ()
-    _fields = ("page_size", "seed0", "seed1", "created_ns", "version")
+    _fields = ("page_size", "seed0", "seed1", "created_ns", "version", "flags")
 
-    def __new__(cls, page_size, seed0, seed1, created_ns, version=VERSION):
-        return tuple.__new__(cls, (page_size, seed0, seed1, created_ns, version))
+    def __new__(cls, page_size, seed0, seed1, created_ns, version=VERSION, flags=0):
+        return tuple.__new__(cls, (page_size, seed0, seed1, created_ns, version, flags))
 
     page_size = property(lambda self: self[0])
     seed0 = property(lambda self: self[1])
     seed1 = property(lambda self: self[2])
     created_ns = property(lambda self: self[3])
-    version = property(lambda self: self[4])     # 2: CRC32C record checksums; 1: SipHash ones
+    version = property(lambda self: self[4])     # 1: SipHash record checksums; 2: CRC32C; 3: and namespaces
+    flags = property(lambda self: self[5])       # version 3: SIPHASH_SUMS or 0
+
+    @property
+    def crc_sums(self) -> bool:
+        """Records carry CRC32C checksums (else SipHash ones: version 1, or 3 raised from 1)."""
+        return self.version >= 2 and not self.flags & SIPHASH_SUMS
+
+    def raised(self) -> "Identity":
+        """This identity at NAMESPACES_VERSION, keeping its record checksums (see native/mmkv_layout.h)."""
+        if self.version >= NAMESPACES_VERSION:
+            return self
+        return self._replace(version=NAMESPACES_VERSION, flags=0 if self.crc_sums else SIPHASH_SUMS)
 
 
 class Meta(_Fields):
@@ -193,10 +207,10 @@ class Meta(_Fields):
 
 
 def build_identity(ident: Identity) -> bytes:
-    """The identity sector's bytes for a new file, checksum included."""
+    """The identity sector's bytes (a new file's, or a raised one's), checksum included."""
     p = ffi.new("struct mmkv_identity *")
     p.magic, p.version, p.page_size = MAGIC, ident.version, ident.page_size
-    p.seed0, p.seed1, p.created_ns = ident.seed0, ident.seed1, ident.created_ns
+    p.seed0, p.seed1, p.created_ns, p.flags = ident.seed0, ident.seed1, ident.created_ns, ident.flags
     raw = ffi.buffer(p)
     p.checksum = siphash(0, 0, raw[:_ID_SUM_AT])
     return bytes(raw)
@@ -226,7 +240,11 @@ def parse_identity(page: bytes, file_size: int) -> Identity:
     if not HEADER_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
         raise CorruptionError(f"header names a page size of {page_size} bytes (a power of two from "
                               f"{HEADER_SIZE} to {MAX_PAGE_SIZE} expected): the identity sector is damaged")
-    return Identity(page_size, p.seed0, p.seed1, p.created_ns, p.version)
+    flags = p.flags if p.version >= NAMESPACES_VERSION else 0
+    if flags & ~lib.MMKV_ID_KNOWN_FLAGS:
+        raise VersionError(f"file has format version {p.version} with features this mmkv does not know "
+                           f"(identity flags {flags:#x}); use the mmkv that wrote it")
+    return Identity(page_size, p.seed0, p.seed1, p.created_ns, p.version, flags)
 
 
 def build_meta(meta: Meta, ident: Identity) -> bytes:

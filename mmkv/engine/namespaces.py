@@ -160,6 +160,7 @@ def commit(eng, next_id: int, entries: list, fresh_counts=()) -> None:
     if not entries:
         new_off = 0
     else:
+        eng.raise_version()         # before any catalog exists: older mmkvs must refuse the file
         need = block_bytes(entries)
         new_off = eng.allocate(need)
         try:
