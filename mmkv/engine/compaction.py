@@ -7,8 +7,9 @@ record met after a hole that can hold it is moved into the lowest such hole (``m
 the copy is written, made durable in sync="full", the key's slot is switched to it, the old block
 is freed: the commit order of a put).  The freed block merges with its free neighbours into a new
 hole, so free space bubbles up and the live records settle at the bottom.  Blocks that are not
-records (index segments and directory) are stepped over; at the end, if one of them still lies
-above the live data, the index is rebuilt with its blocks taken from the lowest holes.
+records (index segments and directories, the main index's and the namespaces', and the catalog)
+are stepped over; at the end, while one of them is the last block in use, it is moved into the
+lowest hole that takes it.
 
 Steps.  The store lock is held for one step at a time: at most ``STEP_SECONDS`` of work (a few
 moves), then released so other processes' writes proceed.  Between steps other processes may
@@ -371,28 +372,52 @@ def _tail_start(eng) -> int:
 
 
 def _lower_the_index(eng, hold, walk) -> int:
-    """While the last block in use is a block of the index, move it into the lowest hole that
-    takes it (index.relocate: a durable copy, one meta switch), one block per lock hold, so that
-    the free tail grows down past it.  A block with no free space below it stays (moving it
-    would only grow the file: a fresh store's index is its last block).  Returns the blocks
-    moved."""
-    from . import index
-    moved = 0
+    """While the last block in use is a block of an index (the main one's or a live namespace's
+    directory or segment) or the catalog, move it into the lowest hole that takes it, one block
+    per lock hold, so that the free tail grows down past it: an index block by index.relocate
+    (a durable copy, one commit of its roots: the meta, or for a namespace a catalog commit), the
+    catalog by namespaces.move_catalog.  A namespace's relocation writes a new catalog copy,
+    which may then be the last block (moved down in the next hold).  A block with no free space
+    below it stays (moving it would only grow the file: a fresh store's index is its last
+    block), and so does a dropped namespace's (being freed).  Bounded: at most three moves per
+    block the indexes and the catalog hold.  Returns the blocks moved."""
+    from . import index, namespaces
+    moved, budget = 0, None
     while True:
         with hold("index"):
             tail = _tail_start(eng)
-            last = [off for off, need in index.pieces(eng) if eng.alloc.placement(off) is not None
+            placed = [(ieng, off) for ieng in _live_indexes(eng) for off, _ in index.pieces(ieng)]
+            if eng.catalog is not None and eng.catalog_error is None:
+                placed.append((None, eng.catalog.off))
+            if budget is None:
+                budget = 3 * len(placed) + 3
+            last = [(ieng, off) for ieng, off in placed if eng.alloc.placement(off) is not None
                     and off - BLOCK_HEADER + eng.alloc.block_size(off - BLOCK_HEADER) == tail]
-            if not last:
+            if not last or budget <= 0:
                 return moved
+            budget -= 1
+            ieng, off = last[0]
+            lower = _LowerAllocator(eng, walk, below=off)
             try:
-                relocated = index.relocate(eng, last[0], _LowerAllocator(eng, walk, below=last[0]))
+                if ieng is None:
+                    namespaces.move_catalog(eng, lower)
+                    relocated = True
+                else:
+                    relocated = index.relocate(ieng, off, lower)
             except _NoRoomBelow:
                 return moved
             moved += relocated
             if not relocated:
                 return moved
         _let_others_in()
+
+
+def _live_indexes(eng) -> list:
+    """The engines of the main index and of every live namespace's (lock held)."""
+    from . import namespaces
+    if eng.catalog is None or eng.catalog_error is not None:
+        return [eng]
+    return [eng] + [namespaces.NamespaceIndex(eng, e.name) for e in namespaces.live_entries(eng)]
 
 
 class _NoRoomBelow(Exception):

@@ -148,12 +148,14 @@ def parse(eng, off: int) -> Catalog:
     return Catalog(off, next_id, entries)
 
 
-def commit(eng, next_id: int, entries: list, fresh_counts=()) -> None:
+def commit(eng, next_id: int, entries: list, fresh_counts=(), allocate=None) -> None:
     """Write a new catalog copy of these entries, make it durable, name it in the meta (the
     commit point), free the old copy.  Each entry's counters are copied from its counts_at (0:
-    zeros); those in fresh_counts (ids) start at zero.  Caller holds the lock.  An empty list
-    with no old catalog writes nothing.
-    :raises DiskFullError: no room for the copy; nothing changed."""
+    zeros); those in fresh_counts (ids) start at zero.  The copy's block comes from
+    ``allocate(payload)`` (default: the engine's; compaction passes one that takes low free
+    space).  Caller holds the lock.  An empty list with no old catalog writes nothing.
+    :raises DiskFullError: no room for the copy; nothing changed (also whatever ``allocate``
+        raises, before anything is written)."""
     old = eng.catalog
     if not entries and old is None:
         return
@@ -162,7 +164,7 @@ def commit(eng, next_id: int, entries: list, fresh_counts=()) -> None:
     else:
         eng.raise_version()         # before any catalog exists: older mmkvs must refuse the file
         need = block_bytes(entries)
-        new_off = eng.allocate(need)
+        new_off = (allocate or eng.allocate)(need)
         try:
             mm, w = eng.fm.mm, eng.words
             names = b"".join(e.name.encode("utf-8", "surrogatepass") for e in entries)
@@ -496,6 +498,16 @@ def all_indexes(eng) -> list:
         label = f"namespace {entry.name!r}" + (" (dropped, being freed)" if entry.dropped else "")
         out.append((label, IndexAt(eng, entry), entry))
     return out
+
+
+def move_catalog(eng, allocate) -> None:
+    """Copy the catalog in force, unchanged, into a block from ``allocate(payload)`` (a catalog
+    commit: durable copy, one meta switch, the old copy freed).  For compaction, which lowers
+    the blocks above the live data.  Caller holds the lock.
+    :raises CorruptionError: the catalog is unreadable."""
+    entries = entries_now(eng)
+    if entries:
+        commit(eng, eng.catalog.next_id, entries, allocate=allocate)
 
 
 def catalog_blocks(eng) -> list:
