@@ -369,6 +369,41 @@ int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64
     return ENOENT;
 }
 
+int mmkv_drain_index(struct mmkv_view *v, uint64_t *cursor, uint64_t budget, uint64_t *cleared)
+{
+    *cleared = 0;
+    const uint64_t *dir = directory(v);
+    if (!dir)
+        return EBADMSG;
+    uint64_t entries = 1ULL << v->dir_bits;
+    /* bounded: each directory entry once, each of its segment's slots once */
+    for (uint64_t d = *cursor / MMKV_SEGMENT_SLOTS; d < entries; d++, *cursor = d * MMKV_SEGMENT_SLOTS) {
+        if (d > 0 && dir[d - 1] == dir[d])
+            continue;
+        struct mmkv_segment *seg = segment_at(v, dir[d]);
+        if (!seg)
+            return EBADMSG;
+        uint64_t *slots = seg_slots(seg);
+        for (uint64_t i = *cursor % MMKV_SEGMENT_SLOTS; i < MMKV_SEGMENT_SLOTS; i++) {
+            uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
+            if (!w)
+                continue;
+            if (*cleared == budget) {
+                *cursor = d * MMKV_SEGMENT_SLOTS + i;
+                return 0;
+            }
+            __atomic_store_n(&slots[i], 0, __ATOMIC_RELEASE);
+            ++*cleared;
+            uint64_t rec = w & MMKV_SLOT_OFF_MASK;
+            if (mmkv_record_verify_contents(v, rec) == 0 && mmkv_free_fitting(v, block_of(rec), v->rec_need)) {
+                *cursor = d * MMKV_SEGMENT_SLOTS + i + 1;
+                return EBADMSG;
+            }
+        }
+    }
+    return ENOENT;
+}
+
 /* One entry of mmkv_scan's output: sorted by hash. */
 struct scan_entry {
     uint64_t hash, rec, key_len, val_len;

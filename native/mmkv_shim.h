@@ -188,6 +188,13 @@ int mmkv_record_verify_sum(struct mmkv_view *v, uint64_t off);  /* mmkv_record_v
 int mmkv_slot_set(struct mmkv_view *v, uint64_t seg, uint64_t slot, uint64_t word);
 int mmkv_slot_delete(struct mmkv_view *v, uint64_t seg, uint64_t slot);  /* backward shift; v->slot = last changed */
 int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64_t *seg, uint64_t *word);
+int mmkv_drain_index(struct mmkv_view *v, uint64_t *cursor, uint64_t budget, uint64_t *cleared);
+                                     /* an index no root names (a dropped namespace's): from *cursor (as
+                                        mmkv_slot_next's) clear up to budget slots in use, freeing the record
+                                        each names when it verifies (a damaged one is left to recovery);
+                                        *cursor moves past them.  0: budget spent; ENOENT: none left at or
+                                        after *cursor; EBADMSG: a damaged directory or segment, or a record
+                                        whose block does not free (its slot is then already clear) */
 int mmkv_scan(struct mmkv_view *v, uint64_t from, uint64_t *out, uint64_t cap, uint64_t *n,
               uint64_t *range_end);  /* iteration in hash order: one segment's keys from `from`, 4 words each
                                            (hash, record, key length | bytes before the value << 32, value

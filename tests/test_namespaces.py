@@ -9,6 +9,7 @@ import pytest
 
 import mmkv
 from mmkv.engine import namespaces, scanning
+from mmkv.engine.shim import lib
 
 
 def test_key_spaces_are_separate_and_len_is_each_ones_own(db):
@@ -533,3 +534,46 @@ def test_compaction_moves_namespace_blocks_under_another_process_using_them(path
         db.check()
         assert len(a) == 20100 and all(a[b"a%d" % i] == b"1" for i in range(0, 20000, 7))
         assert sum(a.incr(b"c%d" % i, 0) for i in range(100)) == increments
+
+
+def test_two_handles_free_one_dropped_namespace_by_turns(path, monkeypatch):
+    """Each handle keeps where its freeing stopped (mmkv_drain_index's cursor); slots of a dropped
+    index are only ever cleared, so two handles freeing it by turns, with budgets that do not
+    line up, free every record once and the space comes back exactly."""
+    with mmkv.open(path) as one, mmkv.open(path) as two:
+        used_before = one.stats()["used_bytes"]
+        ns = one.namespace("gone")
+        ns.update((b"k%d" % i, bytes(i % 300)) for i in range(9000))
+        monkeypatch.setattr(mmkv.Store, "_free_dropped", lambda self: None)   # the freeing done here, below
+        one.drop_namespace("gone")
+        (ns_id,) = namespaces.dropped_ids(one.engine)
+        turns, done = 0, False
+        while not done:
+            for db, budget in ((one, 700), (two, 301)):
+                with db.lock():
+                    done = namespaces.free_dropped(db.engine, ns_id, budget)
+                turns += 1
+                if done:
+                    break
+        assert turns >= 9000 // 1001
+        with one.lock():                                      # (a lock hold follows the other's commit)
+            assert not namespaces.dropped_ids(one.engine)
+        assert one.stats()["used_bytes"] == used_before
+        one.check()
+        two.check()
+
+
+def test_a_damaged_record_of_a_dropped_namespace_is_left_to_recovery(db, monkeypatch):
+    used_before = db.stats()["used_bytes"]
+    ns = db.namespace("gone")
+    ns.update((b"k%d" % i, b"value-%d" % i) for i in range(3000))
+    with db.lock():
+        assert lib.mmkv_find(ns._view, b"k77", 3) == 0
+        off = ns._view.val_off
+    db.engine.fm.mm[off + 2:off + 3] = b"#"                    # its checksum now fails
+    db.drop_namespace("gone")                                 # frees the 2,999 others
+    assert not namespaces.dropped_ids(db.engine)
+    assert db.stats()["used_bytes"] > used_before             # the damaged one's block is not freed
+    result = db.recover()
+    assert result.leaked_bytes > 0 and db.stats()["used_bytes"] == used_before
+    db.check()

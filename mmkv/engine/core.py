@@ -99,6 +99,7 @@ class Engine:
         self.catalog = None          # the namespaces' catalog in force (namespaces.Catalog), None: none
         self.catalog_error = None    # why the catalog the meta names could not be read (it is then None)
         self.ns_views = {}           # namespace name -> the view this handle keeps of its index
+        self.drain_cursors = {}      # dropped namespace id -> the slot its freeing goes on from (free_dropped)
 
     # ------------------------------------------------------------ attach, meta
     def attach(self, view_timeout, first: bool, readonly: bool) -> None:

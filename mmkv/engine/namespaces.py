@@ -19,6 +19,8 @@ Callers hold the store lock for every change; reads of the catalog happen in Eng
 which every handle runs when the meta changes.  Functions here are handed the Engine, never the
 Store.
 """
+import errno
+
 from . import failpoints
 from .layout import CATALOG_ENTRY, CATALOG_HEADER, DIR_MAX_BITS, MASK64, SLOT_OFF_MASK, siphash
 from .shim import ffi, lib, raise_for
@@ -266,24 +268,31 @@ def dropped_ids(eng) -> list:
 
 
 def free_dropped(eng, ns_id: int, budget: int = FREE_STEP) -> bool:
-    """Free up to budget records of the dropped index ns_id (caller holds the lock); when it
-    holds none, free its blocks and remove its entry (a catalog commit).  True when it is gone.
-    A crash part way leaves records no slot names any more (leaked space recovery frees)."""
+    """Free up to budget records of the dropped index ns_id (caller holds the lock; one C call,
+    mmkv_drain_index: each slot cleared, then its record freed, a damaged one left to recovery);
+    when it holds none, free its blocks and remove its entry (a catalog commit).  True when it
+    is gone.  Where this handle stopped is kept (``eng.drain_cursors``): nothing ever fills a
+    slot of a dropped index, so the slots before it stay clear whoever else frees meanwhile.  A
+    crash part way leaves records no slot names any more (leaked space recovery frees).
+    :raises CorruptionError: its directory or a segment is damaged, or a record's block does
+        not free (run recover(), which frees what a dropped index holds whole)."""
     entry = eng.catalog.by_id(ns_id) if eng.catalog is not None else None
+    cursors = eng.drain_cursors
     if entry is None or not entry.dropped:
+        cursors.pop(ns_id, None)
         return True
-    from . import index
     v = _private_view(eng, entry)
-    for seg, slot, rec in index.entries(v):
-        if not budget:
-            return False
-        raise_for(lib.mmkv_slot_set(v, seg, slot, 0), "dropped namespace: slot clear")
-        if lib.mmkv_record_verify_contents(v, rec) == 0:      # damaged: leave the block to recovery
-            eng.free(rec, v.rec_need)
-        budget -= 1
+    cursor, cleared = ffi.new("uint64_t *", cursors.get(ns_id, 0)), ffi.new("uint64_t *")
+    rc = lib.mmkv_drain_index(v, cursor, budget, cleared)
+    cursors[ns_id] = cursor[0]
+    if rc == 0:
+        return False
+    if rc != errno.ENOENT:
+        raise_for(rc, f"freeing dropped namespace {entry.name!r}")
     entries = [e for e in entries_now(eng) if e.id != ns_id]
     commit(eng, eng.catalog.next_id, entries)
     _free_index_blocks(eng, entry)
+    cursors.pop(ns_id, None)
     return True
 
 
