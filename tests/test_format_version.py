@@ -16,23 +16,9 @@ import textwrap
 import pytest
 
 import mmkv
-from mmkv.engine import layout, opening
+from mmkv.engine import layout
 from mmkv.engine.shim import lib
-
-
-def make_store(path, version, monkeypatch):
-    """A new store whose identity says this format version (as an older mmkv would write it)."""
-    made = opening.new_identity
-
-    def of_version(page_size):
-        i = made(page_size)
-        return layout.Identity(i.page_size, i.seed0, i.seed1, i.created_ns, version)
-
-    monkeypatch.setattr(opening, "new_identity", of_version)
-    try:
-        return mmkv.open(path, "n")
-    finally:
-        monkeypatch.setattr(opening, "new_identity", made)
+from test_record_checksum import make_store      # a new store whose identity says an older version
 
 
 def identity(path) -> tuple:
