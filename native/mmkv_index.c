@@ -371,37 +371,20 @@ int mmkv_slot_next(struct mmkv_view *v, uint64_t cursor, uint64_t *found, uint64
 
 int mmkv_drain_index(struct mmkv_view *v, uint64_t *cursor, uint64_t budget, uint64_t *cleared)
 {
-    *cleared = 0;
-    const uint64_t *dir = directory(v);
-    if (!dir)
-        return EBADMSG;
-    uint64_t entries = 1ULL << v->dir_bits;
-    /* bounded: each directory entry once, each of its segment's slots once */
-    for (uint64_t d = *cursor / MMKV_SEGMENT_SLOTS; d < entries; d++, *cursor = d * MMKV_SEGMENT_SLOTS) {
-        if (d > 0 && dir[d - 1] == dir[d])
-            continue;
-        struct mmkv_segment *seg = segment_at(v, dir[d]);
-        if (!seg)
+    /* bounded: mmkv_slot_next visits each directory entry once and the cursor only moves on */
+    for (*cleared = 0; *cleared < budget; ++*cleared) {
+        uint64_t found, seg_off, w;
+        int rc = mmkv_slot_next(v, *cursor, &found, &seg_off, &w);
+        if (rc)
+            return rc;                       /* ENOENT: none left; EBADMSG: a damaged directory or segment */
+        *cursor = found + 1;
+        if ((rc = mmkv_slot_set(v, seg_off, found % MMKV_SEGMENT_SLOTS, 0)))
+            return rc;
+        uint64_t rec = w & MMKV_SLOT_OFF_MASK;
+        if (mmkv_record_verify_contents(v, rec) == 0 && mmkv_free_fitting(v, block_of(rec), v->rec_need))
             return EBADMSG;
-        uint64_t *slots = seg_slots(seg);
-        for (uint64_t i = *cursor % MMKV_SEGMENT_SLOTS; i < MMKV_SEGMENT_SLOTS; i++) {
-            uint64_t w = __atomic_load_n(&slots[i], __ATOMIC_ACQUIRE);
-            if (!w)
-                continue;
-            if (*cleared == budget) {
-                *cursor = d * MMKV_SEGMENT_SLOTS + i;
-                return 0;
-            }
-            __atomic_store_n(&slots[i], 0, __ATOMIC_RELEASE);
-            ++*cleared;
-            uint64_t rec = w & MMKV_SLOT_OFF_MASK;
-            if (mmkv_record_verify_contents(v, rec) == 0 && mmkv_free_fitting(v, block_of(rec), v->rec_need)) {
-                *cursor = d * MMKV_SEGMENT_SLOTS + i + 1;
-                return EBADMSG;
-            }
-        }
     }
-    return ENOENT;
+    return 0;
 }
 
 /* One entry of mmkv_scan's output: sorted by hash. */

@@ -380,15 +380,16 @@ def _lower_the_index(eng, hold, walk) -> int:
     which may then be the last block (moved down in the next hold).  A block with no free space
     below it stays (moving it would only grow the file: a fresh store's index is its last
     block), and so does a dropped namespace's (being freed).  Bounded: at most three moves per
-    block the indexes and the catalog hold.  Returns the blocks moved."""
+    block the indexes and the catalog hold.  Returns the blocks moved.
+    :raises CorruptionError: the catalog is unreadable (as the walk before it does)."""
     from . import index, namespaces
     moved, budget = 0, None
     while True:
         with hold("index"):
             tail = _tail_start(eng)
-            placed = [(ieng, off) for ieng in _live_indexes(eng) for off, _ in index.pieces(ieng)]
-            if eng.catalog is not None and eng.catalog_error is None:
-                placed.append((None, eng.catalog.off))
+            placed = [(ieng, off) for _, ieng, entry in namespaces.all_indexes(eng)
+                      if entry is None or not entry.dropped for off, _ in index.pieces(ieng)]
+            placed += [(None, off) for off, _ in namespaces.catalog_blocks(eng)]
             if budget is None:
                 budget = 3 * len(placed) + 3
             last = [(ieng, off) for ieng, off in placed if eng.alloc.placement(off) is not None
@@ -410,14 +411,6 @@ def _lower_the_index(eng, hold, walk) -> int:
             if not relocated:
                 return moved
         _let_others_in()
-
-
-def _live_indexes(eng) -> list:
-    """The engines of the main index and of every live namespace's (lock held)."""
-    from . import namespaces
-    if eng.catalog is None or eng.catalog_error is not None:
-        return [eng]
-    return [eng] + [namespaces.NamespaceIndex(eng, e.name) for e in namespaces.live_entries(eng)]
 
 
 class _NoRoomBelow(Exception):
